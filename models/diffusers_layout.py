@@ -1,0 +1,285 @@
+"""Reading and writing diffusers-layout folders (unet/, vae/, text_encoder/, text_encoder_2/, ...).
+
+The architecture comes from each component's config.json, translated here to our config dataclasses
+(and back when saving); tensor names go through models.convert, the one converter.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from models import convert, text, unet, vae
+from models.loading import DTYPES, LoadError, _atomic_target, _cast, _open, _state_dicts, check_tensors
+from models.sdxl import SDXL, SDXLConfig
+
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors")
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _uniform(values, what):
+    if len(set(values)) != 1:
+        raise LoadError(f"this model has {what} {list(values)}, which plainxl's SDXL config cannot express.")
+    return values[0]
+
+
+def unet_config_from_diffusers(d):
+    channels = d["block_out_channels"]
+    levels, R = len(channels), d["layers_per_block"]
+    if d.get("addition_embed_type") != "text_time" or not d.get("use_linear_projection", False):
+        raise LoadError("the UNet config is not SDXL's (addition_embed_type 'text_time', linear projections).")
+    per_level = d.get("transformer_layers_per_block", 1)
+    per_level = [per_level] * levels if isinstance(per_level, int) else per_level
+    per_level = [_uniform(x, "attention depths within a level") if isinstance(x, list) else x for x in per_level]
+    attn_down = ["CrossAttn" in t for t in d["down_block_types"]]
+    attn_up = ["CrossAttn" in t for t in d["up_block_types"]]
+    reverse = d.get("reverse_transformer_layers_per_block") or list(reversed(per_level))
+    reverse = [x if isinstance(x, list) else [x] * (R + 1) for x in reverse]
+    heads = d.get("num_attention_heads") or d["attention_head_dim"]  # diffusers' misnomer: head counts
+    heads = [heads] * levels if isinstance(heads, int) else heads
+    context = d["cross_attention_dim"]
+    return unet.UNetConfig(
+        in_channels=d["in_channels"], out_channels=d["out_channels"], model_channels=channels[0],
+        channel_mult=tuple(c // channels[0] for c in channels), num_res_blocks=R,
+        transformer_depth=tuple(n if a else 0 for n, a in zip(per_level, attn_down)),
+        transformer_depth_middle=per_level[-1],
+        transformer_depth_output=tuple(n if a else 0 for level, a in zip(reverse, attn_up) for n in level),
+        context_dim=_uniform(context, "cross-attention widths") if isinstance(context, list) else context,
+        adm_in_channels=d["projection_class_embeddings_input_dim"], micro_cond_dim=d["addition_time_embed_dim"],
+        head_channels=_uniform([c // h for c, h, a in zip(channels, heads, attn_down) if a], "head widths"),
+        norm_groups=d.get("norm_num_groups", 32),
+    )
+
+
+def unet_config_to_diffusers(c):
+    channels = [c.model_channels * m for m in c.channel_mult]
+    attn = [d > 0 for d in c.transformer_depth]
+    if attn[-1] and c.transformer_depth[-1] != c.transformer_depth_middle:
+        raise LoadError("diffusers requires the middle block's attention depth to equal the last level's.")
+    # diffusers reads the middle block's depth from the last entry; attention-free levels ignore theirs.
+    depths = [d if a else 1 for d, a in zip(c.transformer_depth, attn)]
+    depths[-1] = c.transformer_depth_middle
+    R = c.num_res_blocks
+    out = c.output_depths()
+    reverse = [list(out[i * (R + 1):(i + 1) * (R + 1)]) for i in range(len(channels))]
+    return {
+        "_class_name": "UNet2DConditionModel", "sample_size": 128,
+        "in_channels": c.in_channels, "out_channels": c.out_channels,
+        "block_out_channels": channels, "layers_per_block": R,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "mid_block_type": "UNetMidBlock2DCrossAttn", "transformer_layers_per_block": depths,
+        "reverse_transformer_layers_per_block": reverse if out != tuple(
+            d for d in reversed(depths) for _ in range(R + 1)) else None,
+        "attention_head_dim": [ch // c.head_channels for ch in channels], "num_attention_heads": None,
+        "cross_attention_dim": c.context_dim, "use_linear_projection": True,
+        "addition_embed_type": "text_time", "addition_time_embed_dim": c.micro_cond_dim,
+        "projection_class_embeddings_input_dim": c.adm_in_channels,
+        "norm_num_groups": c.norm_groups, "norm_eps": 1e-5, "act_fn": "silu",
+        "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "upcast_attention": False,
+    }
+
+
+def vae_config_from_diffusers(d):
+    channels = d["block_out_channels"]
+    return vae.VAEConfig(
+        in_channels=d["in_channels"], out_channels=d["out_channels"], ch=channels[0],
+        ch_mult=tuple(c // channels[0] for c in channels), num_res_blocks=d["layers_per_block"],
+        z_channels=d["latent_channels"], norm_groups=d.get("norm_num_groups", 32),
+        scaling_factor=d.get("scaling_factor", 0.13025),
+    )
+
+
+def vae_config_to_diffusers(c):
+    levels = len(c.ch_mult)
+    return {
+        "_class_name": "AutoencoderKL", "sample_size": 1024, "in_channels": c.in_channels,
+        "out_channels": c.out_channels, "block_out_channels": [c.ch * m for m in c.ch_mult],
+        "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+        "layers_per_block": c.num_res_blocks, "latent_channels": c.z_channels, "norm_num_groups": c.norm_groups,
+        "act_fn": "silu", "scaling_factor": c.scaling_factor, "force_upcast": True,
+    }
+
+
+def text_config_from_hf(d):
+    return text.TextEncoderConfig(
+        vocab_size=d["vocab_size"], context_length=d["max_position_embeddings"], width=d["hidden_size"],
+        layers=d["num_hidden_layers"], heads=d["num_attention_heads"], mlp_dim=d["intermediate_size"],
+        act=d["hidden_act"], projection_dim=d["projection_dim"] if "WithProjection" in d["architectures"][0] else None,
+        eps=d.get("layer_norm_eps", 1e-5),
+    )
+
+
+def text_config_to_hf(c, dtype):
+    return {
+        "architectures": ["CLIPTextModelWithProjection" if c.projection_dim else "CLIPTextModel"],
+        "model_type": "clip_text_model", "vocab_size": c.vocab_size, "max_position_embeddings": c.context_length,
+        "hidden_size": c.width, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
+        "intermediate_size": c.mlp_dim, "hidden_act": c.act, "layer_norm_eps": c.eps,
+        "projection_dim": c.projection_dim or c.width,
+        # The ids of the original CLIP configs: with eos_token_id 2, transformers pools at argmax(ids),
+        # the first <|endoftext|>, exactly as our encoders do.
+        "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def model_index(cfg):
+    refiner = cfg.text_encoder_1 is None
+    te1 = [None, None] if refiner else ["transformers", "CLIPTextModel"]
+    tok1 = [None, None] if refiner else ["transformers", "CLIPTokenizer"]
+    return {
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        "force_zeros_for_empty_prompt": not refiner, **({"requires_aesthetics_score": True} if refiner else {}),
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": te1, "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": tok1, "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+# The official SDXL scheduler config (spec section 5.1); written into the folders we create.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "timestep_spacing": "leading",
+    "steps_offset": 1, "interpolation_type": "linear", "use_karras_sigmas": False, "clip_sample": False,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "sample_max_value": 1.0, "trained_betas": None,
+}
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LoadError(f"{path} cannot be read as JSON ({e}); the folder is incomplete or damaged.") from None
+
+
+def _read_weights(folder, dtype):
+    """All tensors of one component folder, cast to dtype; handles fp16 variants and shard indexes."""
+    for name in WEIGHT_FILES:
+        if (folder / name).exists():
+            files = [folder / name]
+            break
+    else:
+        index = sorted(folder.glob("*.safetensors.index.json"))
+        if index:
+            files = sorted({folder / f for f in _read_json(index[0])["weight_map"].values()})
+        elif any(folder.glob("*.bin")):
+            raise LoadError(f"{folder} has only pickle weights (.bin), which are not loaded because pickles can run "
+                            "code; get the .safetensors version of this model.")
+        else:
+            raise LoadError(f"{folder} has no .safetensors weights; the download is incomplete.")
+    tensors = {}
+    for file in files:
+        with _open(file) as f:
+            tensors.update({k: _cast(f.get_tensor(k), dtype) for k in f.keys()})
+    return tensors
+
+
+def _refuse_other_models(path, index):
+    kind = index.get("_class_name", "")
+    if kind.startswith("StableDiffusionXL"):
+        return
+    if kind.startswith("StableDiffusion") and (path / "unet" / "config.json").exists():
+        context = _read_json(path / "unet" / "config.json").get("cross_attention_dim")
+        version = {768: "SD 1.x", 1024: "SD 2.x"}.get(context, kind)
+        raise LoadError(f"{path} is an {version} model; this project loads SDXL (base, refiner or a fine-tune).")
+    raise LoadError(f"{path} is a {kind or 'non-SDXL'} model; this project loads SDXL (base, refiner or a fine-tune).")
+
+
+def load_diffusers(path, dtype=None):
+    """Read a diffusers SDXL folder into our modules (official names, via models.convert)."""
+    path = Path(path)
+    if not (path / "unet" / "config.json").exists():
+        raise LoadError(f"{path} is a folder but not a diffusers model (no unet/config.json); pass a model folder.")
+    if (path / "model_index.json").exists():
+        _refuse_other_models(path, _read_json(path / "model_index.json"))
+    has_te1 = (path / "text_encoder" / "config.json").exists()
+    try:
+        cfg = SDXLConfig(
+            unet=unet_config_from_diffusers(_read_json(path / "unet" / "config.json")),
+            vae=vae_config_from_diffusers(_read_json(path / "vae" / "config.json")),
+            text_encoder_1=text_config_from_hf(_read_json(path / "text_encoder" / "config.json")) if has_te1 else None,
+            text_encoder_2=text_config_from_hf(_read_json(path / "text_encoder_2" / "config.json")),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise LoadError(f"{path} has configs plainxl cannot read as SDXL ({e}); is it an SDXL model?") from None
+    with torch.device("meta"):
+        model = SDXL(cfg)
+
+    R = cfg.unet.num_res_blocks
+    to_diffusers = {
+        "unet": lambda sd: convert.unet_to_diffusers(sd, R),
+        "vae": convert.vae_to_diffusers,
+        "text_encoder_1": lambda sd: sd,  # CLIP-L has transformers' names in both layouts
+        "text_encoder_2": convert.openclip_to_hf,
+    }
+    from_diffusers = {
+        "unet": lambda sd, names: convert.unet_from_diffusers(sd, names, R),
+        "vae": convert.vae_from_diffusers,
+        "text_encoder_1": lambda sd, names: {n: sd[n] for n in names},
+        "text_encoder_2": convert.openclip_from_hf,
+    }
+    folders = {"unet": "unet", "vae": "vae", "text_encoder_1": "text_encoder", "text_encoder_2": "text_encoder_2"}
+    for component, folder in folders.items():
+        module = getattr(model, component)
+        if module is None:
+            continue
+        weights = _read_weights(path / folder, dtype)
+        expected = {k: v.shape for k, v in to_diffusers[component](module.state_dict()).items()}
+        check_tensors({k: v.shape for k, v in weights.items()}, expected, str(path / folder))
+        module.load_state_dict(from_diffusers[component](weights, list(module.state_dict())), strict=True, assign=True)
+    return model
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_diffusers(model, dst, dtype=None, overwrite=False):
+    """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder*/, tokenizer*/, scheduler/).
+
+    It is assembled under a temporary name beside dst and renamed into place at the end.
+    """
+    from models.tokenizer import load_tokenizers, save_tokenizers
+
+    dst = _atomic_target(dst, overwrite)
+    dtype = DTYPES.get(dtype, dtype)
+    cfg = model.config
+    sds = _state_dicts(model, dtype)
+    stored_dtype = next(iter(sds["unet"].values())).dtype
+    parts = {  # folder: (config, weights file name, tensors in diffusers names)
+        "unet": (unet_config_to_diffusers(cfg.unet), "diffusion_pytorch_model.safetensors",
+                 convert.unet_to_diffusers(sds["unet"], cfg.unet.num_res_blocks)),
+        "vae": (vae_config_to_diffusers(cfg.vae), "diffusion_pytorch_model.safetensors",
+                convert.vae_to_diffusers(sds["vae"])),
+        "text_encoder_2": (text_config_to_hf(cfg.text_encoder_2, stored_dtype), "model.safetensors",
+                           convert.openclip_to_hf(sds["text_encoder_2"])),
+    }
+    if cfg.text_encoder_1 is not None:
+        parts["text_encoder"] = (text_config_to_hf(cfg.text_encoder_1, stored_dtype), "model.safetensors",
+                                 sds["text_encoder_1"])
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
+    try:
+        for folder, (config, filename, tensors) in parts.items():
+            (tmp / folder).mkdir()
+            (tmp / folder / "config.json").write_text(json.dumps(config, indent=2))
+            save_file(tensors, tmp / folder / filename, metadata={"format": "pt"})
+        (tmp / "scheduler").mkdir()
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER_CONFIG, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(model_index(cfg), indent=2))
+        tokenizer_1, tokenizer_2 = load_tokenizers()
+        save_tokenizers(tokenizer_1 if cfg.text_encoder_1 else None, tokenizer_2, tmp)
+        if dst.exists():  # only reached with overwrite=True
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -1,0 +1,74 @@
+"""Hugging Face repo ids -> local paths, through huggingface_hub's usual cache (honours HF_HUB_OFFLINE)."""
+
+from pathlib import Path
+
+from huggingface_hub import HfApi, hf_hub_download, snapshot_download
+from huggingface_hub.errors import (
+    EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.constants import HF_HUB_CACHE
+
+from models.loading import LoadError
+
+# Repos whose preferred download is one official single file rather than the diffusers folders.
+DEFAULT_FILES = {
+    "cagliostrolab/animagine-xl-4.0": "animagine-xl-4.0.safetensors",
+    "stabilityai/stable-diffusion-xl-base-1.0": "sd_xl_base_1.0.safetensors",
+    "stabilityai/stable-diffusion-xl-refiner-1.0": "sd_xl_refiner_1.0.safetensors",
+}
+
+
+def download(source):
+    """"owner/name" or "owner/name/file.safetensors" -> a cached file or diffusers folder (downloaded if needed)."""
+    parts = source.split("/")
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or DEFAULT_FILES.get("/".join(parts[:2]))
+    try:
+        if filename:
+            return Path(hf_hub_download(repo_id, filename))
+        return _download_model(repo_id)
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError):
+        raise LoadError(
+            f"{source} is not in the Hugging Face cache ({HF_HUB_CACHE}) and the hub cannot be reached "
+            "(HF_HUB_OFFLINE is set or there is no network); download it once with internet, or pass a local path."
+        ) from None
+    except GatedRepoError:
+        raise LoadError(f"{repo_id} is gated; accept its licence on the hub and log in with `hf auth login`.") from None
+    except RepositoryNotFoundError:
+        raise LoadError(f"there is no Hugging Face repo {repo_id} (if it is private, log in with `hf auth login`).") from None
+    except EntryNotFoundError:
+        raise LoadError(f"{repo_id} has no file {filename}; check the name on the repo's Files page.") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise LoadError(f"downloading {source} failed ({e}); check the network and try again.") from None
+
+
+def _download_model(repo_id):
+    """A repo without a known default file: its one top-level .safetensors, else its diffusers folders."""
+    try:
+        files = HfApi().list_repo_files(repo_id)
+    except OfflineModeIsEnabled:
+        return _pick(Path(snapshot_download(repo_id, local_files_only=True)), repo_id)
+    top = [f for f in files if "/" not in f and f.endswith(".safetensors")]
+    if "unet/config.json" not in files:
+        if len(top) != 1:
+            raise LoadError(f"{repo_id} has {len(top)} top-level .safetensors files and no diffusers folders; "
+                            f"name one as {repo_id}/FILE (e.g. {', '.join(top[:3]) or 'none found'}).")
+        return Path(hf_hub_download(repo_id, top[0]))
+    # The diffusers folders: configs, tokenizers and, per component, full-precision weights if the repo
+    # has them, else the fp16 variant (never both: SDXL repos hold each in several formats).
+    patterns = ["model_index.json", "*/*.json", "*/*.txt"]
+    for component in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        weights = [f for f in files if f.startswith(component + "/") and f.endswith(".safetensors")]
+        full = [f for f in weights if ".fp16." not in f]
+        patterns += full or weights
+    return _pick(Path(snapshot_download(repo_id, allow_patterns=patterns)), repo_id)
+
+
+def _pick(folder, repo_id):
+    if (folder / "unet" / "config.json").exists():
+        return folder
+    top = sorted(folder.glob("*.safetensors"))
+    if len(top) == 1:
+        return top[0]
+    raise LoadError(f"the cached copy of {repo_id} holds no single model file or diffusers folder; "
+                    f"name the file as {repo_id}/FILE.safetensors.")

@@ -1,0 +1,39 @@
+"""Pieces shared by the UNet, the VAE and the text encoders: the one attention function,
+a float32 GroupNorm, and the sinusoidal embedding of timesteps and size conditions."""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def attention(q, k, v, heads, causal=False):
+    """Multi-head scaled dot-product attention: q (B, N, C), k and v (B, M, C) -> (B, N, C).
+
+    Every attention in the project goes through here, so this is the single place to swap
+    in another kernel or to record attention maps for an ablation.
+    """
+    B, N, C = q.shape
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # scale 1/sqrt(d)
+    return out.transpose(1, 2).reshape(B, N, C)  # (B, N, heads * d)
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back, as sgm does, so fp16/bf16 stay stable."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding (B,) -> (B, dim) laid out [cos | sin], frequencies 10000^(-k/(dim/2)).
+
+    Used for the diffusion timestep (dim = model channels) and for each SDXL size condition
+    (dim 256). This is sgm's layout; diffusers gets the same with flip_sin_to_cos=True, shift 0.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)

@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="plainxl",
+    version="0.1.0",
+    description="A from-scratch, readable PyTorch reimplementation of Stable Diffusion XL.",
+    python_requires=">=3.10",
+    packages=find_packages(include=["models*", "sampling*", "train*", "data*", "configs*"]),
+    package_data={"models": ["tokenizer/*"]},
+    install_requires=[
+        "torch>=2.3",
+        "safetensors>=0.4",
+        "transformers>=4.40",  # CLIPTokenizer only
+        "huggingface_hub>=0.23",
+        "numpy",
+        "einops",
+        "tensorboard",
+        "Pillow",
+        "tqdm",
+    ],
+    extras_require={
+        # diffusers is the test oracle only: project code never imports it.
+        "test": ["pytest", "diffusers==0.42.1", "accelerate", "psutil"],
+    },
+)
