@@ -154,3 +154,37 @@ def openclip_from_hf(sd, official_names):
         else:
             out[name] = sd[openclip_name_to_hf(name)]
     return out
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv=None):
+    import argparse
+    import sys
+
+    from models.diffusers_layout import save_diffusers
+    from models.loading import LoadError, load, save_single_file
+
+    parser = argparse.ArgumentParser(
+        prog="python -m models.convert",
+        description="Convert an SDXL model between the official single file and the diffusers layout.",
+    )
+    parser.add_argument("src", help="a .safetensors file, a diffusers folder or a Hugging Face repo id")
+    parser.add_argument("dst", help="DST.safetensors: one official-layout file; any other path: a diffusers folder")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast floating tensors (default: keep)")
+    parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+    args = parser.parse_args(argv)
+    try:
+        model = load(args.src, dtype=args.dtype)
+        save = save_single_file if args.dst.endswith(".safetensors") else save_diffusers
+        save(model, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+    except LoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

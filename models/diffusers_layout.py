@@ -234,6 +234,9 @@ def load_diffusers(path, dtype=None):
         if module is None:
             continue
         weights = _read_weights(path / folder, dtype)
+        if component == "text_encoder_1":
+            # transformers >= 5 saves CLIPTextModel without the text_model. prefix; hub folders have it.
+            weights = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in weights.items()}
         expected = {k: v.shape for k, v in to_diffusers[component](module.state_dict()).items()}
         check_tensors({k: v.shape for k, v in weights.items()}, expected, str(path / folder))
         module.load_state_dict(from_diffusers[component](weights, list(module.state_dict())), strict=True, assign=True)

@@ -1,0 +1,212 @@
+"""SDXL's two text encoders: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 text towers.
+
+Both are pre-LN causal transformers over 77 tokens. SDXL conditions the UNet on the output of the
+second-to-last layer of each (no final LayerNorm), concatenated to 77 x 2048, and on bigG's pooled,
+projected EOS feature (1280). Attribute paths equal the official single-file keys after stripping
+`conditioner.embedders.0.transformer.` (CLIP-L, transformers' layout) and `conditioner.embedders.1.model.`
+(bigG, open_clip's layout), so each loads with `load_state_dict(strict=True)`.
+Not here: `position_ids` (a buffer in the CLIP-L file; we use an arange) and bigG's `logit_scale`
+(CLIP's contrastive temperature); loaders drop both.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.layers import attention
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    vocab_size: int
+    context_length: int  # number of positions; prompts are padded / truncated to this
+    width: int
+    layers: int
+    heads: int
+    mlp_dim: int
+    act: str  # MLP activation: "quick_gelu" (CLIP-L) or "gelu" (exact erf GELU, bigG)
+    projection_dim: int | None  # size of the pooled embedding; None = no text_projection
+    eps: float = 1e-5  # LayerNorm epsilon
+
+    def __post_init__(self):
+        if self.act not in ("quick_gelu", "gelu"):
+            raise ValueError(f"TextEncoderConfig.act is {self.act!r}; use 'quick_gelu' or 'gelu'.")
+
+
+CLIP_L = TextEncoderConfig(49408, 77, 768, 12, 12, 3072, "quick_gelu", None)
+OPENCLIP_BIGG = TextEncoderConfig(49408, 77, 1280, 32, 20, 5120, "gelu", 1280)
+# Tiny versions for tests. The vocabulary stays full size because tests feed real token ids;
+# the projection is not square so that a missing transpose cannot go unnoticed.
+TINY_CLIP_L = TextEncoderConfig(49408, 77, 32, 3, 4, 128, "quick_gelu", None)
+TINY_OPENCLIP_BIGG = TextEncoderConfig(49408, 77, 64, 3, 4, 256, "gelu", 48)
+
+
+def mlp_activation(x, act):
+    """quick_gelu x * sigmoid(1.702 x) is the original CLIP's cheap GELU approximation."""
+    return x * torch.sigmoid(1.702 * x) if act == "quick_gelu" else F.gelu(x)
+
+
+def check_tokens(tokens, cfg):
+    if tokens.ndim != 2 or tokens.shape[1] > cfg.context_length or tokens.is_floating_point():
+        raise ValueError(
+            f"Text encoder expects integer token ids of shape (B, <= {cfg.context_length}), got "
+            f"{tuple(tokens.shape)} {tokens.dtype}; tokenize with padding='max_length', truncation=True."
+        )
+
+
+# ----------------------------------------------------------------------------- CLIP ViT-L/14
+
+
+class CLIPAttention(nn.Module):
+    """Causal self-attention with separate q/k/v projections (transformers' CLIPAttention names)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads = cfg.heads
+        self.q_proj = nn.Linear(cfg.width, cfg.width)
+        self.k_proj = nn.Linear(cfg.width, cfg.width)
+        self.v_proj = nn.Linear(cfg.width, cfg.width)
+        self.out_proj = nn.Linear(cfg.width, cfg.width)
+
+    def forward(self, x):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.out_proj(attention(q, k, v, self.heads, causal=True))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.act = cfg.act
+        self.fc1 = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.width)
+
+    def forward(self, x):
+        return self.fc2(mlp_activation(self.fc1(x), self.act))
+
+
+class CLIPLayer(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.mlp = CLIPMLP(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP ViT-L/14 text tower: tokens (B, 77) -> penultimate hidden states (B, 77, width).
+
+    Follows transformers' CLIPTextModel; the containers below only reproduce its key nesting
+    (text_model.embeddings.*, text_model.encoder.layers.N.*, text_model.final_layer_norm.*).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.text_model = nn.ModuleDict(dict(
+            embeddings=nn.ModuleDict(dict(
+                token_embedding=nn.Embedding(cfg.vocab_size, cfg.width),
+                position_embedding=nn.Embedding(cfg.context_length, cfg.width),
+            )),
+            encoder=nn.ModuleDict(dict(layers=nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.layers)))),
+            final_layer_norm=nn.LayerNorm(cfg.width, eps=cfg.eps),  # in the checkpoint; unused by SDXL
+        ))
+
+    def forward(self, tokens):
+        """tokens (B, T) long -> (B, T, width): hidden_states[-2], the second-to-last layer's output."""
+        check_tokens(tokens, self.config)
+        emb = self.text_model.embeddings
+        positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
+        x = emb.token_embedding(tokens) + emb.position_embedding(positions)  # (B, T, width)
+        # SDXL uses only the penultimate layer's output, so the last layer is never run: that saves
+        # its compute, and it means the last layer and final_layer_norm get no gradient. Under DDP,
+        # keep them frozen (requires_grad False) or DDP will wait forever for their gradients.
+        for layer in self.text_model.encoder.layers[:-1]:
+            x = layer(x)
+        return x
+
+
+# ----------------------------------------------------------------------------- OpenCLIP ViT-bigG/14
+
+
+class OpenCLIPAttention(nn.Module):
+    """Causal self-attention with nn.MultiheadAttention's parameters: one fused in_proj, rows [q; k; v]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads = cfg.heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.width, cfg.width))  # (3W, W)
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * cfg.width))
+        self.out_proj = nn.Linear(cfg.width, cfg.width)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's init
+
+    def forward(self, x):
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, W)
+        return self.out_proj(attention(q, k, v, self.heads, causal=True))
+
+
+class OpenCLIPMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.act = cfg.act
+        self.c_fc = nn.Linear(cfg.width, cfg.mlp_dim)
+        self.c_proj = nn.Linear(cfg.mlp_dim, cfg.width)
+
+    def forward(self, x):
+        return self.c_proj(mlp_activation(self.c_fc(x), self.act))
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN transformer block (open_clip's ResidualAttentionBlock): same math as CLIPLayer."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.attn = OpenCLIPAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.mlp = OpenCLIPMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class OpenCLIPTextEncoder(nn.Module):
+    """OpenCLIP ViT-bigG/14 text tower: tokens (B, 77) -> (penultimate (B, 77, W), pooled (B, proj)).
+
+    Follows open_clip's TextTransformer / CLIP.encode_text (text_projection is used as x @ P).
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        W = cfg.width
+        self.token_embedding = nn.Embedding(cfg.vocab_size, W)
+        self.positional_embedding = nn.Parameter(torch.randn(cfg.context_length, W) * 0.01)  # (77, W)
+        blocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
+        self.transformer = nn.ModuleDict(dict(resblocks=blocks))
+        self.ln_final = nn.LayerNorm(W, eps=cfg.eps)
+        self.text_projection = nn.Parameter(torch.randn(W, cfg.projection_dim) * W**-0.5)  # (W, proj)
+
+    def forward(self, tokens):
+        """tokens (B, T) long -> hidden_states[-2] (B, T, W) and the projected EOS feature (B, proj)."""
+        check_tokens(tokens, self.config)
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # (B, T, W)
+        *body, last = self.transformer.resblocks
+        for block in body:
+            x = block(x)
+        penultimate = x
+        # Unlike CLIP-L, the last layer does run here: the pooled vector comes from its output.
+        x = self.ln_final(last(x))
+        # The pooled feature sits at the EOS token: 49407 is the largest id and argmax returns the first
+        # occurrence, so this is the first EOS even where pads are also 49407 (bigG pads with 0).
+        eos = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, W)
+        return penultimate, eos @ self.text_projection  # (B, proj)
