@@ -282,7 +282,9 @@ def save_single_file(model, dst, dtype=None, overwrite=False):
     prefixes = single_file_prefixes(model.config)
     for component, sd in _state_dicts(model, dtype).items():
         tensors.update({prefixes[component] + k: v for k, v in sd.items()})
-    metadata = {CONFIG_METADATA_KEY: json.dumps(asdict(model.config)), "format": "pt"}
+    # One metadata entry only: safetensors writes several in a random (hash) order, which would make
+    # two exports of the same model differ byte-wise.
+    metadata = {CONFIG_METADATA_KEY: json.dumps(asdict(model.config))}
     fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
     try:

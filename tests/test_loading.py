@@ -1,0 +1,332 @@
+"""Loading and saving: both layouts agree with each other and with diffusers' own readers,
+full-size models match the official manifests, and every bad input gets one clear sentence."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from models import convert
+from models.diffusers_layout import save_diffusers, unet_config_to_diffusers, vae_config_to_diffusers
+from models.loading import LoadError, infer_config, load, save_single_file
+from models.sdxl import BASE, REFINER, SDXL, TINY, single_file_prefixes
+
+MANIFESTS = Path(__file__).parent / "sdxl-keys"
+IGNORED = ("position_ids", "logit_scale")  # in the official file; loaders drop them, exports omit them
+
+
+def manifest(name):
+    return {k: tuple(v) for k, v in json.loads((MANIFESTS / f"{name}.json").read_text()).items()}
+
+
+def same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), f"{k} differs"
+
+
+# ----------------------------------------------------------------------------- layouts
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(tmp_path_factory):
+    """A tiny SDXL pipeline built and saved by diffusers/transformers themselves (save_pretrained)."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from models.tokenizer import load_tokenizers
+
+    torch.manual_seed(0)
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}
+    te = lambda c, cls: cls(CLIPTextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.width, intermediate_size=c.mlp_dim, num_hidden_layers=c.layers,
+        num_attention_heads=c.heads, max_position_embeddings=c.context_length, hidden_act=c.act,
+        projection_dim=c.projection_dim or c.width))
+    tok_1, tok_2 = load_tokenizers()
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**strip(vae_config_to_diffusers(TINY.vae))),
+        text_encoder=te(TINY.text_encoder_1, CLIPTextModel),
+        text_encoder_2=te(TINY.text_encoder_2, CLIPTextModelWithProjection),
+        tokenizer=tok_1, tokenizer_2=tok_2,
+        unet=UNet2DConditionModel(**strip(unet_config_to_diffusers(TINY.unet))),
+        scheduler=EulerDiscreteScheduler(),
+    )
+    with torch.no_grad():  # no init-time ones and zeros left to hide a misplaced tensor
+        for p in pipe.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp("diffusers") / "tiny-sdxl"
+    pipe.save_pretrained(folder)
+    return folder, pipe
+
+
+def test_diffusers_folder_and_single_file_load_identical_models(diffusers_folder, tmp_path):
+    folder, pipe = diffusers_folder
+    from_folder = load(folder)
+    single = tmp_path / "tiny.safetensors"
+    save_single_file(from_folder, single)
+    same_weights(from_folder, load(single))
+
+    # diffusers' own single-file reader, an independent converter, must find the original weights in it.
+    from diffusers import StableDiffusionXLPipeline
+
+    again = StableDiffusionXLPipeline.from_single_file(str(single), config=str(folder), local_files_only=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want, got = getattr(pipe, name).state_dict(), getattr(again, name).state_dict()
+        assert want.keys() == got.keys(), f"{name}: key sets differ"
+        assert all(torch.equal(want[k], got[k]) for k in want), f"{name}: diffusers reads other weights from our file"
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16])
+def test_single_file_to_folder_to_single_file_is_bit_exact(tmp_path, dtype):
+    torch.manual_seed(0)
+    model = SDXL(TINY)
+    first, folder, second = tmp_path / "a.safetensors", tmp_path / "folder", tmp_path / "b.safetensors"
+    save_single_file(model, first, dtype=dtype)
+    assert subprocess.run([sys.executable, "-m", "models.convert", first, folder]).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "models.convert", folder, second]).returncode == 0
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_load_casts_to_the_requested_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = SDXL(TINY)
+    save_single_file(model, tmp_path / "half.safetensors", dtype="fp16")
+    loaded = load(tmp_path / "half.safetensors", dtype="fp32")
+    for k, v in loaded.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, model.state_dict()[k].half().float()), k
+
+
+def test_refiner_layout_round_trip(tmp_path):
+    """Refiner-shaped model: one text encoder, stored at conditioner.embedders.0.model."""
+    from dataclasses import replace
+
+    cfg = replace(TINY, text_encoder_1=None, unet=replace(TINY.unet, context_dim=64, adm_in_channels=48 + 5 * 16))
+    torch.manual_seed(0)
+    model = SDXL(cfg)
+    save_single_file(model, tmp_path / "r.safetensors")
+    names = load_file(tmp_path / "r.safetensors").keys()
+    assert any(n.startswith("conditioner.embedders.0.model.") for n in names)
+    assert not any(n.startswith("conditioner.embedders.1.") for n in names)
+    save_diffusers(load(tmp_path / "r.safetensors"), tmp_path / "folder")
+    same_weights(model, load(tmp_path / "folder"))
+
+
+# ----------------------------------------------------------------------------- full size, on meta
+
+
+@pytest.mark.parametrize("cfg, name", [(BASE, "sd_xl_base_single_file"), (REFINER, "sd_xl_refiner_single_file")])
+def test_full_size_names_and_shapes_equal_the_official_manifest(cfg, name):
+    with torch.device("meta"):
+        model = SDXL(cfg)
+    ours = {prefix + k: tuple(v.shape) for c, prefix in single_file_prefixes(cfg).items()
+            for k, v in getattr(model, c).state_dict().items()}
+    official = {k: v for k, v in manifest(name).items() if not k.endswith(IGNORED)}
+    assert ours.keys() - official.keys() == set(), sorted(ours.keys() - official.keys())[:5]
+    assert official.keys() - ours.keys() == set(), sorted(official.keys() - ours.keys())[:5]
+    assert {k: v for k, v in ours.items() if official[k] != v} == {}
+    assert infer_config(manifest(name)) == cfg, "the architecture inferred from the official shapes differs"
+
+
+def test_full_size_parameter_counts_equal_the_spec():
+    with torch.device("meta"):
+        base, refiner = SDXL(BASE), SDXL(REFINER)
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(base.unet) == 2_567_463_684
+    assert count(refiner.unet) == 2_259_526_660
+    assert count(base.vae) == 83_653_863
+    assert count(base.text_encoder_1) == 123_060_480
+    assert count(base.text_encoder_2) == 694_659_840  # + logit_scale = 694,659,841 in the file
+
+
+def test_key_maps_give_the_diffusers_manifests():
+    """models.convert on the full-size official names gives exactly diffusers' names and shapes."""
+    meta = lambda m: {k: torch.empty(v, device="meta") for k, v in m.items()}
+    strip = lambda m, p: {k[len(p):]: v for k, v in m.items() if k.startswith(p)}
+    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}
+    unet = convert.unet_to_diffusers(strip(manifest("unet"), "model.diffusion_model."), 2)
+    assert unet == manifest("diffusers_unet")
+    refiner = convert.unet_to_diffusers(strip(manifest("unet_refiner"), "model.diffusion_model."), 2)
+    assert refiner == manifest("diffusers_unet_refiner")
+    vae = convert.vae_to_diffusers(meta(strip(manifest("vae"), "first_stage_model.")))
+    assert shapes(vae) == manifest("diffusers_vae")
+    bigg = convert.openclip_to_hf(meta(strip(manifest("text_encoder_g"), "conditioner.embedders.1.model.")))
+    assert shapes(bigg) == manifest("diffusers_text_encoder_2")
+    clip_l = strip(manifest("text_encoder_l"), "conditioner.embedders.0.transformer.")
+    assert {k: v for k, v in clip_l.items() if not k.endswith(IGNORED)} == manifest("diffusers_text_encoder")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    save_single_file(SDXL(TINY), path)
+    return path
+
+
+def fake(path, names, shape=(2, 2)):
+    save_file({n: torch.zeros(shape) for n in names}, path)
+    return path
+
+
+def edited(tiny_file, path, edit):
+    """A copy of the tiny file without our config metadata (like an official file), edited."""
+    tensors = load_file(tiny_file)
+    edit(tensors)
+    save_file(tensors, path)
+    return path
+
+
+def expect_error(source, *fragments):
+    with pytest.raises(LoadError) as e:
+        load(source)
+    message = str(e.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+
+
+def test_sd1_checkpoint(tmp_path):
+    expect_error(fake(tmp_path / "sd15.safetensors", ["model.diffusion_model.input_blocks.0.0.weight",
+                                                       "cond_stage_model.transformer.text_model.final_layer_norm.weight"]),
+                 "SD 1.x checkpoint", "loads SDXL")
+
+
+def test_sd2_checkpoint(tmp_path):
+    expect_error(fake(tmp_path / "sd21.safetensors", ["model.diffusion_model.input_blocks.0.0.weight",
+                                                       "cond_stage_model.model.ln_final.weight"]),
+                 "SD 2.x checkpoint")
+
+
+def test_other_model(tmp_path):
+    expect_error(fake(tmp_path / "flux.safetensors", ["double_blocks.0.img_attn.qkv.weight"]),
+                 "not an SDXL checkpoint", "double_blocks.0.img_attn.qkv.weight")
+
+
+def test_lora(tmp_path):
+    expect_error(fake(tmp_path / "lora.safetensors", ["lora_unet_down_blocks_1_attentions_0_proj_in.lora_down.weight"]),
+                 "LoRA")
+
+
+def test_sd1_diffusers_folder(tmp_path):
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 768}))
+    expect_error(tmp_path, "SD 1.x model")
+
+
+def test_missing_tensors(tiny_file, tmp_path):
+    gone = "model.diffusion_model.input_blocks.4.1.proj_in.weight"
+    expect_error(edited(tiny_file, tmp_path / "m.safetensors", lambda t: t.pop(gone)), "missing 1 tensors", gone)
+
+
+def test_unexpected_tensors(tiny_file, tmp_path):
+    extra = "model.diffusion_model.extra_head.weight"
+    expect_error(edited(tiny_file, tmp_path / "u.safetensors", lambda t: t.update({extra: torch.zeros(3)})),
+                 "1 tensors an SDXL model does not have", extra)
+
+
+def test_wrong_shape(tiny_file, tmp_path):
+    name = "model.diffusion_model.input_blocks.5.1.transformer_blocks.0.attn2.to_k.weight"
+    expect_error(edited(tiny_file, tmp_path / "w.safetensors", lambda t: t.update({name: torch.zeros(64, 7)})),
+                 name, "[64, 7]", "[64, 96]")
+
+
+def test_wrong_shape_against_stored_config(tiny_file, tmp_path):
+    tensors = load_file(tiny_file)
+    tensors["first_stage_model.decoder.conv_out.bias"] = torch.zeros(4)
+    from safetensors import safe_open
+
+    with safe_open(tiny_file, "pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, tmp_path / "w.safetensors", metadata=metadata)
+    expect_error(tmp_path / "w.safetensors", "first_stage_model.decoder.conv_out.bias", "[4]", "[3]")
+
+
+def test_truncated_file(tiny_file, tmp_path):
+    data = tiny_file.read_bytes()
+    (tmp_path / "t.safetensors").write_bytes(data[: len(data) // 2])
+    expect_error(tmp_path / "t.safetensors", "truncated or not a valid safetensors file", "download it again")
+
+
+def test_corrupt_header(tmp_path):
+    (tmp_path / "c.safetensors").write_bytes((200).to_bytes(8, "little") + b"{not json" + b" " * 191)
+    expect_error(tmp_path / "c.safetensors", "not a valid safetensors file")
+
+
+class _Exploit:
+    """Unpickling this would create a marker file; the loader must never unpickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("name", ["model.ckpt", "model.bin", "disguised.safetensors"])
+def test_pickle_is_refused_unopened(tmp_path, name):
+    marker = tmp_path / "unpickled"
+    (tmp_path / name).write_bytes(pickle.dumps({"state_dict": _Exploit(str(marker))}))
+    expect_error(tmp_path / name, "pickle checkpoint", ".safetensors")
+    assert not marker.exists()
+
+
+def test_torch_zip_checkpoint_is_refused(tmp_path):
+    torch.save({"w": torch.zeros(2)}, tmp_path / "model.pt")
+    expect_error(tmp_path / "model.pt", "pickle checkpoint")
+
+
+def test_path_that_does_not_exist(tmp_path):
+    expect_error(tmp_path / "nope.safetensors", "does not exist")
+
+
+def test_cli_bad_input_one_line_no_traceback_nothing_written(tmp_path):
+    (tmp_path / "model.ckpt").write_bytes(pickle.dumps({}))
+    dst = tmp_path / "out.safetensors"
+    r = subprocess.run([sys.executable, "-m", "models.convert", tmp_path / "model.ckpt", dst],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
+
+
+def test_cli_refuses_to_overwrite(tiny_file, tmp_path):
+    dst = tmp_path / "taken.safetensors"
+    dst.write_bytes(b"precious")
+    r = subprocess.run([sys.executable, "-m", "models.convert", tiny_file, dst], capture_output=True, text=True)
+    assert r.returncode == 2 and "already exists" in r.stderr
+    assert dst.read_bytes() == b"precious"
+
+
+# ----------------------------------------------------------------------------- Hugging Face ids
+
+
+def run_offline(source, hf_home):
+    code = f"from models.loading import load, LoadError\ntry:\n    load({str(source)!r}); print('LOADED')\n" \
+           f"except LoadError as e:\n    print('ERROR', e)"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout
+
+
+def test_repo_id_offline_and_not_cached_says_so(tmp_path):
+    out = run_offline("cagliostrolab/animagine-xl-4.0", tmp_path)
+    assert out.startswith("ERROR") and "not in the Hugging Face cache" in out and "HF_HUB_OFFLINE" in out, out
+
+
+def test_repo_id_offline_from_the_cache(tiny_file, tmp_path):
+    """A file already in huggingface_hub's cache loads with the hub unreachable (the default file of the repo)."""
+    repo = tmp_path / "hub" / "models--cagliostrolab--animagine-xl-4.0"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "animagine-xl-4.0.safetensors").write_bytes(tiny_file.read_bytes())
+    assert run_offline("cagliostrolab/animagine-xl-4.0", tmp_path).startswith("LOADED")
