@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from models import convert, text, unet, vae
-from models.loading import DTYPES, LoadError, _atomic_target, _cast, _open, _state_dicts, check_tensors
+from models.loading import DTYPES, LoadError, _atomic_target, _open, _state_dicts, check_tensors, read_tensors
 from models.sdxl import SDXL, SDXLConfig
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
@@ -180,7 +180,8 @@ def _read_weights(folder, dtype):
     tensors = {}
     for file in files:
         with _open(file) as f:
-            tensors.update({k: _cast(f.get_tensor(k), dtype) for k in f.keys()})
+            names = list(f.keys())
+        tensors.update(read_tensors(file, names, dtype))
     return tensors
 
 

@@ -21,10 +21,12 @@ def attention(q, k, v, heads, causal=False):
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back, as sgm does, so fp16/bf16 stay stable."""
+    """GroupNorm computed in (at least) float32 and cast back, as sgm does, so fp16/bf16 stay stable."""
 
     def forward(self, x):
-        return super().forward(x.float()).to(x.dtype)
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 -> fp32; fp32/fp64 unchanged
+        weight, bias = self.weight.to(dtype), self.bias.to(dtype)
+        return F.group_norm(x.to(dtype), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def timestep_embedding(t, dim, max_period=10000):

@@ -7,6 +7,7 @@ a LoadError: one sentence naming the problem and the fix. Pickle files are refus
 """
 
 import json
+import mmap
 import os
 import re
 import tempfile
@@ -76,11 +77,49 @@ def _check_not_pickle(path):
 
 
 def _open(path):
+    """safetensors' own reader, for the header: names, shapes, metadata, and its validity checks."""
     _check_not_pickle(path)
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as e:
         raise LoadError(f"{path} is truncated or not a valid safetensors file ({e}); download it again.") from None
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_tensors(path, names, dtype=None):
+    """Yield (name, tensor) for `names` of a safetensors file (already checked by _open), cast to dtype.
+
+    The file is memory-mapped copy-on-write: a tensor the cast leaves alone is a view of the map (no
+    copy; writes stay private). When the cast copies, the pages of the original are released right
+    away, so the peak is the weights at the target dtype, not that plus the file (fp16 -> fp32 of
+    SDXL: 13 GiB instead of 19.7).
+    """
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")  # layout: u64 length, JSON header, data
+        header = json.loads(f.read(header_len))
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    data_start = 8 + header_len
+    for name in names:
+        info = header[name]
+        begin, end = (data_start + o for o in info["data_offsets"])
+        stored = SAFETENSORS_DTYPES[info["dtype"]]
+        if end == begin:
+            t = torch.empty(info["shape"], dtype=stored)
+        else:
+            t = torch.frombuffer(mm, dtype=stored, count=(end - begin) // stored.itemsize, offset=begin)
+            t = t.reshape(info["shape"])
+        cast = _cast(t, dtype)
+        if cast is not t and end - begin > mmap.PAGESIZE:
+            # Release only whole pages inside this tensor; a page shared with a neighbour stays.
+            lo = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
+            hi = end // mmap.PAGESIZE * mmap.PAGESIZE
+            if hi > lo:
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        yield name, cast
 
 
 # ----------------------------------------------------------------------------- checking
@@ -149,14 +188,15 @@ def load_single_file(path, dtype=None):
         expected = {prefix + k: v.shape for c, prefix in prefixes.items() for k, v in getattr(model, c).state_dict().items()}
         check_tensors(shapes, expected, str(path))
         for component, prefix in prefixes.items():
-            sd = {n[len(prefix):]: _cast(f.get_tensor(n), dtype) for n in names if n.startswith(prefix) and not _ignored(n)}
+            wanted = [n for n in names if n.startswith(prefix) and not _ignored(n)]
+            sd = {n[len(prefix):]: t for n, t in read_tensors(path, wanted, dtype)}
             getattr(model, component).load_state_dict(sd, strict=True, assign=True)
             del sd
     return model
 
 
 def _cast(t, dtype):
-    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t  # same dtype: same tensor
 
 
 def _count(shapes, pattern):
