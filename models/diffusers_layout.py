@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from models import convert, text, unet, vae
 from models.loading import DTYPES, LoadError, _atomic_target, _open, _state_dicts, check_tensors, read_tensors
 from models.sdxl import SDXL, SDXLConfig
+from sampling.schedule import SDXL_SCHEDULER_CONFIG
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors")
@@ -143,14 +144,6 @@ def model_index(cfg):
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
     }
 
-
-# The official SDXL scheduler config (spec section 5.1); written into the folders we create.
-SDXL_SCHEDULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "timestep_spacing": "leading",
-    "steps_offset": 1, "interpolation_type": "linear", "use_karras_sigmas": False, "clip_sample": False,
-    "set_alpha_to_one": False, "skip_prk_steps": True, "sample_max_value": 1.0, "trained_betas": None,
-}
 
 # ----------------------------------------------------------------------------- loading
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 
 from models.layers import GroupNorm32, attention, timestep_embedding
 
@@ -215,6 +216,7 @@ class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.config = cfg
+        self.gradient_checkpointing = False  # training: recompute each block in backward to save memory
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -264,14 +266,19 @@ class UNet(nn.Module):
         t_emb = timestep_embedding(t, self.config.model_channels).to(x.dtype)
         emb = self.time_embed(t_emb) + self.label_emb(y)  # (B, 4 * model_channels), fed to every ResBlock
 
+        def run(block, *args):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                return checkpoint(block, *args, use_reentrant=False)
+            return block(*args)
+
         skips = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = run(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C_h + C_skip, h, w)
             next_size = skips[-1].shape[-2:] if skips else None  # where an Upsample must land
-            h = block(h, emb, context, next_size)
+            h = run(block, h, emb, context, next_size)
         return self.out(h)

@@ -1,0 +1,87 @@
+"""DreamBooth data: a folder of images with prompts, and the per-step augmentation with SDXL's
+micro-conditioning computed from each image's own resize and crop.
+
+Randomness comes from a generator the trainer seeds with (seed, step, sample index), so an example
+is a pure function of those numbers: the run does not depend on the number of processes, and a
+resumed run sees exactly the data the uninterrupted one would have.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(ValueError):
+    """A problem with the user's images; the message names the path."""
+
+
+@dataclass
+class Example:
+    pixels: torch.Tensor  # (3, R, R) in [-1, 1]
+    prompt: str
+    original_size: tuple  # (height, width) of the file
+    crop_top_left: tuple  # (top, left) of the crop in the resized image
+    target_size: tuple  # (R, R)
+
+
+class ImageFolder:
+    """The images of one folder (sorted by name), each with its prompt: a same-named .txt if present,
+    else `prompt`. Every image is opened once up front, so a bad file stops the run before training."""
+
+    def __init__(self, folder, prompt, what="image folder"):
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"{what} {folder} does not exist; create it and put the images there")
+        self.paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.paths:
+            raise DataError(f"{what} {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
+        for path in self.paths:
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (OSError, UnidentifiedImageError, SyntaxError) as e:
+                raise DataError(f"cannot read image {path} ({e}); remove or replace it") from None
+        self.prompts = [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").exists() else prompt
+                        for p in self.paths]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def example(self, index, resolution, center_crop, random_flip, generator):
+        """Resize the short side to `resolution`, flip (p = 0.5), crop a square; SDXL size conditions."""
+        with Image.open(self.paths[index]) as image:
+            image = image.convert("RGB")
+        original_size = (image.height, image.width)
+        scale = resolution / min(image.height, image.width)
+        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+        image = image.resize(size, Image.BICUBIC)  # (W, H) with min side = resolution
+        # Draw every random number, used or not, so the stream does not depend on the settings.
+        coin, top_u, left_u = torch.rand(3, generator=generator).tolist()
+        if random_flip and coin < 0.5:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)  # before the crop: the crop offset stays true
+        if center_crop:
+            top, left = (image.height - resolution) // 2, (image.width - resolution) // 2
+        else:
+            top = int(top_u * (image.height - resolution + 1))
+            left = int(left_u * (image.width - resolution + 1))
+        image = image.crop((left, top, left + resolution, top + resolution))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1  # (3, R, R)
+        return Example(pixels, self.prompts[index], original_size, (top, left), (resolution, resolution))
+
+
+def sample_generator(seed, step, index, stream):
+    """A CPU generator for one sample of one step; `stream` separates uses (data, noise, timestep...)."""
+    state = np.random.SeedSequence([seed, step, index, stream]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] % (2**63)))
+
+
+def dataset_index(seed, position, length):
+    """Which image the `position`-th draw of a dataset uses: a fresh permutation every epoch."""
+    epoch, offset = divmod(position, length)
+    g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, 7]).generate_state(1)[0]))
+    return int(torch.randperm(length, generator=g)[offset])

@@ -1,0 +1,178 @@
+"""Text-to-image with SDXL: prompts -> conditioning -> guided denoiser -> sampler -> VAE -> pixels.
+
+Reproduces diffusers' StableDiffusionXLPipeline image for image on the same weights and seeds
+(tests/test_pipeline_parity.py), and reads top to bottom in `Pipeline.__call__`.
+"""
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from models.conditioning import size_numbers, vector_condition
+from models.loading import DTYPES, load, resolve
+from models.tokenizer import load_tokenizers
+from sampling.prompts import encode_prompts, num_chunks
+from sampling.samplers import SAMPLERS
+from sampling.schedule import SDXL_SCHEDULER_CONFIG, make_schedule
+
+
+@dataclass
+class Settings:
+    """What a generation depends on (besides the model); written into each PNG by sampling.generate."""
+
+    prompt: str
+    negative_prompt: str | None = None  # None: zero negative conditioning; "": the empty prompt, encoded
+    width: int = 1024
+    height: int = 1024
+    steps: int = 28
+    cfg: float = 5.0
+    sampler: str = "euler_a"
+    karras: bool = False
+    guidance_rescale: float = 0.0
+    seed: int = 0
+    num_images: int = 1
+    original_size: tuple | None = None  # (height, width); None: the output size
+    crop_top_left: tuple = (0, 0)
+    target_size: tuple | None = None  # (height, width); None: the output size
+    truncate_prompt: bool = False
+    aesthetic_score: float = 6.0  # refiner only, as diffusers' defaults
+    negative_aesthetic_score: float = 2.5
+
+
+def guided(net, cond, uncond, scale, rescale=0.0):
+    """Classifier-free guidance (Ho & Salimans 2022) around net(x, t, context, y) -> model output.
+
+    cond/uncond are (context, y) pairs. A scale <= 1 runs the conditional pass only (as diffusers).
+    `rescale` is Lin et al. 2023's guidance rescale: match the per-sample std of the conditional output.
+    """
+    if scale <= 1:
+        return lambda x, t: net(x, t, *cond)
+
+    context = torch.cat([uncond[0], cond[0]])  # CFG batch order [uncond, cond], as diffusers
+    y = torch.cat([uncond[1], cond[1]])
+
+    def guided_net(x, t):
+        out_uncond, out_cond = net(torch.cat([x, x]), torch.cat([t, t]), context, y).chunk(2)
+        out = out_uncond + scale * (out_cond - out_uncond)
+        if rescale > 0:
+            dims = list(range(1, out.ndim))
+            rescaled = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
+            out = rescale * rescaled + (1 - rescale) * out
+        return out
+
+    return guided_net
+
+
+def denoiser(net, schedule):
+    """net(x_in, t) -> eps or v, as a denoiser(x, sigma) -> x0 in sigma space (x = x0 + sigma * eps).
+
+    The UNet sees x / sqrt(sigma^2 + 1) (unit variance) and the timestep the schedule pairs with sigma.
+    """
+
+    def x0(x, sigma):
+        t = torch.full((x.shape[0],), float(schedule.timestep(sigma)), device=x.device)
+        sigma = float(sigma)
+        scale = 1 / math.sqrt(sigma**2 + 1)
+        out = net(x * scale, t).float()
+        if schedule.prediction_type == "epsilon":
+            return x - sigma * out
+        if schedule.prediction_type == "v_prediction":  # v = alpha * eps - s * x0 in VP space
+            return x * scale**2 - out * sigma * scale
+        raise ValueError(f"prediction_type {schedule.prediction_type!r} is not supported; "
+                         "use 'epsilon' or 'v_prediction'.")
+
+    return x0
+
+
+class Pipeline:
+    def __init__(self, model, scheduler_config=None, name="model"):
+        self.model = model.eval()
+        self.tokenizers = load_tokenizers()
+        self.scheduler_config = scheduler_config or SDXL_SCHEDULER_CONFIG
+        self.name = name
+
+    @classmethod
+    def load(cls, source, dtype="fp32", device="cpu"):
+        """A single file, a diffusers folder (its scheduler config is used) or a Hugging Face repo id."""
+        path = resolve(source)
+        config_file = path / "scheduler" / "scheduler_config.json"
+        scheduler_config = json.loads(config_file.read_text()) if path.is_dir() and config_file.exists() else None
+        return cls(load(path, dtype=dtype, device=device), scheduler_config, name=Path(str(source)).stem)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self):
+        return next(self.model.unet.parameters()).dtype
+
+    def conditioning(self, s: Settings):
+        """(cond, uncond) as (context, y) pairs, batch num_images; uncond is None without guidance."""
+        B, refiner = s.num_images, self.model.text_encoder_1 is None
+        chunks = max(num_chunks(self.tokenizers, p, s.truncate_prompt) for p in [s.prompt, s.negative_prompt or ""])
+        context, pooled = encode_prompts(self.model, self.tokenizers, [s.prompt] * B, s.truncate_prompt, chunks)
+        size = (s.height, s.width)
+        numbers = size_numbers(s.original_size or size, s.crop_top_left, s.target_size or size,
+                               s.aesthetic_score if refiner else None)
+        dim = self.model.config.unet.micro_cond_dim
+        cond = (context, vector_condition(pooled, numbers, dim))
+        if s.cfg <= 1:
+            return cond, None
+        if s.negative_prompt is None and not refiner:
+            # SDXL's force_zeros_for_empty_prompt: no negative prompt means zero conditioning,
+            # not the encoding of "" (AUTOMATIC1111 and ComfyUI encode "" instead).
+            neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
+        else:
+            neg_context, neg_pooled = encode_prompts(
+                self.model, self.tokenizers, [s.negative_prompt or ""] * B, s.truncate_prompt, chunks)
+        neg_numbers = size_numbers(s.original_size or size, s.crop_top_left, s.target_size or size,
+                                   s.negative_aesthetic_score if refiner else None)
+        return cond, (neg_context, vector_condition(neg_pooled, neg_numbers, dim))
+
+    @torch.no_grad()
+    def __call__(self, settings: Settings, progress=True):
+        """Generate settings.num_images images -> list of PIL images (image i uses seed + i)."""
+        s = settings
+        # --karras turns Karras sigmas on; without it, a folder's scheduler config may still ask for them.
+        schedule = make_schedule(s.sampler, s.steps, karras=True if s.karras else None, config=self.scheduler_config)
+        cond, uncond = self.conditioning(s)
+
+        # Initial noise: image i draws float32 N(0, 1) from its own CPU generator seeded seed + i,
+        # so it does not depend on the batch size (AUTOMATIC1111's convention; diffusers with a list).
+        generators = [torch.Generator().manual_seed(s.seed + i) for i in range(s.num_images)]
+        shape = (self.model.config.unet.in_channels, s.height // 8, s.width // 8)
+        noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+        x = noise.to(self.device) * schedule.init_noise_sigma  # sigma space, float32
+
+        net = lambda x_in, t, context, y: self.model.unet(x_in.to(self.dtype), t, context, y)
+        guided_net = guided(net, cond, uncond, s.cfg, s.guidance_rescale)
+        x0 = denoiser(guided_net, schedule)
+        bar = tqdm(total=s.steps, disable=not progress, desc=s.sampler)
+        sampler = SAMPLERS[s.sampler]
+        kwargs = {"callback": lambda *_: bar.update(1)}
+        if s.sampler in ("euler_a", "ddpm"):
+            kwargs["generator"] = generators  # the ancestral noise continues each image's generator
+        if schedule.sigmas_to is not None:
+            kwargs["sigmas_to"] = schedule.sigmas_to
+        x = sampler(x0, x, schedule.sigmas, **kwargs)
+        bar.close()
+
+        latents = x / math.sqrt(float(schedule.sigmas[-1]) ** 2 + 1)  # VP scale; = x when the last sigma is 0
+        return self.decode(latents)
+
+    def decode(self, latents):
+        """Latents (B, 4, h, w) -> PIL images, pixels exactly as diffusers makes them."""
+        vae = self.model.vae
+        # The SDXL VAE overflows in fp16 (NaN -> black images): decode fp16 models in float32.
+        dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        images = vae.to(dtype).decode(latents.to(dtype) / vae.config.scaling_factor).float()
+        vae.to(self.dtype)
+        images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3) in [0, 1]
+        return [Image.fromarray(image) for image in (images * 255).round().astype(np.uint8)]

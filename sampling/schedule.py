@@ -1,0 +1,198 @@
+"""Noise schedules in sigma space, reproducing diffusers' five schedulers' `set_timesteps` exactly.
+
+Everything here lives in sigma space (k-diffusion's convention): x = x0 + sigma * eps, with
+sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t). A VP-space latent (what diffusers' DDIM, DDPM and
+DPM-Solver step on) is x / sqrt(sigma^2 + 1). A schedule is a few tensors handed to a pure sampler
+(sampling/samplers.py); `make_schedule` builds them the way each diffusers scheduler does (spec section 5),
+down to its float32/float64 choices, so sigmas and timesteps match diffusers to float32 rounding.
+
+Per scheduler (the differences that change images):
+  euler, euler_a  EulerDiscreteScheduler / EulerAncestralDiscreteScheduler: sigmas linearly interpolated
+                  at (possibly fractional) timesteps; Karras range = the spaced sigmas' ends, timesteps fractional.
+  dpmpp_2m        DPMSolverMultistepScheduler: its own "leading" (N+1 points, last dropped); Karras range = the
+                  full training table, timesteps rounded to integers.
+  ddim            DDIMScheduler: integer timesteps; each step goes to t - T // N (`sigmas_to`), and the final
+                  level is alpha_bar[0] unless set_alpha_to_one, so sigmas[-1] may be > 0.
+  ddpm            DDPMScheduler: integer timesteps, each step to the next one, final sigma 0.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# The official SDXL scheduler config (spec 5.1): `scheduler/scheduler_config.json` of the base model.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "timestep_spacing": "leading",
+    "steps_offset": 1, "interpolation_type": "linear", "use_karras_sigmas": False, "clip_sample": False,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "sample_max_value": 1.0, "trained_betas": None,
+}
+
+SAMPLER_NAMES = ("euler", "euler_a", "dpmpp_2m", "ddim", "ddpm")
+SPACINGS = ("leading", "trailing", "linspace")
+
+# Config values that would change outputs in ways not implemented here, per sampler that reads them:
+# {key: the only value we implement}. Keys a scheduler does not read are ignored, as diffusers ignores them.
+_COMMON = {"rescale_betas_zero_snr": False, "trained_betas": None}
+_EULER = {"interpolation_type": "linear", "timestep_type": "discrete", "final_sigmas_type": "zero",
+          "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None, "sigma_max": None}
+_ONLY = {
+    "euler": {**_COMMON, **_EULER},
+    "euler_a": _COMMON,
+    "dpmpp_2m": {**_COMMON, "algorithm_type": "dpmsolver++", "solver_order": 2, "solver_type": "midpoint",
+                 "lower_order_final": True, "euler_at_final": False, "final_sigmas_type": "zero",
+                 "thresholding": False, "variance_type": None, "lambda_min_clipped": -math.inf,
+                 "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
+                 "use_flow_sigmas": False, "use_dynamic_shifting": False},
+    # clip_sample clamps x0 to [-1, 1]: meant for pixel-space models, wrong for SDXL latents (spec 5.7).
+    "ddim": {**_COMMON, "clip_sample": False, "thresholding": False},
+    "ddpm": {**_COMMON, "clip_sample": False, "thresholding": False, "variance_type": "fixed_small"},
+}
+
+
+def alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"):
+    """alpha_bar_t for t = 0..T-1, (T,) float32, computed in float32 exactly as diffusers does."""
+    if beta_schedule == "scaled_linear":  # linear in sqrt(beta): the latent-diffusion schedule
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    else:
+        raise ValueError(f"beta_schedule {beta_schedule!r} is not implemented; use 'scaled_linear' or 'linear'.")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def sigma_from_alpha_bar(alpha_bar):
+    """sigma = sqrt((1 - alpha_bar) / alpha_bar): noise level of x = x0 + sigma * eps (float32 as given)."""
+    return ((1 - alpha_bar) / alpha_bar) ** 0.5
+
+
+def karras_sigmas(sigma_min, sigma_max, n, rho=7.0):
+    """Karras et al. 2022 eq. (5): n levels from sigma_max to sigma_min, even in sigma^(1/rho); (n,) float64."""
+    ramp = np.linspace(0, 1, n)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def _sigma_to_t(sigmas, log_table):
+    """Fractional timesteps of sigmas by piecewise-linear interpolation in log sigma (diffusers' _sigma_to_t)."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))  # (n,) float64
+    dists = log_sigma - log_table[:, None]  # (T, n)
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(log_table) - 2)  # last table entry <= sigma
+    w = np.clip((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _spaced_timesteps(spacing, n, cfg, dpm):
+    """The training timesteps set_timesteps picks (spec 5.2), float64, highest first, before any rounding."""
+    T, offset = cfg["num_train_timesteps"], cfg["steps_offset"]
+    m = n + 1 if dpm else n  # DPMSolverMultistep spaces N+1 points and drops the last one
+    if spacing == "leading":
+        t = (np.arange(0, m) * (T // m)).round()[::-1][:n] + offset
+        if t[0] > T - 1:  # diffusers clamps sigma (Euler, DPM) or fails (DDIM, DDPM), and feeds t = T to the UNet
+            raise ValueError(f"'leading' spacing with {n} steps and steps_offset {offset} starts at timestep "
+                             f"{int(t[0])}, past the last training timestep {T - 1}; use fewer steps.")
+        return t
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, m)[::-1][:n]
+    if spacing == "trailing":
+        t = np.arange(T, 0, -T / n).round() - 1
+        if len(t) != n:  # np.arange overshoots by one point for some N (61, 103, ...): diffusers then adds t = -1
+            raise ValueError(f"'trailing' spacing with {n} steps hits a diffusers bug (an extra timestep -1); "
+                             f"use {n - 1} or {n + 1} steps, or another spacing.")
+        return t
+    raise ValueError(f"timestep spacing {spacing!r} is unknown; use one of {SPACINGS}.")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What a sampler needs: noise levels, the UNet timestep paired with each, and the initial noise scale.
+
+    Start from x = N(0, I) * init_noise_sigma (sigma space). The sampler returns x at sigmas[-1]; the latent
+    the VAE decodes is x / sqrt(sigmas[-1]**2 + 1), which is x itself unless the final level is not 0 (DDIM).
+    """
+    sigmas: torch.Tensor  # (N+1,) float32: the level before each step, then the final one
+    timesteps: torch.Tensor  # (N,) float32: the UNet timestep at sigmas[i] (fractional for Euler with Karras/linspace)
+    init_noise_sigma: float  # std of the initial noise in sigma space
+    sigmas_to: torch.Tensor | None = None  # (N,) DDIM only: the level each step lands on (see make_schedule)
+    prediction_type: str = "epsilon"  # "epsilon" or "v_prediction": how the denoiser reads the UNet output
+
+    def timestep(self, sigma):
+        """The UNet timestep paired with sigma, a value taken from self.sigmas[:-1] (exact match)."""
+        hits = (self.sigmas[:-1] == float(sigma)).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"sigma {float(sigma)} is not a step of this schedule; pass a value of sigmas[:-1].")
+        return self.timesteps[hits[0, 0]]  # make_schedule's sigmas[:-1] never repeat
+
+
+def make_schedule(sampler, steps, *, spacing=None, karras=None, config=None):
+    """The schedule diffusers' scheduler for `sampler` sets for `steps` steps, in sigma space.
+
+    Args:
+        sampler: one of "euler", "euler_a", "dpmpp_2m", "ddim", "ddpm".
+        steps: number of denoising steps (UNet calls), 1..num_train_timesteps.
+        spacing: "leading", "trailing" or "linspace"; None takes config["timestep_spacing"].
+        karras: Karras sigmas (euler, euler_a, dpmpp_2m); None takes config["use_karras_sigmas"].
+            diffusers 0.42.1's EulerAncestral has no Karras option: ours uses Euler's Karras table.
+        config: a diffusers scheduler_config.json dict; missing keys take SDXL's values
+            (SDXL_SCHEDULER_CONFIG), not the per-class defaults of diffusers.
+    """
+    cfg = {**SDXL_SCHEDULER_CONFIG, **(config or {})}
+    spacing = cfg["timestep_spacing"] if spacing is None else spacing
+    karras = bool(cfg.get("use_karras_sigmas", False)) if karras is None else karras
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"sampler {sampler!r} is unknown; use one of {SAMPLER_NAMES}.")
+    for key, value in _ONLY[sampler].items():
+        if cfg.get(key, value) != value:
+            raise ValueError(f"config sets {key}={cfg[key]!r}, which {sampler} here does not implement; "
+                             f"use {key}={value!r}.")
+    if karras and sampler in ("ddim", "ddpm"):
+        raise ValueError(f"{sampler} has no Karras sigmas in diffusers; use karras=False or euler/dpmpp_2m.")
+    T = cfg["num_train_timesteps"]
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be between 1 and num_train_timesteps ({T}); got {steps}.")
+
+    ac = alphas_cumprod(T, cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"])  # (T,) float32
+    table = sigma_from_alpha_bar(ac).numpy()  # (T,) float32, sigma of each training timestep
+    log_table = np.log(table)
+    t = _spaced_timesteps(spacing, steps, cfg, dpm=sampler == "dpmpp_2m")
+    sigmas_to = None
+
+    if sampler in ("euler", "euler_a"):
+        t = t.astype(np.float32)  # Euler keeps "linspace" timesteps fractional; interpolation happens at float32 t
+        sigmas = np.interp(t, np.arange(T), table)  # float64
+        if karras:  # range = the spaced sigmas' ends (spec 5.5); timesteps stay fractional
+            sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), steps)
+            t = _sigma_to_t(sigmas, log_table)
+        sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+        sigma_max = sigmas.max()
+        # diffusers quirk: "leading" scales the noise by sqrt(sigma_max^2 + 1), trailing/linspace by sigma_max.
+        init = sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
+    elif sampler == "dpmpp_2m":
+        t = t.round()
+        if karras:  # range = the full training table (spec 5.5); timesteps rounded to integers
+            sigmas = karras_sigmas(float(table[0]), float(table[-1]), steps)
+            t = _sigma_to_t(sigmas, log_table).round()
+        else:
+            sigmas = np.interp(t, np.arange(T), table)
+        sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+        init = (sigmas[0] ** 2 + 1) ** 0.5  # VP noise of std 1, i.e. diffusers' init_noise_sigma = 1
+    else:  # ddim, ddpm: integer timesteps, levels read straight off alpha_bar
+        t = torch.from_numpy(t.round().astype(np.int64))
+        if sampler == "ddim":
+            final = torch.tensor(1.0) if cfg["set_alpha_to_one"] else ac[0]
+            prev = t - T // steps  # DDIM's target timestep: for trailing/linspace not the next timestep
+            alpha_to = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
+        else:
+            final = torch.tensor(1.0)  # DDPM's last step goes to alpha_bar = 1, sigma 0
+        sigmas = sigma_from_alpha_bar(torch.cat([ac[t], final[None]]))
+        if sampler == "ddim":
+            sigmas_to = sigma_from_alpha_bar(alpha_to)
+        init = (sigmas[0] ** 2 + 1) ** 0.5  # VP noise of std 1
+        t = t.numpy()
+    if not (sigmas[1:-1] < sigmas[:-2]).all():  # too many steps for the spacing: diffusers repeats timesteps
+        raise ValueError(f"{steps} steps with {spacing!r} spacing repeat a noise level; use fewer steps.")
+    return Schedule(sigmas=sigmas, timesteps=torch.from_numpy(np.asarray(t, dtype=np.float32)),
+                    init_noise_sigma=float(init), sigmas_to=sigmas_to,
+                    prediction_type=cfg["prediction_type"])

@@ -1,0 +1,93 @@
+"""Training state on disk, without pickle: output_dir/checkpoints/step-NNNNNN/state.safetensors.
+
+Tensors (trainable weights, optimizer moments, every process's RNG state) are safetensors; the few
+numbers around them (step, optimizer hyper-parameters, lr schedule, grad scaler, config) are JSON in
+the file's metadata. A checkpoint is written under a temporary folder name and renamed into place,
+so a kill mid-write leaves the previous checkpoint intact; only the newest keep_checkpoints remain.
+"""
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import safe_open, save_file
+
+
+def _rng_state(device):
+    state = torch.get_rng_state()
+    if device.type == "cuda":
+        state = torch.cat([state, torch.cuda.get_rng_state(device)])
+    return state
+
+
+def save_checkpoint(folder, step, named, optimizer, schedule, scaler, config, rank, world):
+    """Called by every process (it gathers their RNG states); process 0 writes."""
+    device = named[0][1].device
+    rng = [None] * world
+    if world > 1:
+        dist.all_gather_object(rng, _rng_state(device))  # objects between live processes, not a file
+    else:
+        rng = [_rng_state(device)]
+    if rank != 0:
+        return
+    tensors = {f"param.{name}": p.detach().contiguous() for name, p in named}
+    opt = optimizer.state_dict()
+    for index, state in opt["state"].items():
+        tensors.update({f"optimizer.{index}.{k}": v.contiguous() for k, v in state.items()})
+    tensors.update({f"rng.{r}": state for r, state in enumerate(rng)})
+    meta = {"step": step, "param_groups": opt["param_groups"], "schedule": schedule.state_dict(),
+            "scaler": scaler.state_dict(), "config": asdict(config), "world_size": world,
+            "names": [name for name, _ in named]}
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    final, tmp = folder / f"step-{step:06d}", folder / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(tensors, tmp / "state.safetensors", metadata={"plainxl.train_state": json.dumps(meta)})
+    if final.exists():  # the same step saved again (e.g. SIGTERM right after a scheduled save)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in sorted(folder.glob("step-*"))[: -config.keep_checkpoints]:
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(folder):
+    found = sorted(Path(folder).glob("step-*")) if Path(folder).is_dir() else []
+    return found[-1] if found else None
+
+
+def load_checkpoint(path, model, named, optimizer, schedule, scaler, rank):
+    """Restore everything save_checkpoint wrote into the live objects; returns the step."""
+    path = Path(path) / "state.safetensors" if Path(path).is_dir() else Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass resume='latest' or a step-NNNNNN folder")
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["plainxl.train_state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if meta["names"] != [name for name, _ in named]:
+        raise ValueError(f"checkpoint {path} trains other parameters than this config's train=; "
+                         "resume with the config it was made with")
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(tensors[f"param.{name}"])
+    state = {}
+    for key, t in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, k = key.split(".", 2)
+            state.setdefault(int(index), {})[k] = t
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    schedule.load_state_dict(meta["schedule"])
+    if meta["scaler"]:
+        scaler.load_state_dict(meta["scaler"])
+    if f"rng.{rank}" in tensors:
+        rng = tensors[f"rng.{rank}"]
+        cpu_len = torch.get_rng_state().numel()
+        torch.set_rng_state(rng[:cpu_len])
+        if rng.numel() > cpu_len and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng[cpu_len:])
+    return meta["step"]

@@ -1,0 +1,162 @@
+"""DreamBooth training configuration: one dataclass, filled from defaults, an optional config file
+(configs/<name>.py defining `config = dict(...)`), then `--field=value` overrides.
+
+On the command line a value is read as a Python literal (`--lr=1e-5`, `--train=["unet"]`,
+`--center_crop=True`); anything that is not one is a plain string (`--instance_prompt=a photo of sks dog`).
+Unknown fields and wrong types fail at once with a message naming the field.
+"""
+
+import ast
+import importlib.util
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    """Every field of a run.
+
+    Args:
+        model: base model (single file, diffusers folder or Hugging Face repo id).
+        instance_data_dir / instance_prompt: the subject's images; a .txt beside an image replaces the prompt.
+        class_data_dir / class_prompt: prior-preservation images (generated up to num_class_images if short).
+        prior_loss_weight: weight of the class loss; 0 turns prior preservation off.
+        resolution, center_crop, random_flip: square crops of this size, re-drawn every step.
+        batch_size: instance images per process per micro-step (each paired with one class image).
+        grad_accum, max_steps, lr, lr_schedule (constant/linear/cosine), warmup_steps, max_grad_norm.
+        train: name patterns of what trains, over unet.*, text_encoder_1.*, text_encoder_2.* (VAE never).
+        mixed_precision: no / fp16 (grad scaler) / bf16 autocast; weights stay float32.
+        gradient_checkpointing: recompute UNet blocks in backward to save activation memory.
+        checkpoint_every, keep_checkpoints, resume ("latest" or a checkpoint path).
+        validation_prompt, validation_every: images on the main process, to TensorBoard and output_dir.
+        snr_gamma: Min-SNR weighting (Hang et al. 2023); None turns it off. noise_offset: per-channel offset noise.
+        export_dtype: dtype of output_dir/model.safetensors.
+        class_sampler, class_steps, class_cfg: settings for generating class images.
+    """
+
+    model: str = "cagliostrolab/animagine-xl-4.0"
+    instance_data_dir: str = "instance_images"
+    instance_prompt: str = "1girl, sks"
+    class_data_dir: str = "class_images"
+    class_prompt: str = "1girl"
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    resolution: int = 1024
+    center_crop: bool = False
+    random_flip: bool = True
+    batch_size: int = 1
+    grad_accum: int = 1
+    max_steps: int = 800
+    lr: float = 2e-6
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    adam_betas: tuple = (0.9, 0.999)
+    weight_decay: float = 1e-2
+    train: list = field(default_factory=lambda: ["unet"])
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    output_dir: str = "runs/dreambooth"
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    resume: str | None = None
+    validation_prompt: str | None = None
+    validation_every: int = 200
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    export_dtype: str = "fp16"
+    class_sampler: str = "euler_a"
+    class_steps: int = 28
+    class_cfg: float = 5.0
+    device: str | None = None  # None: cuda if available, else cpu
+
+    def __post_init__(self):
+        choices = {"lr_schedule": ("constant", "linear", "cosine"), "mixed_precision": ("no", "fp16", "bf16"),
+                   "export_dtype": ("fp16", "bf16", "fp32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        positive = ["resolution", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "validation_every"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        if self.resolution % 8:
+            raise ConfigError(f"resolution must be a multiple of 8 (got {self.resolution})")
+        if not self.train:
+            raise ConfigError("train is empty; name what trains, e.g. train=['unet']")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the field and the fix."""
+
+
+def _check_type(name, value, annotation):
+    """True if value fits the field's annotation (int accepted for float; None for optional fields)."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, type(int | None)) \
+        else (annotation,)
+    for t in options:
+        if t is type(None) and value is None:
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t in (list, tuple) and isinstance(value, (list, tuple)):
+            return t(value)
+        if isinstance(t, type) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in options)
+    raise ConfigError(f"{name} must be {names} (got {value!r} of type {type(value).__name__})")
+
+
+def parse_value(text):
+    """A Python literal if it is one, else the plain string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def load_config(argv):
+    """argv like ['--config', 'configs/x.py', '--lr=1e-5'] -> TrainConfig. Raises ConfigError."""
+    values, overrides = {}, {}
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else "")
+            values.update(read_config_file(path))
+        elif arg.startswith("--") and "=" in arg:
+            name, text = arg[2:].split("=", 1)
+            overrides[name] = parse_value(text)
+        elif arg.startswith("--") and args and not args[0].startswith("--"):
+            overrides[arg[2:]] = parse_value(args.pop(0))  # also accept --field value
+        else:
+            raise ConfigError(f"cannot read argument {arg!r}; write --field=value")
+    values.update(overrides)
+    known = {f.name: f for f in fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    for name in values:
+        if name not in known:
+            close = [k for k in known if k.startswith(name[:4])]
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"unknown config field {name!r}{hint}")
+        values[name] = _check_type(name, values[name], hints[name])
+    return TrainConfig(**values)
+
+
+def read_config_file(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # a config file is Python the user wrote: a plain `config = dict(...)`
+    if not isinstance(getattr(module, "config", None), dict):
+        raise ConfigError(f"{path} must define `config = dict(field=value, ...)`")
+    return dict(module.config)
+
+
+def save_config(config, path):
+    Path(path).write_text(json.dumps(asdict(config), indent=2) + "\n")

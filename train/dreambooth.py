@@ -1,0 +1,284 @@
+"""DreamBooth for SDXL (Ruiz et al. 2023): teach the model a subject from a few images while a
+prior-preservation loss on generated class images keeps the class from collapsing onto it.
+
+    python -m train.dreambooth [--config configs/<name>.py] [--field=value ...]
+    torchrun --nproc_per_node=N -m train.dreambooth [...]
+
+One readable loop, in nanoGPT order: config -> DDP setup -> frozen parts -> trainable parts in DDP ->
+optimizer -> loop -> rank-0 I/O -> teardown. Every random number of a step (crop, flip, latent
+sample, noise, timestep) comes from a generator seeded by (seed, step, sample index), so the run is
+a function of the global batch, not of the number of processes, and resume is exact.
+"""
+
+import fnmatch
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from data.class_images import generate_class_images, missing_class_images
+from data.dreambooth import DataError, ImageFolder, dataset_index, sample_generator
+from models.conditioning import encode_text, vector_condition
+from models.loading import LoadError, load, save_single_file
+from models.tokenizer import load_tokenizers, tokenize
+from sampling.schedule import SDXL_SCHEDULER_CONFIG, alphas_cumprod
+from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from train.config import ConfigError, load_config, save_config
+
+INSTANCE, CLASS = 0, 1  # kinds of sample
+NOISE, TIMESTEP, LATENT, OFFSET = 1, 2, 3, 4  # generator streams of one sample (0: augmentation)
+
+
+def trainable_parameters(model, patterns):
+    """(name, parameter) pairs that train: names matching a pattern ("unet" = everything under unet.;
+    wildcards as in fnmatch, e.g. "unet.*attn2*"). The VAE never trains, nor do CLIP-L's last layer
+    and final LayerNorm: SDXL reads CLIP-L's penultimate layer, so they get no gradient (and DDP
+    would wait for one forever)."""
+    te1 = model.text_encoder_1
+    unused = set()
+    if te1 is not None:
+        last = len(te1.text_model.encoder.layers) - 1
+        unused = {n for n, _ in model.named_parameters()
+                  if n.startswith((f"text_encoder_1.text_model.encoder.layers.{last}.", "text_encoder_1.text_model.final"))}
+    match = lambda name, p: fnmatch.fnmatch(name, p) if any(c in p for c in "*?[") else name.startswith(p + ".")
+    chosen = [(n, p) for n, p in model.named_parameters()
+              if any(match(n, pat) for pat in patterns) and not n.startswith("vae.") and n not in unused]
+    if not chosen:
+        raise ConfigError(f"train={patterns} matches no parameter; use names under unet., text_encoder_1., "
+                          "text_encoder_2. (e.g. ['unet'] or ['unet.*attn2*'])")
+    return chosen
+
+
+def lr_factor(config, step):
+    """Linear warmup over warmup_steps, then constant, linear decay or cosine decay to 0 at max_steps."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    return {"constant": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[config.lr_schedule]
+
+
+class TrainStep(nn.Module):
+    """The differentiable part of a step, wrapped in DDP: text encoders + UNet -> per-sample loss."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.unet, self.text_encoder_1, self.text_encoder_2 = model.unet, model.text_encoder_1, model.text_encoder_2
+        self.micro_cond_dim = model.config.unet.micro_cond_dim
+
+    def forward(self, tokens_1, tokens_2, numbers, noisy, t, target, weight):
+        context, pooled = encode_text(self.text_encoder_1, self.text_encoder_2, tokens_1, tokens_2)  # (N, 77, C), (N, P)
+        prediction = self.unet(noisy, t, context, vector_condition(pooled, numbers, self.micro_cond_dim))
+        return ((prediction.float() - target.float()) ** 2).mean(dim=(1, 2, 3)) * weight  # (N,)
+
+
+def make_batch(config, data, model, tokenizers, acp, step, j0, device):
+    """This process's samples j0 .. j0 + batch_size - 1 of the step: instance images first, then (with
+    prior preservation) their paired class images. Returns the TrainStep inputs."""
+    G = config.batch_size * config.grad_accum * world_size()  # the global batch of one optimizer step
+    keys, examples = [], []  # (global sample index, kind): instance j and class j form pair j
+    for kind, name in [(INSTANCE, "instance"), (CLASS, "class")]:
+        if name not in data:
+            continue
+        for j in range(j0, j0 + config.batch_size):
+            index = dataset_index(config.seed + kind, step * G + j, len(data[name]))
+            g = sample_generator(config.seed, step, j, 10 * kind)
+            examples.append(data[name].example(index, config.resolution, config.center_crop, config.random_flip, g))
+            keys.append((j, kind))
+    n = len(examples)
+    gens = lambda stream: [sample_generator(config.seed, step, j, 10 * kind + stream) for j, kind in keys]
+    with torch.no_grad():
+        pixels = torch.stack([e.pixels for e in examples]).to(device)  # (n, 3, R, R)
+        mean, logvar = model.vae.encode(pixels)
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens(LATENT)]).to(device)
+        latents = (mean + torch.exp(0.5 * logvar) * eps) * model.vae.config.scaling_factor  # (n, 4, R/8, R/8)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens(NOISE)]).to(device)
+    if config.noise_offset:  # per-channel offset noise (Guttenberg 2023): helps very dark / bright images
+        offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g) for g in gens(OFFSET)])
+        noise = noise + config.noise_offset * offset.to(device)
+    t = torch.cat([torch.randint(0, len(acp), (1,), generator=g) for g in gens(TIMESTEP)]).to(device)
+    a = acp.to(device)[t][:, None, None, None]
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # q(x_t | x_0), variance preserving
+    v_pred = SDXL_SCHEDULER_CONFIG["prediction_type"] == "v_prediction"
+    target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise
+    weight = torch.ones(n, device=device)
+    if config.snr_gamma is not None:  # Min-SNR-gamma (Hang et al. 2023), per sample
+        snr = (a / (1 - a)).flatten()
+        weight = torch.minimum(snr, torch.full_like(snr, config.snr_gamma)) / (snr + 1 if v_pred else snr)
+    tokens_1 = tokenize(tokenizers[0], [e.prompt for e in examples]).to(device)
+    tokens_2 = tokenize(tokenizers[1], [e.prompt for e in examples]).to(device)
+    numbers = torch.tensor([[*e.original_size, *e.crop_top_left, *e.target_size] for e in examples],
+                           dtype=torch.float32, device=device)
+    return tokens_1, tokens_2, numbers, noisy, t.float(), target, weight
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def main(argv=None):
+    # ---------------------------------------------------------------- config
+    try:
+        config = load_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    # ---------------------------------------------------------------- DDP setup from torchrun's env
+    ddp = "RANK" in os.environ
+    rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if ddp:  # NCCL between GPUs, gloo on CPU
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    main_process = rank == 0
+    out = Path(config.output_dir)
+
+    try:
+        # ------------------------------------------------------------ frozen parts, data
+        model = load(config.model, dtype="fp32", device=device)
+        data = {"instance": ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")}
+        if config.prior_loss_weight > 0:
+            todo = missing_class_images(config.class_data_dir, config.num_class_images)  # same list on every rank
+            if ddp:
+                dist.barrier()  # nobody writes before everybody has listed what is missing
+            Path(config.class_data_dir).mkdir(parents=True, exist_ok=True)
+            generate_class_images(model, config, todo[rank::world], rank)
+            if ddp:
+                dist.barrier()
+            data["class"] = ImageFolder(config.class_data_dir, config.class_prompt, "class_data_dir")
+    except (LoadError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    model.requires_grad_(False)
+
+    # ---------------------------------------------------------------- trainable parts in DDP
+    named = trainable_parameters(model, config.train)
+    for _, p in named:
+        p.requires_grad_(True)
+    model.unet.gradient_checkpointing = config.gradient_checkpointing
+    step_module = TrainStep(model).train()
+    # Every parameter that requires grad is used in forward (trainable_parameters sees to it),
+    # so DDP needs no find_unused_parameters and all-reduces exactly the trainable gradients.
+    ddp_step = DDP(step_module, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else step_module
+
+    # ---------------------------------------------------------------- optimizer, schedule, scaler
+    params = [p for _, p in named]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
+    autocast = torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        config.mixed_precision, torch.float32), enabled=config.mixed_precision != "no")
+    step = 0
+    resume_from = latest_checkpoint(out / "checkpoints") if config.resume == "latest" else config.resume
+    if resume_from:
+        step = load_checkpoint(resume_from, model, named, optimizer, schedule, scaler, rank)
+
+    if main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.json")
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(out / "tensorboard")
+        total = sum(p.numel() for p in params)
+        print(f"training {total:,} parameters ({len(params)} tensors) of {sum(p.numel() for p in model.parameters()):,}"
+              f" on {world} process(es); global batch {config.batch_size * config.grad_accum * world}")
+
+    stop = {"requested": False}  # SIGTERM: finish the step, save a checkpoint, exit
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
+    acp = alphas_cumprod()
+    tokenizers = load_tokenizers()
+    G_local = config.batch_size * world  # samples per micro-step, all processes together
+
+    # ---------------------------------------------------------------- the loop
+    bar = tqdm(total=config.max_steps, initial=step, disable=not main_process, desc="dreambooth")
+    while step < config.max_steps:
+        started = time.perf_counter()
+        sums = torch.zeros(3, device=device)  # instance loss, prior loss, pairs (for logging)
+        for micro in range(config.grad_accum):
+            j0 = micro * G_local + rank * config.batch_size  # first global sample index of this process
+            inputs = make_batch(config, data, model, tokenizers, acp, step, j0, device)
+            # Only the last micro-step all-reduces gradients; the others accumulate locally.
+            last = micro == config.grad_accum - 1
+            with ddp_step.no_sync() if ddp and not last else nullcontext():
+                with autocast:
+                    per_sample = ddp_step(*inputs)  # (B,) instance [+ (B,) class]
+                B = config.batch_size
+                instance, prior = per_sample[:B], per_sample[B:]
+                pair_loss = instance + config.prior_loss_weight * prior if len(prior) else instance  # (B,)
+                loss = pair_loss.mean() / config.grad_accum  # DDP averages over processes: the global mean
+                scaler.scale(loss).backward()
+            sums += torch.stack([instance.detach().sum(), prior.detach().sum(), torch.tensor(float(B), device=device)])
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        step += 1
+
+        if ddp:  # losses for the log, and whether any process was asked to stop
+            dist.all_reduce(sums)
+            flag = torch.tensor(float(stop["requested"]), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop["requested"] = bool(flag)
+        inst_loss, prior_loss = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
+        total_loss = inst_loss + config.prior_loss_weight * prior_loss
+
+        # ------------------------------------------------------------ rank-0 I/O
+        if main_process:
+            seconds = time.perf_counter() - started
+            for name, value in [("loss/total", total_loss), ("loss/instance", inst_loss), ("loss/prior", prior_loss),
+                                ("lr", schedule.get_last_lr()[0]), ("grad_norm", float(grad_norm)),
+                                ("images_per_s", float(sums[2]) * (2 if "class" in data else 1) / seconds)]:
+                writer.add_scalar(name, value, step)
+            bar.set_postfix(loss=f"{total_loss:.4f}")
+            bar.update(1)
+        if config.validation_prompt and step % config.validation_every == 0 and main_process:
+            validate(model, config, step, out, writer)
+        if step % config.checkpoint_every == 0 or stop["requested"] or step == config.max_steps:
+            save_checkpoint(out / "checkpoints", step, named, optimizer, schedule, scaler, config, rank, world)
+        if stop["requested"]:
+            break
+    bar.close()
+
+    # ---------------------------------------------------------------- export, teardown
+    if main_process and not stop["requested"]:
+        save_single_file(model, out / "model.safetensors", dtype=config.export_dtype, overwrite=True)
+        print(f"wrote {out / 'model.safetensors'}")
+    if main_process:
+        writer.close()
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def validate(model, config, step, out, writer):
+    """One image of validation_prompt with a fixed seed, to output_dir/validation/ and TensorBoard."""
+    import numpy as np
+
+    from sampling.pipeline import Pipeline, Settings
+
+    model.eval()
+    image = Pipeline(model)(Settings(prompt=config.validation_prompt, width=config.resolution,
+                                     height=config.resolution, steps=config.class_steps, cfg=config.class_cfg,
+                                     sampler=config.class_sampler, seed=config.seed), progress=False)[0]
+    model.train()
+    (out / "validation").mkdir(exist_ok=True)
+    image.save(out / "validation" / f"step-{step:06d}.png")
+    writer.add_image("validation", np.asarray(image), step, dataformats="HWC")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
