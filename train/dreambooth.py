@@ -11,6 +11,7 @@ a function of the global batch, not of the number of processes, and resume is ex
 """
 
 import fnmatch
+import json
 import math
 import os
 import signal
@@ -242,6 +243,9 @@ def main(argv=None):
                                 ("lr", schedule.get_last_lr()[0]), ("grad_norm", float(grad_norm)),
                                 ("images_per_s", float(sums[2]) * (2 if "class" in data else 1) / seconds)]:
                 writer.add_scalar(name, value, step)
+            with open(out / "log.jsonl", "a") as log:  # the same numbers, machine-readable (tests read them)
+                log.write(json.dumps({"step": step, "loss": total_loss, "instance": inst_loss, "prior": prior_loss,
+                                      "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm)}) + "\n")
             bar.set_postfix(loss=f"{total_loss:.4f}")
             bar.update(1)
         if config.validation_prompt and step % config.validation_every == 0 and main_process:

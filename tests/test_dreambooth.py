@@ -1,0 +1,271 @@
+"""DreamBooth trainer on the tiny model, on CPU: DDP equals one process, SIGKILL + resume is
+bit-identical, frozen parameters stay bit-identical, the prior loss is what it says, the loss
+falls, the export generates, and bad input gets one clear sentence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from models.loading import load, save_single_file
+from models.sdxl import SDXL, TINY
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dreambooth")
+    torch.manual_seed(0)
+    save_single_file(SDXL(TINY), root / "tiny.safetensors")
+    rng = np.random.default_rng(0)
+    for folder, size, n in [("instance", (80, 64), 3), ("class", (48, 72), 4)]:
+        (root / folder).mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / folder / f"{i}.png")
+    (root / "instance" / "1.txt").write_text("1girl, sks, smile")  # a per-image prompt
+    return root
+
+
+def args(setup, out, **overrides):
+    fields = dict(model=setup / "tiny.safetensors", instance_data_dir=setup / "instance",
+                  class_data_dir=setup / "class", num_class_images=4, resolution=32, max_steps=4, batch_size=2,
+                  lr=1e-3, output_dir=out, checkpoint_every=2, keep_checkpoints=10, export_dtype="fp32", seed=3)
+    fields.update(overrides)
+    return [f"--{k}={v}" for k, v in fields.items()]
+
+
+def run(cli_args, nproc=1, **popen):
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "train.dreambooth", *cli_args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "train.dreambooth", *cli_args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def finish(proc):
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
+
+
+def losses(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def final_state(out, step):
+    return load_file(Path(out) / "checkpoints" / f"step-{step:06d}" / "state.safetensors")
+
+
+# ----------------------------------------------------------------------------- DDP
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path):
+    """batch_size 1 on 2 processes vs batch_size 2 on 1 process: the same samples, the same global mean.
+
+    Only float reduction order differs (gloo sums two half-batch gradients; one process sums one
+    batch). Losses agree to ~1e-6 relative. Weights: AdamW divides by sqrt(v), so a gradient that is
+    ~0 up to rounding can still move its weight by ~lr in different directions; we bound the
+    difference relative to how far training moved the weights.
+    """
+    one, two = tmp_path / "one", tmp_path / "two"
+    finish(run(args(setup, one, batch_size=2, train=["unet"])))
+    finish(run(args(setup, two, batch_size=1, train=["unet"]), nproc=2))
+    a, b = losses(one), losses(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("instance", "prior", "loss"):
+            assert abs(ra[key] - rb[key]) <= 1e-5 * abs(ra[key]), f"step {ra['step']} {key}: {ra[key]} vs {rb[key]}"
+    start = load(setup / "tiny.safetensors").state_dict()
+    wa, wb = final_state(one, 4), final_state(two, 4)
+    moved = max((wa[k] - start[k.removeprefix("param.")]).abs().max().item() for k in wa if k.startswith("param."))
+    apart = max((wa[k] - wb[k]).abs().max().item() for k in wa if k.startswith("param."))
+    assert moved > 1e-3 and apart <= 0.05 * moved, f"weights differ by {apart:.2e}; training moved them {moved:.2e}"
+
+
+@pytest.mark.slow
+def test_text_encoder_training_works_under_ddp(setup, tmp_path):
+    """CLIP-L's last layer never gets a gradient; DDP must not hang or fail on it."""
+    out = tmp_path / "te"
+    finish(run(args(setup, out, batch_size=1, max_steps=2, train=["unet.*attn2*", "text_encoder_1", "text_encoder_2"]),
+               nproc=2))
+    assert len(losses(out)) == 2
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(setup, tmp_path):
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    finish(run(args(setup, reference, max_steps=6)))
+    proc = run(args(setup, killed, max_steps=6))
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-000002").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.safetensors").exists()
+    finish(run(args(setup, killed, max_steps=6, resume="latest")))
+    want, got = final_state(reference, 6), final_state(killed, 6)
+    assert want.keys() == got.keys()
+    for k in want:
+        if not k.startswith("rng."):
+            assert torch.equal(want[k], got[k]), f"{k} differs after resume"
+    assert (reference / "model.safetensors").read_bytes() == (killed / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_then_exits(setup, tmp_path):
+    out = tmp_path / "term"
+    proc = run(args(setup, out, max_steps=1000, checkpoint_every=1000))
+    deadline = time.time() + 300
+    while not (out / "log.jsonl").exists() or len(losses(out)) < 2:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    finish(proc)
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and int(saved[0].name[5:]) >= 2
+    assert not (out / "model.safetensors").exists()  # interrupted: no export
+
+
+# ----------------------------------------------------------------------------- what trains
+
+
+def test_frozen_parameters_are_bit_identical_and_export_generates(setup, tmp_path):
+    out = tmp_path / "frozen"
+    finish(run(args(setup, out, max_steps=2, train=["unet.*attn2*"])))
+    before = load(setup / "tiny.safetensors").state_dict()
+    after = load(out / "model.safetensors").state_dict()
+    trained = [k for k in before if not torch.equal(before[k], after[k])]
+    assert trained and all(k.startswith("unet.") and "attn2" in k for k in trained)
+    assert all(after[k].dtype == torch.float32 for k in after)
+    from sampling.pipeline import Pipeline, Settings
+
+    image = Pipeline.load(out / "model.safetensors")(Settings(prompt="1girl, sks", width=32, height=32, steps=3),
+                                                     progress=False)[0]
+    assert image.size == (32, 32) and np.asarray(image).std() > 0
+
+
+def test_trainable_selection():
+    from train.dreambooth import trainable_parameters
+
+    with torch.device("meta"):
+        model = SDXL(TINY)
+    names = lambda patterns: [n for n, _ in trainable_parameters(model, patterns)]
+    assert all(n.startswith("unet.") for n in names(["unet"]))
+    assert len(names(["unet"])) == len(list(model.unet.parameters()))
+    assert names(["unet.*attn2*"]) and all("attn2" in n for n in names(["unet.*attn2*"]))
+    te1 = names(["text_encoder_1"])
+    last = TINY.text_encoder_1.layers - 1
+    assert not any(f"layers.{last}." in n or "final_layer_norm" in n for n in te1) and te1
+    assert not names(["unet", "text_encoder_2"]) == names(["unet"])
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def test_prior_loss_and_pairing_by_hand(setup):
+    """make_batch pairs instance j with class j, each with its own prompt and size conditioning;
+    the loss is mean_j [mse(instance_j) + w * mse(class_j)], at batch sizes 1 and 3."""
+    from data.dreambooth import ImageFolder
+    from models.tokenizer import load_tokenizers
+    from sampling.schedule import alphas_cumprod
+    from train.config import TrainConfig
+    from train.dreambooth import TrainStep, make_batch
+
+    model = load(setup / "tiny.safetensors")
+    data = {"instance": ImageFolder(setup / "instance", "1girl, sks"), "class": ImageFolder(setup / "class", "1girl")}
+    tokenizers = load_tokenizers()
+    for B in (1, 3):
+        config = TrainConfig(batch_size=B, resolution=32, prior_loss_weight=0.7, center_crop=True, random_flip=False)
+        inputs = make_batch(config, data, model, tokenizers, alphas_cumprod(), step=5, j0=0, device="cpu")
+        tokens_1, tokens_2, numbers, noisy, t, target, weight = inputs
+        assert noisy.shape[0] == 2 * B
+        class_ids = tokenizers[0]("1girl", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
+        assert all(torch.equal(tokens_1[B + j], class_ids) for j in range(B))  # class prompt for class samples
+        assert not any(torch.equal(tokens_1[j], class_ids) for j in range(B))
+        # Size conditioning from each image's own file: instance 80x64 (h, w) resized to 40x32, class 48x72
+        # resized to 32x48; centred crops of 32x32 start at (4, 0) and (0, 8) of the resized images.
+        assert all(numbers[j, :2].tolist() == [80, 64] and numbers[j, 2:4].tolist() == [4, 0] for j in range(B))
+        assert all(numbers[B + j, :2].tolist() == [48, 72] and numbers[B + j, 2:4].tolist() == [0, 8] for j in range(B))
+        assert numbers[:, 4:].eq(32).all()
+        with torch.no_grad():
+            per_sample = TrainStep(model)(*inputs)
+            context, pooled = model.encode_text(tokens_1, tokens_2)
+            from models.conditioning import vector_condition
+
+            pred = model.unet(noisy, t, context, vector_condition(pooled, numbers, TINY.unet.micro_cond_dim))
+        mse = ((pred - target) ** 2).flatten(1).mean(1)
+        by_hand = (mse[:B] + 0.7 * mse[B:]).mean()
+        ours = (per_sample[:B] + config.prior_loss_weight * per_sample[B:]).mean()
+        assert torch.allclose(ours, by_hand, rtol=1e-6, atol=0), (ours, by_hand)
+
+
+@pytest.mark.slow
+def test_a_short_run_lowers_the_instance_loss(setup, tmp_path):
+    out = tmp_path / "learn"
+    finish(run(args(setup, out, max_steps=40, prior_loss_weight=0.0, lr=2e-3, checkpoint_every=40)))
+    inst = [r["instance"] for r in losses(out)]
+    first, last = np.mean(inst[:8]), np.mean(inst[-8:])
+    assert last < 0.8 * first, f"instance loss {first:.4f} -> {last:.4f}"
+
+
+def test_class_images_are_generated_and_resume_without_repeats(setup, tmp_path):
+    from data.class_images import generate_class_images, missing_class_images
+    from train.config import TrainConfig
+
+    model = load(setup / "tiny.safetensors")
+    config = TrainConfig(class_data_dir=str(tmp_path / "cls"), num_class_images=3, resolution=32, class_steps=2)
+    (tmp_path / "cls").mkdir()
+    todo = missing_class_images(config.class_data_dir, 3)
+    generate_class_images(model, config, todo[:1])  # "interrupted" after one image
+    first = (tmp_path / "cls" / "class-00000.png").read_bytes()
+    todo = missing_class_images(config.class_data_dir, 3)
+    assert todo == [1, 2]
+    generate_class_images(model, config, todo)
+    assert sorted(p.name for p in (tmp_path / "cls").iterdir()) == ["class-00000.png", "class-00001.png", "class-00002.png"]
+    assert (tmp_path / "cls" / "class-00000.png").read_bytes() == first
+    assert missing_class_images(config.class_data_dir, 3) == []
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--learning_rate=1e-5"], "unknown config field 'learning_rate'"),
+    (["--lr=fast"], "lr must be float"),
+    (["--train=unet"], "train must be list"),
+    (["--mixed_precision=fp8"], "mixed_precision must be one of no, fp16, bf16"),
+    (["--instance_data_dir=/nonexistent/dir"], "instance_data_dir /nonexistent/dir does not exist"),
+])
+def test_bad_config(setup, tmp_path, extra, fragment):
+    proc = run(args(setup, tmp_path / "o") + extra)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err.strip().count("\n") == 0 and fragment in err, err
+
+
+def test_bad_images(setup, tmp_path):
+    from data.dreambooth import DataError, ImageFolder
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no images"):
+        ImageFolder(tmp_path / "empty", "x")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match=f"cannot read image {tmp_path / 'bad' / 'broken.png'}"):
+        ImageFolder(tmp_path / "bad", "x")
