@@ -5,7 +5,6 @@ Reproduces diffusers' StableDiffusionXLPipeline image for image on the same weig
 """
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,14 +75,14 @@ def denoiser(net, schedule):
     """
 
     def x0(x, sigma):
+        # sigma is a float32 scalar tensor from schedule.sigmas: float32 arithmetic, as diffusers does it.
         t = torch.full((x.shape[0],), float(schedule.timestep(sigma)), device=x.device)
-        sigma = float(sigma)
-        scale = 1 / math.sqrt(sigma**2 + 1)
-        out = net(x * scale, t).float()
+        sigma = sigma.to(x.device)
+        out = net(x / (sigma**2 + 1) ** 0.5, t).float()
         if schedule.prediction_type == "epsilon":
             return x - sigma * out
         if schedule.prediction_type == "v_prediction":  # v = alpha * eps - s * x0 in VP space
-            return x * scale**2 - out * sigma * scale
+            return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
         raise ValueError(f"prediction_type {schedule.prediction_type!r} is not supported; "
                          "use 'epsilon' or 'v_prediction'.")
 
@@ -137,8 +136,10 @@ class Pipeline:
         return cond, (neg_context, vector_condition(neg_pooled, neg_numbers, dim))
 
     @torch.no_grad()
-    def __call__(self, settings: Settings, progress=True):
-        """Generate settings.num_images images -> list of PIL images (image i uses seed + i)."""
+    def __call__(self, settings: Settings, progress=True, callback=None):
+        """Generate settings.num_images images -> list of PIL images (image i uses seed + i).
+
+        callback, if given, receives the sampler's dict after every step (i, x, sigma, denoised)."""
         s = settings
         # --karras turns Karras sigmas on; without it, a folder's scheduler config may still ask for them.
         schedule = make_schedule(s.sampler, s.steps, karras=True if s.karras else None, config=self.scheduler_config)
@@ -156,7 +157,7 @@ class Pipeline:
         x0 = denoiser(guided_net, schedule)
         bar = tqdm(total=s.steps, disable=not progress, desc=s.sampler)
         sampler = SAMPLERS[s.sampler]
-        kwargs = {"callback": lambda *_: bar.update(1)}
+        kwargs = {"callback": lambda info: (bar.update(1), callback and callback(info))}
         if s.sampler in ("euler_a", "ddpm"):
             kwargs["generator"] = generators  # the ancestral noise continues each image's generator
         if schedule.sigmas_to is not None:
@@ -164,7 +165,7 @@ class Pipeline:
         x = sampler(x0, x, schedule.sigmas, **kwargs)
         bar.close()
 
-        latents = x / math.sqrt(float(schedule.sigmas[-1]) ** 2 + 1)  # VP scale; = x when the last sigma is 0
+        latents = x / (schedule.sigmas[-1].to(x.device) ** 2 + 1) ** 0.5  # VP scale; = x when the last sigma is 0
         return self.decode(latents)
 
     def decode(self, latents):

@@ -12,8 +12,8 @@ How diffusers' schedulers map here (checked step by step against diffusers in te
   DPMSolverMultistepScheduler     sample_dpmpp_2m  (dpmsolver++, order 2, midpoint, final sigma 0)
   DDIMScheduler (eta 0)           sample_ddim      (an Euler step, plus diffusers' reinterpretation quirk)
   DDPMScheduler (fixed_small)     sample_ddpm      (exactly Euler ancestral in sigma space)
-Step math runs in at least float32 (fp16/bf16 latents are upcast on entry, as diffusers' steps upcast);
-the result stays in that dtype.
+Step math runs in at least float32: fp16/bf16 latents are upcast on entry (diffusers upcasts each step)
+and the result is returned in float32.
 
 Noise (`generator`): one torch.Generator, or a list of B generators, one per image: image b's noise is drawn
 on its generator's device as a (1, ...) float32 tensor, exactly as diffusers' randn_tensor does with a list,
@@ -41,7 +41,9 @@ def _noise_like(x, generator):
 
 
 def sample_euler(denoiser, x, sigmas, *, callback=None):
-    """Euler's method on the probability-flow ODE dx/dsigma = (x - x0_hat)/sigma (Karras et al. 2022, Alg. 1, no churn).
+    """Euler steps on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma (Karras et al. 2022, Alg. 1).
+
+    No churn (s_churn = 0), as diffusers' pipelines call EulerDiscreteScheduler.
 
     Args:
         denoiser: callable (x, sigma) -> x0_hat.
@@ -60,7 +62,7 @@ def sample_euler(denoiser, x, sigmas, *, callback=None):
 
 
 def sample_euler_ancestral(denoiser, x, sigmas, *, generator=None, callback=None):
-    """Ancestral sampling with Euler steps (k-diffusion; Ho et al. 2020's ancestral step in Karras et al. 2022's sigma form).
+    """Euler ancestral (k-diffusion): Ho et al. 2020's ancestral step in Karras et al. 2022's sigma form.
 
     Each step goes deterministically down to sigma_down, then adds fresh noise of std sigma_up, so that
     sigma_down^2 + sigma_up^2 = sigma_next^2 and the step is DDPM's posterior q(x_next | x, x0_hat).

@@ -134,7 +134,8 @@ def make_schedule(sampler, steps, *, spacing=None, karras=None, config=None):
         steps: number of denoising steps (UNet calls), 1..num_train_timesteps.
         spacing: "leading", "trailing" or "linspace"; None takes config["timestep_spacing"].
         karras: Karras sigmas (euler, euler_a, dpmpp_2m); None takes config["use_karras_sigmas"].
-            diffusers 0.42.1's EulerAncestral has no Karras option: ours uses Euler's Karras table.
+            diffusers 0.42.1's EulerAncestral has no Karras option (and ignores the config key): for
+            euler_a we use Euler's Karras table.
         config: a diffusers scheduler_config.json dict; missing keys take SDXL's values
             (SDXL_SCHEDULER_CONFIG), not the per-class defaults of diffusers.
     """
@@ -156,11 +157,11 @@ def make_schedule(sampler, steps, *, spacing=None, karras=None, config=None):
     ac = alphas_cumprod(T, cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"])  # (T,) float32
     table = sigma_from_alpha_bar(ac).numpy()  # (T,) float32, sigma of each training timestep
     log_table = np.log(table)
-    t = _spaced_timesteps(spacing, steps, cfg, dpm=sampler == "dpmpp_2m")
     sigmas_to = None
 
     if sampler in ("euler", "euler_a"):
-        t = t.astype(np.float32)  # Euler keeps "linspace" timesteps fractional; interpolation happens at float32 t
+        # Euler keeps "linspace" timesteps fractional and interpolates sigma at the float32 timesteps.
+        t = _spaced_timesteps(spacing, steps, cfg, dpm=False).astype(np.float32)
         sigmas = np.interp(t, np.arange(T), table)  # float64
         if karras:  # range = the spaced sigmas' ends (spec 5.5); timesteps stay fractional
             sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), steps)
@@ -170,29 +171,25 @@ def make_schedule(sampler, steps, *, spacing=None, karras=None, config=None):
         # diffusers quirk: "leading" scales the noise by sqrt(sigma_max^2 + 1), trailing/linspace by sigma_max.
         init = sigma_max if spacing in ("linspace", "trailing") else (sigma_max**2 + 1) ** 0.5
     elif sampler == "dpmpp_2m":
-        t = t.round()
-        if karras:  # range = the full training table (spec 5.5); timesteps rounded to integers
+        if karras:  # range = the full training table (spec 5.5), spacing unused; timesteps rounded to integers
             sigmas = karras_sigmas(float(table[0]), float(table[-1]), steps)
             t = _sigma_to_t(sigmas, log_table).round()
         else:
+            t = _spaced_timesteps(spacing, steps, cfg, dpm=True).round()
             sigmas = np.interp(t, np.arange(T), table)
         sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
-        init = (sigmas[0] ** 2 + 1) ** 0.5  # VP noise of std 1, i.e. diffusers' init_noise_sigma = 1
     else:  # ddim, ddpm: integer timesteps, levels read straight off alpha_bar
-        t = torch.from_numpy(t.round().astype(np.int64))
-        if sampler == "ddim":
-            final = torch.tensor(1.0) if cfg["set_alpha_to_one"] else ac[0]
-            prev = t - T // steps  # DDIM's target timestep: for trailing/linspace not the next timestep
-            alpha_to = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
-        else:
-            final = torch.tensor(1.0)  # DDPM's last step goes to alpha_bar = 1, sigma 0
-        sigmas = sigma_from_alpha_bar(torch.cat([ac[t], final[None]]))
-        if sampler == "ddim":
-            sigmas_to = sigma_from_alpha_bar(alpha_to)
-        init = (sigmas[0] ** 2 + 1) ** 0.5  # VP noise of std 1
-        t = t.numpy()
+        t = torch.from_numpy(_spaced_timesteps(spacing, steps, cfg, dpm=False).round().astype(np.int64))
+        # After the last step: DDPM reaches alpha_bar = 1 (sigma 0), DDIM alpha_bar[0] unless set_alpha_to_one.
+        final = ac[0] if sampler == "ddim" and not cfg["set_alpha_to_one"] else torch.tensor(1.0)
+        sigmas = sigma_from_alpha_bar(torch.cat([ac[t], final[None]]))  # (N+1,)
+        if sampler == "ddim":  # DDIM steps from t to t - T // N: for trailing/linspace not the next timestep
+            prev = t - T // steps
+            sigmas_to = sigma_from_alpha_bar(torch.where(prev >= 0, ac[prev.clamp(min=0)], final))
+    if sampler not in ("euler", "euler_a"):  # VP noise of std 1: diffusers' init_noise_sigma = 1
+        init = (sigmas[0] ** 2 + 1) ** 0.5
     if not (sigmas[1:-1] < sigmas[:-2]).all():  # too many steps for the spacing: diffusers repeats timesteps
         raise ValueError(f"{steps} steps with {spacing!r} spacing repeat a noise level; use fewer steps.")
-    return Schedule(sigmas=sigmas, timesteps=torch.from_numpy(np.asarray(t, dtype=np.float32)),
+    return Schedule(sigmas=sigmas, timesteps=torch.as_tensor(t, dtype=torch.float32),
                     init_noise_sigma=float(init), sigmas_to=sigmas_to,
                     prediction_type=cfg["prediction_type"])
