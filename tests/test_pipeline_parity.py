@@ -114,3 +114,21 @@ def test_truncated_long_prompt_equals_diffusers(files, reference):
     s = Settings(prompt=prompt, width=64, height=64, steps=5, sampler="euler", seed=5, truncate_prompt=True)
     assert_close_images(Pipeline.load(files / "tiny.safetensors")(s, progress=False),
                         diffusers_images(reference, s), "truncated long prompt")
+
+
+def test_fp16_decode_is_upcast_so_overflow_cannot_blacken_images(files):
+    """The SDXL VAE overflows fp16 (NaN / black images). Make a tiny VAE that overflows too, and check
+    that an fp16 pipeline still decodes finite images equal to the float32 pipeline's."""
+    settings = Settings(prompt="1girl", width=64, height=64, steps=4, sampler="euler", seed=1)
+    pipes = {dtype: Pipeline.load(files / "tiny.safetensors", dtype=dtype) for dtype in ("fp32", "fp16")}
+    for pipe in pipes.values():
+        with torch.no_grad():  # activations ~1e5 inside the decoder: beyond fp16's 65504
+            pipe.model.vae.decoder.conv_in.weight.mul_(3e4)
+            pipe.model.vae.decoder.conv_in.bias.mul_(3e4)
+    latents = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        raw = pipes["fp16"].model.vae.decoder.conv_in(latents.half())
+    assert not torch.isfinite(raw).all(), "the test VAE does not overflow fp16; it checks nothing"
+    half, full = pipes["fp16"](settings, progress=False)[0], pipes["fp32"](settings, progress=False)[0]
+    diff = np.abs(np.asarray(half).astype(int) - np.asarray(full).astype(int))
+    assert np.asarray(half).std() > 10 and diff.mean() < 2, f"fp16 pipeline image differs: mean {diff.mean():.2f}"
