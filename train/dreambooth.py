@@ -171,7 +171,10 @@ def main(argv=None):
     step_module = TrainStep(model).train()
     # Every parameter that requires grad is used in forward (trainable_parameters sees to it),
     # so DDP needs no find_unused_parameters and all-reduces exactly the trainable gradients.
-    ddp_step = DDP(step_module, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else step_module
+    # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets instead of beside them (saves
+    # one copy of the trainable gradients: 9.6 GiB for the full SDXL UNet in fp32).
+    ddp_step = DDP(step_module, device_ids=[local_rank] if device.type == "cuda" else None,
+                   gradient_as_bucket_view=True) if ddp else step_module
 
     # ---------------------------------------------------------------- optimizer, schedule, scaler
     params = [p for _, p in named]
