@@ -252,6 +252,7 @@ def test_class_images_are_generated_and_resume_without_repeats(setup, tmp_path):
     (["--train=unet"], "train must be list"),
     (["--mixed_precision=fp8"], "mixed_precision must be one of no, fp16, bf16"),
     (["--instance_data_dir=/nonexistent/dir"], "instance_data_dir /nonexistent/dir does not exist"),
+    (["--config=/nonexistent/config.py"], "config file /nonexistent/config.py does not exist"),
 ])
 def test_bad_config(setup, tmp_path, extra, fragment):
     proc = run(args(setup, tmp_path / "o") + extra)
@@ -269,3 +270,12 @@ def test_bad_images(setup, tmp_path):
     (tmp_path / "bad" / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(DataError, match=f"cannot read image {tmp_path / 'bad' / 'broken.png'}"):
         ImageFolder(tmp_path / "bad", "x")
+
+
+def test_shipped_configs_are_valid():
+    from train.config import load_config
+
+    for path in sorted(Path(__file__).parents[1].glob("configs/*.py")):
+        if path.name != "__init__.py":
+            config = load_config(["--config", str(path), "--max_steps=7", "--instance_prompt=a photo of sks dog"])
+            assert config.max_steps == 7 and config.instance_prompt == "a photo of sks dog"
