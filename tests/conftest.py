@@ -1,5 +1,18 @@
 import pytest
+import torch
+
+from models.loading import save_single_file
+from models.sdxl import SDXL, TINY
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: longer checks; CI runs them, `-m 'not slow'` skips them locally")
+
+
+@pytest.fixture(scope="session")
+def tiny_file(tmp_path_factory):
+    """A random tiny SDXL (models.sdxl.TINY, seed 0) as an official-layout single file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    save_single_file(SDXL(TINY), path)
+    return path

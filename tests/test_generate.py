@@ -8,7 +8,6 @@ import pytest
 import torch
 from PIL import Image
 
-from models.loading import save_single_file
 from models.sdxl import SDXL, TINY
 from sampling.generate import main
 from sampling.pipeline import Pipeline, Settings
@@ -17,11 +16,8 @@ from sampling.prompts import encode_prompts, token_chunks
 
 
 @pytest.fixture(scope="module")
-def model_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("generate") / "tiny.safetensors"
-    save_single_file(SDXL(TINY), path)
-    return path
+def model_file(tiny_file):
+    return tiny_file
 
 
 # ----------------------------------------------------------------------------- long prompts

@@ -165,14 +165,6 @@ def test_key_maps_give_the_diffusers_manifests():
 # ----------------------------------------------------------------------------- bad input
 
 
-@pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
-    save_single_file(SDXL(TINY), path)
-    return path
-
-
 def fake(path, names, shape=(2, 2)):
     save_file({n: torch.zeros(shape) for n in names}, path)
     return path
