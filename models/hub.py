@@ -29,13 +29,14 @@ def download(source):
         return _download_model(repo_id)
     except (OfflineModeIsEnabled, LocalEntryNotFoundError):
         raise LoadError(
-            f"{source} is not in the Hugging Face cache ({HF_HUB_CACHE}) and the hub cannot be reached "
+            f"{source} is not a local path, nor in the Hugging Face cache ({HF_HUB_CACHE}), and the hub cannot be reached "
             "(HF_HUB_OFFLINE is set or there is no network); download it once with internet, or pass a local path."
         ) from None
     except GatedRepoError:
         raise LoadError(f"{repo_id} is gated; accept its licence on the hub and log in with `hf auth login`.") from None
     except RepositoryNotFoundError:
-        raise LoadError(f"there is no Hugging Face repo {repo_id} (if it is private, log in with `hf auth login`).") from None
+        raise LoadError(f"{source} is neither a local path nor a Hugging Face repo "
+                        "(if the repo is private, log in with `hf auth login`).") from None
     except EntryNotFoundError:
         raise LoadError(f"{repo_id} has no file {filename}; check the name on the repo's Files page.") from None
     except (HfHubHTTPError, OSError) as e:

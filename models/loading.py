@@ -113,7 +113,7 @@ def read_tensors(path, names, dtype=None):
             t = torch.frombuffer(mm, dtype=stored, count=(end - begin) // stored.itemsize, offset=begin)
             t = t.reshape(info["shape"])
         cast = _cast(t, dtype)
-        if cast is not t and end - begin > mmap.PAGESIZE:
+        if cast is not t and end - begin > mmap.PAGESIZE and hasattr(mm, "madvise"):  # madvise: not on Windows
             # Release only whole pages inside this tensor; a page shared with a neighbour stays.
             lo = -(-begin // mmap.PAGESIZE) * mmap.PAGESIZE
             hi = end // mmap.PAGESIZE * mmap.PAGESIZE

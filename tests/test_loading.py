@@ -310,7 +310,7 @@ def run_offline(source, hf_home):
 
 def test_repo_id_offline_and_not_cached_says_so(tmp_path):
     out = run_offline("cagliostrolab/animagine-xl-4.0", tmp_path)
-    assert out.startswith("ERROR") and "not in the Hugging Face cache" in out and "HF_HUB_OFFLINE" in out, out
+    assert out.startswith("ERROR") and "nor in the Hugging Face cache" in out and "HF_HUB_OFFLINE" in out, out
 
 
 def test_repo_id_offline_from_the_cache(tiny_file, tmp_path):
