@@ -279,3 +279,44 @@ def test_shipped_configs_are_valid():
         if path.name != "__init__.py":
             config = load_config(["--config", str(path), "--max_steps=7", "--instance_prompt=a photo of sks dog"])
             assert config.max_steps == 7 and config.instance_prompt == "a photo of sks dog"
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from models.conditioning import vector_condition
+    from models.unet import UNet
+
+    torch.manual_seed(0)
+    unet = UNet(TINY.unet)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0])
+    context, y = torch.randn(2, 77, TINY.unet.context_dim), torch.randn(2, TINY.unet.adm_in_channels)
+    grads = []
+    for checkpointing in (False, True):
+        unet.zero_grad()
+        unet.gradient_checkpointing = checkpointing
+        unet(x, t, context, y).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in unet.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7) for n in grads[0])
+
+
+def test_min_snr_weights_by_hand(setup):
+    from data.dreambooth import ImageFolder
+    from models.tokenizer import load_tokenizers
+    from sampling.schedule import alphas_cumprod
+    from train.config import TrainConfig
+    from train.dreambooth import make_batch
+
+    model = load(setup / "tiny.safetensors")
+    data = {"instance": ImageFolder(setup / "instance", "1girl, sks"), "class": ImageFolder(setup / "class", "1girl")}
+    acp = alphas_cumprod()
+    config = TrainConfig(batch_size=3, resolution=32, snr_gamma=5.0)
+    *_, t, _, weight = make_batch(config, data, model, load_tokenizers(), acp, step=1, j0=0, device="cpu")
+    snr = acp[t.long()] / (1 - acp[t.long()])
+    assert torch.allclose(weight, torch.clamp(snr, max=5.0) / snr)  # per sample, so per pair at any batch size
+    assert weight.shape == (6,) and (weight < 1).any() and (weight == 1).any()
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_and_gradient_checkpointing_run(setup, tmp_path):
+    out = tmp_path / "bf16"
+    finish(run(args(setup, out, max_steps=2, mixed_precision="bf16", gradient_checkpointing=True)))
+    assert all(np.isfinite(r["loss"]) for r in losses(out)) and (out / "model.safetensors").exists()

@@ -132,3 +132,28 @@ def test_fp16_decode_is_upcast_so_overflow_cannot_blacken_images(files):
     half, full = pipes["fp16"](settings, progress=False)[0], pipes["fp32"](settings, progress=False)[0]
     diff = np.abs(np.asarray(half).astype(int) - np.asarray(full).astype(int))
     assert np.asarray(half).std() > 10 and diff.mean() < 2, f"fp16 pipeline image differs: mean {diff.mean():.2f}"
+
+
+def test_a_folders_scheduler_config_is_used(files, tmp_path):
+    """A diffusers folder whose scheduler config differs from SDXL's (trailing spacing, no offset):
+    our pipeline reads it, and still equals diffusers reading the same folder."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tmp_path / "trailing"
+    shutil.copytree(files / "tiny", folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(timestep_spacing="trailing", steps_offset=0)
+    config_file.write_text(json.dumps(config))
+    reference = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False)
+    reference.scheduler_config_as_saved = dict(reference.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    s = Settings(prompt="1girl, smile", width=64, height=64, steps=6, sampler="euler", seed=2)
+    ours = Pipeline.load(folder)
+    assert ours.scheduler_config["timestep_spacing"] == "trailing"
+    assert_close_images(ours(s, progress=False), diffusers_images(reference, s), "trailing scheduler config")
+    default = Pipeline.load(files / "tiny.safetensors")(s, progress=False)
+    assert not np.array_equal(np.asarray(default[0]), np.asarray(ours(s, progress=False)[0]))
