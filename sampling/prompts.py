@@ -24,10 +24,6 @@ def token_chunks(tokenizer, prompt, truncate=False):
     return [torch.tensor([bos, *p, eos] + [pad] * (CHUNK - len(p))) for p in pieces]
 
 
-def count_tokens(tokenizer, prompt):
-    return len(tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids)
-
-
 def encode_prompts(model, tokenizers, prompts, truncate=False, min_chunks=1):
     """Prompts (list of B strings) -> context (B, 77 * chunks, C), pooled (B, P).
 

@@ -253,6 +253,7 @@ def test_class_images_are_generated_and_resume_without_repeats(setup, tmp_path):
     (["--mixed_precision=fp8"], "mixed_precision must be one of no, fp16, bf16"),
     (["--instance_data_dir=/nonexistent/dir"], "instance_data_dir /nonexistent/dir does not exist"),
     (["--config=/nonexistent/config.py"], "config file /nonexistent/config.py does not exist"),
+    (["--resume=/nonexistent/step-000002"], "checkpoint /nonexistent/step-000002 does not exist"),
 ])
 def test_bad_config(setup, tmp_path, extra, fragment):
     proc = run(args(setup, tmp_path / "o") + extra)

@@ -186,7 +186,13 @@ def main(argv=None):
     step = 0
     resume_from = latest_checkpoint(out / "checkpoints") if config.resume == "latest" else config.resume
     if resume_from:
-        step = load_checkpoint(resume_from, model, named, optimizer, schedule, scaler, rank)
+        try:
+            step = load_checkpoint(resume_from, model, named, optimizer, schedule, scaler, rank)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    elif config.resume == "latest" and main_process:
+        print(f"no checkpoint in {out / 'checkpoints'} yet: starting from step 0")
 
     if main_process:
         out.mkdir(parents=True, exist_ok=True)
