@@ -321,3 +321,34 @@ def test_bf16_mixed_precision_and_gradient_checkpointing_run(setup, tmp_path):
     out = tmp_path / "bf16"
     finish(run(args(setup, out, max_steps=2, mixed_precision="bf16", gradient_checkpointing=True)))
     assert all(np.isfinite(r["loss"]) for r in losses(out)) and (out / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- the "vae" task
+
+
+def test_vae_task_trains_the_vae_only(setup, tmp_path):
+    out = tmp_path / "vae"
+    finish(run(args(setup, out, task="vae", train=["vae"], prior_loss_weight=0.0, max_steps=3, resolution=32)))
+    before = load(setup / "tiny.safetensors").state_dict()
+    after = load(out / "model.safetensors").state_dict()
+    trained = {k for k in before if not torch.equal(before[k], after[k])}
+    assert trained and all(k.startswith("vae.") for k in trained)
+    proc = run(args(setup, tmp_path / "o", task="vae", train=["unet"]))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "matches no parameter of the vae task" in err
+
+
+def test_vae_loss_by_hand(setup):
+    from train.dreambooth import VAEStep
+
+    model = load(setup / "tiny.safetensors")
+    torch.manual_seed(0)
+    pixels, eps = torch.rand(2, 3, 32, 32) * 2 - 1, torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        ours = VAEStep(model.vae, kl_weight=0.01)(pixels, eps)
+        mean, logvar = model.vae.encode(pixels)
+        z = mean + (0.5 * logvar).exp() * eps
+        mse = ((model.vae.decode(z) - pixels) ** 2).flatten(1).mean(1)
+        var = logvar.exp()
+        kl = 0.5 * (mean**2 + var - 1 - torch.log(var)).flatten(1).sum(1)
+    assert torch.allclose(ours, mse + 0.01 * kl, rtol=1e-5)

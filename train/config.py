@@ -34,6 +34,7 @@ class TrainConfig:
         snr_gamma: Min-SNR weighting (Hang et al. 2023); None turns it off. noise_offset: per-channel offset noise.
         export_dtype: dtype of output_dir/model.safetensors.
         class_sampler, class_steps, class_cfg: settings for generating class images.
+        task: "dreambooth" (the diffusion loss) or "vae" (reconstruction + kl_weight * KL, VAE only).
     """
 
     model: str = "cagliostrolab/animagine-xl-4.0"
@@ -72,9 +73,12 @@ class TrainConfig:
     class_steps: int = 28
     class_cfg: float = 5.0
     device: str | None = None  # None: cuda if available, else cpu
+    task: str = "dreambooth"  # "vae": train the VAE alone on the instance images (pretraining a tiny model)
+    kl_weight: float = 1e-6  # task="vae": weight of the KL term
 
     def __post_init__(self):
         choices = {"lr_schedule": ("constant", "linear", "cosine"), "mixed_precision": ("no", "fp16", "bf16"),
+                   "task": ("dreambooth", "vae"),
                    "export_dtype": ("fp16", "bf16", "fp32")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -1,5 +1,7 @@
 """DreamBooth for SDXL (Ruiz et al. 2023): teach the model a subject from a few images while a
 prior-preservation loss on generated class images keeps the class from collapsing onto it.
+With prior_loss_weight=0 it is plain fine-tuning on captioned images (how the bundled tiny model is
+pretrained), and task="vae" trains the VAE on images with the same loop.
 
     python -m train.dreambooth [--config configs/<name>.py] [--field=value ...]
     torchrun --nproc_per_node=N -m train.dreambooth [...]
@@ -39,11 +41,11 @@ INSTANCE, CLASS = 0, 1  # kinds of sample
 NOISE, TIMESTEP, LATENT, OFFSET = 1, 2, 3, 4  # generator streams of one sample (0: augmentation)
 
 
-def trainable_parameters(model, patterns):
+def trainable_parameters(model, patterns, task="dreambooth"):
     """(name, parameter) pairs that train: names matching a pattern ("unet" = everything under unet.;
-    wildcards as in fnmatch, e.g. "unet.*attn2*"). The VAE never trains, nor do CLIP-L's last layer
-    and final LayerNorm: SDXL reads CLIP-L's penultimate layer, so they get no gradient (and DDP
-    would wait for one forever)."""
+    wildcards as in fnmatch, e.g. "unet.*attn2*"). The VAE trains only in the "vae" task (and then
+    alone). CLIP-L's last layer and final LayerNorm never do: SDXL reads CLIP-L's penultimate layer,
+    so they get no gradient (and DDP would wait for one forever)."""
     te1 = model.text_encoder_1
     unused = set()
     if te1 is not None:
@@ -52,10 +54,11 @@ def trainable_parameters(model, patterns):
                   if n.startswith((f"text_encoder_1.text_model.encoder.layers.{last}.", "text_encoder_1.text_model.final"))}
     match = lambda name, p: fnmatch.fnmatch(name, p) if any(c in p for c in "*?[") else name.startswith(p + ".")
     chosen = [(n, p) for n, p in model.named_parameters()
-              if any(match(n, pat) for pat in patterns) and not n.startswith("vae.") and n not in unused]
+              if any(match(n, pat) for pat in patterns) and n.startswith("vae.") == (task == "vae")
+              and n not in unused]
     if not chosen:
-        raise ConfigError(f"train={patterns} matches no parameter; use names under unet., text_encoder_1., "
-                          "text_encoder_2. (e.g. ['unet'] or ['unet.*attn2*'])")
+        where = "vae." if task == "vae" else "unet., text_encoder_1., text_encoder_2. (e.g. ['unet'] or ['unet.*attn2*'])"
+        raise ConfigError(f"train={patterns} matches no parameter of the {task} task; use names under {where}")
     return chosen
 
 
@@ -79,6 +82,35 @@ class TrainStep(nn.Module):
         context, pooled = encode_text(self.text_encoder_1, self.text_encoder_2, tokens_1, tokens_2)  # (N, 77, C), (N, P)
         prediction = self.unet(noisy, t, context, vector_condition(pooled, numbers, self.micro_cond_dim))
         return ((prediction.float() - target.float()) ** 2).mean(dim=(1, 2, 3)) * weight  # (N,)
+
+
+class VAEStep(nn.Module):
+    """The "vae" task, for pretraining a VAE with this same loop: reconstruction MSE + kl_weight * KL.
+
+    (sgm also adds a perceptual and a GAN loss; the procedural images of the bundled model need neither.)"""
+
+    def __init__(self, vae, kl_weight):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, pixels, eps):
+        mean, logvar = self.vae.encode(pixels)  # (N, z, h, w) each
+        reconstruction = self.vae.decode(mean + torch.exp(0.5 * logvar) * eps)
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))  # KL(q(z|x) || N(0, I))
+        return ((reconstruction.float() - pixels) ** 2).mean(dim=(1, 2, 3)) + self.kl_weight * kl  # (N,)
+
+
+def make_vae_batch(config, data, model, step, j0, device):
+    """The "vae" task's inputs: this process's instance images and their latent-sampling noise."""
+    G = config.batch_size * config.grad_accum * world_size()
+    pixels, eps = [], []
+    for j in range(j0, j0 + config.batch_size):
+        index = dataset_index(config.seed, step * G + j, len(data["instance"]))
+        g = sample_generator(config.seed, step, j, 0)
+        pixels.append(data["instance"].example(index, config.resolution, config.center_crop, config.random_flip, g).pixels)
+        z_shape = (model.config.vae.z_channels, config.resolution // 8, config.resolution // 8)
+        eps.append(torch.randn(z_shape, generator=sample_generator(config.seed, step, j, LATENT)))
+    return torch.stack(pixels).to(device), torch.stack(eps).to(device)
 
 
 def make_batch(config, data, model, tokenizers, acp, step, j0, device):
@@ -149,7 +181,7 @@ def main(argv=None):
         # ------------------------------------------------------------ frozen parts, data
         model = load(config.model, dtype="fp32", device=device)
         data = {"instance": ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")}
-        if config.prior_loss_weight > 0:
+        if config.prior_loss_weight > 0 and config.task == "dreambooth":
             todo = missing_class_images(config.class_data_dir, config.num_class_images)  # same list on every rank
             if ddp:
                 dist.barrier()  # nobody writes before everybody has listed what is missing
@@ -164,11 +196,15 @@ def main(argv=None):
     model.requires_grad_(False)
 
     # ---------------------------------------------------------------- trainable parts in DDP
-    named = trainable_parameters(model, config.train)
+    try:
+        named = trainable_parameters(model, config.train, config.task)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for _, p in named:
         p.requires_grad_(True)
     model.unet.gradient_checkpointing = config.gradient_checkpointing
-    step_module = TrainStep(model).train()
+    step_module = (VAEStep(model.vae, config.kl_weight) if config.task == "vae" else TrainStep(model)).train()
     # Every parameter that requires grad is used in forward (trainable_parameters sees to it),
     # so DDP needs no find_unused_parameters and all-reduces exactly the trainable gradients.
     # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets instead of beside them (saves
@@ -217,7 +253,10 @@ def main(argv=None):
         sums = torch.zeros(3, device=device)  # instance loss, prior loss, pairs (for logging)
         for micro in range(config.grad_accum):
             j0 = micro * G_local + rank * config.batch_size  # first global sample index of this process
-            inputs = make_batch(config, data, model, tokenizers, acp, step, j0, device)
+            if config.task == "vae":
+                inputs = make_vae_batch(config, data, model, step, j0, device)
+            else:
+                inputs = make_batch(config, data, model, tokenizers, acp, step, j0, device)
             # Only the last micro-step all-reduces gradients; the others accumulate locally.
             last = micro == config.grad_accum - 1
             with ddp_step.no_sync() if ddp and not last else nullcontext():
