@@ -20,6 +20,6 @@ setup(
     ],
     extras_require={
         # diffusers is the test oracle only: project code never imports it.
-        "test": ["pytest", "diffusers==0.42.1", "accelerate", "psutil"],
+        "test": ["pytest", "diffusers==0.42.1", "accelerate"],
     },
 )

@@ -6,7 +6,6 @@ Reproduces diffusers' StableDiffusionXLPipeline image for image on the same weig
 
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -90,11 +89,10 @@ def denoiser(net, schedule):
 
 
 class Pipeline:
-    def __init__(self, model, scheduler_config=None, name="model"):
+    def __init__(self, model, scheduler_config=None):
         self.model = model.eval()
         self.tokenizers = load_tokenizers()
         self.scheduler_config = scheduler_config or SDXL_SCHEDULER_CONFIG
-        self.name = name
 
     @classmethod
     def load(cls, source, dtype="fp32", device="cpu"):
@@ -102,7 +100,7 @@ class Pipeline:
         path = resolve(source)
         config_file = path / "scheduler" / "scheduler_config.json"
         scheduler_config = json.loads(config_file.read_text()) if path.is_dir() and config_file.exists() else None
-        return cls(load(path, dtype=dtype, device=device), scheduler_config, name=Path(str(source)).stem)
+        return cls(load(path, dtype=dtype, device=device), scheduler_config)
 
     @property
     def device(self):
