@@ -91,6 +91,9 @@ def denoiser(net, schedule):
 class Pipeline:
     def __init__(self, model, scheduler_config=None):
         self.model = model.eval()
+        if next(model.vae.parameters()).dtype == torch.float16:
+            # The SDXL VAE overflows in fp16 (NaN -> black images): keep it in float32, once (+167 MB).
+            model.vae.float()
         self.tokenizers = load_tokenizers()
         self.scheduler_config = scheduler_config or SDXL_SCHEDULER_CONFIG
 
@@ -169,9 +172,7 @@ class Pipeline:
     def decode(self, latents):
         """Latents (B, 4, h, w) -> PIL images, pixels exactly as diffusers makes them."""
         vae = self.model.vae
-        # The SDXL VAE overflows in fp16 (NaN -> black images): decode fp16 models in float32.
-        dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
-        images = vae.to(dtype).decode(latents.to(dtype) / vae.config.scaling_factor).float()
-        vae.to(self.dtype)
+        dtype = next(vae.parameters()).dtype  # float32 for fp16 models (see __init__), else the model's
+        images = vae.decode(latents.to(dtype) / vae.config.scaling_factor).float()
         images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3) in [0, 1]
         return [Image.fromarray(image) for image in (images * 255).round().astype(np.uint8)]
