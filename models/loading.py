@@ -187,11 +187,12 @@ def load_single_file(path, dtype=None):
         prefixes = single_file_prefixes(cfg)
         expected = {prefix + k: v.shape for c, prefix in prefixes.items() for k, v in getattr(model, c).state_dict().items()}
         check_tensors(shapes, expected, str(path))
-        for component, prefix in prefixes.items():
-            wanted = [n for n in names if n.startswith(prefix) and not _ignored(n)]
-            sd = {n[len(prefix):]: t for n, t in read_tensors(path, wanted, dtype)}
-            getattr(model, component).load_state_dict(sd, strict=True, assign=True)
-            del sd
+    state_dicts = {component: {} for component in prefixes}
+    for name, t in read_tensors(path, list(expected), dtype):  # one pass over the file
+        component = next(c for c, prefix in prefixes.items() if name.startswith(prefix))
+        state_dicts[component][name[len(prefixes[component]):]] = t
+    for component, sd in state_dicts.items():
+        getattr(model, component).load_state_dict(sd, strict=True, assign=True)
     return model
 
 

@@ -117,7 +117,9 @@ class Pipeline:
         """(cond, uncond) as (context, y) pairs, batch num_images; uncond is None without guidance."""
         B, refiner = s.num_images, self.model.text_encoder_1 is None
         chunks = max(num_chunks(self.tokenizers, p, s.truncate_prompt) for p in [s.prompt, s.negative_prompt or ""])
-        context, pooled = encode_prompts(self.model, self.tokenizers, [s.prompt] * B, s.truncate_prompt, chunks)
+        # One prompt for the whole batch: encode it once, repeat it B times.
+        context, pooled = encode_prompts(self.model, self.tokenizers, [s.prompt], s.truncate_prompt, chunks)
+        context, pooled = context.repeat(B, 1, 1), pooled.repeat(B, 1)
         size = (s.height, s.width)
         numbers = size_numbers(s.original_size or size, s.crop_top_left, s.target_size or size,
                                s.aesthetic_score if refiner else None)
@@ -131,7 +133,8 @@ class Pipeline:
             neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
         else:
             neg_context, neg_pooled = encode_prompts(
-                self.model, self.tokenizers, [s.negative_prompt or ""] * B, s.truncate_prompt, chunks)
+                self.model, self.tokenizers, [s.negative_prompt or ""], s.truncate_prompt, chunks)
+            neg_context, neg_pooled = neg_context.repeat(B, 1, 1), neg_pooled.repeat(B, 1)
         neg_numbers = size_numbers(s.original_size or size, s.crop_top_left, s.target_size or size,
                                    s.negative_aesthetic_score if refiner else None)
         return cond, (neg_context, vector_condition(neg_pooled, neg_numbers, dim))
