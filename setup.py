@@ -6,7 +6,7 @@ setup(
     description="A from-scratch, readable PyTorch reimplementation of Stable Diffusion XL.",
     python_requires=">=3.10",
     packages=find_packages(include=["models*", "sampling*", "train*", "data*", "configs*"]),
-    package_data={"models": ["tokenizer/*"], "data": ["classifier.safetensors"]},
+    package_data={"models": ["tokenizer/*", "plainxl-tiny.safetensors"], "data": ["classifier.safetensors"]},
     install_requires=[
         "torch>=2.3",
         "safetensors>=0.4",
@@ -20,6 +20,7 @@ setup(
     ],
     extras_require={
         # diffusers is the test oracle only: project code never imports it.
-        "test": ["pytest", "diffusers==0.42.1", "accelerate"],
+        # nbclient, nbformat and ipykernel execute the notebooks in the test suite.
+        "test": ["pytest", "diffusers==0.42.1", "accelerate", "nbclient", "nbformat", "ipykernel"],
     },
 )

@@ -12,12 +12,12 @@ config = dict(
     center_crop=True,
     random_flip=False,  # a flip would swap the eyes of heterochromia characters
     batch_size=16,
-    max_steps=400,
+    max_steps=1500,
     lr=1e-3,
     lr_schedule="cosine",
     warmup_steps=20,
     kl_weight=1e-6,
-    checkpoint_every=100,
+    checkpoint_every=250,
     export_dtype="fp32",
     output_dir="runs/tiny/vae",
 )

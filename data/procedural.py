@@ -63,10 +63,11 @@ MIN_SIZE = 64  # below this the eyes are a pixel or two and their colour stops b
 SUPERSAMPLE = 4  # draw at 4x, then downsample with LANCZOS
 FACE_CENTRE = (0.5, 0.5)  # in fractions of the image side; the shapes below are relative to it
 JITTER_SHIFT = 0.04  # the head moves up to this far (fraction of the side) in x and y
-JITTER_SCALE = 0.06  # and is scaled by up to 1 +- this
+ZOOM = 1.12  # the head fills most of the frame: at 64 px the eyes and mouth must survive the VAE's 8x downsampling
+JITTER_SCALE = 0.06  # and is scaled by up to ZOOM * (1 +- this)
 FACE_RADII = (0.19, 0.21)  # half width, half height of the face, before the chin taper
 CHIN_TAPER = 0.35  # the face's width shrinks by this fraction at the chin
-EYE_X, EYE_Y = 0.085, 0.04  # eye centres: (+-EYE_X, EYE_Y) from the face centre
+EYE_X, EYE_Y = 0.095, 0.035  # eye centres: (+-EYE_X, EYE_Y) from the face centre
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def draw(character, size=64, rng=None):
     # Always draw the three jitter numbers, so the random stream does not depend on the character.
     dx, dy, ds = rng.uniform(-1, 1, size=3) if rng is not None else (0.0, 0.0, 0.0)
     cx, cy = FACE_CENTRE[0] + JITTER_SHIFT * dx, FACE_CENTRE[1] + JITTER_SHIFT * dy
-    scale = 1 + JITTER_SCALE * ds
+    scale = ZOOM * (1 + JITTER_SCALE * ds)
     side = size * SUPERSAMPLE
 
     # Shapes are given in fractions of the image side, relative to the face centre (y points down).
@@ -232,26 +233,26 @@ def draw(character, size=64, rng=None):
     for sign, colour in zip((-1, 1), eye_colours):
         x, y = sign * EYE_X, EYE_Y
         iris = EYE_RGB[colour]
-        d.ellipse(box(x, y, 0.045, 0.055), fill=WHITE_RGB)
-        d.ellipse(box(x, y + 0.006, 0.04, 0.05), fill=iris)
-        d.ellipse(box(x, y + 0.014, 0.014, 0.022), fill=shade(iris, PUPIL_SHADE))
-        d.ellipse(box(x - 0.014, y - 0.014, 0.01, 0.01), fill=WHITE_RGB)
-        d.line([pt(x - 0.05 * sign, y - 0.035), pt(x, y - 0.058), pt(x + 0.055 * sign, y - 0.045)],
+        d.ellipse(box(x, y, 0.06, 0.075), fill=WHITE_RGB)
+        d.ellipse(box(x, y + 0.008, 0.054, 0.068), fill=iris)
+        d.ellipse(box(x, y + 0.018, 0.018, 0.028), fill=shade(iris, PUPIL_SHADE))
+        d.ellipse(box(x - 0.019, y - 0.019, 0.013, 0.013), fill=WHITE_RGB)
+        d.line([pt(x - 0.068 * sign, y - 0.047), pt(x, y - 0.078), pt(x + 0.074 * sign, y - 0.061)],
                fill=LINE_RGB, width=width(0.016), joint="curve")
 
-    d.line([pt(0, 0.1), pt(0.006, 0.11)], fill=SKIN_LINE_RGB, width=width(0.008))  # nose
+    d.line([pt(0, 0.115), pt(0.006, 0.125)], fill=SKIN_LINE_RGB, width=width(0.008))  # nose
 
     # Mouth, per expression.
-    line = width(0.012)
+    line = width(0.016)
     if c.expression == "smile":
-        d.arc(box(0, 0.13, 0.045, 0.03), 20, 160, fill=LINE_RGB, width=line)
+        d.arc(box(0, 0.135, 0.06, 0.04), 20, 160, fill=LINE_RGB, width=line)
     elif c.expression == "open mouth":
-        d.ellipse(box(0, 0.155, 0.032, 0.03), fill=MOUTH_RGB)
-        d.chord(box(0, 0.17, 0.022, 0.015), 180, 360, fill=TONGUE_RGB)
+        d.ellipse(box(0, 0.16, 0.042, 0.038), fill=MOUTH_RGB)
+        d.chord(box(0, 0.18, 0.03, 0.02), 180, 360, fill=TONGUE_RGB)
     elif c.expression == "frown":
-        d.arc(box(0, 0.18, 0.04, 0.025), 200, 340, fill=LINE_RGB, width=line)
+        d.arc(box(0, 0.19, 0.052, 0.033), 200, 340, fill=LINE_RGB, width=line)
     else:  # expressionless: a flat line
-        d.line([pt(-0.03, 0.155), pt(0.03, 0.155)], fill=LINE_RGB, width=line)
+        d.line([pt(-0.04, 0.16), pt(0.04, 0.16)], fill=LINE_RGB, width=line)
 
     # Accessory.
     if c.accessory == "hat":  # a brimmed hat with a band
@@ -265,8 +266,8 @@ def draw(character, size=64, rng=None):
         d.ellipse(box(x, y, 0.025, 0.025), fill=shade(RIBBON_RGB, HAIR_SHADE))
     elif c.accessory == "glasses":  # round frames over the eyes and a bridge
         for sign in (-1, 1):
-            d.ellipse(box(sign * EYE_X, EYE_Y + 0.005, 0.06, 0.06), outline=LINE_RGB, width=width(0.01))
-        d.line([pt(-0.025, EYE_Y), pt(0.025, EYE_Y)], fill=LINE_RGB, width=width(0.01))
+            d.ellipse(box(sign * EYE_X, EYE_Y + 0.005, 0.078, 0.085), outline=LINE_RGB, width=width(0.012))
+        d.line([pt(-0.017, EYE_Y), pt(0.017, EYE_Y)], fill=LINE_RGB, width=width(0.01))
     elif c.accessory == "hairclip":  # two parallel bars on the bangs, viewer's right, outlined to show on any hair
         for offset in (0, 0.04):
             bar = [pt(0.08 + offset, -0.16), pt(0.15 + offset, -0.09)]

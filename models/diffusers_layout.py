@@ -54,7 +54,7 @@ def unet_config_from_diffusers(d):
         context_dim=_uniform(context, "cross-attention widths") if isinstance(context, list) else context,
         adm_in_channels=d["projection_class_embeddings_input_dim"], micro_cond_dim=d["addition_time_embed_dim"],
         head_channels=_uniform([c // h for c, h, a in zip(channels, heads, attn_down) if a], "head widths"),
-        norm_groups=d.get("norm_num_groups", 32),
+        norm_groups=d.get("norm_num_groups", 32), sample_size=d.get("sample_size", 128),
     )
 
 
@@ -70,7 +70,7 @@ def unet_config_to_diffusers(c):
     out = c.output_depths()
     reverse = [list(out[i * (R + 1):(i + 1) * (R + 1)]) for i in range(len(channels))]
     return {
-        "_class_name": "UNet2DConditionModel", "sample_size": 128,
+        "_class_name": "UNet2DConditionModel", "sample_size": c.sample_size,
         "in_channels": c.in_channels, "out_channels": c.out_channels,
         "block_out_channels": channels, "layers_per_block": R,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],

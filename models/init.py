@@ -1,7 +1,7 @@
 """Write a randomly initialised SDXL-family model as an official-layout single file: the starting
 point for pretraining a small model (see configs/tiny_*.py), or a stand-in for tests and teaching.
 
-    python -m models.init {tiny,base,refiner} OUT.safetensors [--seed 0]
+    python -m models.init {tiny,base,refiner} OUT.safetensors [--seed 0] [--overwrite]
 """
 
 import argparse
@@ -18,11 +18,12 @@ def main(argv=None):
     parser.add_argument("preset", choices=["tiny", "base", "refiner"])
     parser.add_argument("out")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     model = sdxl.SDXL({"tiny": sdxl.TINY, "base": sdxl.BASE, "refiner": sdxl.REFINER}[args.preset])
     try:
-        save_single_file(model, args.out)
+        save_single_file(model, args.out, overwrite=args.overwrite)
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

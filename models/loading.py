@@ -53,8 +53,14 @@ def load(source, dtype=None, device="cpu"):
     return model.to(device).eval()
 
 
+# The project's own tiny model, trained by configs/tiny_*.py and shipped in the package (no download).
+BUNDLED = {"plainxl-tiny": Path(__file__).with_name("plainxl-tiny.safetensors")}
+
+
 def resolve(source):
-    """A local path as it is; a repo id through the Hugging Face cache (models.hub)."""
+    """A local path as it is; "plainxl-tiny" the bundled model; a repo id through the Hugging Face cache (models.hub)."""
+    if str(source) in BUNDLED:
+        return BUNDLED[str(source)]
     path = Path(source).expanduser()
     if path.exists():
         return path

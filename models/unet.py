@@ -51,6 +51,7 @@ class UNetConfig:
     micro_cond_dim: int = 256  # sinusoid width of each size/crop/aesthetic number inside that vector
     head_channels: int = 64  # channels per attention head (SDXL's convention; shapes do not store it)
     norm_groups: int = 32
+    sample_size: int = 128  # latent side it was trained at (x 8 = 1024 px): the default output size
 
     def __post_init__(self):
         # Keep explicit output depths only where they differ from the per-level default, so that
@@ -74,7 +75,7 @@ SDXL_REFINER = UNetConfig(
 # match models.text's tiny encoders (32 + 64 context; 48 pooled + 6 numbers x 16).
 TINY = UNetConfig(
     model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 2), transformer_depth_middle=2,
-    context_dim=96, adm_in_channels=48 + 6 * 16, micro_cond_dim=16, head_channels=16, norm_groups=8,
+    context_dim=96, adm_in_channels=48 + 6 * 16, micro_cond_dim=16, head_channels=16, norm_groups=8, sample_size=8,
 )
 
 

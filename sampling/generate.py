@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-DEFAULT_MODEL = "cagliostrolab/animagine-xl-4.0"
+DEFAULT_MODEL = "plainxl-tiny"  # bundled; e.g. --model cagliostrolab/animagine-xl-4.0 for the real one
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -50,8 +50,8 @@ def parse_args(argv):
     p.add_argument("--model", help=f"single file, diffusers folder or Hugging Face repo id (default {DEFAULT_MODEL})")
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt", help="omit for zero negative conditioning; '' encodes the empty prompt")
-    p.add_argument("--width", type=int)
-    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int, help="default: the size the model was trained at (1024 for SDXL)")
+    p.add_argument("--height", type=int, help="default: the size the model was trained at (1024 for SDXL)")
     p.add_argument("--steps", type=int)
     p.add_argument("--cfg", type=float)
     p.add_argument("--sampler", choices=["euler", "euler_a", "dpmpp_2m", "ddim", "ddpm"])
@@ -97,7 +97,7 @@ def settings_from(args):
                  truncate_prompt=args.truncate_prompt)
     settings = replace(settings, **{k: v for k, v in flags.items() if v is not None})
     for name in ("width", "height"):
-        if getattr(settings, name) % 8 or getattr(settings, name) < 8:
+        if getattr(settings, name) is not None and (getattr(settings, name) % 8 or getattr(settings, name) < 8):
             v = getattr(settings, name)
             raise ValueError(f"--{name} {v} is not a positive multiple of 8; use {max(8, v - v % 8)} or {v - v % 8 + 8}")
     if settings.steps < 1:
@@ -140,6 +140,7 @@ def main(argv=None):
         pipe = Pipeline.load(model, dtype=args.dtype, device=args.device)
     except LoadError as e:
         return fail(str(e))
+    settings = pipe.with_size(settings)  # the model's own size where no size was given
     images = pipe(settings)
     first = next_index(out)
     for i, image in enumerate(images):

@@ -5,7 +5,7 @@ Reproduces diffusers' StableDiffusionXLPipeline image for image on the same weig
 """
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -26,8 +26,8 @@ class Settings:
 
     prompt: str
     negative_prompt: str | None = None  # None: zero negative conditioning; "": the empty prompt, encoded
-    width: int = 1024
-    height: int = 1024
+    width: int | None = None  # None: the size the model was trained at (1024 for SDXL, 64 for plainxl-tiny)
+    height: int | None = None
     steps: int = 28
     cfg: float = 5.0
     sampler: str = "euler_a"
@@ -113,6 +113,11 @@ class Pipeline:
     def dtype(self):
         return next(self.model.unet.parameters()).dtype
 
+    def with_size(self, s: Settings):
+        """s with a width and height left at None set to the model's native size (UNet sample_size x 8)."""
+        side = self.model.config.unet.sample_size * 8
+        return replace(s, width=s.width or side, height=s.height or side)
+
     def conditioning(self, s: Settings):
         """(cond, uncond) as (context, y) pairs, batch num_images; uncond is None without guidance."""
         B, refiner = s.num_images, self.model.text_encoder_1 is None
@@ -144,7 +149,7 @@ class Pipeline:
         """Generate settings.num_images images -> list of PIL images (image i uses seed + i).
 
         callback, if given, receives the sampler's dict after every step (i, x, sigma, denoised)."""
-        s = settings
+        s = self.with_size(settings)
         # --karras turns Karras sigmas on; without it, a folder's scheduler config may still ask for them.
         schedule = make_schedule(s.sampler, s.steps, karras=True if s.karras else None, config=self.scheduler_config)
         cond, uncond = self.conditioning(s)

@@ -216,6 +216,27 @@ def test_prior_loss_and_pairing_by_hand(setup):
         assert torch.allclose(ours, by_hand, rtol=1e-6, atol=0), (ours, by_hand)
 
 
+def test_cached_latents_give_the_same_batch(setup):
+    """cache_latents encodes each image once up front; a step's inputs equal those of encoding per step."""
+    from data.dreambooth import ImageFolder
+    from models.tokenizer import load_tokenizers
+    from sampling.schedule import alphas_cumprod
+    from train.config import TrainConfig
+    from train.dreambooth import encode_images, make_batch
+
+    model = load(setup / "tiny.safetensors")
+    data = {"instance": ImageFolder(setup / "instance", "1girl, sks"), "class": ImageFolder(setup / "class", "1girl")}
+    tokenizers, acp = load_tokenizers(), alphas_cumprod()
+    plain = TrainConfig(batch_size=3, resolution=32, prior_loss_weight=1.0, center_crop=True, random_flip=False)
+    cached = TrainConfig(**{**plain.__dict__, "cache_latents": True})
+    encoded = {name: encode_images(model, images, cached, "cpu", chunk=2) for name, images in data.items()}
+    for step in (0, 7):
+        want = make_batch(plain, data, model, tokenizers, acp, step, j0=0, device="cpu")
+        got = make_batch(cached, encoded, model, tokenizers, acp, step, j0=0, device="cpu")
+        for name, a, b in zip(["tokens_1", "tokens_2", "numbers", "noisy", "t", "target", "weight"], want, got):
+            assert torch.allclose(a.float(), b.float(), rtol=0, atol=1e-5), name
+
+
 @pytest.mark.slow
 def test_a_short_run_lowers_the_instance_loss(setup, tmp_path):
     out = tmp_path / "learn"
@@ -251,6 +272,7 @@ def test_class_images_are_generated_and_resume_without_repeats(setup, tmp_path):
     (["--lr=fast"], "lr must be float"),
     (["--train=unet"], "train must be list"),
     (["--mixed_precision=fp8"], "mixed_precision must be one of no, fp16, bf16"),
+    (["--cache_latents=True", "--random_flip=True"], "cache_latents needs center_crop=True and random_flip=False"),
     (["--instance_data_dir=/nonexistent/dir"], "instance_data_dir /nonexistent/dir does not exist"),
     (["--config=/nonexistent/config.py"], "config file /nonexistent/config.py does not exist"),
     (["--resume=/nonexistent/step-000002"], "checkpoint /nonexistent/step-000002 does not exist"),

@@ -67,7 +67,7 @@ def test_parameters_round_trip():
     assert "Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 42, Size: 832x1216" in text
     parsed, model = parse_parameters(text)
     assert parsed == s and model == "some/model, with comma"
-    parsed, _ = parse_parameters(format_parameters(Settings(prompt="x"), 0, "m"))
+    parsed, _ = parse_parameters(format_parameters(Settings(prompt="x", width=64, height=64), 0, "m"))
     assert parsed.negative_prompt is None  # no negative line: zero conditioning, not ""
 
 

@@ -24,6 +24,8 @@ class TrainConfig:
         class_data_dir / class_prompt: prior-preservation images (generated up to num_class_images if short).
         prior_loss_weight: weight of the class loss; 0 turns prior preservation off.
         resolution, center_crop, random_flip: square crops of this size, re-drawn every step.
+        cache_latents: encode every image once before training (needs center_crop and no random_flip,
+            so the pixels never change); the latent is still sampled anew from its posterior every step.
         batch_size: instance images per process per micro-step (each paired with one class image).
         grad_accum, max_steps, lr, lr_schedule (constant/linear/cosine), warmup_steps, max_grad_norm.
         train: name patterns of what trains, over unet.*, text_encoder_1.*, text_encoder_2.* (VAE never).
@@ -47,6 +49,7 @@ class TrainConfig:
     resolution: int = 1024
     center_crop: bool = False
     random_flip: bool = True
+    cache_latents: bool = False
     batch_size: int = 1
     grad_accum: int = 1
     max_steps: int = 800
@@ -89,6 +92,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8 (got {self.resolution})")
+        if self.cache_latents and (self.random_flip or not self.center_crop or self.task == "vae"):
+            raise ConfigError("cache_latents needs center_crop=True and random_flip=False (the pixels must not change"
+                              " between steps) and the dreambooth task")
         if not self.train:
             raise ConfigError("train is empty; name what trains, e.g. train=['unet']")
 

@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -113,24 +114,54 @@ def make_vae_batch(config, data, model, step, j0, device):
     return torch.stack(pixels).to(device), torch.stack(eps).to(device)
 
 
+@dataclass
+class EncodedImages:
+    """A folder's images through the frozen VAE, for cache_latents: posterior mean and logvar
+    (N, z, R/8, R/8), the size conditions (N, 6) and the prompts."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+    numbers: torch.Tensor
+    prompts: list
+
+
+@torch.no_grad()
+def encode_images(model, images, config, device, chunk=64):
+    """Every image of an ImageFolder, center-cropped and unflipped as cache_latents requires, encoded once."""
+    parts, numbers = [], []
+    for start in range(0, len(images), chunk):
+        examples = [images.example(i, config.resolution, True, False, torch.Generator())
+                    for i in range(start, min(start + chunk, len(images)))]
+        parts.append(model.vae.encode(torch.stack([e.pixels for e in examples]).to(device)))
+        numbers += [[*e.original_size, *e.crop_top_left, *e.target_size] for e in examples]
+    mean, logvar = (torch.cat(p) for p in zip(*parts))
+    return EncodedImages(mean, logvar, torch.tensor(numbers, dtype=torch.float32, device=device), images.prompts)
+
+
 def make_batch(config, data, model, tokenizers, acp, step, j0, device):
     """This process's samples j0 .. j0 + batch_size - 1 of the step: instance images first, then (with
-    prior preservation) their paired class images. Returns the TrainStep inputs."""
+    prior preservation) their paired class images. `data` holds ImageFolders, or EncodedImages with
+    cache_latents. Returns the TrainStep inputs."""
     G = config.batch_size * config.grad_accum * world_size()  # the global batch of one optimizer step
-    keys, examples = [], []  # (global sample index, kind): instance j and class j form pair j
+    keys, picks = [], []  # (global sample index, kind): instance j and class j form pair j; (folder, image)
     for kind, name in [(INSTANCE, "instance"), (CLASS, "class")]:
         if name not in data:
             continue
         for j in range(j0, j0 + config.batch_size):
-            index = dataset_index(config.seed + kind, step * G + j, len(data[name]))
-            g = sample_generator(config.seed, step, j, 10 * kind)
-            examples.append(data[name].example(index, config.resolution, config.center_crop, config.random_flip, g))
+            picks.append((data[name], dataset_index(config.seed + kind, step * G + j, len(data[name].prompts))))
             keys.append((j, kind))
-    n = len(examples)
+    n = len(keys)
     gens = lambda stream: [sample_generator(config.seed, step, j, 10 * kind + stream) for j, kind in keys]
     with torch.no_grad():
-        pixels = torch.stack([e.pixels for e in examples]).to(device)  # (n, 3, R, R)
-        mean, logvar = model.vae.encode(pixels)
+        if config.cache_latents:
+            mean, logvar = (torch.stack([getattr(folder, a)[i] for folder, i in picks]) for a in ("mean", "logvar"))
+            numbers = torch.stack([folder.numbers[i] for folder, i in picks])
+        else:
+            examples = [folder.example(i, config.resolution, config.center_crop, config.random_flip, g)
+                        for (folder, i), g in zip(picks, gens(0))]
+            mean, logvar = model.vae.encode(torch.stack([e.pixels for e in examples]).to(device))  # (n, z, h, w)
+            numbers = torch.tensor([[*e.original_size, *e.crop_top_left, *e.target_size] for e in examples],
+                                   dtype=torch.float32, device=device)
         eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens(LATENT)]).to(device)
         latents = (mean + torch.exp(0.5 * logvar) * eps) * model.vae.config.scaling_factor  # (n, 4, R/8, R/8)
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens(NOISE)]).to(device)
@@ -146,10 +177,9 @@ def make_batch(config, data, model, tokenizers, acp, step, j0, device):
     if config.snr_gamma is not None:  # Min-SNR-gamma (Hang et al. 2023), per sample
         snr = (a / (1 - a)).flatten()
         weight = torch.minimum(snr, torch.full_like(snr, config.snr_gamma)) / (snr + 1 if v_pred else snr)
-    tokens_1 = tokenize(tokenizers[0], [e.prompt for e in examples]).to(device)
-    tokens_2 = tokenize(tokenizers[1], [e.prompt for e in examples]).to(device)
-    numbers = torch.tensor([[*e.original_size, *e.crop_top_left, *e.target_size] for e in examples],
-                           dtype=torch.float32, device=device)
+    prompts = [folder.prompts[i] for folder, i in picks]
+    tokens_1 = tokenize(tokenizers[0], prompts).to(device)
+    tokens_2 = tokenize(tokenizers[1], prompts).to(device)
     return tokens_1, tokens_2, numbers, noisy, t.float(), target, weight
 
 
@@ -194,6 +224,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     model.requires_grad_(False)
+    if config.cache_latents:
+        data = {name: encode_images(model, images, config, device) for name, images in data.items()}
 
     # ---------------------------------------------------------------- trainable parts in DDP
     try:
@@ -306,6 +338,8 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- export, teardown
     if main_process and not stop["requested"]:
+        if config.task == "vae":
+            set_scaling_factor(model, data["instance"], config, device)
         save_single_file(model, out / "model.safetensors", dtype=config.export_dtype, overwrite=True)
         print(f"wrote {out / 'model.safetensors'}")
     if main_process:
@@ -314,6 +348,26 @@ def main(argv=None):
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+@torch.no_grad()
+def set_scaling_factor(model, images, config, device, count=256):
+    """Give the trained VAE the scaling_factor that makes its latents unit-variance for the UNet:
+    1 / std of latents sampled from the first `count` images (how Rombach et al. got SD's 0.18215)."""
+    model.vae.eval()
+    latents, step = [], config.max_steps  # generators of a step the run never reached
+    for start in range(0, min(count, len(images)), 64):
+        indices = range(start, min(start + 64, count, len(images)))
+        examples = [images.example(i, config.resolution, True, False, sample_generator(config.seed, step, i, 0))
+                    for i in indices]
+        pixels = torch.stack([e.pixels for e in examples]).to(device)  # (n, 3, R, R)
+        mean, logvar = model.vae.encode(pixels)
+        eps = torch.randn(mean.shape, generator=sample_generator(config.seed, step, start, LATENT)).to(device)
+        latents.append(mean + torch.exp(0.5 * logvar) * eps)
+    factor = round(1 / torch.cat(latents).std().item(), 5)
+    model.config = replace(model.config, vae=replace(model.config.vae, scaling_factor=factor))
+    model.vae.config = model.config.vae
+    print(f"VAE scaling_factor: {factor} (1 / std of the latents of {sum(len(l) for l in latents)} images)")
 
 
 def validate(model, config, step, out, writer):
