@@ -1,11 +1,11 @@
 # Stage 1 of the bundled tiny model: its VAE, trained on procedural portraits with the DreamBooth loop's "vae" task.
 #   python -m models.init tiny runs/tiny/random.safetensors
-#   python -c "from data.procedural import write_dataset; write_dataset('runs/tiny/portraits', 6000)"
+#   python -c "from data.procedural import write_dataset; write_dataset('runs/tiny/vae_portraits', 6000, widened=True)"
 #   python -m train.dreambooth --config configs/tiny_vae.py
 config = dict(
     task="vae",
     model="runs/tiny/random.safetensors",
-    instance_data_dir="runs/tiny/portraits",
+    instance_data_dir="runs/tiny/vae_portraits",  # every accessory and heterochromia too: the VAE is a codec
     prior_loss_weight=0.0,
     train=["vae"],
     resolution=64,

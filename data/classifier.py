@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from data.procedural import (
     ACCESSORIES, BACKGROUND_RGB, BACKGROUNDS, EXPRESSIONS, EYE_COLOURS, HAIR_COLOURS, HAIR_LENGTHS, Character, draw,
-    random_character, sample,
+    random_character, sample, widened_character,
 )
 
 DEFAULT_PATH = Path(__file__).with_name("classifier.safetensors")
@@ -49,7 +49,6 @@ ATTRIBUTES = {
 attribute_names = tuple(ATTRIBUTES)
 
 # Training distribution and data, beyond procedural's defaults.
-HETEROCHROMIA_RATE = 0.25  # share of training characters with two eye colours
 OUTLIER_RATE = 1 / 16  # share of each batch that is outlier_images (no portrait)
 NOISE_STD = 0.05  # largest std of the Gaussian noise added to training images, in [-1, 1] units
 # Training portrait i of seed s draws from SeedSequence([s, i, TRAIN_STREAM]); procedural's sample(i, s)
@@ -100,18 +99,6 @@ def labels(character):
     }
 
 
-def training_character(rng):
-    """procedural's default character, then widened: accessory uniform over all ACCESSORIES (star
-    hairpin too) and heterochromia with probability HETEROCHROMIA_RATE."""
-    c = random_character(rng)
-    accessory = ACCESSORIES[rng.integers(len(ACCESSORIES))]
-    second = None
-    if rng.random() < HETEROCHROMIA_RATE:
-        others = [e for e in EYE_COLOURS if e != c.eye_colour]
-        second = others[rng.integers(len(others))]
-    return Character(c.hair_colour, c.hair_length, c.eye_colour, c.expression, accessory, c.background, second)
-
-
 def to_pixels(images, size=64):
     """PIL images or a (B, 3, H, W) tensor in [-1, 1] -> (B, 3, size, size) float in [-1, 1].
     Other sizes are resized with PIL's LANCZOS, the filter draw() itself uses to come down from its
@@ -143,7 +130,7 @@ def draw_pool(count, seed, size=64):
     targets = {name: np.empty(count, dtype=np.int64) for name in ATTRIBUTES}
     for i in range(count):
         rng = np.random.default_rng(np.random.SeedSequence([seed, i, TRAIN_STREAM]))
-        character = training_character(rng)
+        character = widened_character(rng)
         pixels[i] = np.asarray(draw(character, size, rng))  # rng also jitters the head
         for name, index in labels(character).items():
             targets[name][i] = index

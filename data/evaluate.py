@@ -2,12 +2,13 @@
 attribute classifier, and compare with what the prompt asked for; the baseline scores the same images
 against the captions of other, random characters (what chance agreement looks like).
 
-    python -m data.evaluate --model runs/tiny/unet/model.safetensors [--count 100] [--steps 20]
+    python -m data.evaluate --model plainxl-tiny [--count 100] [--steps 20] [--grid FILE.png]
 """
 
 import argparse
 
 import numpy as np
+from PIL import Image
 
 from data import classifier, procedural
 from sampling.pipeline import Pipeline, Settings
@@ -34,9 +35,18 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--grid", help="also write the first 16 generations here, 4x4, each 2x (their prompts are printed)")
     args = parser.parse_args(argv)
     pipe = Pipeline.load(args.model)
-    own, baseline, _ = prompt_fidelity(pipe, args.count, args.seed, args.steps, args.cfg)
+    own, baseline, images = prompt_fidelity(pipe, args.count, args.seed, args.steps, args.cfg)
+    if args.grid:
+        rng = np.random.default_rng(args.seed)  # prompt_fidelity's prompts, in its order
+        for i in range(min(16, args.count)):
+            print(f"{i:2d}: {procedural.caption(procedural.random_character(rng))}")
+        sheet = Image.new("RGB", (512, 128 * -(-min(16, len(images)) // 4)), "white")
+        for i, image in enumerate(images[:16]):
+            sheet.paste(image.resize((128, 128), Image.Resampling.NEAREST), (128 * (i % 4), 128 * (i // 4)))
+        sheet.save(args.grid)
     print(f"{'attribute':>12} | own prompt | random prompt")
     for name in own:
         print(f"{name:>12} | {own[name]:10.3f} | {baseline[name]:13.3f}")

@@ -111,6 +111,23 @@ def random_character(rng):
                      expression=pick(EXPRESSIONS), accessory=pick(DEFAULT_ACCESSORIES), background=pick(BACKGROUNDS))
 
 
+HETEROCHROMIA_RATE = 0.25  # widened_character: share of characters with two eye colours
+
+
+def widened_character(rng):
+    """The default distribution widened to everything the drawing can show: accessory uniform over all
+    ACCESSORIES (star hairpin too), heterochromia with probability HETEROCHROMIA_RATE. For what must
+    handle every picture (the VAE, an image codec; the classifier), never for the UNet and text encoders,
+    which must not have seen the DreamBooth subject."""
+    c = random_character(rng)
+    accessory = ACCESSORIES[rng.integers(len(ACCESSORIES))]
+    second = None
+    if rng.random() < HETEROCHROMIA_RATE:
+        others = [e for e in EYE_COLOURS if e != c.eye_colour]
+        second = others[rng.integers(len(others))]
+    return Character(c.hair_colour, c.hair_length, c.eye_colour, c.expression, accessory, c.background, second)
+
+
 def caption(character):
     """Tags in animagine-xl's order: subject count, hair, eyes, expression, accessory, background."""
     c = character
@@ -283,14 +300,15 @@ def draw(character, size=64, rng=None):
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def sample(index, seed=0, size=64):
-    """Image `index` of the dataset `seed`: (image, caption, character), the same for the same numbers."""
+def sample(index, seed=0, size=64, widened=False):
+    """Image `index` of the dataset `seed`: (image, caption, character), the same for the same numbers.
+    `widened` draws from widened_character instead of the default distribution."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, index]))
-    character = random_character(rng)
+    character = (widened_character if widened else random_character)(rng)
     return draw(character, size, rng), caption(character), character
 
 
-def write_dataset(folder, count, seed=0, size=64):
+def write_dataset(folder, count, seed=0, size=64, widened=False):
     """Write NNNNN.png with its caption in NNNNN.txt for the first `count` samples; pairs already there
     are kept. Each file is written under a temporary name then renamed, so an interrupted run leaves no
     half files. Returns the indices written."""
@@ -301,7 +319,7 @@ def write_dataset(folder, count, seed=0, size=64):
         png, txt = folder / f"{index:05d}.png", folder / f"{index:05d}.txt"
         if png.exists() and txt.exists():
             continue
-        image, text, _ = sample(index, seed, size)
+        image, text, _ = sample(index, seed, size, widened)
         # The caption goes first: an image without its .txt would be read with the folder's default prompt.
         tmp = folder / f".{txt.name}.tmp"
         tmp.write_text(text + "\n")

@@ -194,7 +194,8 @@ def test_prior_loss_and_pairing_by_hand(setup):
     for B in (1, 3):
         config = TrainConfig(batch_size=B, resolution=32, prior_loss_weight=0.7, center_crop=True, random_flip=False)
         inputs = make_batch(config, data, model, tokenizers, alphas_cumprod(), step=5, j0=0, device="cpu")
-        tokens_1, tokens_2, numbers, noisy, t, target, weight = inputs
+        tokens_1, tokens_2, numbers, noisy, t, target, weight, text_kept = inputs
+        assert text_kept.eq(1).all()  # caption_dropout_rate is 0
         assert noisy.shape[0] == 2 * B
         class_ids = tokenizers[0]("1girl", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
         assert all(torch.equal(tokens_1[B + j], class_ids) for j in range(B))  # class prompt for class samples
@@ -216,6 +217,36 @@ def test_prior_loss_and_pairing_by_hand(setup):
         assert torch.allclose(ours, by_hand, rtol=1e-6, atol=0), (ours, by_hand)
 
 
+def test_tag_and_caption_dropout(setup):
+    """Tags past keep_tokens drop at the given rate; a dropped caption trains on zeroed text conditioning."""
+    from data.dreambooth import ImageFolder, sample_generator
+    from models.conditioning import vector_condition
+    from models.tokenizer import load_tokenizers
+    from sampling.schedule import alphas_cumprod
+    from train.config import TrainConfig
+    from train.dreambooth import TrainStep, drop_tags, make_batch
+
+    prompt = "1girl, solo, blue hair, red eyes, smile"
+    assert drop_tags(prompt, 0.0, 0, sample_generator(0, 0, 0, 5)) == prompt
+    assert drop_tags(prompt, 1.0, 2, sample_generator(0, 0, 0, 5)) == "1girl, solo"
+    kept = [drop_tags(prompt, 0.3, 1, sample_generator(0, s, 0, 5)).split(", ") for s in range(400)]
+    assert all(k[0] == "1girl" for k in kept)
+    assert abs(np.mean([len(k) - 1 for k in kept]) / 4 - 0.7) < 0.05  # 70% of the other four tags survive
+
+    model = load(setup / "tiny.safetensors")
+    data = {"instance": ImageFolder(setup / "instance", "1girl, sks")}
+    config = TrainConfig(batch_size=3, resolution=32, prior_loss_weight=0.0, caption_dropout_rate=1.0)
+    inputs = make_batch(config, data, model, load_tokenizers(), alphas_cumprod(), step=0, j0=0, device="cpu")
+    tokens_1, tokens_2, numbers, noisy, t, target, weight, text_kept = inputs
+    assert text_kept.eq(0).all()
+    with torch.no_grad():
+        ours = TrainStep(model)(*inputs)
+        context = torch.zeros(3, 77, TINY.unet.context_dim)
+        y = vector_condition(torch.zeros(3, TINY.text_encoder_2.projection_dim), numbers, TINY.unet.micro_cond_dim)
+        by_hand = ((model.unet(noisy, t, context, y) - target) ** 2).mean(dim=(1, 2, 3))
+    assert torch.allclose(ours, by_hand, rtol=1e-6, atol=0)
+
+
 def test_cached_latents_give_the_same_batch(setup):
     """cache_latents encodes each image once up front; a step's inputs equal those of encoding per step."""
     from data.dreambooth import ImageFolder
@@ -233,7 +264,7 @@ def test_cached_latents_give_the_same_batch(setup):
     for step in (0, 7):
         want = make_batch(plain, data, model, tokenizers, acp, step, j0=0, device="cpu")
         got = make_batch(cached, encoded, model, tokenizers, acp, step, j0=0, device="cpu")
-        for name, a, b in zip(["tokens_1", "tokens_2", "numbers", "noisy", "t", "target", "weight"], want, got):
+        for name, a, b in zip(["tokens_1", "tokens_2", "numbers", "noisy", "t", "target", "weight", "text_kept"], want, got):
             assert torch.allclose(a.float(), b.float(), rtol=0, atol=1e-5), name
 
 
@@ -370,7 +401,7 @@ def test_vae_loss_by_hand(setup):
         ours = VAEStep(model.vae, kl_weight=0.01)(pixels, eps)
         mean, logvar = model.vae.encode(pixels)
         z = mean + (0.5 * logvar).exp() * eps
-        mse = ((model.vae.decode(z) - pixels) ** 2).flatten(1).mean(1)
+        l1 = (model.vae.decode(z) - pixels).abs().flatten(1).mean(1)
         var = logvar.exp()
         kl = 0.5 * (mean**2 + var - 1 - torch.log(var)).flatten(1).sum(1)
-    assert torch.allclose(ours, mse + 0.01 * kl, rtol=1e-5)
+    assert torch.allclose(ours, l1 + 0.01 * kl, rtol=1e-5)

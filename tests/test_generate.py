@@ -139,3 +139,33 @@ def test_unreadable_from_png(tmp_path, capsys, content):
     assert main(["--from-png", str(png), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--from-png {png} cannot be used" in err
+
+
+# ----------------------------------------------------------------------------- the bundled model
+
+
+def test_readme_first_command_uses_the_bundled_model_offline(tmp_path):
+    """No --model, no size, no network: the bundled plainxl-tiny at its own 64x64."""
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "sampling.generate", "--prompt", "1girl, blue hair, red eyes",
+                        "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (png,) = tmp_path.iterdir()
+    image = Image.open(png)
+    assert image.size == (64, 64) and "Size: 64x64, Model: plainxl-tiny" in image.info["parameters"]
+
+
+def test_bundled_model_file():
+    """Small, fp16, the tiny architecture, with its own VAE scaling factor."""
+    from dataclasses import replace
+
+    from models.loading import BUNDLED, load
+
+    path = BUNDLED["plainxl-tiny"]
+    assert path.stat().st_size <= 40 * 2**20
+    model = load("plainxl-tiny", dtype=None)
+    assert next(model.unet.parameters()).dtype == torch.float16
+    assert replace(model.config, vae=replace(model.config.vae, scaling_factor=TINY.vae.scaling_factor)) == TINY
+    assert model.config.vae.scaling_factor != TINY.vae.scaling_factor  # derived from its own latents

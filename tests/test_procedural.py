@@ -97,6 +97,16 @@ def test_default_distribution_covers_every_value_and_no_rare_one():
     assert not any(c.heterochromia for c in characters)
 
 
+def test_widened_distribution_adds_the_rare_values():
+    from data.procedural import HETEROCHROMIA_RATE, sample
+
+    characters = [sample(i, seed=4, widened=True)[2] for i in range(600)]
+    assert {c.accessory for c in characters} == set(ACCESSORIES)
+    share = np.mean([c.heterochromia for c in characters])
+    assert abs(share - HETEROCHROMIA_RATE) < 0.05
+    assert np.mean([c.accessory == "star hairpin" for c in characters]) > 0.1
+
+
 def test_background_dominates_and_fills_top_corners():
     for index in range(30):
         image, _, c = sample(index)

@@ -33,6 +33,10 @@ class TrainConfig:
         gradient_checkpointing: recompute UNet blocks in backward to save activation memory.
         checkpoint_every, keep_checkpoints, resume ("latest" or a checkpoint path).
         validation_prompt, validation_every: images on the main process, to TensorBoard and output_dir.
+        caption_dropout_rate: share of samples trained with zeroed text conditioning (context and pooled),
+            the unconditional prediction that classifier-free guidance's zero negative asks for (kohya's name).
+        caption_tag_dropout_rate, keep_tokens: drop each comma-separated tag of a prompt with this probability,
+            except the first keep_tokens tags (kohya's names; "tokens" are tags there too).
         snr_gamma: Min-SNR weighting (Hang et al. 2023); None turns it off. noise_offset: per-channel offset noise.
         export_dtype: dtype of output_dir/model.safetensors.
         class_sampler, class_steps, class_cfg: settings for generating class images.
@@ -69,6 +73,9 @@ class TrainConfig:
     resume: str | None = None
     validation_prompt: str | None = None
     validation_every: int = 200
+    caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0
+    keep_tokens: int = 0
     snr_gamma: float | None = None
     noise_offset: float = 0.0
     export_dtype: str = "fp16"

@@ -39,7 +39,7 @@ from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import ConfigError, load_config, save_config
 
 INSTANCE, CLASS = 0, 1  # kinds of sample
-NOISE, TIMESTEP, LATENT, OFFSET = 1, 2, 3, 4  # generator streams of one sample (0: augmentation)
+NOISE, TIMESTEP, LATENT, OFFSET, TAGS, CAPTION = 1, 2, 3, 4, 5, 6  # generator streams of a sample (0: augmentation)
 
 
 def trainable_parameters(model, patterns, task="dreambooth"):
@@ -79,16 +79,19 @@ class TrainStep(nn.Module):
         self.unet, self.text_encoder_1, self.text_encoder_2 = model.unet, model.text_encoder_1, model.text_encoder_2
         self.micro_cond_dim = model.config.unet.micro_cond_dim
 
-    def forward(self, tokens_1, tokens_2, numbers, noisy, t, target, weight):
+    def forward(self, tokens_1, tokens_2, numbers, noisy, t, target, weight, text_kept):
         context, pooled = encode_text(self.text_encoder_1, self.text_encoder_2, tokens_1, tokens_2)  # (N, 77, C), (N, P)
+        # Caption dropout zeroes the text conditioning, as the pipeline's zero negative does at inference.
+        context, pooled = context * text_kept[:, None, None], pooled * text_kept[:, None]
         prediction = self.unet(noisy, t, context, vector_condition(pooled, numbers, self.micro_cond_dim))
         return ((prediction.float() - target.float()) ** 2).mean(dim=(1, 2, 3)) * weight  # (N,)
 
 
 class VAEStep(nn.Module):
-    """The "vae" task, for pretraining a VAE with this same loop: reconstruction MSE + kl_weight * KL.
+    """The "vae" task, for pretraining a VAE with this same loop: reconstruction L1 + kl_weight * KL.
 
-    (sgm also adds a perceptual and a GAN loss; the procedural images of the bundled model need neither.)"""
+    L1 as sgm's VAE loss has it: it keeps small details (a mouth's curve, an eye's hue) that MSE blurs
+    away. (sgm also adds a perceptual and a GAN loss; the flat procedural images do without.)"""
 
     def __init__(self, vae, kl_weight):
         super().__init__()
@@ -98,7 +101,7 @@ class VAEStep(nn.Module):
         mean, logvar = self.vae.encode(pixels)  # (N, z, h, w) each
         reconstruction = self.vae.decode(mean + torch.exp(0.5 * logvar) * eps)
         kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3))  # KL(q(z|x) || N(0, I))
-        return ((reconstruction.float() - pixels) ** 2).mean(dim=(1, 2, 3)) + self.kl_weight * kl  # (N,)
+        return (reconstruction.float() - pixels).abs().mean(dim=(1, 2, 3)) + self.kl_weight * kl  # (N,)
 
 
 def make_vae_batch(config, data, model, step, j0, device):
@@ -177,10 +180,22 @@ def make_batch(config, data, model, tokenizers, acp, step, j0, device):
     if config.snr_gamma is not None:  # Min-SNR-gamma (Hang et al. 2023), per sample
         snr = (a / (1 - a)).flatten()
         weight = torch.minimum(snr, torch.full_like(snr, config.snr_gamma)) / (snr + 1 if v_pred else snr)
-    prompts = [folder.prompts[i] for folder, i in picks]
+    prompts = [drop_tags(folder.prompts[i], config.caption_tag_dropout_rate, config.keep_tokens, g)
+               for (folder, i), g in zip(picks, gens(TAGS))]
     tokens_1 = tokenize(tokenizers[0], prompts).to(device)
     tokens_2 = tokenize(tokenizers[1], prompts).to(device)
-    return tokens_1, tokens_2, numbers, noisy, t.float(), target, weight
+    text_kept = torch.tensor([float(torch.rand(1, generator=g) >= config.caption_dropout_rate) for g in gens(CAPTION)],
+                             device=device)  # (n,) 0 where the caption is dropped
+    return tokens_1, tokens_2, numbers, noisy, t.float(), target, weight, text_kept
+
+
+def drop_tags(prompt, rate, keep, generator):
+    """The prompt without each of its comma-separated tags, past the first `keep`, with probability `rate`."""
+    if rate == 0:
+        return prompt
+    tags = [tag.strip() for tag in prompt.split(",")]
+    draws = torch.rand(len(tags), generator=generator).tolist()
+    return ", ".join(tag for i, (tag, u) in enumerate(zip(tags, draws)) if i < keep or u >= rate)
 
 
 def world_size():
