@@ -60,6 +60,9 @@ BUNDLED = {"plainxl-tiny": Path(__file__).with_name("plainxl-tiny.safetensors")}
 def resolve(source):
     """A local path as it is; "plainxl-tiny" the bundled model; a repo id through the Hugging Face cache (models.hub)."""
     if str(source) in BUNDLED:
+        if not BUNDLED[str(source)].is_file():
+            raise LoadError(f"the bundled model {source} is missing from this install ({BUNDLED[str(source)]}); "
+                            "reinstall plainxl, or train it as the README's 'Reproducing it' says.")
         return BUNDLED[str(source)]
     path = Path(source).expanduser()
     if path.exists():
