@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).parents[1] / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_every_notebook_is_collected():
@@ -14,11 +15,12 @@ def test_every_notebook_is_collected():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_and_its_asserts_hold(path, tmp_path):
+def test_notebook_runs_and_its_asserts_hold(path, tmp_path, monkeypatch):
     import nbformat
     from nbclient import NotebookClient
 
     notebook = nbformat.read(path, as_version=4)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the kernel imports this checkout, whatever is installed
     # Run in a scratch folder: whatever a notebook writes stays out of the repository.
     NotebookClient(notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs if o.output_type == "error"]
