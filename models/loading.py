@@ -7,6 +7,7 @@ a LoadError: one sentence naming the problem and the fix. Pickle files are refus
 """
 
 import json
+import math
 import mmap
 import os
 import re
@@ -271,6 +272,9 @@ def _infer_vae(s):
         in_channels=in_channels, out_channels=s["decoder.conv_out.weight"][0], ch=ch,
         ch_mult=tuple(s[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels)),
         num_res_blocks=_count(s, r"encoder\.down\.0\.block\.(\d+)\."), z_channels=s["post_quant_conv.weight"][0],
+        # Shapes do not store the GroupNorm group count: SDXL's 32 where the width allows, else the most
+        # groups that divide it (a guess for narrow VAEs; our own files carry the true count in metadata).
+        norm_groups=math.gcd(32, ch),
     )
 
 

@@ -363,7 +363,7 @@ def test_min_snr_weights_by_hand(setup):
     data = {"instance": ImageFolder(setup / "instance", "1girl, sks"), "class": ImageFolder(setup / "class", "1girl")}
     acp = alphas_cumprod()
     config = TrainConfig(batch_size=3, resolution=32, snr_gamma=5.0)
-    *_, t, _, weight = make_batch(config, data, model, load_tokenizers(), acp, step=1, j0=0, device="cpu")
+    *_, t, _, weight, _ = make_batch(config, data, model, load_tokenizers(), acp, step=1, j0=0, device="cpu")
     snr = acp[t.long()] / (1 - acp[t.long()])
     assert torch.allclose(weight, torch.clamp(snr, max=5.0) / snr)  # per sample, so per pair at any batch size
     assert weight.shape == (6,) and (weight < 1).any() and (weight == 1).any()

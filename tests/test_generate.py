@@ -93,7 +93,10 @@ def test_cli_batch_then_from_png_reproduces_an_image(model_file, tmp_path, capsy
     assert main(["--from-png", str(files[1]), "--out", str(out)]) == 0
     again = sorted(out.iterdir())[-1]
     assert again.name == "00002-8.png"
-    assert np.array_equal(np.asarray(Image.open(again)), np.asarray(Image.open(files[1])))
+    # Same noise, same settings; a batch of 1 instead of 2 may round differently (convolution algorithms
+    # are chosen per batch size: 2e-5 in the VAE decode here), so up to one level of 255.
+    diff = np.abs(np.asarray(Image.open(again), dtype=int) - np.asarray(Image.open(files[1]), dtype=int))
+    assert diff.max() <= 1 and diff.mean() < 0.01
     assert Image.open(again).info["parameters"] == text
 
 
