@@ -28,6 +28,14 @@ def prompt_fidelity(pipe, count=100, seed=1000, steps=20, cfg=5.0, sampler="eule
     return classifier.tag_accuracy(model, images, asked), classifier.tag_accuracy(model, images, others), images
 
 
+def grid(images, columns, side=128):
+    """One sheet of images in rows of `columns`, each scaled to side x side (nearest: pixels stay sharp)."""
+    sheet = Image.new("RGB", (columns * side, side * -(-len(images) // columns)), "white")
+    for i, image in enumerate(images):
+        sheet.paste(image.resize((side, side), Image.Resampling.NEAREST), (side * (i % columns), side * (i // columns)))
+    return sheet
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m data.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
@@ -43,10 +51,7 @@ def main(argv=None):
         rng = np.random.default_rng(args.seed)  # prompt_fidelity's prompts, in its order
         for i in range(min(16, args.count)):
             print(f"{i:2d}: {procedural.caption(procedural.random_character(rng))}")
-        sheet = Image.new("RGB", (512, 128 * -(-min(16, len(images)) // 4)), "white")
-        for i, image in enumerate(images[:16]):
-            sheet.paste(image.resize((128, 128), Image.Resampling.NEAREST), (128 * (i % 4), 128 * (i // 4)))
-        sheet.save(args.grid)
+        grid(images[:16], columns=4).save(args.grid)
     print(f"{'attribute':>12} | own prompt | random prompt")
     for name in own:
         print(f"{name:>12} | {own[name]:10.3f} | {baseline[name]:13.3f}")

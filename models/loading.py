@@ -60,11 +60,12 @@ BUNDLED = {"plainxl-tiny": Path(__file__).with_name("plainxl-tiny.safetensors")}
 
 def resolve(source):
     """A local path as it is; "plainxl-tiny" the bundled model; a repo id through the Hugging Face cache (models.hub)."""
-    if str(source) in BUNDLED:
-        if not BUNDLED[str(source)].is_file():
-            raise LoadError(f"the bundled model {source} is missing from this install ({BUNDLED[str(source)]}); "
+    bundled = BUNDLED.get(str(source))
+    if bundled is not None:
+        if not bundled.is_file():
+            raise LoadError(f"the bundled model {source} is missing from this install ({bundled}); "
                             "reinstall plainxl, or train it as the README's 'Reproducing it' says.")
-        return BUNDLED[str(source)]
+        return bundled
     path = Path(source).expanduser()
     if path.exists():
         return path
@@ -262,6 +263,7 @@ def _infer_unet(s, pooled_dim, num_numbers):
         transformer_depth=tuple(level[0][1] for level in levels),
         transformer_depth_middle=depth("middle_block.1"), transformer_depth_output=out_depths,
         context_dim=context, adm_in_channels=adm, micro_cond_dim=(adm - pooled_dim) // num_numbers,
+        norm_groups=_norm_groups(mc),
     )
 
 
@@ -272,10 +274,14 @@ def _infer_vae(s):
         in_channels=in_channels, out_channels=s["decoder.conv_out.weight"][0], ch=ch,
         ch_mult=tuple(s[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels)),
         num_res_blocks=_count(s, r"encoder\.down\.0\.block\.(\d+)\."), z_channels=s["post_quant_conv.weight"][0],
-        # Shapes do not store the GroupNorm group count: SDXL's 32 where the width allows, else the most
-        # groups that divide it (a guess for narrow VAEs; our own files carry the true count in metadata).
-        norm_groups=math.gcd(32, ch),
+        norm_groups=_norm_groups(ch),
     )
+
+
+def _norm_groups(channels):
+    """Shapes do not store the GroupNorm group count: SDXL's 32 where the width allows, else the most
+    groups that divide it (a guess for narrow models; our own files carry the true count in metadata)."""
+    return math.gcd(32, channels)
 
 
 def _infer_clip(s):

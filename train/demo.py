@@ -26,9 +26,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from data import classifier
+from data import classifier, evaluate
 from data.procedural import BACKGROUNDS, EXPRESSIONS, Character, draw
 from sampling.pipeline import Pipeline, Settings
 from train import dreambooth
@@ -94,14 +93,8 @@ def measure(pipe, reader, count=64, seed=10_000):
 
 def grid(rows, per_kind=4, scale=2):
     """One row per model: per_kind images each of subject, context and class, scaled up `scale` times."""
-    side = 64 * scale
-    columns = 3 * per_kind
-    sheet = Image.new("RGB", (columns * side, len(rows) * side), "white")
-    for r, images in enumerate(rows):
-        chosen = [im for kind in ("subject", "context", "class") for im in images[kind][:per_kind]]
-        for c, image in enumerate(chosen):
-            sheet.paste(image.resize((side, side), Image.Resampling.NEAREST), (c * side, r * side))
-    return sheet
+    chosen = [im for images in rows for kind in ("subject", "context", "class") for im in images[kind][:per_kind]]
+    return evaluate.grid(chosen, columns=3 * per_kind, side=64 * scale)
 
 
 def table(results):

@@ -129,12 +129,14 @@ class EncodedImages:
 
 
 @torch.no_grad()
-def encode_images(model, images, config, device, chunk=64):
-    """Every image of an ImageFolder, center-cropped and unflipped as cache_latents requires, encoded once."""
+def encode_images(model, images, config, device, chunk=64, count=None):
+    """The first `count` (default: every) image of an ImageFolder, center-cropped and unflipped as
+    cache_latents requires, encoded once."""
+    count = len(images) if count is None else min(count, len(images))
     parts, numbers = [], []
-    for start in range(0, len(images), chunk):
+    for start in range(0, count, chunk):
         examples = [images.example(i, config.resolution, True, False, torch.Generator())
-                    for i in range(start, min(start + chunk, len(images)))]
+                    for i in range(start, min(start + chunk, count))]
         parts.append(model.vae.encode(torch.stack([e.pixels for e in examples]).to(device)))
         numbers += [[*e.original_size, *e.crop_top_left, *e.target_size] for e in examples]
     mean, logvar = (torch.cat(p) for p in zip(*parts))
@@ -370,19 +372,15 @@ def set_scaling_factor(model, images, config, device, count=256):
     """Give the trained VAE the scaling_factor that makes its latents unit-variance for the UNet:
     1 / std of latents sampled from the first `count` images (how Rombach et al. got SD's 0.18215)."""
     model.vae.eval()
-    latents, step = [], config.max_steps  # generators of a step the run never reached
-    for start in range(0, min(count, len(images)), 64):
-        indices = range(start, min(start + 64, count, len(images)))
-        examples = [images.example(i, config.resolution, True, False, sample_generator(config.seed, step, i, 0))
-                    for i in indices]
-        pixels = torch.stack([e.pixels for e in examples]).to(device)  # (n, 3, R, R)
-        mean, logvar = model.vae.encode(pixels)
-        eps = torch.randn(mean.shape, generator=sample_generator(config.seed, step, start, LATENT)).to(device)
-        latents.append(mean + torch.exp(0.5 * logvar) * eps)
-    factor = round(1 / torch.cat(latents).std().item(), 5)
+    encoded = encode_images(model, images, config, device, chunk=64, count=count)
+    n, step = len(encoded.mean), config.max_steps  # noise from generators of a step the run never reached
+    eps = torch.cat([torch.randn(encoded.mean[start:start + 64].shape,
+                                 generator=sample_generator(config.seed, step, start, LATENT)) for start in range(0, n, 64)])
+    latents = encoded.mean + torch.exp(0.5 * encoded.logvar) * eps.to(device)
+    factor = round(1 / latents.std().item(), 5)
     model.config = replace(model.config, vae=replace(model.config.vae, scaling_factor=factor))
     model.vae.config = model.config.vae
-    print(f"VAE scaling_factor: {factor} (1 / std of the latents of {sum(len(l) for l in latents)} images)")
+    print(f"VAE scaling_factor: {factor} (1 / std of the latents of {n} images)")
 
 
 def validate(model, config, step, out, writer):
