@@ -1,22 +1,21 @@
 """Reading and writing diffusers-layout folders (unet/, vae/, text_encoder/, text_encoder_2/, ...).
 
 The architecture comes from each component's config.json, translated here to our config dataclasses
-(and back when saving); tensor names go through models.convert, the one converter.
+(and back when saving); tensor names go through models.keys, the one name map. Whether the UNet
+predicts eps or v, and on which betas, comes from scheduler/scheduler_config.json.
 """
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from models import convert, text, unet, vae
-from models.loading import DTYPES, LoadError, _atomic_target, _open, _state_dicts, check_tensors, read_tensors
-from models.sdxl import SDXL, SDXLConfig
-from sampling.schedule import SDXL_SCHEDULER_CONFIG
+from models import keys, text, unet, vae
+from models.files import DTYPES, LoadError, atomic_folder, check_destination, open_safetensors, read_tensors
+from models.sdxl import SDXL, SDXLConfig, scheduler_config
+from models.single_file import check_tensors, state_dicts
+from models.tokenizer import load_tokenizers, save_tokenizers
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                 "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors")
@@ -172,7 +171,7 @@ def _read_weights(folder, dtype):
             raise LoadError(f"{folder} has no .safetensors weights; the download is incomplete.")
     tensors = {}
     for file in files:
-        with _open(file) as f:
+        with open_safetensors(file) as f:
             names = list(f.keys())
         tensors.update(read_tensors(file, names, dtype))
     return tensors
@@ -197,30 +196,34 @@ def load_diffusers(path, dtype=None):
     if (path / "model_index.json").exists():
         _refuse_other_models(path, _read_json(path / "model_index.json"))
     has_te1 = (path / "text_encoder" / "config.json").exists()
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler = _read_json(scheduler_file) if scheduler_file.exists() else {}
     try:
         cfg = SDXLConfig(
             unet=unet_config_from_diffusers(_read_json(path / "unet" / "config.json")),
             vae=vae_config_from_diffusers(_read_json(path / "vae" / "config.json")),
             text_encoder_1=text_config_from_hf(_read_json(path / "text_encoder" / "config.json")) if has_te1 else None,
             text_encoder_2=text_config_from_hf(_read_json(path / "text_encoder_2" / "config.json")),
+            prediction_type=scheduler.get("prediction_type", "epsilon"),
+            zero_terminal_snr=bool(scheduler.get("rescale_betas_zero_snr", False)),
         )
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise LoadError(f"{path} has configs plainxl cannot read as SDXL ({e}); is it an SDXL model?") from None
     with torch.device("meta"):
         model = SDXL(cfg)
 
     R = cfg.unet.num_res_blocks
     to_diffusers = {
-        "unet": lambda sd: convert.unet_to_diffusers(sd, R),
-        "vae": convert.vae_to_diffusers,
+        "unet": lambda sd: keys.unet_to_diffusers(sd, R),
+        "vae": keys.vae_to_diffusers,
         "text_encoder_1": lambda sd: sd,  # CLIP-L has transformers' names in both layouts
-        "text_encoder_2": convert.openclip_to_hf,
+        "text_encoder_2": keys.openclip_to_hf,
     }
     from_diffusers = {
-        "unet": lambda sd, names: convert.unet_from_diffusers(sd, names, R),
-        "vae": convert.vae_from_diffusers,
+        "unet": lambda sd, names: keys.unet_from_diffusers(sd, names, R),
+        "vae": keys.vae_from_diffusers,
         "text_encoder_1": lambda sd, names: {n: sd[n] for n in names},
-        "text_encoder_2": convert.openclip_from_hf,
+        "text_encoder_2": keys.openclip_from_hf,
     }
     folders = {"unet": "unet", "vae": "vae", "text_encoder_1": "text_encoder", "text_encoder_2": "text_encoder_2"}
     for component, folder in folders.items():
@@ -240,43 +243,60 @@ def load_diffusers(path, dtype=None):
 # ----------------------------------------------------------------------------- saving
 
 
+def is_model_folder(path):
+    """A folder save_diffusers could have written (so --overwrite may replace it)."""
+    return (Path(path) / "model_index.json").is_file() or (Path(path) / "unet" / "config.json").is_file()
+
+
 def save_diffusers(model, dst, dtype=None, overwrite=False):
     """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder*/, tokenizer*/, scheduler/).
 
     It is assembled under a temporary name beside dst and renamed into place at the end.
     """
-    from models.tokenizer import load_tokenizers, save_tokenizers
-
-    dst = _atomic_target(dst, overwrite)
+    dst = check_destination(dst, overwrite, "folder", is_model_folder)
     dtype = DTYPES.get(dtype, dtype)
     cfg = model.config
-    sds = _state_dicts(model, dtype)
+    sds = state_dicts(model, dtype)
     stored_dtype = next(iter(sds["unet"].values())).dtype
     parts = {  # folder: (config, weights file name, tensors in diffusers names)
         "unet": (unet_config_to_diffusers(cfg.unet), "diffusion_pytorch_model.safetensors",
-                 convert.unet_to_diffusers(sds["unet"], cfg.unet.num_res_blocks)),
+                 keys.unet_to_diffusers(sds["unet"], cfg.unet.num_res_blocks)),
         "vae": (vae_config_to_diffusers(cfg.vae), "diffusion_pytorch_model.safetensors",
-                convert.vae_to_diffusers(sds["vae"])),
+                keys.vae_to_diffusers(sds["vae"])),
         "text_encoder_2": (text_config_to_hf(cfg.text_encoder_2, stored_dtype), "model.safetensors",
-                           convert.openclip_to_hf(sds["text_encoder_2"])),
+                           keys.openclip_to_hf(sds["text_encoder_2"])),
     }
     if cfg.text_encoder_1 is not None:
         parts["text_encoder"] = (text_config_to_hf(cfg.text_encoder_1, stored_dtype), "model.safetensors",
                                  sds["text_encoder_1"])
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp"))
-    try:
+    with atomic_folder(dst) as tmp:
         for folder, (config, filename, tensors) in parts.items():
             (tmp / folder).mkdir()
             (tmp / folder / "config.json").write_text(json.dumps(config, indent=2))
             save_file(tensors, tmp / folder / filename, metadata={"format": "pt"})
         (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER_CONFIG, indent=2))
+        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(cfg), indent=2))
         (tmp / "model_index.json").write_text(json.dumps(model_index(cfg), indent=2))
         tokenizer_1, tokenizer_2 = load_tokenizers()
         save_tokenizers(tokenizer_1 if cfg.text_encoder_1 else None, tokenizer_2, tmp)
-        if dst.exists():  # only reached with overwrite=True
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+
+
+def load_vae_folder(path, dtype=None):
+    """A diffusers VAE folder (config.json + weights, e.g. madebyollin/sdxl-vae-fp16-fix), or a model
+    folder's vae/ -> AutoencoderKL."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "vae" / "config.json").exists():
+        path = path / "vae"
+    if not (path / "config.json").exists():
+        raise LoadError(f"{path} has no config.json; pass a diffusers VAE folder or a VAE .safetensors file.")
+    try:
+        cfg = vae_config_from_diffusers(_read_json(path / "config.json"))
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise LoadError(f"{path / 'config.json'} is not an SDXL VAE config ({e}).") from None
+    with torch.device("meta"):
+        module = vae.AutoencoderKL(cfg)
+    weights = _read_weights(path, dtype)
+    expected = {k: v.shape for k, v in keys.vae_to_diffusers(module.state_dict()).items()}
+    check_tensors({k: v.shape for k, v in weights.items()}, expected, str(path))
+    module.load_state_dict(keys.vae_from_diffusers(weights, list(module.state_dict())), strict=True, assign=True)
+    return module

@@ -1,15 +1,21 @@
-"""Hugging Face repo ids -> local paths, through huggingface_hub's usual cache (honours HF_HUB_OFFLINE)."""
+"""Hugging Face repo ids -> local paths, through huggingface_hub's usual cache (honours HF_HUB_OFFLINE).
 
+Without a network the cache is used as it is: the hub is probed once (one TCP connect, 3 s at most),
+instead of letting the HTTP client retry for half a minute and end in a traceback.
+"""
+
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
     EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
-from huggingface_hub.constants import HF_HUB_CACHE
+from huggingface_hub.constants import ENDPOINT, HF_HUB_CACHE, HF_HUB_OFFLINE
 
-from models.loading import LoadError
+from models.files import LoadError
 
 # Repos whose preferred download is one official single file rather than the diffusers folders.
 DEFAULT_FILES = {
@@ -23,14 +29,18 @@ def download(source):
     """"owner/name" or "owner/name/file.safetensors" -> a cached file or diffusers folder (downloaded if needed)."""
     parts = source.split("/")
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or DEFAULT_FILES.get("/".join(parts[:2]))
+    online = not HF_HUB_OFFLINE and _reachable()
     try:
         if filename:
-            return Path(hf_hub_download(repo_id, filename))
+            return Path(hf_hub_download(repo_id, filename, local_files_only=not online))
+        if not online:
+            return _pick(Path(snapshot_download(repo_id, local_files_only=True)), repo_id)
         return _download_model(repo_id)
     except (OfflineModeIsEnabled, LocalEntryNotFoundError):
+        why = "HF_HUB_OFFLINE is set" if HF_HUB_OFFLINE else f"there is no network to {urlparse(ENDPOINT).hostname}"
         raise LoadError(
-            f"{source} is not a local path, nor in the Hugging Face cache ({HF_HUB_CACHE}), and the hub cannot be reached "
-            "(HF_HUB_OFFLINE is set or there is no network); download it once with internet, or pass a local path."
+            f"{source} is not a local path, nor in the Hugging Face cache ({HF_HUB_CACHE}), and the hub cannot be "
+            f"reached ({why}; HF_HUB_OFFLINE=1 skips the hub); download it once with internet, or pass a local path."
         ) from None
     except GatedRepoError:
         raise LoadError(f"{repo_id} is gated; accept its licence on the hub and log in with `hf auth login`.") from None
@@ -39,8 +49,23 @@ def download(source):
                         "(if the repo is private, log in with `hf auth login`).") from None
     except EntryNotFoundError:
         raise LoadError(f"{repo_id} has no file {filename}; check the name on the repo's Files page.") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise LoadError(f"downloading {source} failed ({e}); check the network and try again.") from None
+    except Exception as e:  # the HTTP client's own errors (httpx, requests) differ between hub versions
+        if isinstance(e, (HfHubHTTPError, OSError)) or type(e).__module__.split(".")[0] in HTTP_CLIENTS:
+            raise LoadError(f"downloading {source} failed ({e}); check the network and try again.") from None
+        raise
+
+
+HTTP_CLIENTS = ("httpx", "httpx2", "requests", "urllib3")
+
+
+def _reachable(timeout=3.0):
+    """Whether a TCP connection to the hub's host opens (DNS included)."""
+    url = urlparse(ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _download_model(repo_id):

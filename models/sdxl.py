@@ -1,5 +1,6 @@
 """The whole SDXL model: UNet, VAE and text encoders under the names the trainer's patterns use
-(`unet.*`, `vae.*`, `text_encoder_1.*`, `text_encoder_2.*`), plus the official file's prefixes."""
+(`unet.*`, `vae.*`, `text_encoder_1.*`, `text_encoder_2.*`), the official file's prefixes, and the
+noise schedule the model was trained with (the official scheduler config, v-prediction variants)."""
 
 from dataclasses import dataclass
 
@@ -9,12 +10,26 @@ from models import text, unet, vae
 from models.conditioning import encode_text
 
 
+# The official SDXL scheduler config (spec 5.1): `scheduler/scheduler_config.json` of the base model.
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "timestep_spacing": "leading",
+    "steps_offset": 1, "interpolation_type": "linear", "use_karras_sigmas": False, "clip_sample": False,
+    "set_alpha_to_one": False, "skip_prk_steps": True, "sample_max_value": 1.0, "trained_betas": None,
+}
+# Marker tensors (empty) in a single file, as NoobAI-XL's v-pred releases carry them and ComfyUI and
+# AUTOMATIC1111 detect them: the UNet predicts v; the betas were rescaled to zero terminal SNR.
+V_PRED_MARKER, ZTSNR_MARKER = "v_pred", "ztsnr"
+
+
 @dataclass(frozen=True)
 class SDXLConfig:
     unet: unet.UNetConfig
     vae: vae.VAEConfig
     text_encoder_1: text.TextEncoderConfig | None  # CLIP-L; None for the refiner
     text_encoder_2: text.TextEncoderConfig  # OpenCLIP bigG
+    prediction_type: str = "epsilon"  # what the UNet predicts: "epsilon" (SDXL) or "v_prediction"
+    zero_terminal_snr: bool = False  # betas rescaled so the last timestep is pure noise (Lin et al. 2024)
 
     def __post_init__(self):
         # The UNet's input widths are set by the text encoders; a preset that disagrees is a bug.
@@ -25,6 +40,9 @@ class SDXLConfig:
         if self.unet.adm_in_channels != vector:
             raise ValueError(f"UNet adm_in_channels {self.unet.adm_in_channels} != pooled + size embeddings {vector}")
 
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type {self.prediction_type!r} is not 'epsilon' or 'v_prediction'")
+
     @property
     def num_size_numbers(self):
         """6 for base models (orig h, w, crop top, left, target h, w); 5 for the refiner (aesthetic score)."""
@@ -34,6 +52,16 @@ class SDXLConfig:
 BASE = SDXLConfig(unet.SDXL_BASE, vae.SDXL_VAE, text.CLIP_L, text.OPENCLIP_BIGG)
 REFINER = SDXLConfig(unet.SDXL_REFINER, vae.SDXL_VAE, None, text.OPENCLIP_BIGG)
 TINY = SDXLConfig(unet.TINY, vae.TINY_VAE, text.TINY_CLIP_L, text.TINY_OPENCLIP_BIGG)
+
+
+def scheduler_config(cfg):
+    """The diffusers scheduler config the model samples with: SDXL's, with v-prediction and zero terminal
+    SNR where the model has them (trailing spacing then, so the first step starts from pure noise, as
+    Lin et al. 2024 and diffusers' rescale_betas_zero_snr docs prescribe)."""
+    config = {**SDXL_SCHEDULER_CONFIG, "prediction_type": cfg.prediction_type}
+    if cfg.zero_terminal_snr:
+        config |= {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    return config
 
 
 def single_file_prefixes(cfg):
@@ -55,6 +83,9 @@ class SDXL(nn.Module):
         self.vae = vae.AutoencoderKL(cfg.vae)
         self.text_encoder_1 = text.CLIPTextEncoder(cfg.text_encoder_1) if cfg.text_encoder_1 else None
         self.text_encoder_2 = text.OpenCLIPTextEncoder(cfg.text_encoder_2)
+        # Tensors of the file it was loaded from that no module holds (marker keys, CLIP's position_ids
+        # and logit_scale): kept so that an export loses nothing it did not change. Not parameters.
+        self.extra_tensors = {}
 
     def encode_text(self, tokens_1, tokens_2):
         """Token ids (B, 77) of each tokenizer -> context (B, 77, context_dim), pooled (B, P)."""

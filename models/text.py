@@ -33,6 +33,13 @@ class TextEncoderConfig:
     def __post_init__(self):
         if self.act not in ("quick_gelu", "gelu"):
             raise ValueError(f"TextEncoderConfig.act is {self.act!r}; use 'quick_gelu' or 'gelu'.")
+        sizes = dict(vocab_size=self.vocab_size, context_length=self.context_length, width=self.width,
+                     mlp_dim=self.mlp_dim, heads=self.heads)
+        if any(v < 1 for v in sizes.values()) or self.layers < 2:  # SDXL reads the second-to-last layer
+            raise ValueError(f"a text encoder needs positive sizes and at least 2 layers (got {sizes}, "
+                             f"layers={self.layers})")
+        if self.width % self.heads:
+            raise ValueError(f"a text encoder's {self.heads} heads do not divide its width {self.width}")
 
 
 CLIP_L = TextEncoderConfig(49408, 77, 768, 12, 12, 3072, "quick_gelu", None)

@@ -59,6 +59,26 @@ class UNetConfig:
         default = tuple(d for d in reversed(self.transformer_depth) for _ in range(self.num_res_blocks + 1))
         if self.transformer_depth_output is not None and tuple(self.transformer_depth_output) == default:
             object.__setattr__(self, "transformer_depth_output", None)  # the dataclass is frozen
+        self.validate()
+
+    def validate(self):
+        """ValueError naming the first field that cannot make a UNet (a config.json can say anything)."""
+        levels = len(self.channel_mult)
+        sizes = dict(in_channels=self.in_channels, out_channels=self.out_channels, model_channels=self.model_channels,
+                     num_res_blocks=self.num_res_blocks, context_dim=self.context_dim, head_channels=self.head_channels,
+                     micro_cond_dim=self.micro_cond_dim, norm_groups=self.norm_groups, sample_size=self.sample_size)
+        if levels == 0 or min(self.channel_mult) < 1 or min(sizes.values()) < 1:
+            raise ValueError(f"a UNet needs at least one level and positive sizes (got channel_mult="
+                             f"{self.channel_mult}, {sizes})")
+        if len(self.transformer_depth) != levels or len(self.output_depths()) != levels * (self.num_res_blocks + 1):
+            raise ValueError(f"the UNet's attention depths {self.transformer_depth} do not match its {levels} levels")
+        if min(*self.transformer_depth, self.transformer_depth_middle, *self.output_depths()) < 0:
+            raise ValueError("the UNet's attention depths must not be negative")
+        for mult, depth in zip(self.channel_mult, self.transformer_depth):
+            channels = self.model_channels * mult
+            if channels % self.norm_groups or (depth and channels % self.head_channels):
+                raise ValueError(f"{channels} UNet channels are not divisible into {self.norm_groups} GroupNorm "
+                                 f"groups and {self.head_channels}-channel attention heads")
 
     def output_depths(self):
         if self.transformer_depth_output is not None:

@@ -43,6 +43,16 @@ class VAEConfig:
     norm_groups: int = 32
     scaling_factor: float = 0.13025  # latent * scaling_factor is what the UNet sees (SD1.x: 0.18215)
 
+    def __post_init__(self):
+        sizes = dict(in_channels=self.in_channels, out_channels=self.out_channels, ch=self.ch,
+                     num_res_blocks=self.num_res_blocks, z_channels=self.z_channels, norm_groups=self.norm_groups)
+        if not self.ch_mult or min(self.ch_mult) < 1 or min(sizes.values()) < 1:
+            raise ValueError(f"a VAE needs at least one level and positive sizes (got ch_mult={self.ch_mult}, {sizes})")
+        if any(self.ch * m % self.norm_groups for m in self.ch_mult):
+            raise ValueError(f"the VAE's {self.norm_groups} GroupNorm groups do not divide its widths")
+        if not 0 < self.scaling_factor < float("inf"):
+            raise ValueError(f"the VAE's scaling_factor must be a positive number (got {self.scaling_factor})")
+
 
 SDXL_VAE = VAEConfig()
 # Same depth as SDXL (8x down-sampling, so latent sizes match a real pipeline), widths 16..128 instead of

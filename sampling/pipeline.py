@@ -13,11 +13,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from models.conditioning import size_numbers, vector_condition
-from models.loading import DTYPES, load, resolve
+from models.loading import load, resolve
+from models.sdxl import scheduler_config as models_scheduler_config
 from models.tokenizer import load_tokenizers
 from sampling.prompts import encode_prompts, num_chunks
 from sampling.samplers import SAMPLERS
-from sampling.schedule import SDXL_SCHEDULER_CONFIG, make_schedule
+from sampling.schedule import make_schedule
 
 
 @dataclass
@@ -95,7 +96,8 @@ class Pipeline:
             # The SDXL VAE overflows in fp16 (NaN -> black images): keep it in float32, once (+167 MB).
             model.vae.float()
         self.tokenizers = load_tokenizers()
-        self.scheduler_config = scheduler_config or SDXL_SCHEDULER_CONFIG
+        # A folder's own scheduler config if it has one, else the one the model was trained with (v-pred aware).
+        self.scheduler_config = scheduler_config or models_scheduler_config(model.config)
 
     @classmethod
     def load(cls, source, dtype="fp32", device="cpu"):

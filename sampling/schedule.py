@@ -22,20 +22,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-# The official SDXL scheduler config (spec 5.1): `scheduler/scheduler_config.json` of the base model.
-SDXL_SCHEDULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085, "beta_end": 0.012, "prediction_type": "epsilon", "timestep_spacing": "leading",
-    "steps_offset": 1, "interpolation_type": "linear", "use_karras_sigmas": False, "clip_sample": False,
-    "set_alpha_to_one": False, "skip_prk_steps": True, "sample_max_value": 1.0, "trained_betas": None,
-}
+from models.sdxl import SDXL_SCHEDULER_CONFIG  # re-exported: the schedule's defaults
 
 SAMPLER_NAMES = ("euler", "euler_a", "dpmpp_2m", "ddim", "ddpm")
 SPACINGS = ("leading", "trailing", "linspace")
 
 # Config values that would change outputs in ways not implemented here, per sampler that reads them:
 # {key: the only value we implement}. Keys a scheduler does not read are ignored, as diffusers ignores them.
-_COMMON = {"rescale_betas_zero_snr": False, "trained_betas": None}
+_COMMON = {"trained_betas": None}
+# Zero terminal SNR makes the last training timestep pure noise: sigma = inf. The sigma-space samplers
+# here follow diffusers' Euler and DPM-Solver, which move alpha_bar[-1] from 0 to 2**-24 (sigma ~ 4096);
+# diffusers' DDIM and DDPM step on alpha_bar = 0 itself, which sigma space cannot represent.
+_NO_ZERO_SNR = {"rescale_betas_zero_snr": False}
 _EULER = {"interpolation_type": "linear", "timestep_type": "discrete", "final_sigmas_type": "zero",
           "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None, "sigma_max": None}
 _ONLY = {
@@ -47,19 +45,29 @@ _ONLY = {
                  "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
                  "use_flow_sigmas": False, "use_dynamic_shifting": False},
     # clip_sample clamps x0 to [-1, 1]: meant for pixel-space models, wrong for SDXL latents (spec 5.7).
-    "ddim": {**_COMMON, "clip_sample": False, "thresholding": False},
-    "ddpm": {**_COMMON, "clip_sample": False, "thresholding": False, "variance_type": "fixed_small"},
+    "ddim": {**_COMMON, **_NO_ZERO_SNR, "clip_sample": False, "thresholding": False},
+    "ddpm": {**_COMMON, **_NO_ZERO_SNR, "clip_sample": False, "thresholding": False, "variance_type": "fixed_small"},
 }
 
 
-def alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"):
-    """alpha_bar_t for t = 0..T-1, (T,) float32, computed in float32 exactly as diffusers does."""
+def alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   zero_terminal_snr=False):
+    """alpha_bar_t for t = 0..T-1, (T,) float32, computed in float32 exactly as diffusers does.
+
+    zero_terminal_snr: Lin et al. 2024, Algorithm 1 (diffusers' rescale_betas_zero_snr): shift and scale
+    sqrt(alpha_bar) so that it is 0 at t = T-1 and unchanged at t = 0, then alpha_bar[-1] = 0 exactly."""
     if beta_schedule == "scaled_linear":  # linear in sqrt(beta): the latent-diffusion schedule
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
     elif beta_schedule == "linear":
         betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     else:
         raise ValueError(f"beta_schedule {beta_schedule!r} is not implemented; use 'scaled_linear' or 'linear'.")
+    if zero_terminal_snr:
+        root = torch.cumprod(1.0 - betas, dim=0).sqrt()  # sqrt(alpha_bar), (T,)
+        first, last = root[0].clone(), root[-1].clone()
+        root = (root - last) * (first / (first - last))
+        alpha_bar = root**2
+        betas = 1 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])  # back to betas, as diffusers
     return torch.cumprod(1.0 - betas, dim=0)
 
 
@@ -144,6 +152,9 @@ def make_schedule(sampler, steps, *, spacing=None, karras=None, config=None):
     karras = bool(cfg.get("use_karras_sigmas", False)) if karras is None else karras
     if sampler not in SAMPLER_NAMES:
         raise ValueError(f"sampler {sampler!r} is unknown; use one of {SAMPLER_NAMES}.")
+    if cfg.get("rescale_betas_zero_snr") and sampler in ("ddim", "ddpm"):
+        raise ValueError(f"this model has zero terminal SNR (rescale_betas_zero_snr), which {sampler} here cannot "
+                         "sample (its first step is at sigma = inf); use euler, euler_a or dpmpp_2m.")
     for key, value in _ONLY[sampler].items():
         if cfg.get(key, value) != value:
             raise ValueError(f"config sets {key}={cfg[key]!r}, which {sampler} here does not implement; "
@@ -154,7 +165,10 @@ def make_schedule(sampler, steps, *, spacing=None, karras=None, config=None):
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be between 1 and num_train_timesteps ({T}); got {steps}.")
 
-    ac = alphas_cumprod(T, cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"])  # (T,) float32
+    zero_snr = bool(cfg.get("rescale_betas_zero_snr", False))
+    ac = alphas_cumprod(T, cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"], zero_snr)  # (T,) float32
+    if zero_snr:
+        ac[-1] = 2**-24  # diffusers' Euler and DPM-Solver: close to 0, so the first sigma (~4096) is finite
     table = sigma_from_alpha_bar(ac).numpy()  # (T,) float32, sigma of each training timestep
     log_table = np.log(table)
     sigmas_to = None

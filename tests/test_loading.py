@@ -12,9 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import convert
+from models import keys
 from models.diffusers_layout import save_diffusers, unet_config_to_diffusers, vae_config_to_diffusers
-from models.loading import LoadError, infer_config, load, save_single_file
+from models.loading import LoadError, load, save_single_file
+from models.single_file import infer_config
 from models.sdxl import BASE, REFINER, SDXL, TINY, single_file_prefixes
 
 MANIFESTS = Path(__file__).parent / "sdxl-keys"
@@ -150,13 +151,13 @@ def test_key_maps_give_the_diffusers_manifests():
     meta = lambda m: {k: torch.empty(v, device="meta") for k, v in m.items()}
     strip = lambda m, p: {k[len(p):]: v for k, v in m.items() if k.startswith(p)}
     shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items()}
-    unet = convert.unet_to_diffusers(strip(manifest("unet"), "model.diffusion_model."), 2)
+    unet = keys.unet_to_diffusers(strip(manifest("unet"), "model.diffusion_model."), 2)
     assert unet == manifest("diffusers_unet")
-    refiner = convert.unet_to_diffusers(strip(manifest("unet_refiner"), "model.diffusion_model."), 2)
+    refiner = keys.unet_to_diffusers(strip(manifest("unet_refiner"), "model.diffusion_model."), 2)
     assert refiner == manifest("diffusers_unet_refiner")
-    vae = convert.vae_to_diffusers(meta(strip(manifest("vae"), "first_stage_model.")))
+    vae = keys.vae_to_diffusers(meta(strip(manifest("vae"), "first_stage_model.")))
     assert shapes(vae) == manifest("diffusers_vae")
-    bigg = convert.openclip_to_hf(meta(strip(manifest("text_encoder_g"), "conditioner.embedders.1.model.")))
+    bigg = keys.openclip_to_hf(meta(strip(manifest("text_encoder_g"), "conditioner.embedders.1.model.")))
     assert shapes(bigg) == manifest("diffusers_text_encoder_2")
     clip_l = strip(manifest("text_encoder_l"), "conditioner.embedders.0.transformer.")
     assert {k: v for k, v in clip_l.items() if not k.endswith(IGNORED)} == manifest("diffusers_text_encoder")
@@ -170,11 +171,16 @@ def fake(path, names, shape=(2, 2)):
     return path
 
 
-def edited(tiny_file, path, edit):
-    """A copy of the tiny file without our config metadata (like an official file), edited."""
+def edited(tiny_file, path, edit, keep_metadata=True):
+    """A copy of the tiny file, edited; with its config metadata (the checks run against the stored
+    architecture), or without it, like a file from the wild."""
+    from safetensors import safe_open
+
+    with safe_open(tiny_file, "pt") as f:
+        metadata = f.metadata() if keep_metadata else None
     tensors = load_file(tiny_file)
     edit(tensors)
-    save_file(tensors, path)
+    save_file(tensors, path, metadata=metadata)
     return path
 
 
@@ -232,14 +238,9 @@ def test_wrong_shape(tiny_file, tmp_path):
 
 
 def test_wrong_shape_against_stored_config(tiny_file, tmp_path):
-    tensors = load_file(tiny_file)
-    tensors["first_stage_model.decoder.conv_out.bias"] = torch.zeros(4)
-    from safetensors import safe_open
-
-    with safe_open(tiny_file, "pt") as f:
-        metadata = f.metadata()
-    save_file(tensors, tmp_path / "w.safetensors", metadata=metadata)
-    expect_error(tmp_path / "w.safetensors", "first_stage_model.decoder.conv_out.bias", "[4]", "[3]")
+    path = edited(tiny_file, tmp_path / "w.safetensors",
+                  lambda t: t.update({"first_stage_model.decoder.conv_out.bias": torch.zeros(4)}))
+    expect_error(path, "first_stage_model.decoder.conv_out.bias", "[4]", "[3]")
 
 
 def test_truncated_file(tiny_file, tmp_path):

@@ -128,7 +128,7 @@ def test_schedule_errors():
            dict(sampler="euler", steps=10, spacing="even"),
            dict(sampler="ddim", steps=10, config={"clip_sample": True}),
            dict(sampler="dpmpp_2m", steps=10, config={"algorithm_type": "sde-dpmsolver++"}),
-           dict(sampler="euler", steps=10, config={"rescale_betas_zero_snr": True})]
+           dict(sampler="ddim", steps=10, config={"rescale_betas_zero_snr": True})]
     for kwargs in bad:
         with pytest.raises(ValueError):
             make_schedule(**kwargs)
@@ -195,6 +195,36 @@ def test_trajectory_matches_diffusers(sampler, spacing, karras, prediction_type)
         for i, (a, b) in enumerate(zip(ours, ref)):
             err, ok = close(a, b, 1e-5)
             assert ok, f"{where} diverges at step {i}: relative error {err:.2e}"
+
+
+ZSNR = {**SDXL_SCHEDULER_CONFIG, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True}
+
+
+@pytest.mark.parametrize("sampler,karras", [("euler", False), ("euler_a", False), ("dpmpp_2m", False),
+                                            ("euler", True)])  # diffusers' DPM-Solver + Karras + zsnr fails
+def test_zero_terminal_snr_v_prediction_matches_diffusers(sampler, karras):
+    """v-prediction on zero-terminal-SNR betas (NoobAI-XL v-pred's schedule; trailing spacing): the
+    rescaled betas, the first sigma ~4096 and every step equal diffusers'."""
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for steps in (1, 4, 28):
+        where = f"{sampler} zsnr karras={karras} steps={steps}"
+        ref_scheduler = diffusers_scheduler(sampler, steps, "trailing", karras, ZSNR)
+        schedule = make_schedule(sampler, steps, spacing="trailing", karras=karras, config=ZSNR)
+        torch.testing.assert_close(schedule.sigmas, ref_scheduler.sigmas.float(), rtol=1e-6, atol=1e-6,
+                                   msg=lambda m: f"sigmas differ for {where}: {m}")
+        assert schedule.sigmas[0] > 4000 or karras, where  # sqrt((1 - 2**-24) / 2**-24) = 4096
+        ref = run_diffusers(sampler, ref_scheduler, noise)
+        ours = run_ours(sampler, schedule, noise)
+        for i, (a, b) in enumerate(zip(ours, ref)):
+            err, ok = close(a, b, 1e-5)
+            assert ok, f"{where} diverges at step {i}: relative error {err:.2e}"
+
+
+def test_zero_terminal_snr_betas_reach_zero():
+    from sampling.schedule import alphas_cumprod
+
+    plain, rescaled = alphas_cumprod(), alphas_cumprod(zero_terminal_snr=True)
+    assert rescaled[-1] == 0 and abs(rescaled[0] - plain[0]) < 1e-7 and (rescaled[1:] < rescaled[:-1]).all()
 
 
 def test_ddim_quirk_is_real():

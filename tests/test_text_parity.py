@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from models.convert import openclip_from_hf, openclip_to_hf
+from models.keys import openclip_from_hf, openclip_to_hf
 from models.text import (
     CLIP_L, OPENCLIP_BIGG, TINY_CLIP_L, TINY_OPENCLIP_BIGG, CLIPTextEncoder, OpenCLIPTextEncoder,
 )

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.convert import vae_from_diffusers, vae_to_diffusers
+from models.keys import vae_from_diffusers, vae_to_diffusers
 from models.vae import SDXL_VAE, TINY_VAE, AutoencoderKL, sample_latent
 
 KEYS = Path(__file__).parent / "sdxl-keys"  # copied from shared/sdxl-keys

@@ -65,10 +65,8 @@ def write_random_checkpoint(path):
 
 def write_config_folder(folder):
     """The configs (no weights) diffusers needs to interpret the single file offline."""
-    from models.diffusers_layout import (
-        SDXL_SCHEDULER_CONFIG, model_index, text_config_to_hf, unet_config_to_diffusers, vae_config_to_diffusers,
-    )
-    from models.sdxl import BASE
+    from models.diffusers_layout import model_index, text_config_to_hf, unet_config_to_diffusers, vae_config_to_diffusers
+    from models.sdxl import BASE, SDXL_SCHEDULER_CONFIG
     from models.tokenizer import load_tokenizers, save_tokenizers
 
     import torch

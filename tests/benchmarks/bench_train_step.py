@@ -29,7 +29,7 @@ context, pooled = torch.randn(n, 77, TINY.context_dim), torch.randn(n, 48)
 time_ids = torch.tensor([[{resolution}, {resolution}, 0, 0, {resolution}, {resolution}]] * n, dtype=torch.float32)
 if {diffusers}:
     from diffusers import UNet2DConditionModel
-    from models.convert import unet_to_diffusers
+    from models.keys import unet_to_diffusers
     from models.diffusers_layout import unet_config_to_diffusers
     config = {{k: v for k, v in unet_config_to_diffusers(TINY).items() if not k.startswith("_")}}
     net = UNet2DConditionModel(**config)
