@@ -188,8 +188,8 @@ def _refuse_other_models(path, index):
     raise LoadError(f"{path} is a {kind or 'non-SDXL'} model; this project loads SDXL (base, refiner or a fine-tune).")
 
 
-def load_diffusers(path, dtype=None):
-    """Read a diffusers SDXL folder into our modules (official names, via models.convert)."""
+def read_folder_config(path):
+    """A diffusers SDXL folder's configs -> (SDXLConfig, its scheduler config or None), no weights read."""
     path = Path(path)
     if not (path / "unet" / "config.json").exists():
         raise LoadError(f"{path} is a folder but not a diffusers model (no unet/config.json); pass a model folder.")
@@ -197,18 +197,25 @@ def load_diffusers(path, dtype=None):
         _refuse_other_models(path, _read_json(path / "model_index.json"))
     has_te1 = (path / "text_encoder" / "config.json").exists()
     scheduler_file = path / "scheduler" / "scheduler_config.json"
-    scheduler = _read_json(scheduler_file) if scheduler_file.exists() else {}
+    scheduler = _read_json(scheduler_file) if scheduler_file.exists() else None
     try:
         cfg = SDXLConfig(
             unet=unet_config_from_diffusers(_read_json(path / "unet" / "config.json")),
             vae=vae_config_from_diffusers(_read_json(path / "vae" / "config.json")),
             text_encoder_1=text_config_from_hf(_read_json(path / "text_encoder" / "config.json")) if has_te1 else None,
             text_encoder_2=text_config_from_hf(_read_json(path / "text_encoder_2" / "config.json")),
-            prediction_type=scheduler.get("prediction_type", "epsilon"),
-            zero_terminal_snr=bool(scheduler.get("rescale_betas_zero_snr", False)),
+            prediction_type=(scheduler or {}).get("prediction_type", "epsilon"),
+            zero_terminal_snr=bool((scheduler or {}).get("rescale_betas_zero_snr", False)),
         )
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise LoadError(f"{path} has configs plainxl cannot read as SDXL ({e}); is it an SDXL model?") from None
+    return cfg, scheduler
+
+
+def load_diffusers(path, dtype=None):
+    """Read a diffusers SDXL folder into our modules (official names, via models.keys)."""
+    path = Path(path)
+    cfg, _ = read_folder_config(path)
     with torch.device("meta"):
         model = SDXL(cfg)
 

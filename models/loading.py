@@ -7,19 +7,44 @@ models/hub.py. Every problem with the input becomes a LoadError: one sentence na
 """
 
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from models.diffusers_layout import load_diffusers, load_vae_folder, save_diffusers
+import torch
+
+from models.diffusers_layout import load_diffusers, load_vae_folder, read_folder_config, save_diffusers
 from models.files import DTYPES, LoadError, model_hash
 from models.hub import download
-from models.single_file import load_single_file, load_vae_file, save_single_file
+from models.sdxl import SDXL, SDXLConfig, scheduler_config
+from models.single_file import load_single_file, load_vae_file, read_config, save_single_file
 
-__all__ = ["BUNDLED", "DTYPES", "LoadError", "load", "load_vae", "model_hash", "resolve", "save_diffusers",
-           "save_single_file"]
+__all__ = ["BUNDLED", "DTYPES", "LoadError", "ModelInfo", "inspect", "load", "load_vae", "model_hash", "resolve",
+           "save_diffusers", "save_single_file"]
 
 # The project's own tiny model, trained by configs/tiny_*.py and shipped in the package (no download).
 BUNDLED = {"plainxl-tiny": Path(__file__).with_name("plainxl-tiny.safetensors")}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a model is, read from its headers and configs only: for checking settings before loading it."""
+
+    path: Path  # the resolved local file or folder
+    config: SDXLConfig
+    scheduler_config: dict  # the folder's own, else the one the model was trained with
+    parameters: int  # number of weights (for memory estimates)
+
+
+def inspect(source):
+    """ModelInfo of a model, without reading its weights (a repo id is downloaded, as load would)."""
+    path = resolve(source)
+    if path.is_dir():
+        cfg, scheduler = read_folder_config(path)
+    else:
+        (cfg, _), scheduler = read_config(path), None
+    with torch.device("meta"):  # shapes only: no memory
+        parameters = sum(p.numel() for p in SDXL(cfg).parameters())
+    return ModelInfo(path, cfg, scheduler or scheduler_config(cfg), parameters)
 
 
 def load(source, dtype=None, device="cpu", vae=None):

@@ -11,7 +11,7 @@ model.extra_tensors and are written back by save_single_file: an export loses no
 import json
 import re
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -186,8 +186,8 @@ def _infer_openclip(s):
 # ----------------------------------------------------------------------------- loading
 
 
-def load_single_file(path, dtype=None):
-    """Official layout -> SDXL (on the CPU, eval mode not set). Raises LoadError for any bad input."""
+def read_config(path):
+    """The header of an official single file -> (SDXLConfig, {name: shape}), without reading a tensor."""
     path = Path(path)
     with open_safetensors(path) as f:
         names = list(f.keys())
@@ -203,18 +203,24 @@ def load_single_file(path, dtype=None):
         cfg = infer_config(shapes, path)
     # Marker keys say how the UNet was trained (ComfyUI and AUTOMATIC1111 read them the same way).
     if V_PRED_MARKER in shapes:
-        cfg = SDXLConfig(cfg.unet, cfg.vae, cfg.text_encoder_1, cfg.text_encoder_2, "v_prediction",
-                         ZTSNR_MARKER in shapes)
+        cfg = replace(cfg, prediction_type="v_prediction", zero_terminal_snr=ZTSNR_MARKER in shapes)
+    return cfg, shapes
+
+
+def load_single_file(path, dtype=None):
+    """Official layout -> SDXL (on the CPU). Raises LoadError for any bad input."""
+    path = Path(path)
+    cfg, shapes = read_config(path)
     with torch.device("meta"):
         model = SDXL(cfg)
     prefixes = single_file_prefixes(cfg)
     expected = {prefix + k: v.shape for c, prefix in prefixes.items() for k, v in getattr(model, c).state_dict().items()}
     check_tensors(shapes, expected, str(path))
-    ema = [n for n in names if n.startswith(EMA_PREFIX)]
+    ema = [n for n in shapes if n.startswith(EMA_PREFIX)]
     if ema:
         print(f"note: {path} also holds an EMA copy of the UNet ({len(ema)} {EMA_PREFIX}* tensors); "
               "the live weights are loaded, the EMA copy is ignored and not exported.", file=sys.stderr)
-    extras = [n for n in names if n not in expected and is_extra(n)]
+    extras = [n for n in shapes if n not in expected and is_extra(n)]
     state_dicts = {component: {} for component in prefixes}
     for name, t in read_tensors(path, list(expected) + extras, dtype):  # one pass over the file
         if name in extras:

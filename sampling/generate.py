@@ -2,16 +2,20 @@
 
     python -m sampling.generate --model M --prompt P [--negative-prompt N] --width W --height H --steps S
         --cfg G --sampler {euler,euler_a,dpmpp_2m,ddim,ddpm} [--karras] [--guidance-rescale R] --seed SEED
-        --num-images B --dtype {fp32,fp16,bf16} --device D --out DIR
+        --num-images B --dtype {fp32,fp16,bf16} --device D [--vae VAE] --out DIR
     python -m sampling.generate --from-png outputs/00003-42.png      # re-run a generation
 
-Image i of a batch uses seed SEED + i and equals a single-image run with that seed. Each PNG carries
-its parameters (AUTOMATIC1111's format) and is written under a temporary name, then renamed.
+Image i of a batch uses seed SEED + i and equals a single-image run with that seed. Every setting is
+checked against the model's headers before the weights load. Each PNG carries its parameters
+(AUTOMATIC1111's format), is written as soon as it is decoded, under a temporary name then renamed,
+and never replaces a file. Ctrl-C keeps the images already written and exits 130.
 """
 
 import argparse
+import math
 import os
 import re
+import secrets
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -19,6 +23,7 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 DEFAULT_MODEL = "plainxl-tiny"  # bundled; e.g. --model cagliostrolab/animagine-xl-4.0 for the real one
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -26,9 +31,9 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(fail(message))
 
 
-def fail(message):
+def fail(message, code=2):
     print(f"error: {message}", file=sys.stderr)
-    return 2
+    return code
 
 
 def size_pair(text):
@@ -48,6 +53,7 @@ def crop_pair(text):
 def parse_args(argv):
     p = OneLineParser(prog="python -m sampling.generate", description="SDXL text-to-image.")
     p.add_argument("--model", help=f"single file, diffusers folder or Hugging Face repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--vae", help="a VAE to use instead of the model's: a VAE .safetensors or a diffusers vae/ folder")
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt", help="omit for zero negative conditioning; '' encodes the empty prompt")
     p.add_argument("--width", type=int, help="default: the size the model was trained at (1024 for SDXL)")
@@ -57,7 +63,7 @@ def parse_args(argv):
     p.add_argument("--sampler", choices=["euler", "euler_a", "dpmpp_2m", "ddim", "ddpm"])
     p.add_argument("--karras", action="store_true", default=None, help="Karras et al. 2022 sigmas")
     p.add_argument("--guidance-rescale", type=float)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="0 .. 2**64 - 1; -1 draws one at random (as AUTOMATIC1111)")
     p.add_argument("--num-images", type=int)
     p.add_argument("--original-size", type=size_pair, help="WIDTHxHEIGHT micro-conditioning (default: output size)")
     p.add_argument("--crop-top-left", type=crop_pair, help="TOP,LEFT micro-conditioning (default 0,0)")
@@ -72,20 +78,21 @@ def parse_args(argv):
 
 
 def settings_from(args):
-    """Settings from the PNG (if any) or the defaults, overridden by every flag given."""
+    """(Settings, model, vae) from the PNG (if any) or the defaults, overridden by every flag given."""
     from sampling.pipeline import Settings
     from sampling.pnginfo import parse_parameters
 
-    model = args.model
+    model, vae = args.model, args.vae
     if args.from_png:
         try:
-            text = Image.open(args.from_png).info.get("parameters")
+            with Image.open(args.from_png) as png:
+                text = png.info.get("parameters")
             if text is None:
                 raise ValueError("it has no 'parameters' text chunk")
-            settings, png_model = parse_parameters(text)
+            settings, recorded = parse_parameters(text)
         except (OSError, ValueError) as e:
             raise ValueError(f"--from-png {args.from_png} cannot be used: {e}") from None
-        model = model or png_model
+        model, vae = model or recorded.get("Model"), vae or recorded.get("VAE")
     else:
         if args.prompt is None:
             raise ValueError("--prompt is required (or --from-png FILE)")
@@ -96,58 +103,171 @@ def settings_from(args):
                  original_size=args.original_size, crop_top_left=args.crop_top_left, target_size=args.target_size,
                  truncate_prompt=args.truncate_prompt)
     settings = replace(settings, **{k: v for k, v in flags.items() if v is not None})
+    if settings.seed == -1:
+        settings = replace(settings, seed=secrets.randbelow(2**32))  # A1111's -1; the PNG records the seed drawn
+    check_settings(settings)
+    return settings, model or DEFAULT_MODEL, vae
+
+
+def _multiple_of_8(name, v):
+    if v % 8 == 0 and v >= 8:
+        return
+    nearest = sorted({n for n in (v - v % 8, v - v % 8 + 8) if n >= 8}) or [8]
+    raise ValueError(f"--{name} {v} is not a positive multiple of 8; use {' or '.join(map(str, nearest))}")
+
+
+def check_settings(s):
+    """Everything that can be checked without the model. Raises ValueError with the fix in the message."""
     for name in ("width", "height"):
-        if getattr(settings, name) is not None and (getattr(settings, name) % 8 or getattr(settings, name) < 8):
-            v = getattr(settings, name)
-            raise ValueError(f"--{name} {v} is not a positive multiple of 8; use {max(8, v - v % 8)} or {v - v % 8 + 8}")
-    if settings.steps < 1:
-        raise ValueError(f"--steps must be at least 1 (got {settings.steps})")
-    if settings.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1 (got {settings.num_images})")
-    if settings.karras and settings.sampler in ("ddim", "ddpm"):
-        raise ValueError(f"--karras does not apply to {settings.sampler}; use euler, euler_a or dpmpp_2m with it")
-    return settings, model or DEFAULT_MODEL
+        if getattr(s, name) is not None:
+            _multiple_of_8(name, getattr(s, name))
+    if s.steps < 1:
+        raise ValueError(f"--steps must be at least 1 (got {s.steps})")
+    if s.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1 (got {s.num_images})")
+    if not 0 <= s.seed <= MAX_SEED - (s.num_images - 1):
+        raise ValueError(f"--seed {s.seed} is outside 0 .. 2**64 - 1 for {s.num_images} image(s) (seeds seed .. "
+                         f"seed + {s.num_images - 1}); use a seed in that range, or -1 for a random one")
+    if not (math.isfinite(s.cfg) and s.cfg >= 0):
+        raise ValueError(f"--cfg {s.cfg} is not a guidance scale; use a finite number >= 0 (1 or less: no guidance)")
+    if not (math.isfinite(s.guidance_rescale) and 0 <= s.guidance_rescale <= 1):
+        raise ValueError(f"--guidance-rescale {s.guidance_rescale} is outside 0 .. 1; use e.g. 0.7, or 0 for none")
+    for name in ("aesthetic_score", "negative_aesthetic_score"):
+        if not math.isfinite(getattr(s, name)):
+            raise ValueError(f"{name} {getattr(s, name)} is not a finite number")
+    if s.karras and s.sampler in ("ddim", "ddpm"):
+        raise ValueError(f"--karras does not apply to {s.sampler}; use euler, euler_a or dpmpp_2m with it")
+
+
+def check_device(name):
+    """A torch.device that exists on this machine, or ValueError saying which ones do."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if device.type == "mps":
+        available = torch.backends.mps.is_available()
+    if not available:
+        raise ValueError(f"--device {name} is not available on this machine (torch {torch.__version__} sees no "
+                         f"{device.type}); use --device cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name}: this machine has {count} {device.type} device(s), numbered from 0")
+    return device
+
+
+def available_memory(device):
+    """Bytes free for a generation on `device`, or None where it cannot be told."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+            return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo)[1]) * 1024
+        except (OSError, TypeError):
+            return None
+    return None
+
+
+def check_fits(info, settings, dtype, device):
+    """Refuse a generation whose estimated memory exceeds what the device has free (sampling.pipeline.memory_estimate)."""
+    from sampling.pipeline import memory_estimate
+    from sampling.schedule import make_schedule
+
+    try:  # the step count against this model's schedule (e.g. 1000 'leading' steps reach past t = 999)
+        make_schedule(settings.sampler, settings.steps, karras=True if settings.karras else None,
+                      config=info.scheduler_config)
+    except ValueError as e:
+        raise ValueError(f"--steps {settings.steps} with --sampler {settings.sampler}: {e}") from None
+    need = memory_estimate(info.config, settings, info.parameters, {"fp32": 4}.get(dtype, 2))
+    free = available_memory(device)
+    if free is not None and need > free:
+        gib = lambda n: f"{n / 2**30:.1f} GiB"
+        raise ValueError(f"{settings.width}x{settings.height} x {settings.num_images} image(s) needs about "
+                         f"{gib(need)} on {device}, which has {gib(free)} free; use a smaller --width/--height or "
+                         f"--num-images" + (", or --dtype bf16" if dtype == "fp32" else ""))
 
 
 def next_index(out):
-    """Files are NNNNN-SEED.png, numbered on from what the folder already holds, so names sort in order."""
-    taken = [int(m[1]) for f in os.listdir(out) if (m := re.match(r"(\d{5})-", f))]
+    """Files are NNNNN-SEED.png, numbered on from the highest number the folder holds (any width)."""
+    taken = [int(m[1]) for f in os.listdir(out) if (m := re.match(r"(\d+)-", f))]
     return max(taken, default=-1) + 1
 
 
 def save_png(image, path, parameters):
+    """Write the PNG under a temporary name, then link it into place: a file already there is never replaced
+    (FileExistsError), and no half-written PNG ever has the final name."""
+    from models.files import atomic_file
+
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)  # never a half-written PNG under the final name
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+def save_next(image, out, seed, parameters):
+    """Save as the next free NNNNN-SEED.png of `out`; another process taking a number moves us on."""
+    index = next_index(out)
+    while True:
+        path = out / f"{index:05d}-{seed}.png"
+        try:
+            save_png(image, path, parameters)
+            return path
+        except FileExistsError:
+            index = next_index(out)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    written = []
     try:
-        settings, model = settings_from(args)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-    except (ValueError, OSError) as e:
-        return fail(str(e))
+        return generate(args, written)
+    except KeyboardInterrupt:
+        return fail(f"interrupted; {len(written)} image(s) were written and kept"
+                    + (f" ({', '.join(map(str, written))})" if written else ""), 130)
 
-    from models.loading import LoadError
-    from sampling.pipeline import Pipeline
+
+def generate(args, written):
+    from models.loading import LoadError, inspect, model_hash
+    from sampling.pipeline import NonFiniteError, Pipeline
     from sampling.pnginfo import format_parameters
 
+    out = Path(args.out)
     try:
-        pipe = Pipeline.load(model, dtype=args.dtype, device=args.device)
-    except LoadError as e:
+        settings, model, vae = settings_from(args)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file; name a folder (it is created if missing)")
+        device = check_device(args.device)
+        info = inspect(model)  # headers and configs only: the settings are checked before the weights load
+        side = info.config.unet.sample_size * 8
+        settings = replace(settings, width=settings.width or side, height=settings.height or side)
+        check_fits(info, settings, args.dtype, device)
+        pipe = Pipeline.load(info.path, dtype=args.dtype, device=device, vae=vae)
+        model_file_hash = model_hash(info.path) if info.path.is_file() else None
+        out.mkdir(parents=True, exist_ok=True)
+    except (ValueError, LoadError) as e:
         return fail(str(e))
-    settings = pipe.with_size(settings)  # the model's own size where no size was given
-    images = pipe(settings)
-    first = next_index(out)
-    for i, image in enumerate(images):
-        seed = settings.seed + i
-        path = out / f"{first + i:05d}-{seed}.png"
-        save_png(image, path, format_parameters(settings, seed, model))
-        print(path)
+    except OSError as e:
+        return fail(f"cannot create --out {out} ({e.strerror}); choose a folder you can write to")
+    try:
+        for i, image in enumerate(pipe.images(settings)):
+            seed = settings.seed + i
+            parameters = format_parameters(settings, seed, model, model_hash=model_file_hash, vae=vae)
+            written.append(save_next(image, out, seed, parameters))
+            print(written[-1])
+    except NonFiniteError as e:
+        kept = f"; the {len(written)} image(s) before it were written" if written else "; nothing was written"
+        return fail(str(e).rstrip(".") + kept + ".")
+    except OSError as e:
+        return fail(f"writing to {out} failed ({e.strerror}); {len(written)} image(s) were written")
     return 0
 
 

@@ -100,12 +100,13 @@ class Pipeline:
         self.scheduler_config = scheduler_config or models_scheduler_config(model.config)
 
     @classmethod
-    def load(cls, source, dtype="fp32", device="cpu"):
-        """A single file, a diffusers folder (its scheduler config is used) or a Hugging Face repo id."""
+    def load(cls, source, dtype="fp32", device="cpu", vae=None):
+        """A single file, a diffusers folder (its scheduler config is used) or a Hugging Face repo id;
+        `vae` optionally replaces the model's VAE (a VAE file or diffusers vae/ folder)."""
         path = resolve(source)
         config_file = path / "scheduler" / "scheduler_config.json"
         scheduler_config = json.loads(config_file.read_text()) if path.is_dir() and config_file.exists() else None
-        return cls(load(path, dtype=dtype, device=device), scheduler_config)
+        return cls(load(path, dtype=dtype, device=device, vae=vae), scheduler_config)
 
     @property
     def device(self):
@@ -146,11 +147,17 @@ class Pipeline:
                                    s.negative_aesthetic_score if refiner else None)
         return cond, (neg_context, vector_condition(neg_pooled, neg_numbers, dim))
 
-    @torch.no_grad()
     def __call__(self, settings: Settings, progress=True, callback=None):
         """Generate settings.num_images images -> list of PIL images (image i uses seed + i).
 
         callback, if given, receives the sampler's dict after every step (i, x, sigma, denoised)."""
+        return list(self.images(settings, progress, callback))
+
+    @torch.no_grad()
+    def images(self, settings: Settings, progress=True, callback=None):
+        """As __call__, but yields each image as soon as it is decoded (a caller can save it at once).
+
+        Raises NonFiniteError, naming the likely cause, before any image with a NaN or inf is made."""
         s = self.with_size(settings)
         # --karras turns Karras sigmas on; without it, a folder's scheduler config may still ask for them.
         schedule = make_schedule(s.sampler, s.steps, karras=True if s.karras else None, config=self.scheduler_config)
@@ -177,12 +184,46 @@ class Pipeline:
         bar.close()
 
         latents = x / (schedule.sigmas[-1].to(x.device) ** 2 + 1) ** 0.5  # VP scale; = x when the last sigma is 0
-        return self.decode(latents)
+        if not latents.isfinite().all():
+            raise NonFiniteError(f"the latents became NaN or inf after sampling: {self.likely_cause('unet')}")
+        for i in range(len(latents)):  # one at a time: the decode is the memory peak, and each image is kept
+            yield self.decode(latents[i:i + 1])[0]
 
     def decode(self, latents):
         """Latents (B, 4, h, w) -> PIL images, pixels exactly as diffusers makes them."""
         vae = self.model.vae
         dtype = next(vae.parameters()).dtype  # float32 for fp16 models (see __init__), else the model's
         images = vae.decode(latents.to(dtype) / vae.config.scaling_factor).float()
+        if not images.isfinite().all():
+            raise NonFiniteError(f"the VAE decoded NaN or inf pixels: {self.likely_cause('vae')}")
         images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3) in [0, 1]
         return [Image.fromarray(image) for image in (images * 255).round().astype(np.uint8)]
+
+    def likely_cause(self, stage):
+        """The likeliest reason for a NaN at `stage` ("unet" or "vae"), as the end of an error sentence."""
+        for name in ("unet", "vae", "text_encoder_1", "text_encoder_2"):
+            module = getattr(self.model, name)
+            if module is not None and not all(p.isfinite().all() for p in module.parameters()):
+                return (f"the model's {name} weights contain NaN or inf, so the file is damaged or was exported "
+                        "from a diverged training run; use another checkpoint.")
+        dtype = next(getattr(self.model, stage).parameters()).dtype
+        if dtype == torch.float16:
+            return "float16 overflowed in the " + stage + "; use --dtype bf16 or --dtype fp32."
+        return "the weights are finite, so the settings drove it there; try a lower --cfg, or another sampler."
+
+
+class NonFiniteError(ValueError):
+    """A generation produced NaN or inf; the message names the likely cause. Nothing is written."""
+
+
+def memory_estimate(config, settings, parameters, dtype_bytes):
+    """Bytes a generation needs, roughly: the weights, the UNet's activations for the CFG batch (its skip
+    connections and working set, about 12 model-width feature maps at latent resolution per sample), and
+    one image's float32 VAE decode (about 6 full-resolution maps of the decoder's widest level).
+    Attention is taken as memory-efficient (linear in tokens), as SDPA's kernels are."""
+    latent = (settings.height // 8) * (settings.width // 8)
+    batch = settings.num_images * (2 if settings.cfg > 1 else 1)
+    unet = batch * latent * config.unet.model_channels * 12 * dtype_bytes
+    top = config.vae.ch * max(config.vae.ch_mult[:2])  # the decoder's two full- and half-resolution levels
+    vae = settings.height * settings.width * top * 6 * 4
+    return parameters * dtype_bytes + unet + vae

@@ -5,7 +5,9 @@
     Steps: 28, Sampler: Euler a, CFG scale: 5.0, Seed: 7, Size: 832x1216, Model: animagine-xl-4.0
 
 Keys AUTOMATIC1111 does not have (guidance rescale, SDXL size conditions) follow the same pattern.
-Sizes are written WxH like A1111's Size; the crop is written TOPxLEFT.
+Sizes are written WxH like A1111's Size; the crop is written TOPxLEFT. `Model hash` is A1111's (sha256
+of the file, 10 hex digits), the one key it switches checkpoints on. A prompt with a line that starts
+with "Negative prompt:" gets `Prompt lines: N`, so that it reads back as the same prompt.
 """
 
 import json
@@ -27,14 +29,22 @@ def _wxh(hw):
     return f"{hw[1]}x{hw[0]}"
 
 
-def format_parameters(s: Settings, seed, model_name):
+NEGATIVE = "Negative prompt:"
+
+
+def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None):
     lines = [s.prompt]
     if s.negative_prompt is not None:  # absent line = no negative prompt (zero conditioning)
-        lines.append(f"Negative prompt: {s.negative_prompt}")
+        lines.append(f"{NEGATIVE} {s.negative_prompt}")
     fields = {"Steps": s.steps, "Sampler": SAMPLER_NAMES[s.sampler]}
     if s.karras:
         fields["Schedule type"] = "Karras"
-    fields |= {"CFG scale": s.cfg, "Seed": seed, "Size": f"{s.width}x{s.height}", "Model": model_name}
+    fields |= {"CFG scale": s.cfg, "Seed": seed, "Size": f"{s.width}x{s.height}"}
+    if model_hash:
+        fields["Model hash"] = model_hash
+    fields["Model"] = model_name
+    if vae:
+        fields["VAE"] = vae
     if s.guidance_rescale:
         fields["Guidance rescale"] = s.guidance_rescale
     if s.original_size:
@@ -45,36 +55,70 @@ def format_parameters(s: Settings, seed, model_name):
         fields["Target size"] = _wxh(s.target_size)
     if s.truncate_prompt:
         fields["Prompt truncation"] = "true"
+    prompt_lines = s.prompt.split("\n")
+    if any(line.startswith(NEGATIVE) for line in prompt_lines):
+        fields["Prompt lines"] = len(prompt_lines)
     lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
     return "\n".join(lines)
 
 
+def _numbers(fields, key, count, sep, kind=int, default=None):
+    """fields[key] as `count` numbers joined by `sep` (a tuple; one number alone), or ValueError naming it."""
+    if key not in fields:
+        if default is None:
+            raise ValueError(f"its parameters have no '{key}:' field")
+        return default
+    parts = str(fields[key]).split(sep) if sep else [str(fields[key])]
+    try:
+        if len(parts) != count:
+            raise ValueError
+        values = tuple(kind(p) for p in parts)
+    except ValueError:
+        form = sep.join(["N"] * count) if sep else ("a whole number" if kind is int else "a number")
+        raise ValueError(f"its '{key}: {fields[key]}' is not {form}") from None
+    return values if sep else values[0]
+
+
 def parse_parameters(text):
-    """The inverse of format_parameters -> (Settings with num_images 1, model name). Raises ValueError."""
+    """The inverse of format_parameters -> (Settings with num_images 1, {recorded key: value}).
+
+    Raises ValueError naming the first field that is missing or malformed."""
     *prompt_lines, last = text.strip("\n").split("\n")
-    fields = {k: json.loads(v) if v.startswith('"') else v for k, v in FIELD.findall(last)}
+    fields = {}
+    for key, value in FIELD.findall(last):
+        try:
+            fields[key] = json.loads(value) if value.startswith('"') else value
+        except ValueError:
+            raise ValueError(f"its '{key}:' value {value} is not a valid quoted string") from None
     if "Steps" not in fields or "Seed" not in fields:
         raise ValueError("its last line is not a parameters line (no 'Steps:' and 'Seed:')")
+    count = _numbers(fields, "Prompt lines", 1, None, default=-1)
     negative = None
-    for i, line in enumerate(prompt_lines):
-        if line.startswith("Negative prompt:"):
-            negative = "\n".join([line[len("Negative prompt:"):].lstrip(" ")] + prompt_lines[i + 1:])
-            prompt_lines = prompt_lines[:i]
-            break
-    sampler_name = fields["Sampler"].removesuffix(" Karras")
+    if count >= 0:  # the prompt itself has a "Negative prompt:" line: the count says where it ends
+        if count > len(prompt_lines):
+            raise ValueError(f"its 'Prompt lines: {count}' is more than the {len(prompt_lines)} lines it has")
+        prompt_lines, rest = prompt_lines[:count], prompt_lines[count:]
+    else:
+        starts = [i for i, line in enumerate(prompt_lines) if line.startswith(NEGATIVE)][:1]
+        prompt_lines, rest = (prompt_lines[:starts[0]], prompt_lines[starts[0]:]) if starts else (prompt_lines, [])
+    if rest:
+        if not rest[0].startswith(NEGATIVE):
+            raise ValueError(f"the line after its prompt does not start with '{NEGATIVE}'")
+        negative = "\n".join([rest[0][len(NEGATIVE):].lstrip(" ")] + rest[1:])
+    sampler_name = str(fields.get("Sampler", "")).removesuffix(" Karras")
     samplers = {v: k for k, v in SAMPLER_NAMES.items()}
     if sampler_name not in samplers:
-        raise ValueError(f"its sampler {fields['Sampler']!r} is not one of {', '.join(SAMPLER_NAMES.values())}")
-    hw = lambda v: tuple(int(n) for n in reversed(v.split("x")))  # "WxH" -> (H, W)
-    width, height = (int(n) for n in fields["Size"].split("x"))
+        raise ValueError(f"its sampler {fields.get('Sampler')!r} is not one of {', '.join(SAMPLER_NAMES.values())}")
+    hw = lambda key: tuple(reversed(_numbers(fields, key, 2, "x"))) if key in fields else None  # "WxH" -> (H, W)
+    width, height = _numbers(fields, "Size", 2, "x")
     settings = Settings(
         prompt="\n".join(prompt_lines), negative_prompt=negative, width=width, height=height,
-        steps=int(fields["Steps"]), cfg=float(fields["CFG scale"]), sampler=samplers[sampler_name],
-        karras=fields.get("Schedule type") == "Karras" or fields["Sampler"].endswith(" Karras"),
-        guidance_rescale=float(fields.get("Guidance rescale", 0.0)), seed=int(fields["Seed"]),
-        original_size=hw(fields["Original size"]) if "Original size" in fields else None,
-        crop_top_left=tuple(int(n) for n in fields.get("Crop top left", "0x0").split("x")),
-        target_size=hw(fields["Target size"]) if "Target size" in fields else None,
+        steps=_numbers(fields, "Steps", 1, None), cfg=_numbers(fields, "CFG scale", 1, None, float, 5.0),
+        sampler=samplers[sampler_name],
+        karras=fields.get("Schedule type") == "Karras" or str(fields["Sampler"]).endswith(" Karras"),
+        guidance_rescale=_numbers(fields, "Guidance rescale", 1, None, float, 0.0),
+        seed=_numbers(fields, "Seed", 1, None), original_size=hw("Original size"),
+        crop_top_left=_numbers(fields, "Crop top left", 2, "x", default=(0, 0)), target_size=hw("Target size"),
         truncate_prompt=fields.get("Prompt truncation") == "true",
     )
-    return settings, fields.get("Model")
+    return settings, {k: fields[k] for k in ("Model", "Model hash", "VAE") if k in fields}

@@ -65,8 +65,8 @@ def test_parameters_round_trip():
                  original_size=(1024, 768), crop_top_left=(16, 8), target_size=(1216, 832), truncate_prompt=True)
     text = format_parameters(s, 42, "some/model, with comma")
     assert "Steps: 28, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 42, Size: 832x1216" in text
-    parsed, model = parse_parameters(text)
-    assert parsed == s and model == "some/model, with comma"
+    parsed, recorded = parse_parameters(text)
+    assert parsed == s and recorded == {"Model": "some/model, with comma"}
     parsed, _ = parse_parameters(format_parameters(Settings(prompt="x", width=64, height=64), 0, "m"))
     assert parsed.negative_prompt is None  # no negative line: zero conditioning, not ""
 
@@ -74,9 +74,10 @@ def test_parameters_round_trip():
 def test_a1111_written_parameters_parse():
     text = "masterpiece, 1girl\nNegative prompt: lowres\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, " \
            "Seed: 1234, Size: 512x768, Model hash: abcdef, Model: animagine-xl-4.0, Version: v1.10.0"
-    s, model = parse_parameters(text)
-    assert (s.prompt, s.negative_prompt, s.steps, s.sampler, s.karras, s.cfg, s.seed, s.width, s.height, model) == \
-        ("masterpiece, 1girl", "lowres", 20, "dpmpp_2m", True, 7.0, 1234, 512, 768, "animagine-xl-4.0")
+    s, recorded = parse_parameters(text)
+    assert (s.prompt, s.negative_prompt, s.steps, s.sampler, s.karras, s.cfg, s.seed, s.width, s.height) == \
+        ("masterpiece, 1girl", "lowres", 20, "dpmpp_2m", True, 7.0, 1234, 512, 768)
+    assert recorded == {"Model": "animagine-xl-4.0", "Model hash": "abcdef"}
 
 
 def test_cli_batch_then_from_png_reproduces_an_image(model_file, tmp_path, capsys):
@@ -109,7 +110,8 @@ def run_cli(args):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--width", "100"], "--width 100 is not a positive multiple of 8; use 96 or 104"),
-    (["--height", "0"], "--height 0 is not a positive multiple of 8"),
+    (["--height", "0"], "--height 0 is not a positive multiple of 8; use 8"),
+    (["--height", "-64"], "--height -64 is not a positive multiple of 8; use 8"),
     (["--sampler", "heun"], "invalid choice: 'heun'"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--sampler", "ddim", "--karras"], "--karras does not apply to ddim"),
@@ -129,7 +131,7 @@ def test_bad_settings(model_file, tmp_path, capsys, args, fragment):
 def test_missing_model_one_line_no_traceback(tmp_path):
     r = run_cli(["--model", str(tmp_path / "nope.safetensors"), "--prompt", "x", "--out", str(tmp_path / "o")])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr, r.stderr
-    assert not any((tmp_path / "o").iterdir())
+    assert not (tmp_path / "o").exists()  # nothing made, not even the folder
 
 
 @pytest.mark.parametrize("content", [b"not a png", None])
@@ -157,7 +159,14 @@ def test_readme_first_command_uses_the_bundled_model_offline(tmp_path):
     assert r.returncode == 0, r.stderr
     (png,) = tmp_path.iterdir()
     image = Image.open(png)
-    assert image.size == (64, 64) and "Size: 64x64, Model: plainxl-tiny" in image.info["parameters"]
+    import hashlib
+
+    from models.loading import BUNDLED
+
+    # AUTOMATIC1111's Model hash: sha256 of the whole file, first 10 hex digits.
+    digest = hashlib.sha256(BUNDLED["plainxl-tiny"].read_bytes()).hexdigest()[:10]
+    assert image.size == (64, 64)
+    assert f"Size: 64x64, Model hash: {digest}, Model: plainxl-tiny" in image.info["parameters"]
 
 
 def test_bundled_model_file():
