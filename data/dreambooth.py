@@ -35,18 +35,15 @@ class ImageFolder:
 
     def __init__(self, folder, prompt, what="image folder"):
         folder = Path(folder)
+        check_folder(folder, what)
         if not folder.is_dir():
             raise DataError(f"{what} {folder} does not exist; create it and put the images there")
         self.paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise DataError(f"{what} {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
         for path in self.paths:
-            try:
-                with Image.open(path) as image:
-                    image.verify()
-            except (OSError, UnidentifiedImageError, SyntaxError) as e:
-                raise DataError(f"cannot read image {path} ({e}); remove or replace it") from None
-        self.prompts = [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").exists() else prompt
+            open_rgb(path)  # decoded in full: a truncated file fails here, not at step 1000
+        self.prompts = [read_caption(p.with_suffix(".txt")) if p.with_suffix(".txt").exists() else prompt
                         for p in self.paths]
 
     def __len__(self):
@@ -54,8 +51,7 @@ class ImageFolder:
 
     def example(self, index, resolution, center_crop, random_flip, generator):
         """Resize the short side to `resolution`, flip (p = 0.5), crop a square; SDXL size conditions."""
-        with Image.open(self.paths[index]) as image:
-            image = image.convert("RGB")
+        image = open_rgb(self.paths[index])
         original_size = (image.height, image.width)
         scale = resolution / min(image.height, image.width)
         size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
@@ -72,6 +68,38 @@ class ImageFolder:
         image = image.crop((left, top, left + resolution, top + resolution))
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1  # (3, R, R)
         return Example(pixels, self.prompts[index], original_size, (top, left), (resolution, resolution))
+
+
+def check_folder(folder, what):
+    """A DataError if `folder` exists but is not a folder (a file of the same name)."""
+    if Path(folder).exists() and not Path(folder).is_dir():
+        raise DataError(f"{what} {folder} is a file, not a folder; name a folder of images")
+
+
+def open_rgb(path):
+    """An image file decoded in full, as 8-bit RGB. 16- and 32-bit grayscale (PIL modes I;16, I) are scaled
+    to 8 bits: PIL's own convert clips them at 255, which turns a 16-bit photo all white."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                top = 65535 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 255
+                gray = np.asarray(image, dtype=np.float64) * (255 / top)
+                image = Image.fromarray(gray.round().clip(0, 255).astype(np.uint8), "L")
+            elif image.mode == "F":
+                image = Image.fromarray((np.asarray(image).clip(0, 1) * 255).round().astype(np.uint8), "L")
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image {path} ({e}); remove or replace it") from None
+
+
+def read_caption(path):
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as e:
+        raise DataError(f"caption file {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise DataError(f"cannot read caption file {path} ({e.strerror})") from None
 
 
 def sample_generator(seed, step, index, stream):

@@ -18,7 +18,7 @@ from models.hub import download
 from models.sdxl import SDXL, SDXLConfig, scheduler_config
 from models.single_file import load_single_file, load_vae_file, read_config, save_single_file
 
-__all__ = ["BUNDLED", "DTYPES", "LoadError", "ModelInfo", "inspect", "load", "load_vae", "model_hash", "resolve",
+__all__ = ["BUNDLED", "DTYPES", "LoadError", "ModelInfo", "check_device", "inspect", "load", "load_vae", "model_hash", "resolve",
            "save_diffusers", "save_single_file"]
 
 # The project's own tiny model, trained by configs/tiny_*.py and shipped in the package (no download).
@@ -81,6 +81,27 @@ def load_vae(source, dtype=None, scaling_factor=None):
     path = resolve(source)
     dtype = DTYPES.get(dtype, dtype)
     return load_vae_folder(path, dtype) if path.is_dir() else load_vae_file(path, dtype, scaling_factor)
+
+
+def check_device(name):
+    """A torch.device that exists on this machine, or ValueError saying which ones do (checked before a load)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if device.type == "mps":
+        available = torch.backends.mps.is_available()
+    if not available:
+        raise ValueError(f"device {name} is not available on this machine (this torch {torch.__version__} sees "
+                         f"no {device.type}); use cpu")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"device {name}: this machine has {count} {device.type} device(s), numbered from 0")
+    return device
 
 
 def resolve(source):

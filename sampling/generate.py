@@ -139,29 +139,6 @@ def check_settings(s):
         raise ValueError(f"--karras does not apply to {s.sampler}; use euler, euler_a or dpmpp_2m with it")
 
 
-def check_device(name):
-    """A torch.device that exists on this machine, or ValueError saying which ones do."""
-    import torch
-
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"--device {name!r} is not a device name; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cpu":
-        return device
-    backend = getattr(torch, device.type, None)
-    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
-    if device.type == "mps":
-        available = torch.backends.mps.is_available()
-    if not available:
-        raise ValueError(f"--device {name} is not available on this machine (torch {torch.__version__} sees no "
-                         f"{device.type}); use --device cpu")
-    count = backend.device_count() if hasattr(backend, "device_count") else 1
-    if device.index is not None and device.index >= count:
-        raise ValueError(f"--device {name}: this machine has {count} {device.type} device(s), numbered from 0")
-    return device
-
-
 def available_memory(device):
     """Bytes free for a generation on `device`, or None where it cannot be told."""
     import torch
@@ -236,7 +213,7 @@ def main(argv=None):
 
 
 def generate(args, written):
-    from models.loading import LoadError, inspect, model_hash
+    from models.loading import LoadError, check_device, inspect, model_hash
     from sampling.pipeline import NonFiniteError, Pipeline
     from sampling.pnginfo import format_parameters
 

@@ -61,11 +61,54 @@ def latest_checkpoint(folder):
     return found[-1] if found else None
 
 
+def read_meta(path):
+    """The JSON beside a checkpoint's tensors; ValueError (one sentence) if path is not an intact checkpoint."""
+    path = Path(path) / "state.safetensors" if Path(path).is_dir() else Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist; pass resume='latest' or a step-NNNNNN folder")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            names = set(f.keys())
+    except Exception as e:  # safetensors' errors: truncated, not safetensors, unreadable
+        raise ValueError(f"checkpoint {path} is damaged ({e})") from None
+    if "plainxl.train_state" not in meta:
+        raise ValueError(f"{path} is a model file, not a training checkpoint; pass a step-NNNNNN folder of "
+                         "output_dir/checkpoints, or resume='latest'")
+    meta = json.loads(meta["plainxl.train_state"])
+    missing = [n for n in meta["names"] if f"param.{n}" not in names]
+    if missing:
+        raise ValueError(f"checkpoint {path} is damaged (no tensor for {missing[0]})")
+    return meta
+
+
+def find_checkpoint(resume, folder):
+    """The checkpoint to resume from -> (path or None, note or None). For resume='latest', the newest
+    intact one in `folder`: a damaged newer one (a disk filled up mid-write) is passed over, and said so."""
+    if resume is None:
+        return None, None
+    if resume != "latest":
+        read_meta(resume)  # raises for anything that is not an intact checkpoint
+        return Path(resume), None
+    found = sorted(Path(folder).glob("step-*"), reverse=True) if Path(folder).is_dir() else []
+    skipped = []
+    for path in found:
+        try:
+            read_meta(path)
+        except ValueError as e:
+            skipped.append(str(e))
+            continue
+        note = f"{'; '.join(skipped)}: resuming from {path} instead" if skipped else None
+        return path, note
+    if skipped:
+        raise ValueError(f"no intact checkpoint in {folder} ({skipped[0]}); start again without resume=")
+    return None, f"no checkpoint in {folder} yet: starting from step 0"
+
+
 def load_checkpoint(path, model, named, optimizer, schedule, scaler, rank):
     """Restore everything save_checkpoint wrote into the live objects; returns the step."""
     path = Path(path) / "state.safetensors" if Path(path).is_dir() else Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass resume='latest' or a step-NNNNNN folder")
+    read_meta(path)
     with safe_open(path, "pt") as f:
         meta = json.loads(f.metadata()["plainxl.train_state"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -7,8 +7,10 @@ Unknown fields and wrong types fail at once with a message naming the field.
 """
 
 import ast
+import math
 import importlib.util
 import json
+import traceback
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,6 +34,7 @@ class TrainConfig:
         mixed_precision: no / fp16 (grad scaler) / bf16 autocast; weights stay float32.
         gradient_checkpointing: recompute UNet blocks in backward to save activation memory.
         checkpoint_every, keep_checkpoints, resume ("latest" or a checkpoint path).
+        overwrite: replace the run already in output_dir (without it, such a folder is refused unless resume= is given).
         validation_prompt, validation_every: images on the main process, to TensorBoard and output_dir.
         caption_dropout_rate: share of samples trained with zeroed text conditioning (context and pooled),
             the unconditional prediction that classifier-free guidance's zero negative asks for (kohya's name).
@@ -71,6 +74,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     resume: str | None = None
+    overwrite: bool = False
     validation_prompt: str | None = None
     validation_every: int = 200
     caption_dropout_rate: float = 0.0
@@ -93,10 +97,26 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
-        positive = ["resolution", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "validation_every"]
+        positive = ["resolution", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "validation_every",
+                    "keep_checkpoints", "num_class_images", "class_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        numbers = {  # name: (lowest allowed, whether the lowest itself is allowed, highest or None)
+            "lr": (0, False, None), "max_grad_norm": (0, False, None), "weight_decay": (0, True, None),
+            "prior_loss_weight": (0, True, None), "noise_offset": (0, True, None), "kl_weight": (0, True, None),
+            "class_cfg": (0, True, None), "caption_dropout_rate": (0, True, 1), "caption_tag_dropout_rate": (0, True, 1),
+            "warmup_steps": (0, True, None), "keep_tokens": (0, True, None), "seed": (0, True, 2**63 - 1),
+        }
+        for name, (low, low_ok, high) in numbers.items():
+            v = getattr(self, name)
+            if not (math.isfinite(v) and (v >= low if low_ok else v > low) and (high is None or v <= high)):
+                bound = f"{'at least' if low_ok else 'more than'} {low}" + (f" and at most {high}" if high else "")
+                raise ConfigError(f"{name} must be a number {bound} (got {v})")
+        if self.snr_gamma is not None and not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
+            raise ConfigError(f"snr_gamma must be a number more than 0, or None to turn Min-SNR off (got {self.snr_gamma})")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"adam_betas must be two numbers in [0, 1), e.g. (0.9, 0.999) (got {self.adam_betas})")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8 (got {self.resolution})")
         if self.cache_latents and (self.random_flip or not self.center_crop or self.task == "vae"):
@@ -169,11 +189,20 @@ def read_config_file(path):
         raise ConfigError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # a config file is Python the user wrote: a plain `config = dict(...)`
+    try:
+        spec.loader.exec_module(module)  # a config file is Python the user wrote: a plain `config = dict(...)`
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path} has a syntax error on line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # anything the user's Python raises: say where, not a traceback
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == str(path)), "?")
+        raise ConfigError(f"config file {path} raised {type(e).__name__} on line {line}: {e}") from None
     if not isinstance(getattr(module, "config", None), dict):
         raise ConfigError(f"{path} must define `config = dict(field=value, ...)`")
     return dict(module.config)
 
 
 def save_config(config, path):
-    Path(path).write_text(json.dumps(asdict(config), indent=2) + "\n")
+    from models.files import atomic_file
+
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_text(json.dumps(asdict(config), indent=2) + "\n")

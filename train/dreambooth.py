@@ -16,6 +16,7 @@ import fnmatch
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -30,12 +31,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data.class_images import generate_class_images, missing_class_images
-from data.dreambooth import DataError, ImageFolder, dataset_index, sample_generator
+from data.dreambooth import DataError, ImageFolder, check_folder, dataset_index, sample_generator
 from models.conditioning import encode_text, vector_condition
-from models.loading import LoadError, load, save_single_file
+from models.loading import LoadError, check_device, inspect, load, save_single_file
 from models.tokenizer import load_tokenizers, tokenize
-from sampling.schedule import SDXL_SCHEDULER_CONFIG, alphas_cumprod
-from train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from sampling.schedule import alphas_cumprod
+from train.checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import ConfigError, load_config, save_config
 
 INSTANCE, CLASS = 0, 1  # kinds of sample
@@ -176,7 +177,7 @@ def make_batch(config, data, model, tokenizers, acp, step, j0, device):
     t = torch.cat([torch.randint(0, len(acp), (1,), generator=g) for g in gens(TIMESTEP)]).to(device)
     a = acp.to(device)[t][:, None, None, None]
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # q(x_t | x_0), variance preserving
-    v_pred = SDXL_SCHEDULER_CONFIG["prediction_type"] == "v_prediction"
+    v_pred = model.config.prediction_type == "v_prediction"  # v_pred marker keys / a folder's scheduler config
     target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise
     weight = torch.ones(n, device=device)
     if config.snr_gamma is not None:  # Min-SNR-gamma (Hang et al. 2023), per sample
@@ -204,18 +205,83 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "tensorboard", "validation")
+INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit codes as a shell reports a signal: 128 + number
+
+
+class Diverged(Exception):
+    """The loss or the gradients stopped being finite; the message says what to change."""
+
+
+def preflight(config):
+    """Every check that needs no weights, before anything loads or is written. Returns (device,
+    checkpoint to resume from or None, a note for the user or None). Raises ConfigError/LoadError/DataError."""
+    try:
+        device = check_device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    out = Path(config.output_dir)
+    check_folder(out, "output_dir")
+    check_folder(config.class_data_dir, "class_data_dir")
+    ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")  # every image decoded
+    info = inspect(config.model)  # the model's headers: a bad --model fails before the load
+    if config.task == "dreambooth" and info.config.text_encoder_1 is None:
+        raise ConfigError(f"{config.model} is a refiner (one text encoder); DreamBooth here trains a base model")
+    previous = [name for name in RUN_FILES if (out / name).exists()]
+    if previous and config.resume is None and not config.overwrite:
+        raise ConfigError(f"output_dir {out} holds another run ({', '.join(previous)}); pass --resume=latest to "
+                          "continue it, --overwrite=True to replace it, or another --output_dir")
+    try:
+        checkpoint, note = find_checkpoint(config.resume, out / "checkpoints")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return device, checkpoint, note
+
+
+def start_run_folder(config, step):
+    """Rank 0, after preflight: output_dir ready for this run. overwrite=True removes only the files a run
+    writes (RUN_FILES); a resumed run's log.jsonl keeps the lines up to the step it resumes from."""
+    out = Path(config.output_dir)
+    if config.overwrite and config.resume is None:
+        for name in RUN_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "log.jsonl"
+    if log.exists():  # lines past the checkpoint were made by steps that are about to run again
+        kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        log.write_text("".join(line + "\n" for line in kept))
+    save_config(config, out / "config.json")
+
+
+def finite_or_none(x):
+    return x if math.isfinite(x) else None  # log.jsonl stays valid JSON (json.dumps would write NaN)
+
+
 def main(argv=None):
-    # ---------------------------------------------------------------- config
+    # ---------------------------------------------------------------- config, and every check before a load
     try:
         config = load_config(sys.argv[1:] if argv is None else argv)
-    except ConfigError as e:
+        device, resume_from, note = preflight(config)
+    except (ConfigError, LoadError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return train(config, device, resume_from, note)
+    except KeyboardInterrupt:  # before the loop (it handles Ctrl-C itself): nothing to save yet
+        print("error: interrupted before training started; class images made so far are kept, and the same "
+              "command continues", file=sys.stderr)
+        return 130
+    except Diverged as e:  # every process stops at the same step (the losses are all-reduced); one says why
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 3
 
+
+def train(config, device, resume_from, note):
     # ---------------------------------------------------------------- DDP setup from torchrun's env
     ddp = "RANK" in os.environ
     rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if ddp else (0, 0, 1)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -269,29 +335,31 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         config.mixed_precision, torch.float32), enabled=config.mixed_precision != "no")
     step = 0
-    resume_from = latest_checkpoint(out / "checkpoints") if config.resume == "latest" else config.resume
     if resume_from:
         try:
             step = load_checkpoint(resume_from, model, named, optimizer, schedule, scaler, rank)
-        except (FileNotFoundError, ValueError) as e:
+        except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-    elif config.resume == "latest" and main_process:
-        print(f"no checkpoint in {out / 'checkpoints'} yet: starting from step 0")
+    if main_process and note:
+        print(f"note: {note}", file=sys.stderr)
 
     if main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(config, out / "config.json")
+        start_run_folder(config, step)
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(out / "tensorboard")
         total = sum(p.numel() for p in params)
         print(f"training {total:,} parameters ({len(params)} tensors) of {sum(p.numel() for p in model.parameters()):,}"
               f" on {world} process(es); global batch {config.batch_size * config.grad_accum * world}")
+    if ddp:
+        dist.barrier()  # the run folder is ready before anyone writes a checkpoint into it
 
-    stop = {"requested": False}  # SIGTERM: finish the step, save a checkpoint, exit
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(requested=True))
-    acp = alphas_cumprod()
+    # SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C): finish the step, save a checkpoint, exit non-zero.
+    stop = {"requested": 0}  # the signal number, 0 while running
+    for signum in INTERRUPTED:
+        signal.signal(signum, lambda signum, _: stop.update(requested=signum))
+    acp = alphas_cumprod(zero_terminal_snr=model.config.zero_terminal_snr)
     tokenizers = load_tokenizers()
     G_local = config.batch_size * world  # samples per micro-step, all processes together
 
@@ -317,19 +385,28 @@ def main(argv=None):
                 loss = pair_loss.mean() / config.grad_accum  # DDP averages over processes: the global mean
                 scaler.scale(loss).backward()
             sums += torch.stack([instance.detach().sum(), prior.detach().sum(), torch.tensor(float(B), device=device)])
+        if ddp:  # losses of every process (for the log and the divergence check), before the step
+            dist.all_reduce(sums)
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)  # the same on every process
+        # A NaN/inf loss, or NaN/inf gradients without fp16's scaler (which skips such steps by design), would
+        # write non-finite weights: stop before the step, keeping the checkpoints already on disk.
+        if not sums.isfinite().all() or (not scaler.is_enabled() and not grad_norm.isfinite()):
+            kept = latest_checkpoint(out / "checkpoints")
+            raise Diverged(f"the {'loss' if not sums.isfinite().all() else 'gradient'} became NaN or inf at step "
+                           f"{step + 1} (lr {schedule.get_last_lr()[0]:g}): the run diverged; lower lr"
+                           + (", or use mixed_precision=bf16 (fp16 overflows)" if config.mixed_precision == "fp16" else "")
+                           + f". Nothing was exported; the last good checkpoint is {kept or 'none (none was saved)'}")
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         step += 1
 
-        if ddp:  # losses for the log, and whether any process was asked to stop
-            dist.all_reduce(sums)
+        if ddp:  # whether any process was asked to stop
             flag = torch.tensor(float(stop["requested"]), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop["requested"] = bool(flag)
+            stop["requested"] = int(flag)
         inst_loss, prior_loss = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
         total_loss = inst_loss + config.prior_loss_weight * prior_loss
 
@@ -342,7 +419,8 @@ def main(argv=None):
                 writer.add_scalar(name, value, step)
             with open(out / "log.jsonl", "a") as log:  # the same numbers, machine-readable (tests read them)
                 log.write(json.dumps({"step": step, "loss": total_loss, "instance": inst_loss, "prior": prior_loss,
-                                      "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm)}) + "\n")
+                                      "lr": schedule.get_last_lr()[0],
+                                      "grad_norm": finite_or_none(float(grad_norm))}) + "\n")
             bar.set_postfix(loss=f"{total_loss:.4f}")
             bar.update(1)
         if config.validation_prompt and step % config.validation_every == 0 and main_process:
@@ -354,17 +432,26 @@ def main(argv=None):
     bar.close()
 
     # ---------------------------------------------------------------- export, teardown
+    code = 0
     if main_process and not stop["requested"]:
         if config.task == "vae":
             set_scaling_factor(model, data["instance"], config, device)
+        if not all(p.isfinite().all() for p in params):  # cannot happen after the checks above; never export NaN
+            raise Diverged("the trained weights hold NaN or inf; nothing was exported")
         save_single_file(model, out / "model.safetensors", dtype=config.export_dtype, overwrite=True)
         print(f"wrote {out / 'model.safetensors'}")
+    if stop["requested"]:
+        name = signal.Signals(stop["requested"]).name
+        if main_process:
+            print(f"error: interrupted by {name} at step {step}; the checkpoint is saved in {out / 'checkpoints'}: "
+                  "run the same command with --resume=latest to continue", file=sys.stderr)
+        code = INTERRUPTED[stop["requested"]]
     if main_process:
         writer.close()
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return code
 
 
 @torch.no_grad()
