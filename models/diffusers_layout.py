@@ -31,6 +31,8 @@ def _uniform(values, what):
 
 def unet_config_from_diffusers(d):
     channels = d["block_out_channels"]
+    if not channels:
+        raise ValueError("block_out_channels is empty: a UNet needs at least one level")
     levels, R = len(channels), d["layers_per_block"]
     if d.get("addition_embed_type") != "text_time" or not d.get("use_linear_projection", False):
         raise LoadError("the UNet config is not SDXL's (addition_embed_type 'text_time', linear projections).")
@@ -43,6 +45,8 @@ def unet_config_from_diffusers(d):
     reverse = [x if isinstance(x, list) else [x] * (R + 1) for x in reverse]
     heads = d.get("num_attention_heads") or d["attention_head_dim"]  # diffusers' misnomer: head counts
     heads = [heads] * levels if isinstance(heads, int) else heads
+    if min(heads) < 1:
+        raise ValueError(f"attention head counts {heads} must be positive")
     context = d["cross_attention_dim"]
     return unet.UNetConfig(
         in_channels=d["in_channels"], out_channels=d["out_channels"], model_channels=channels[0],
@@ -88,6 +92,8 @@ def unet_config_to_diffusers(c):
 
 def vae_config_from_diffusers(d):
     channels = d["block_out_channels"]
+    if not channels:
+        raise ValueError("the VAE's block_out_channels is empty: it needs at least one level")
     return vae.VAEConfig(
         in_channels=d["in_channels"], out_channels=d["out_channels"], ch=channels[0],
         ch_mult=tuple(c // channels[0] for c in channels), num_res_blocks=d["layers_per_block"],

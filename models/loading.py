@@ -66,7 +66,7 @@ def load(source, dtype=None, device="cpu", vae=None):
     path = resolve(source)
     model = load_diffusers(path, dtype) if path.is_dir() else load_single_file(path, dtype)
     if vae_path is not None:
-        vae_module = load_vae(vae_path, dtype, scaling_factor=model.config.vae.scaling_factor)
+        vae_module = load_vae(vae_path, dtype, like=model.config.vae)
         if vae_module.config.z_channels != model.config.vae.z_channels:
             raise LoadError(f"the VAE {vae} has {vae_module.config.z_channels} latent channels, the model "
                             f"{model.config.vae.z_channels}; pass an SDXL VAE.")
@@ -75,12 +75,12 @@ def load(source, dtype=None, device="cpu", vae=None):
     return model.to(device).eval()
 
 
-def load_vae(source, dtype=None, scaling_factor=None):
-    """A VAE alone -> models.vae.AutoencoderKL: a diffusers VAE folder (its config.json has the scaling
-    factor), or an official-layout VAE file (shapes have none: `scaling_factor`, else SDXL's)."""
+def load_vae(source, dtype=None, like=None):
+    """A VAE alone -> models.vae.AutoencoderKL: a diffusers VAE folder (its config.json says everything),
+    or an official-layout VAE file (its scaling factor and groups: those of `like`, a VAEConfig, else SDXL's)."""
     path = resolve(source)
     dtype = DTYPES.get(dtype, dtype)
-    return load_vae_folder(path, dtype) if path.is_dir() else load_vae_file(path, dtype, scaling_factor)
+    return load_vae_folder(path, dtype) if path.is_dir() else load_vae_file(path, dtype, like)
 
 
 def check_device(name):

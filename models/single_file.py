@@ -155,11 +155,13 @@ def _infer_unet(s, pooled_dim, num_numbers):
     )
 
 
-def _infer_vae(s):
+def _infer_vae(s, norm_groups=None):
+    """norm_groups None: SDXL's 32 (sound at SDXL-family widths only); else the given count."""
     ch, in_channels = s["encoder.conv_in.weight"][:2]
     levels = _count(s, r"encoder\.down\.(\d+)\.")
     return vae.VAEConfig(
-        in_channels=in_channels, out_channels=s["decoder.conv_out.weight"][0], ch=_sdxl_width(ch, 64, 32, "VAE"),
+        in_channels=in_channels, out_channels=s["decoder.conv_out.weight"][0],
+        ch=ch if norm_groups else _sdxl_width(ch, 64, 32, "VAE"), norm_groups=norm_groups or 32,
         ch_mult=tuple(s[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels)),
         num_res_blocks=_count(s, r"encoder\.down\.0\.block\.(\d+)\."), z_channels=s["post_quant_conv.weight"][0],
     )
@@ -233,10 +235,11 @@ def load_single_file(path, dtype=None):
     return model
 
 
-def load_vae_file(path, dtype=None, scaling_factor=None):
+def load_vae_file(path, dtype=None, like=None):
     """A VAE alone from an official-layout file (`encoder.*`, with or without `first_stage_model.`), as
-    stabilityai/sdxl-vae and sdxl-vae-fp16-fix ship it -> AutoencoderKL. Shapes carry no scaling factor:
-    `scaling_factor` (the model's) is kept."""
+    stabilityai/sdxl-vae and sdxl-vae-fp16-fix ship it -> AutoencoderKL. Shapes carry neither a scaling
+    factor nor GroupNorm groups: with `like` (the VAEConfig of the model it goes into) both are that
+    model's, which is sound for a VAE of the model's own family (the shapes are checked); else SDXL's."""
     path = Path(path)
     with open_safetensors(path) as f:
         names = list(f.keys())
@@ -247,11 +250,11 @@ def load_vae_file(path, dtype=None, scaling_factor=None):
             raise LoadError(f"{path} is a VAE in diffusers names; pass the folder that holds it with its config.json.")
         shapes = {n[len(prefix):]: f.get_slice(n).get_shape() for n in names if n.startswith(prefix)}
     try:
-        cfg = _infer_vae(shapes)
+        cfg = _infer_vae(shapes, like and like.norm_groups)
+        if like is not None:
+            cfg = replace(cfg, scaling_factor=like.scaling_factor)
     except (KeyError, ValueError, ZeroDivisionError) as e:
         raise LoadError(f"{path} is not an SDXL VAE file ({e}); pass a VAE .safetensors or a diffusers vae/ folder.") from None
-    if scaling_factor is not None:
-        cfg = vae.VAEConfig(**{**asdict(cfg), "scaling_factor": scaling_factor})
     with torch.device("meta"):
         module = vae.AutoencoderKL(cfg)
     expected = module.state_dict()

@@ -213,7 +213,7 @@ def main(argv=None):
 
 
 def generate(args, written):
-    from models.loading import LoadError, check_device, inspect, model_hash
+    from models.loading import LoadError, check_device, inspect, model_hash, resolve
     from sampling.pipeline import NonFiniteError, Pipeline
     from sampling.pnginfo import format_parameters
 
@@ -224,6 +224,8 @@ def generate(args, written):
             raise ValueError(f"--out {out} is a file; name a folder (it is created if missing)")
         device = check_device(args.device)
         info = inspect(model)  # headers and configs only: the settings are checked before the weights load
+        if vae is not None:
+            resolve(vae)  # it exists (or is downloaded) before the big load
         side = info.config.unet.sample_size * 8
         settings = replace(settings, width=settings.width or side, height=settings.height or side)
         check_fits(info, settings, args.dtype, device)

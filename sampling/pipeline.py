@@ -173,7 +173,7 @@ class Pipeline:
         net = lambda x_in, t, context, y: self.model.unet(x_in.to(self.dtype), t, context, y)
         guided_net = guided(net, cond, uncond, s.cfg, s.guidance_rescale)
         x0 = denoiser(guided_net, schedule)
-        bar = tqdm(total=s.steps, disable=not progress, desc=s.sampler)
+        bar = tqdm(total=s.steps, disable=not progress, desc=s.sampler, leave=False)  # gone when done
         sampler = SAMPLERS[s.sampler]
         kwargs = {"callback": lambda info: (bar.update(1), callback and callback(info))}
         if s.sampler in ("euler_a", "ddpm"):

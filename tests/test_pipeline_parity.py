@@ -159,3 +159,41 @@ def test_a_folders_scheduler_config_is_used(files, tmp_path):
     assert_close_images(ours(s, progress=False), diffusers_images(reference, s), "trailing scheduler config")
     default = Pipeline.load(files / "tiny.safetensors")(s, progress=False)
     assert not np.array_equal(np.asarray(default[0]), np.asarray(ours(s, progress=False)[0]))
+
+
+# ----------------------------------------------------------------------------- v-prediction, zero terminal SNR
+
+
+@pytest.fixture(scope="module")
+def vpred_files(tmp_path_factory):
+    """The tiny model as a v-prediction + zero-terminal-SNR model (NoobAI-XL v-pred's kind): a single file
+    with the v_pred and ztsnr marker keys, and a diffusers folder whose scheduler config says the same."""
+    from dataclasses import replace
+
+    from safetensors import safe_open
+
+    root = tmp_path_factory.mktemp("vpred")
+    model = tiny_model(seed=1)
+    model.config = replace(model.config, prediction_type="v_prediction", zero_terminal_snr=True)
+    save_single_file(model, root / "vpred.safetensors")
+    save_diffusers(model, root / "vpred")
+    with safe_open(root / "vpred.safetensors", "pt") as f:
+        assert {"v_pred", "ztsnr"} <= set(f.keys())  # the markers ComfyUI and AUTOMATIC1111 read
+    return root
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
+def test_v_prediction_zero_snr_images_equal_diffusers(vpred_files, sampler):
+    from diffusers import StableDiffusionXLPipeline
+
+    reference = StableDiffusionXLPipeline.from_pretrained(vpred_files / "vpred", add_watermarker=False)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler_config_as_saved = dict(reference.scheduler.config)
+    assert reference.scheduler.config.prediction_type == "v_prediction"
+    assert reference.scheduler.config.rescale_betas_zero_snr and reference.scheduler.config.timestep_spacing == "trailing"
+    s = Settings(prompt="1girl, solo, blue hair", negative_prompt="lowres", width=64, height=56, steps=8, cfg=5.0,
+                 sampler=sampler, seed=7, num_images=2)
+    theirs = diffusers_images(reference, s)
+    for source in ("vpred.safetensors", "vpred"):  # the markers, or the folder's scheduler config
+        ours = Pipeline.load(vpred_files / source)(s, progress=False)
+        assert_close_images(ours, theirs, f"v-pred zsnr {sampler} from {source}")

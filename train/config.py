@@ -197,7 +197,7 @@ def read_config_file(path):
         line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == str(path)), "?")
         raise ConfigError(f"config file {path} raised {type(e).__name__} on line {line}: {e}") from None
     if not isinstance(getattr(module, "config", None), dict):
-        raise ConfigError(f"{path} must define `config = dict(field=value, ...)`")
+        raise ConfigError(f"config file {path} must define `config = dict(field=value, ...)`")
     return dict(module.config)
 
 

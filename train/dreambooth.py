@@ -393,6 +393,7 @@ def train(config, device, resume_from, note):
         # write non-finite weights: stop before the step, keeping the checkpoints already on disk.
         if not sums.isfinite().all() or (not scaler.is_enabled() and not grad_norm.isfinite()):
             kept = latest_checkpoint(out / "checkpoints")
+            bar.close()  # its line stays above the message
             raise Diverged(f"the {'loss' if not sums.isfinite().all() else 'gradient'} became NaN or inf at step "
                            f"{step + 1} (lr {schedule.get_last_lr()[0]:g}): the run diverged; lower lr"
                            + (", or use mixed_precision=bf16 (fp16 overflows)" if config.mixed_precision == "fp16" else "")
