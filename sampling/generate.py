@@ -242,6 +242,11 @@ def generate(args, written):
             parameters = format_parameters(settings, seed, model, model_hash=model_file_hash, vae=vae)
             written.append(save_next(image, out, seed, parameters))
             print(written[-1])
+    except (MemoryError, RuntimeError) as e:  # the estimate was short (torch.OutOfMemoryError is a RuntimeError)
+        if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+            raise
+        return fail(f"{device} ran out of memory at {settings.width}x{settings.height} x {settings.num_images}; "
+                    f"use a smaller size or --num-images ({len(written)} image(s) were written)")
     except NonFiniteError as e:
         kept = f"; the {len(written)} image(s) before it were written" if written else "; nothing was written"
         return fail(str(e).rstrip(".") + kept + ".")

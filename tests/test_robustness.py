@@ -507,6 +507,8 @@ def trained_run(train_setup, tmp_path_factory):
     (dict(device="banana"), "'banana' is not a device name"),
     (dict(model="/nonexistent/model.safetensors"), "/nonexistent/model.safetensors does not exist"),
     (dict(resume="/nonexistent/step-000001"), "checkpoint /nonexistent/step-000001 does not exist"),
+    (dict(prior_loss_weight=1.0, class_steps=1000), "class_steps=1000: 'leading' spacing with 1000 steps"),
+    (dict(validation_prompt="1girl", class_sampler="heun"), "class_sampler='heun', class_steps=28: sampler 'heun' is unknown"),
 ])
 def test_trainer_fields_refused_before_anything(train_setup, tmp_path, capsys, overrides, fragment):
     before = snapshot(train_setup)

@@ -35,7 +35,8 @@ from data.dreambooth import DataError, ImageFolder, check_folder, dataset_index,
 from models.conditioning import encode_text, vector_condition
 from models.loading import LoadError, check_device, inspect, load, save_single_file
 from models.tokenizer import load_tokenizers, tokenize
-from sampling.schedule import alphas_cumprod
+from sampling.pipeline import NonFiniteError
+from sampling.schedule import alphas_cumprod, make_schedule
 from train.checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
 from train.config import ConfigError, load_config, save_config
 
@@ -227,6 +228,11 @@ def preflight(config):
     info = inspect(config.model)  # the model's headers: a bad --model fails before the load
     if config.task == "dreambooth" and info.config.text_encoder_1 is None:
         raise ConfigError(f"{config.model} is a refiner (one text encoder); DreamBooth here trains a base model")
+    if (config.prior_loss_weight > 0 and config.task == "dreambooth") or config.validation_prompt:
+        try:  # the class and validation images' sampler and steps, against this model's schedule
+            make_schedule(config.class_sampler, config.class_steps, config=info.scheduler_config)
+        except ValueError as e:
+            raise ConfigError(f"class_sampler={config.class_sampler!r}, class_steps={config.class_steps}: {e}") from None
     previous = [name for name in RUN_FILES if (out / name).exists()]
     if previous and config.resume is None and not config.overwrite:
         raise ConfigError(f"output_dir {out} holds another run ({', '.join(previous)}); pass --resume=latest to "
@@ -303,7 +309,7 @@ def train(config, device, resume_from, note):
             if ddp:
                 dist.barrier()
             data["class"] = ImageFolder(config.class_data_dir, config.class_prompt, "class_data_dir")
-    except (LoadError, DataError) as e:
+    except (LoadError, DataError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model.requires_grad_(False)
@@ -478,10 +484,15 @@ def validate(model, config, step, out, writer):
     from sampling.pipeline import Pipeline, Settings
 
     model.eval()
-    image = Pipeline(model)(Settings(prompt=config.validation_prompt, width=config.resolution,
-                                     height=config.resolution, steps=config.class_steps, cfg=config.class_cfg,
-                                     sampler=config.class_sampler, seed=config.seed), progress=False)[0]
-    model.train()
+    try:
+        image = Pipeline(model)(Settings(prompt=config.validation_prompt, width=config.resolution,
+                                         height=config.resolution, steps=config.class_steps, cfg=config.class_cfg,
+                                         sampler=config.class_sampler, seed=config.seed), progress=False)[0]
+    except NonFiniteError as e:  # training goes on; the loss check stops it if the weights themselves diverged
+        print(f"note: no validation image at step {step}: {e}", file=sys.stderr)
+        return
+    finally:
+        model.train()
     (out / "validation").mkdir(exist_ok=True)
     image.save(out / "validation" / f"step-{step:06d}.png")
     writer.add_image("validation", np.asarray(image), step, dataformats="HWC")
