@@ -89,7 +89,7 @@ def open_rgb(path):
             elif image.mode == "F":
                 image = Image.fromarray((np.asarray(image).clip(0, 1) * 255).round().astype(np.uint8), "L")
             return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path} ({e}); remove or replace it") from None
 
 

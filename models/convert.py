@@ -30,6 +30,12 @@ def main(argv=None):
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a folder we may not write: nothing half-written stays (atomic writes)
+        print(f"error: writing {args.dst} failed ({e.strerror or e}); nothing was written", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {args.dst} was not written", file=sys.stderr)
+        return 130
     print(f"wrote {args.dst}")
     return 0
 

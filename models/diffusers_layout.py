@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from models import keys, text, unet, vae
 from models.files import DTYPES, LoadError, atomic_folder, check_destination, open_safetensors, read_tensors
 from models.sdxl import SDXL, SDXLConfig, scheduler_config
-from models.single_file import check_tensors, state_dicts
+from models.single_file import check_finite, check_tensors, state_dicts
 from models.tokenizer import load_tokenizers, save_tokenizers
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
@@ -153,11 +153,14 @@ def model_index(cfg):
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_json(path):
+def _read_json(path, kind=dict):
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
         raise LoadError(f"{path} cannot be read as JSON ({e}); the folder is incomplete or damaged.") from None
+    if not isinstance(value, kind):
+        raise LoadError(f"{path} holds a JSON {type(value).__name__}, not an object; the folder is damaged.")
+    return value
 
 
 def _read_weights(folder, dtype):
@@ -169,7 +172,13 @@ def _read_weights(folder, dtype):
     else:
         index = sorted(folder.glob("*.safetensors.index.json"))
         if index:
-            files = sorted({folder / f for f in _read_json(index[0])["weight_map"].values()})
+            weight_map = _read_json(index[0]).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise LoadError(f"{index[0]} has no weight_map; the download is incomplete or damaged.")
+            files = sorted({folder / f for f in weight_map.values()})
+            missing = [f for f in files if not f.exists()]
+            if missing:
+                raise LoadError(f"{folder} is missing the shard {missing[0].name} its index names; download it again.")
         elif any(folder.glob("*.bin")):
             raise LoadError(f"{folder} has only pickle weights (.bin), which are not loaded because pickles can run "
                             "code; get the .safetensors version of this model.")
@@ -184,7 +193,7 @@ def _read_weights(folder, dtype):
 
 
 def _refuse_other_models(path, index):
-    kind = index.get("_class_name", "")
+    kind = str(index.get("_class_name") or "")
     if kind.startswith("StableDiffusionXL"):
         return
     if kind.startswith("StableDiffusion") and (path / "unet" / "config.json").exists():
@@ -213,7 +222,7 @@ def read_folder_config(path):
             prediction_type=(scheduler or {}).get("prediction_type", "epsilon"),
             zero_terminal_snr=bool((scheduler or {}).get("rescale_betas_zero_snr", False)),
         )
-    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError, IndexError) as e:
         raise LoadError(f"{path} has configs plainxl cannot read as SDXL ({e}); is it an SDXL model?") from None
     return cfg, scheduler
 
@@ -256,9 +265,15 @@ def load_diffusers(path, dtype=None):
 # ----------------------------------------------------------------------------- saving
 
 
+MODEL_FOLDER_ENTRIES = {"model_index.json", "unet", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                        "tokenizer_2", "scheduler", "README.md", ".gitattributes"}
+
+
 def is_model_folder(path):
-    """A folder save_diffusers could have written (so --overwrite may replace it)."""
-    return (Path(path) / "model_index.json").is_file() or (Path(path) / "unet" / "config.json").is_file()
+    """A folder save_diffusers could have written, and nothing else (so --overwrite may replace it): a
+    training output_dir with checkpoints and logs beside its model_index.json is not one."""
+    path = Path(path)
+    return (path / "unet" / "config.json").is_file() and {p.name for p in path.iterdir()} <= MODEL_FOLDER_ENTRIES
 
 
 def save_diffusers(model, dst, dtype=None, overwrite=False):
@@ -282,16 +297,22 @@ def save_diffusers(model, dst, dtype=None, overwrite=False):
     if cfg.text_encoder_1 is not None:
         parts["text_encoder"] = (text_config_to_hf(cfg.text_encoder_1, stored_dtype), "model.safetensors",
                                  sds["text_encoder_1"])
-    with atomic_folder(dst) as tmp:
-        for folder, (config, filename, tensors) in parts.items():
-            (tmp / folder).mkdir()
-            (tmp / folder / "config.json").write_text(json.dumps(config, indent=2))
-            save_file(tensors, tmp / folder / filename, metadata={"format": "pt"})
-        (tmp / "scheduler").mkdir()
-        (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(cfg), indent=2))
-        (tmp / "model_index.json").write_text(json.dumps(model_index(cfg), indent=2))
-        tokenizer_1, tokenizer_2 = load_tokenizers()
-        save_tokenizers(tokenizer_1 if cfg.text_encoder_1 else None, tokenizer_2, tmp)
+    for tensors in sds.values():
+        check_finite(tensors, dst)
+    try:
+        with atomic_folder(dst, overwrite, is_model_folder) as tmp:
+            for folder, (config, filename, tensors) in parts.items():
+                (tmp / folder).mkdir()
+                (tmp / folder / "config.json").write_text(json.dumps(config, indent=2))
+                save_file(tensors, tmp / folder / filename, metadata={"format": "pt"})
+            (tmp / "scheduler").mkdir()
+            (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(cfg), indent=2))
+            (tmp / "model_index.json").write_text(json.dumps(model_index(cfg), indent=2))
+            tokenizer_1, tokenizer_2 = load_tokenizers()
+            save_tokenizers(tokenizer_1 if cfg.text_encoder_1 else None, tokenizer_2, tmp)
+    except FileExistsError:
+        raise LoadError(f"{dst} appeared (or changed) while the model was being written; nothing was replaced, "
+                        "choose another destination.") from None
 
 
 def load_vae_folder(path, dtype=None):

@@ -9,6 +9,7 @@ import hashlib
 import json
 import mmap
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -35,8 +36,11 @@ class LoadError(Exception):
 
 
 def check_not_pickle(path):
-    with open(path, "rb") as f:
-        head = f.read(2)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as e:
+        raise LoadError(f"cannot read {path} ({e.strerror}); check that it is a file you may read.") from None
     # Torch's zip checkpoints start with "PK", raw pickles with the protocol byte 0x80.
     if Path(path).suffix in PICKLE_SUFFIXES or head == b"PK" or head[:1] == b"\x80":
         raise LoadError(
@@ -112,12 +116,15 @@ def _temp_prefix(dst):
 
 
 def _remove_stale_temporaries(dst):
-    for tmp in dst.parent.glob(f".{dst.name}.*.tmp"):
-        pid = tmp.name[len(dst.name) + 2:].split(".")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+    if os.name != "posix":  # os.kill(pid, 0) only asks "does it exist" on POSIX
+        return
+    pattern = re.compile(rf"\.{re.escape(dst.name)}\.(\d+)\.[\w-]+\.tmp")  # what atomic_file/_folder name them
+    for tmp in dst.parent.iterdir():
+        m = pattern.fullmatch(tmp.name)
+        if not m or int(m[1]) == os.getpid():
             continue
         try:
-            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+            os.kill(int(m[1]), 0)  # signal 0: only asks whether the process exists
         except ProcessLookupError:
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         except PermissionError:
@@ -176,22 +183,33 @@ def atomic_file(dst, overwrite=False):
 
 
 @contextmanager
-def atomic_folder(dst):
-    """Yield a temporary folder beside dst; on success it replaces dst (checked by check_destination)."""
+def atomic_folder(dst, overwrite=False, replaceable=None):
+    """Yield a temporary folder beside dst; on success it becomes dst. An existing dst is replaced only with
+    overwrite=True and if `replaceable(dst)` still holds (checked again: minutes may have passed since
+    check_destination); it is renamed aside first, so that a failure at any point leaves one of the two."""
     dst = Path(dst)
     _remove_stale_temporaries(dst)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=_temp_prefix(dst), suffix=".tmp"))
+    old = None
     try:
         yield tmp
         mask = _umask()
         for path in [tmp, *tmp.rglob("*")]:
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
-        if dst.exists():  # only reached after check_destination allowed replacing it
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        if dst.exists() or dst.is_symlink():
+            if not overwrite or not dst.is_dir() or (replaceable is not None and not replaceable(dst)):
+                raise FileExistsError(dst)
+            old = Path(tempfile.mkdtemp(dir=dst.parent, prefix=_temp_prefix(dst), suffix=".tmp"))
+            os.replace(dst, old / "previous")  # dst is free now; the old folder waits inside `old`
         os.replace(tmp, dst)
+        if old is not None:
+            shutil.rmtree(old)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+        if old is not None and old.exists() and not dst.exists():
+            os.replace(old / "previous", dst)  # the new folder did not make it: the old one comes back
+            shutil.rmtree(old)
 
 
 # ----------------------------------------------------------------------------- hashing
@@ -211,6 +229,7 @@ def model_hash(path):
         cache = json.loads(HASH_CACHE.read_text())
     except (OSError, ValueError):
         cache = {}
+    cache = cache if isinstance(cache, dict) else {}
     if key in cache:
         return cache[key]
     digest = hashlib.sha256()

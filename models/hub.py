@@ -4,13 +4,14 @@ Without a network the cache is used as it is: the hub is probed once (one TCP co
 instead of letting the HTTP client retry for half a minute and end in a traceback.
 """
 
+import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import (
-    EntryNotFoundError, GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+    EntryNotFoundError, GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled,
     RepositoryNotFoundError,
 )
 from huggingface_hub.constants import ENDPOINT, HF_HUB_CACHE, HF_HUB_OFFLINE
@@ -29,7 +30,7 @@ def download(source):
     """"owner/name" or "owner/name/file.safetensors" -> a cached file or diffusers folder (downloaded if needed)."""
     parts = source.split("/")
     repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or DEFAULT_FILES.get("/".join(parts[:2]))
-    online = not HF_HUB_OFFLINE and _reachable()
+    online = not HF_HUB_OFFLINE and (_proxied() or _reachable())
     try:
         if filename:
             return Path(hf_hub_download(repo_id, filename, local_files_only=not online))
@@ -49,6 +50,8 @@ def download(source):
                         "(if the repo is private, log in with `hf auth login`).") from None
     except EntryNotFoundError:
         raise LoadError(f"{repo_id} has no file {filename}; check the name on the repo's Files page.") from None
+    except HFValidationError as e:  # a name the regex in models.loading.resolve let through, e.g. "a--b/c"
+        raise LoadError(f"{source} is not a valid Hugging Face repo id ({e}); pass owner/name or a local path.") from None
     except Exception as e:  # the HTTP client's own errors (httpx, requests) differ between hub versions
         if isinstance(e, (HfHubHTTPError, OSError)) or type(e).__module__.split(".")[0] in HTTP_CLIENTS:
             raise LoadError(f"downloading {source} failed ({e}); check the network and try again.") from None
@@ -56,6 +59,12 @@ def download(source):
 
 
 HTTP_CLIENTS = ("httpx", "httpx2", "requests", "urllib3")
+
+
+def _proxied():
+    """Behind a proxy a direct probe says nothing: let the hub's client (which uses the proxy) try."""
+    return any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "HTTP_PROXY",
+                                            "http_proxy"))
 
 
 def _reachable(timeout=3.0):

@@ -27,6 +27,9 @@ def main(argv=None):
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: writing {args.out} failed ({e.strerror or e}); nothing was written", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}")
     return 0
 

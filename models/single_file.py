@@ -199,7 +199,7 @@ def read_config(path):
     if CONFIG_METADATA_KEY in metadata:
         try:
             cfg = config_from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LoadError(f"{path} has a damaged {CONFIG_METADATA_KEY} metadata entry ({e}); export it again.") from None
     else:
         cfg = infer_config(shapes, path)
@@ -276,6 +276,14 @@ def state_dicts(model, dtype):
     return out
 
 
+def check_finite(tensors, dst):
+    """Never write NaN weights: a LoadError naming the first non-finite tensor (after any cast: fp16 overflows)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel() and not t.isfinite().all():
+            raise LoadError(f"tensor {name} holds NaN or inf (a diverged run, or values beyond the export dtype's "
+                            f"range), so {dst} was not written; export another checkpoint, or as bf16/fp32.")
+
+
 def save_single_file(model, dst, dtype=None, overwrite=False):
     """Write one official-layout .safetensors file (written to a temporary name, then renamed), with the
     model's extra tensors and its prediction markers, and the config as metadata."""
@@ -293,6 +301,7 @@ def save_single_file(model, dst, dtype=None, overwrite=False):
     # One metadata entry only: safetensors writes several in a random (hash) order, which would make
     # two exports of the same model differ byte-wise.
     metadata = {CONFIG_METADATA_KEY: json.dumps(asdict(model.config))}
+    check_finite(tensors, dst)
     try:
         with atomic_file(dst, overwrite) as tmp:
             save_file(tensors, tmp, metadata=metadata)

@@ -78,11 +78,13 @@ def parse_args(argv):
 
 
 def settings_from(args):
-    """(Settings, model, vae) from the PNG (if any) or the defaults, overridden by every flag given."""
+    """(Settings, model, vae, recorded model hash) from the PNG (if any) or the defaults, overridden by every flag.
+
+    The PNG's VAE is used only with the PNG's model: a --model of your own takes its own VAE."""
     from sampling.pipeline import Settings
     from sampling.pnginfo import parse_parameters
 
-    model, vae = args.model, args.vae
+    model, vae, recorded = args.model, args.vae, {}
     if args.from_png:
         try:
             with Image.open(args.from_png) as png:
@@ -90,9 +92,10 @@ def settings_from(args):
             if text is None:
                 raise ValueError("it has no 'parameters' text chunk")
             settings, recorded = parse_parameters(text)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"--from-png {args.from_png} cannot be used: {e}") from None
-        model, vae = model or recorded.get("Model"), vae or recorded.get("VAE")
+        if model is None:
+            model, vae = recorded.get("Model"), vae or recorded.get("VAE")
     else:
         if args.prompt is None:
             raise ValueError("--prompt is required (or --from-png FILE)")
@@ -106,7 +109,7 @@ def settings_from(args):
     if settings.seed == -1:
         settings = replace(settings, seed=secrets.randbelow(2**32))  # A1111's -1; the PNG records the seed drawn
     check_settings(settings)
-    return settings, model or DEFAULT_MODEL, vae
+    return settings, model or DEFAULT_MODEL, vae, recorded.get("Model hash") if model == recorded.get("Model") else None
 
 
 def _multiple_of_8(name, v):
@@ -126,8 +129,9 @@ def check_settings(s):
     if s.num_images < 1:
         raise ValueError(f"--num-images must be at least 1 (got {s.num_images})")
     if not 0 <= s.seed <= MAX_SEED - (s.num_images - 1):
-        raise ValueError(f"--seed {s.seed} is outside 0 .. 2**64 - 1 for {s.num_images} image(s) (seeds seed .. "
-                         f"seed + {s.num_images - 1}); use a seed in that range, or -1 for a random one")
+        batch = f" for {s.num_images} images (they use seed .. seed + {s.num_images - 1})" if s.num_images > 1 else ""
+        raise ValueError(f"--seed {s.seed} is outside 0 .. 2**64 - 1{batch}; use a seed in that range, "
+                         "or -1 for a random one")
     if not (math.isfinite(s.cfg) and s.cfg >= 0):
         raise ValueError(f"--cfg {s.cfg} is not a guidance scale; use a finite number >= 0 (1 or less: no guidance)")
     if not (math.isfinite(s.guidance_rescale) and 0 <= s.guidance_rescale <= 1):
@@ -212,6 +216,11 @@ def main(argv=None):
                     + (f" ({', '.join(map(str, written))})" if written else ""), 130)
 
 
+def out_of_memory(e):
+    """True for the errors torch raises when an allocation fails (torch.OutOfMemoryError is a RuntimeError)."""
+    return isinstance(e, MemoryError) or "out of memory" in str(e).lower() or "can't allocate memory" in str(e)
+
+
 def generate(args, written):
     from models.loading import LoadError, check_device, inspect, model_hash, resolve
     from sampling.pipeline import NonFiniteError, Pipeline
@@ -219,7 +228,7 @@ def generate(args, written):
 
     out = Path(args.out)
     try:
-        settings, model, vae = settings_from(args)
+        settings, model, vae, recorded_hash = settings_from(args)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; name a folder (it is created if missing)")
         device = check_device(args.device)
@@ -231,19 +240,26 @@ def generate(args, written):
         check_fits(info, settings, args.dtype, device)
         pipe = Pipeline.load(info.path, dtype=args.dtype, device=device, vae=vae)
         model_file_hash = model_hash(info.path) if info.path.is_file() else None
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty folder behind
     except (ValueError, LoadError) as e:
         return fail(str(e))
+    except (MemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        return fail(f"{args.device} has too little memory for this model in {args.dtype}; use --dtype bf16 or fp16")
     except OSError as e:
         return fail(f"cannot create --out {out} ({e.strerror}); choose a folder you can write to")
+    if recorded_hash and model_file_hash and recorded_hash != model_file_hash:
+        print(f"note: the PNG was made with a model whose hash is {recorded_hash}; {model} has {model_file_hash}",
+              file=sys.stderr)
     try:
         for i, image in enumerate(pipe.images(settings)):
             seed = settings.seed + i
             parameters = format_parameters(settings, seed, model, model_hash=model_file_hash, vae=vae)
             written.append(save_next(image, out, seed, parameters))
             print(written[-1])
-    except (MemoryError, RuntimeError) as e:  # the estimate was short (torch.OutOfMemoryError is a RuntimeError)
-        if not isinstance(e, MemoryError) and "memory" not in str(e).lower():
+    except (MemoryError, RuntimeError) as e:  # the estimate (check_fits) was short
+        if not out_of_memory(e):
             raise
         return fail(f"{device} ran out of memory at {settings.width}x{settings.height} x {settings.num_images}; "
                     f"use a smaller size or --num-images ({len(written)} image(s) were written)")

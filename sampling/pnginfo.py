@@ -83,7 +83,7 @@ def parse_parameters(text):
     """The inverse of format_parameters -> (Settings with num_images 1, {recorded key: value}).
 
     Raises ValueError naming the first field that is missing or malformed."""
-    *prompt_lines, last = text.strip("\n").split("\n")
+    *prompt_lines, last = text.rstrip("\n").split("\n")
     fields = {}
     for key, value in FIELD.findall(last):
         try:
@@ -104,7 +104,7 @@ def parse_parameters(text):
     if rest:
         if not rest[0].startswith(NEGATIVE):
             raise ValueError(f"the line after its prompt does not start with '{NEGATIVE}'")
-        negative = "\n".join([rest[0][len(NEGATIVE):].lstrip(" ")] + rest[1:])
+        negative = "\n".join([rest[0][len(NEGATIVE):].removeprefix(" ")] + rest[1:])  # the one space we write
     sampler_name = str(fields.get("Sampler", "")).removesuffix(" Karras")
     samplers = {v: k for k, v in SAMPLER_NAMES.items()}
     if sampler_name not in samplers:

@@ -83,7 +83,7 @@ def with_metadata(src, dst, edit):
     (["--steps", "5000"], ["between 1 and num_train_timesteps (1000)"]),
     (["--seed", str(2**64)], ["outside 0 .. 2**64 - 1"]),
     (["--seed", "-5"], ["--seed -5 is outside"]),
-    (["--seed", str(2**64 - 1), "--num-images", "2"], ["for 2 image(s)"]),
+    (["--seed", str(2**64 - 1), "--num-images", "2"], ["for 2 images (they use seed .. seed + 1)"]),
     (["--cfg", "nan"], ["--cfg nan is not a guidance scale"]),
     (["--cfg", "inf"], ["--cfg inf is not a guidance scale"]),
     (["--cfg", "-3"], ["--cfg -3.0 is not a guidance scale"]),
@@ -629,3 +629,100 @@ def test_sigint_saves_a_checkpoint_says_how_to_resume_and_exits_130(train_setup,
     assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
     assert "interrupted by SIGINT" in err and "--resume=latest" in err
     assert len(list((out / "checkpoints").glob("step-*"))) == 1 and not (out / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- found in review
+
+
+def test_overwrite_never_deletes_what_the_run_reads(train_setup, trained_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    before = snapshot(out)
+    code, err = train(capsys, train_args(train_setup, out, model=out / "model.safetensors", overwrite=True))
+    one_line_error(err, code, f"overwrite=True would delete {out / 'model.safetensors'}")
+    assert snapshot(out) == before
+
+
+def test_resume_latest_without_a_checkpoint_does_not_start_over_on_a_run(train_setup, trained_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    shutil.rmtree(out / "checkpoints")  # deleted to save disk
+    before = snapshot(out)
+    code, err = train(capsys, train_args(train_setup, out, resume="latest"))
+    one_line_error(err, code, "holds another run", "but no checkpoint to resume")
+    assert snapshot(out) == before
+
+
+def test_resuming_an_older_checkpoint_keeps_the_newer_ones_aside(train_setup, trained_run, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    with open(out / "log.jsonl", "a") as log:
+        log.write('{"step": 3, "loss": 0.5')  # cut short by a kill mid-append
+    code, err = train(capsys, train_args(train_setup, out, resume=out / "checkpoints" / "step-000001", max_steps=3,
+                                         keep_checkpoints=1))
+    assert code == 0, err
+    names = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert names == ["step-000003", "superseded-step-000002"], names  # pruning never reached the old run's step 2
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_overwrite_replaces_only_a_folder_of_model_files(tmp_path):
+    """A training output_dir with a model_index.json beside checkpoints and logs is not ours to replace."""
+    folder = tmp_path / "diffusers-run"
+    save_diffusers(load(TINY_FILE), folder)
+    (folder / "checkpoint-500").mkdir()
+    (folder / "checkpoint-500" / "optimizer.bin").write_bytes(b"state")
+    before = snapshot(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "models.convert", str(TINY_FILE), str(folder), "--overwrite"],
+                       capture_output=True, text=True)
+    one_line_error(r.stderr, r.returncode, "is not a diffusers model folder")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_folder_write_that_fails_at_the_last_step_keeps_the_old_folder(tmp_path, monkeypatch):
+    import models.files as files
+
+    model = load(TINY_FILE)
+    save_diffusers(model, tmp_path / "m")
+    before = snapshot(tmp_path / "m")
+    replace = os.replace
+
+    def failing_rename(src, dst):
+        if Path(dst) == tmp_path / "m" and ".tmp" in Path(src).name:  # the new folder moving into place
+            raise OSError(28, "No space left on device")
+        return replace(src, dst)
+
+    monkeypatch.setattr(files.os, "replace", failing_rename)
+    with pytest.raises(OSError):
+        save_diffusers(model, tmp_path / "m", dtype="fp16", overwrite=True)
+    assert snapshot(tmp_path / "m") == before and sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_weights_that_overflow_the_export_dtype_are_not_written(tmp_path):
+    model = load(TINY_FILE, dtype="fp32")
+    with torch.no_grad():
+        model.unet.out[2].bias.fill_(1e6)  # finite in fp32, inf in fp16
+    with pytest.raises(LoadError, match="model.diffusion_model.out.2.bias holds NaN or inf"):
+        save_single_file(model, tmp_path / "m.safetensors", dtype="fp16")
+    assert not any(tmp_path.iterdir())
+
+
+def test_invalid_repo_id_and_bad_adam_betas_are_one_line(train_setup, tmp_path, capsys):
+    r = subprocess.run([sys.executable, "-m", "models.convert", "a--b/c", str(tmp_path / "o.safetensors")],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    one_line_error(r.stderr, r.returncode, "a--b/c")
+    code, err = train(capsys, train_args(train_setup, tmp_path / "o", adam_betas=(0.9, "x")))
+    one_line_error(err, code, "adam_betas must be two numbers")
+
+
+def test_prompt_starting_with_a_newline_round_trips():
+    from sampling.pnginfo import format_parameters, parse_parameters
+
+    s = pipeline.Settings(prompt="\nNegative prompt: x", negative_prompt="  two spaces", width=64, height=64)
+    assert parse_parameters(format_parameters(s, 0, "m"))[0] == s

@@ -115,7 +115,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a number {bound} (got {v})")
         if self.snr_gamma is not None and not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
             raise ConfigError(f"snr_gamma must be a number more than 0, or None to turn Min-SNR off (got {self.snr_gamma})")
-        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+        if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"adam_betas must be two numbers in [0, 1), e.g. (0.9, 0.999) (got {self.adam_betas})")
         if self.resolution % 8:
             raise ConfigError(f"resolution must be a multiple of 8 (got {self.resolution})")

@@ -33,11 +33,12 @@ from tqdm import tqdm
 from data.class_images import generate_class_images, missing_class_images
 from data.dreambooth import DataError, ImageFolder, check_folder, dataset_index, sample_generator
 from models.conditioning import encode_text, vector_condition
+from models.files import atomic_file
 from models.loading import LoadError, check_device, inspect, load, save_single_file
 from models.tokenizer import load_tokenizers, tokenize
 from sampling.pipeline import NonFiniteError
 from sampling.schedule import alphas_cumprod, make_schedule
-from train.checkpoint import find_checkpoint, latest_checkpoint, load_checkpoint, save_checkpoint
+from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from train.config import ConfigError, load_config, save_config
 
 INSTANCE, CLASS = 0, 1  # kinds of sample
@@ -182,7 +183,7 @@ def make_batch(config, data, model, tokenizers, acp, step, j0, device):
     target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise
     weight = torch.ones(n, device=device)
     if config.snr_gamma is not None:  # Min-SNR-gamma (Hang et al. 2023), per sample
-        snr = (a / (1 - a)).flatten()
+        snr = (a / (1 - a)).flatten().clamp(min=1e-8)  # zero terminal SNR: 0 at t = T-1, and eps weights divide by it
         weight = torch.minimum(snr, torch.full_like(snr, config.snr_gamma)) / (snr + 1 if v_pred else snr)
     prompts = [drop_tags(folder.prompts[i], config.caption_tag_dropout_rate, config.keep_tokens, g)
                for (folder, i), g in zip(picks, gens(TAGS))]
@@ -234,30 +235,59 @@ def preflight(config):
         except ValueError as e:
             raise ConfigError(f"class_sampler={config.class_sampler!r}, class_steps={config.class_steps}: {e}") from None
     previous = [name for name in RUN_FILES if (out / name).exists()]
-    if previous and config.resume is None and not config.overwrite:
-        raise ConfigError(f"output_dir {out} holds another run ({', '.join(previous)}); pass --resume=latest to "
-                          "continue it, --overwrite=True to replace it, or another --output_dir")
     try:
         checkpoint, note = find_checkpoint(config.resume, out / "checkpoints")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    # resume=latest with nothing to resume from would start over on top of the old run's files.
+    if previous and (config.resume is None or checkpoint is None) and not config.overwrite:
+        raise ConfigError(f"output_dir {out} holds another run ({', '.join(previous)})"
+                          + (" but no checkpoint to resume" if config.resume else "")
+                          + "; pass --resume=latest to continue it, --overwrite=True to replace it, or another --output_dir")
+    if config.overwrite and previous:  # what overwrite would remove must not be what this run reads
+        inputs = [info.path, Path(config.instance_data_dir), Path(config.class_data_dir)]
+        for name in previous:
+            for used in inputs:
+                if used.resolve().is_relative_to((out / name).resolve()):
+                    raise ConfigError(f"overwrite=True would delete {out / name}, which holds {used} that this run "
+                                      "reads; copy it elsewhere first, or use another --output_dir")
     return device, checkpoint, note
 
 
-def start_run_folder(config, step):
-    """Rank 0, after preflight: output_dir ready for this run. overwrite=True removes only the files a run
-    writes (RUN_FILES); a resumed run's log.jsonl keeps the lines up to the step it resumes from."""
+def start_run_folder(config, step, resumed):
+    """Rank 0, after preflight: output_dir ready for this run. overwrite=True (when nothing is resumed) removes
+    only the files a run writes (RUN_FILES). A resumed run keeps log.jsonl's lines up to its step, and moves
+    checkpoints newer than that step aside (superseded-step-N: kept, but no longer 'latest' or pruned)."""
     out = Path(config.output_dir)
-    if config.overwrite and config.resume is None:
+    if config.overwrite and not resumed:
         for name in RUN_FILES:
             path = out / name
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    for newer in sorted((out / "checkpoints").glob("step-*")):
+        if int(newer.name[5:]) > step:
+            newer.rename(newer.with_name("superseded-" + newer.name))
+            print(f"note: {newer} is newer than the step resumed from; kept as {newer.with_name('superseded-' + newer.name)}",
+                  file=sys.stderr)
     log = out / "log.jsonl"
     if log.exists():  # lines past the checkpoint were made by steps that are about to run again
-        kept = [line for line in log.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        log.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in log.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a kill mid-append
+        with atomic_file(log, overwrite=True) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
     save_config(config, out / "config.json")
+
+
+def intact_checkpoint(folder):
+    try:
+        return find_checkpoint("latest", folder)[0]
+    except ValueError:
+        return None
 
 
 def finite_or_none(x):
@@ -272,8 +302,15 @@ def main(argv=None):
     except (ConfigError, LoadError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    handlers = {s: signal.getsignal(s) for s in INTERRUPTED}
     try:
         return train(config, device, resume_from, note)
+    except (MemoryError, RuntimeError) as e:
+        if not (isinstance(e, MemoryError) or "out of memory" in str(e).lower() or "can't allocate" in str(e)):
+            raise
+        print(f"error: {device} ran out of memory; use a smaller batch_size or resolution, gradient_checkpointing=True,"
+              " or mixed_precision=bf16", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # before the loop (it handles Ctrl-C itself): nothing to save yet
         print("error: interrupted before training started; class images made so far are kept, and the same "
               "command continues", file=sys.stderr)
@@ -282,6 +319,9 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 3
+    finally:
+        for signum, handler in handlers.items():  # Ctrl-C works as before for whoever called main()
+            signal.signal(signum, handler)
 
 
 def train(config, device, resume_from, note):
@@ -351,7 +391,7 @@ def train(config, device, resume_from, note):
         print(f"note: {note}", file=sys.stderr)
 
     if main_process:
-        start_run_folder(config, step)
+        start_run_folder(config, step, resumed=resume_from is not None)
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(out / "tensorboard")
@@ -371,6 +411,7 @@ def train(config, device, resume_from, note):
 
     # ---------------------------------------------------------------- the loop
     bar = tqdm(total=config.max_steps, initial=step, disable=not main_process, desc="dreambooth")
+    stopping = 0  # the signal number all processes agreed to stop on (the highest one any of them got)
     while step < config.max_steps:
         started = time.perf_counter()
         sums = torch.zeros(3, device=device)  # instance loss, prior loss, pairs (for logging)
@@ -398,22 +439,25 @@ def train(config, device, resume_from, note):
         # A NaN/inf loss, or NaN/inf gradients without fp16's scaler (which skips such steps by design), would
         # write non-finite weights: stop before the step, keeping the checkpoints already on disk.
         if not sums.isfinite().all() or (not scaler.is_enabled() and not grad_norm.isfinite()):
-            kept = latest_checkpoint(out / "checkpoints")
+            kept = intact_checkpoint(out / "checkpoints")
             bar.close()  # its line stays above the message
             raise Diverged(f"the {'loss' if not sums.isfinite().all() else 'gradient'} became NaN or inf at step "
                            f"{step + 1} (lr {schedule.get_last_lr()[0]:g}): the run diverged; lower lr"
                            + (", or use mixed_precision=bf16 (fp16 overflows)" if config.mixed_precision == "fp16" else "")
-                           + f". Nothing was exported; the last good checkpoint is {kept or 'none (none was saved)'}")
+                           + ". Nothing was exported; " + (f"the last good checkpoint is {kept}" if kept else "no checkpoint was saved yet"))
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         step += 1
 
-        if ddp:  # whether any process was asked to stop
-            flag = torch.tensor(float(stop["requested"]), device=device)
+        # Whether any process was asked to stop, decided once per step for all of them: a signal arriving
+        # later in this step (say during validation) counts at the next one, so every process agrees.
+        stopping = stop["requested"]
+        if ddp:
+            flag = torch.tensor(float(stopping), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop["requested"] = int(flag)
+            stopping = int(flag)
         inst_loss, prior_loss = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
         total_loss = inst_loss + config.prior_loss_weight * prior_loss
 
@@ -432,31 +476,33 @@ def train(config, device, resume_from, note):
             bar.update(1)
         if config.validation_prompt and step % config.validation_every == 0 and main_process:
             validate(model, config, step, out, writer)
-        if step % config.checkpoint_every == 0 or stop["requested"] or step == config.max_steps:
+        if step % config.checkpoint_every == 0 or stopping or step == config.max_steps:
             save_checkpoint(out / "checkpoints", step, named, optimizer, schedule, scaler, config, rank, world)
-        if stop["requested"]:
+        if stopping:
             break
     bar.close()
 
     # ---------------------------------------------------------------- export, teardown
     code = 0
-    if main_process and not stop["requested"]:
-        if config.task == "vae":
-            set_scaling_factor(model, data["instance"], config, device)
-        if not all(p.isfinite().all() for p in params):  # cannot happen after the checks above; never export NaN
-            raise Diverged("the trained weights hold NaN or inf; nothing was exported")
-        save_single_file(model, out / "model.safetensors", dtype=config.export_dtype, overwrite=True)
-        print(f"wrote {out / 'model.safetensors'}")
-    if stop["requested"]:
-        name = signal.Signals(stop["requested"]).name
+    if main_process and not stopping:
+        try:
+            if config.task == "vae":
+                set_scaling_factor(model, data["instance"], config, device)
+            save_single_file(model, out / "model.safetensors", dtype=config.export_dtype, overwrite=True)
+            print(f"wrote {out / 'model.safetensors'}")
+        except (LoadError, OSError) as e:  # NaN weights, a full disk: the checkpoints stay, the export is not made
+            print(f"error: {e} (the checkpoints in {out / 'checkpoints'} are kept)", file=sys.stderr)
+            code = 2
+    if stopping:
+        name = signal.Signals(stopping).name
         if main_process:
             print(f"error: interrupted by {name} at step {step}; the checkpoint is saved in {out / 'checkpoints'}: "
                   "run the same command with --resume=latest to continue", file=sys.stderr)
-        code = INTERRUPTED[stop["requested"]]
+        code = INTERRUPTED[stopping]
     if main_process:
         writer.close()
     if ddp:
-        dist.barrier()
+        dist.barrier()  # rank 0 reaches it whatever the export did: nobody waits forever
         dist.destroy_process_group()
     return code
 
