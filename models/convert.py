@@ -6,8 +6,15 @@ DST ending in .safetensors: one official file (every tensor of SRC it does not c
 keys included); any other path: a diffusers folder. The name maps are models/keys.py.
 """
 
-import argparse
+import os
+import signal
 import sys
+
+if __name__ == "__main__":  # Ctrl-C during the seconds of imports below: one line and exit 130, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted; nothing was written", file=sys.stderr),
+                                             os._exit(130)))
+
+import argparse
 
 from models.diffusers_layout import is_model_folder
 from models.files import check_destination
@@ -21,6 +28,7 @@ def main(argv=None):
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast floating tensors (default: keep)")
     parser.add_argument("--overwrite", action="store_true", help="replace dst if it is a model file or folder")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # imports done: Ctrl-C now cleans up as it goes
     one_file = args.dst.endswith(".safetensors")
     save = save_single_file if one_file else save_diffusers
     try:  # the destination first: a bad one fails before the (slow) load

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import secrets
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -206,14 +207,35 @@ def save_next(image, out, seed, parameters):
             index = next_index(out)
 
 
+class Interrupts:
+    """Ctrl-C, taken at safe points. The first press is only noted, and the run stops at the next sampler
+    step or image (a KeyboardInterrupt raised inside torch's imports can surface as another exception, or
+    kill the process by signal); a second press interrupts at once."""
+
+    def __init__(self):
+        self.asked = False
+
+    def __call__(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def check(self, *_):
+        if self.asked:
+            raise KeyboardInterrupt
+
+
 def main(argv=None):
     args = parse_args(argv)
-    written = []
+    written, interrupts = [], Interrupts()
+    previous = signal.signal(signal.SIGINT, interrupts)
     try:
-        return generate(args, written)
+        return generate(args, written, interrupts.check)
     except KeyboardInterrupt:
         return fail(f"interrupted; {len(written)} image(s) were written and kept"
                     + (f" ({', '.join(map(str, written))})" if written else ""), 130)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def out_of_memory(e):
@@ -221,7 +243,7 @@ def out_of_memory(e):
     return isinstance(e, MemoryError) or "out of memory" in str(e).lower() or "can't allocate memory" in str(e)
 
 
-def generate(args, written):
+def generate(args, written, check_interrupt):
     from models.loading import LoadError, check_device, inspect, model_hash, resolve
     from sampling.pipeline import NonFiniteError, Pipeline
     from sampling.pnginfo import format_parameters
@@ -249,15 +271,17 @@ def generate(args, written):
         return fail(f"{args.device} has too little memory for this model in {args.dtype}; use --dtype bf16 or fp16")
     except OSError as e:
         return fail(f"cannot create --out {out} ({e.strerror}); choose a folder you can write to")
+    check_interrupt()
     if recorded_hash and model_file_hash and recorded_hash != model_file_hash:
         print(f"note: the PNG was made with a model whose hash is {recorded_hash}; {model} has {model_file_hash}",
               file=sys.stderr)
     try:
-        for i, image in enumerate(pipe.images(settings)):
+        for i, image in enumerate(pipe.images(settings, callback=check_interrupt)):  # checked every step
             seed = settings.seed + i
             parameters = format_parameters(settings, seed, model, model_hash=model_file_hash, vae=vae)
             written.append(save_next(image, out, seed, parameters))
             print(written[-1])
+            check_interrupt()  # after the write: a finished image is kept
     except (MemoryError, RuntimeError) as e:  # the estimate (check_fits) was short
         if not out_of_memory(e):
             raise

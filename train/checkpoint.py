@@ -1,4 +1,5 @@
-"""Training state on disk, without pickle: output_dir/checkpoints/step-NNNNNN/state.safetensors.
+"""Training state on disk, without pickle: output_dir/checkpoints/step-NNNNNN/state.safetensors, and the
+run folder around it (which files are a run's, how a resumed or replaced run prepares it).
 
 Tensors (trainable weights, optimizer moments, every process's RNG state) are safetensors; the few
 numbers around them (step, optimizer hyper-parameters, lr schedule, grad scaler, config) are JSON in
@@ -9,12 +10,18 @@ so a kill mid-write leaves the previous checkpoint intact; only the newest keep_
 import json
 import os
 import shutil
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors.torch import safe_open, save_file
+
+from models.files import atomic_file
+from train.config import save_config
+
+RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "tensorboard", "validation")
 
 
 def _rng_state(device):
@@ -134,3 +141,39 @@ def load_checkpoint(path, model, named, optimizer, schedule, scaler, rank):
         if rng.numel() > cpu_len and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng[cpu_len:])
     return meta["step"]
+
+
+def start_run_folder(config, step, resumed):
+    """Rank 0, after preflight: output_dir ready for this run. overwrite=True (when nothing is resumed) removes
+    only the files a run writes (RUN_FILES). A resumed run keeps log.jsonl's lines up to its step, and moves
+    checkpoints newer than that step aside (superseded-step-N: kept, but no longer 'latest' or pruned)."""
+    out = Path(config.output_dir)
+    if config.overwrite and not resumed:
+        for name in RUN_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for newer in sorted((out / "checkpoints").glob("step-*")):
+        if int(newer.name[5:]) > step:
+            newer.rename(newer.with_name("superseded-" + newer.name))
+            print(f"note: {newer} is newer than the step resumed from; kept as {newer.with_name('superseded-' + newer.name)}",
+                  file=sys.stderr)
+    log = out / "log.jsonl"
+    if log.exists():  # lines past the checkpoint were made by steps that are about to run again
+        kept = []
+        for line in log.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a kill mid-append
+        with atomic_file(log, overwrite=True) as tmp:
+            tmp.write_text("".join(line + "\n" for line in kept))
+    save_config(config, out / "config.json")
+
+
+def intact_checkpoint(folder):
+    try:
+        return find_checkpoint("latest", folder)[0]
+    except ValueError:
+        return None

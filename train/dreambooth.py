@@ -12,13 +12,17 @@ sample, noise, timestep) comes from a generator seeded by (seed, step, sample in
 a function of the global batch, not of the number of processes, and resume is exact.
 """
 
+import os
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C during the seconds of imports below: one line and exit 130, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted before training started; nothing was written", file=sys.stderr),
+                                             os._exit(130)))
+
 import fnmatch
 import json
 import math
-import os
-import shutil
-import signal
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -33,13 +37,14 @@ from tqdm import tqdm
 from data.class_images import generate_class_images, missing_class_images
 from data.dreambooth import DataError, ImageFolder, check_folder, dataset_index, sample_generator
 from models.conditioning import encode_text, vector_condition
-from models.files import atomic_file
 from models.loading import LoadError, check_device, inspect, load, save_single_file
 from models.tokenizer import load_tokenizers, tokenize
 from sampling.pipeline import NonFiniteError
 from sampling.schedule import alphas_cumprod, make_schedule
-from train.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from train.config import ConfigError, load_config, save_config
+from train.checkpoint import (
+    RUN_FILES, find_checkpoint, intact_checkpoint, load_checkpoint, save_checkpoint, start_run_folder,
+)
+from train.config import ConfigError, load_config
 
 INSTANCE, CLASS = 0, 1  # kinds of sample
 NOISE, TIMESTEP, LATENT, OFFSET, TAGS, CAPTION = 1, 2, 3, 4, 5, 6  # generator streams of a sample (0: augmentation)
@@ -207,7 +212,6 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "tensorboard", "validation")
 INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit codes as a shell reports a signal: 128 + number
 
 
@@ -252,42 +256,6 @@ def preflight(config):
                     raise ConfigError(f"overwrite=True would delete {out / name}, which holds {used} that this run "
                                       "reads; copy it elsewhere first, or use another --output_dir")
     return device, checkpoint, note
-
-
-def start_run_folder(config, step, resumed):
-    """Rank 0, after preflight: output_dir ready for this run. overwrite=True (when nothing is resumed) removes
-    only the files a run writes (RUN_FILES). A resumed run keeps log.jsonl's lines up to its step, and moves
-    checkpoints newer than that step aside (superseded-step-N: kept, but no longer 'latest' or pruned)."""
-    out = Path(config.output_dir)
-    if config.overwrite and not resumed:
-        for name in RUN_FILES:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    for newer in sorted((out / "checkpoints").glob("step-*")):
-        if int(newer.name[5:]) > step:
-            newer.rename(newer.with_name("superseded-" + newer.name))
-            print(f"note: {newer} is newer than the step resumed from; kept as {newer.with_name('superseded-' + newer.name)}",
-                  file=sys.stderr)
-    log = out / "log.jsonl"
-    if log.exists():  # lines past the checkpoint were made by steps that are about to run again
-        kept = []
-        for line in log.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                pass  # a line cut short by a kill mid-append
-        with atomic_file(log, overwrite=True) as tmp:
-            tmp.write_text("".join(line + "\n" for line in kept))
-    save_config(config, out / "config.json")
-
-
-def intact_checkpoint(folder):
-    try:
-        return find_checkpoint("latest", folder)[0]
-    except ValueError:
-        return None
 
 
 def finite_or_none(x):
@@ -335,6 +303,17 @@ def train(config, device, resume_from, note):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     main_process = rank == 0
     out = Path(config.output_dir)
+    # SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C) are noted, not raised: the loop finishes its
+    # step, saves a checkpoint and exits non-zero. Before the loop, a second Ctrl-C stops at once.
+    stop = {"requested": 0, "looping": False}  # the signal number, 0 while running
+
+    def on_signal(signum, _):
+        if stop["requested"] and not stop["looping"]:
+            raise KeyboardInterrupt
+        stop["requested"] = signum
+
+    for signum in INTERRUPTED:
+        signal.signal(signum, on_signal)
 
     try:
         # ------------------------------------------------------------ frozen parts, data
@@ -401,10 +380,9 @@ def train(config, device, resume_from, note):
     if ddp:
         dist.barrier()  # the run folder is ready before anyone writes a checkpoint into it
 
-    # SIGTERM (a scheduler's preemption) and SIGINT (Ctrl-C): finish the step, save a checkpoint, exit non-zero.
-    stop = {"requested": 0}  # the signal number, 0 while running
-    for signum in INTERRUPTED:
-        signal.signal(signum, lambda signum, _: stop.update(requested=signum))
+    if stop["requested"]:  # asked during the load or the class images: nothing trained, nothing to save
+        raise KeyboardInterrupt
+    stop["looping"] = True
     acp = alphas_cumprod(zero_terminal_snr=model.config.zero_terminal_snr)
     tokenizers = load_tokenizers()
     G_local = config.batch_size * world  # samples per micro-step, all processes together
