@@ -153,12 +153,12 @@ def model_index(cfg):
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_json(path, kind=dict):
+def _read_json(path):
     try:
         value = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
         raise LoadError(f"{path} cannot be read as JSON ({e}); the folder is incomplete or damaged.") from None
-    if not isinstance(value, kind):
+    if not isinstance(value, dict):
         raise LoadError(f"{path} holds a JSON {type(value).__name__}, not an object; the folder is damaged.")
     return value
 

@@ -18,8 +18,8 @@ from models.hub import download
 from models.sdxl import SDXL, SDXLConfig, scheduler_config
 from models.single_file import load_single_file, load_vae_file, read_config, save_single_file
 
-__all__ = ["BUNDLED", "DTYPES", "LoadError", "ModelInfo", "check_device", "inspect", "load", "load_vae", "model_hash", "resolve",
-           "save_diffusers", "save_single_file"]
+__all__ = ["BUNDLED", "DTYPES", "LoadError", "ModelInfo", "check_device", "inspect", "load", "load_vae", "model_hash",
+           "out_of_memory", "read_folder_config", "resolve", "save_diffusers", "save_single_file"]
 
 # The project's own tiny model, trained by configs/tiny_*.py and shipped in the package (no download).
 BUNDLED = {"plainxl-tiny": Path(__file__).with_name("plainxl-tiny.safetensors")}
@@ -102,6 +102,11 @@ def check_device(name):
     if device.index is not None and device.index >= count:
         raise ValueError(f"device {name}: this machine has {count} {device.type} device(s), numbered from 0")
     return device
+
+
+def out_of_memory(e):
+    """True for the errors torch raises when an allocation fails (torch.OutOfMemoryError is a RuntimeError)."""
+    return isinstance(e, MemoryError) or "out of memory" in str(e).lower() or "can't allocate memory" in str(e)
 
 
 def resolve(source):

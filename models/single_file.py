@@ -258,7 +258,7 @@ def load_vae_file(path, dtype=None, like=None):
     with torch.device("meta"):
         module = vae.AutoencoderKL(cfg)
     expected = module.state_dict()
-    check_tensors({n: s for n, s in shapes.items()}, {n: t.shape for n, t in expected.items()}, str(path))
+    check_tensors(shapes, {n: t.shape for n, t in expected.items()}, str(path))
     sd = {name[len(prefix):]: t for name, t in read_tensors(path, [prefix + n for n in expected], dtype)}
     module.load_state_dict(sd, strict=True, assign=True)
     return module
@@ -291,10 +291,11 @@ def save_single_file(model, dst, dtype=None, overwrite=False):
     dtype = DTYPES.get(dtype, dtype)
     tensors = {name: cast(t, dtype).contiguous() for name, t in getattr(model, "extra_tensors", {}).items()}
     markers = {V_PRED_MARKER: model.config.prediction_type == "v_prediction", ZTSNR_MARKER: model.config.zero_terminal_snr}
-    tensors.update({m: torch.zeros(0) for m, on in markers.items() if on and m not in tensors})
-    for m, on in markers.items():
-        if not on:
-            tensors.pop(m, None)  # the config is the truth (a trainer may change it)
+    for m, on in markers.items():  # the config is the truth (a trainer may change it), kept markers or not
+        if on:
+            tensors.setdefault(m, torch.zeros(0))
+        else:
+            tensors.pop(m, None)
     prefixes = single_file_prefixes(model.config)
     for component, sd in state_dicts(model, dtype).items():
         tensors.update({prefixes[component] + k: v for k, v in sd.items()})

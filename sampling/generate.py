@@ -238,14 +238,9 @@ def main(argv=None):
         signal.signal(signal.SIGINT, previous)
 
 
-def out_of_memory(e):
-    """True for the errors torch raises when an allocation fails (torch.OutOfMemoryError is a RuntimeError)."""
-    return isinstance(e, MemoryError) or "out of memory" in str(e).lower() or "can't allocate memory" in str(e)
-
-
 def generate(args, written, check_interrupt):
-    from models.loading import LoadError, check_device, inspect, model_hash, resolve
-    from sampling.pipeline import NonFiniteError, Pipeline
+    from models.loading import LoadError, check_device, inspect, model_hash, out_of_memory, resolve
+    from sampling.pipeline import NonFiniteError, Pipeline, with_native_size
     from sampling.pnginfo import format_parameters
 
     out = Path(args.out)
@@ -257,18 +252,18 @@ def generate(args, written, check_interrupt):
         info = inspect(model)  # headers and configs only: the settings are checked before the weights load
         if vae is not None:
             resolve(vae)  # it exists (or is downloaded) before the big load
-        side = info.config.unet.sample_size * 8
-        settings = replace(settings, width=settings.width or side, height=settings.height or side)
+        settings = with_native_size(settings, info.config.unet)
         check_fits(info, settings, args.dtype, device)
         pipe = Pipeline.load(info.path, dtype=args.dtype, device=device, vae=vae)
         model_file_hash = model_hash(info.path) if info.path.is_file() else None
-        out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty folder behind
     except (ValueError, LoadError) as e:
         return fail(str(e))
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
         return fail(f"{args.device} has too little memory for this model in {args.dtype}; use --dtype bf16 or fp16")
+    try:
+        out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty folder behind
     except OSError as e:
         return fail(f"cannot create --out {out} ({e.strerror}); choose a folder you can write to")
     check_interrupt()

@@ -4,7 +4,6 @@ Reproduces diffusers' StableDiffusionXLPipeline image for image on the same weig
 (tests/test_pipeline_parity.py), and reads top to bottom in `Pipeline.__call__`.
 """
 
-import json
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -13,7 +12,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from models.conditioning import size_numbers, vector_condition
-from models.loading import load, resolve
+from models.loading import load, read_folder_config, resolve
 from models.sdxl import scheduler_config as models_scheduler_config
 from models.tokenizer import load_tokenizers
 from sampling.prompts import encode_prompts, num_chunks
@@ -42,6 +41,12 @@ class Settings:
     truncate_prompt: bool = False
     aesthetic_score: float = 6.0  # refiner only, as diffusers' defaults
     negative_aesthetic_score: float = 2.5
+
+
+def with_native_size(s: Settings, unet_config):
+    """s with a width and height left at None set to the model's native size (UNet sample_size x 8)."""
+    side = unet_config.sample_size * 8
+    return replace(s, width=s.width or side, height=s.height or side)
 
 
 def guided(net, cond, uncond, scale, rescale=0.0):
@@ -104,8 +109,7 @@ class Pipeline:
         """A single file, a diffusers folder (its scheduler config is used) or a Hugging Face repo id;
         `vae` optionally replaces the model's VAE (a VAE file or diffusers vae/ folder)."""
         path = resolve(source)
-        config_file = path / "scheduler" / "scheduler_config.json"
-        scheduler_config = json.loads(config_file.read_text()) if path.is_dir() and config_file.exists() else None
+        scheduler_config = read_folder_config(path)[1] if path.is_dir() else None
         return cls(load(path, dtype=dtype, device=device, vae=vae), scheduler_config)
 
     @property
@@ -117,9 +121,7 @@ class Pipeline:
         return next(self.model.unet.parameters()).dtype
 
     def with_size(self, s: Settings):
-        """s with a width and height left at None set to the model's native size (UNet sample_size x 8)."""
-        side = self.model.config.unet.sample_size * 8
-        return replace(s, width=s.width or side, height=s.height or side)
+        return with_native_size(s, self.model.config.unet)
 
     def conditioning(self, s: Settings):
         """(cond, uncond) as (context, y) pairs, batch num_images; uncond is None without guidance."""

@@ -30,10 +30,6 @@ SPACINGS = ("leading", "trailing", "linspace")
 # Config values that would change outputs in ways not implemented here, per sampler that reads them:
 # {key: the only value we implement}. Keys a scheduler does not read are ignored, as diffusers ignores them.
 _COMMON = {"trained_betas": None}
-# Zero terminal SNR makes the last training timestep pure noise: sigma = inf. The sigma-space samplers
-# here follow diffusers' Euler and DPM-Solver, which move alpha_bar[-1] from 0 to 2**-24 (sigma ~ 4096);
-# diffusers' DDIM and DDPM step on alpha_bar = 0 itself, which sigma space cannot represent.
-_NO_ZERO_SNR = {"rescale_betas_zero_snr": False}
 _EULER = {"interpolation_type": "linear", "timestep_type": "discrete", "final_sigmas_type": "zero",
           "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None, "sigma_max": None}
 _ONLY = {
@@ -45,8 +41,8 @@ _ONLY = {
                  "use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
                  "use_flow_sigmas": False, "use_dynamic_shifting": False},
     # clip_sample clamps x0 to [-1, 1]: meant for pixel-space models, wrong for SDXL latents (spec 5.7).
-    "ddim": {**_COMMON, **_NO_ZERO_SNR, "clip_sample": False, "thresholding": False},
-    "ddpm": {**_COMMON, **_NO_ZERO_SNR, "clip_sample": False, "thresholding": False, "variance_type": "fixed_small"},
+    "ddim": {**_COMMON, "clip_sample": False, "thresholding": False},
+    "ddpm": {**_COMMON, "clip_sample": False, "thresholding": False, "variance_type": "fixed_small"},
 }
 
 
@@ -152,6 +148,9 @@ def make_schedule(sampler, steps, *, spacing=None, karras=None, config=None):
     karras = bool(cfg.get("use_karras_sigmas", False)) if karras is None else karras
     if sampler not in SAMPLER_NAMES:
         raise ValueError(f"sampler {sampler!r} is unknown; use one of {SAMPLER_NAMES}.")
+    # Zero terminal SNR makes the last training timestep pure noise: sigma = inf. The sigma-space samplers
+    # here follow diffusers' Euler and DPM-Solver, which move alpha_bar[-1] from 0 to 2**-24 (sigma ~ 4096);
+    # diffusers' DDIM and DDPM step on alpha_bar = 0 itself, which sigma space cannot represent.
     if cfg.get("rescale_betas_zero_snr") and sampler in ("ddim", "ddpm"):
         raise ValueError(f"this model has zero terminal SNR (rescale_betas_zero_snr), which {sampler} here cannot "
                          "sample (its first step is at sigma = inf); use euler, euler_a or dpmpp_2m.")

@@ -7,13 +7,15 @@ Unknown fields and wrong types fail at once with a message naming the field.
 """
 
 import ast
-import math
 import importlib.util
 import json
+import math
 import traceback
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from models.files import atomic_file
 
 
 @dataclass
@@ -202,7 +204,5 @@ def read_config_file(path):
 
 
 def save_config(config, path):
-    from models.files import atomic_file
-
     with atomic_file(path, overwrite=True) as tmp:
         tmp.write_text(json.dumps(asdict(config), indent=2) + "\n")

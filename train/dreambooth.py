@@ -37,7 +37,7 @@ from tqdm import tqdm
 from data.class_images import generate_class_images, missing_class_images
 from data.dreambooth import DataError, ImageFolder, check_folder, dataset_index, sample_generator
 from models.conditioning import encode_text, vector_condition
-from models.loading import LoadError, check_device, inspect, load, save_single_file
+from models.loading import LoadError, check_device, inspect, load, out_of_memory, save_single_file
 from models.tokenizer import load_tokenizers, tokenize
 from sampling.pipeline import NonFiniteError
 from sampling.schedule import alphas_cumprod, make_schedule
@@ -274,7 +274,7 @@ def main(argv=None):
     try:
         return train(config, device, resume_from, note)
     except (MemoryError, RuntimeError) as e:
-        if not (isinstance(e, MemoryError) or "out of memory" in str(e).lower() or "can't allocate" in str(e)):
+        if not out_of_memory(e):
             raise
         print(f"error: {device} ran out of memory; use a smaller batch_size or resolution, gradient_checkpointing=True,"
               " or mixed_precision=bf16", file=sys.stderr)
