@@ -175,15 +175,16 @@ class Pipeline:
         net = lambda x_in, t, context, y: self.model.unet(x_in.to(self.dtype), t, context, y)
         guided_net = guided(net, cond, uncond, s.cfg, s.guidance_rescale)
         x0 = denoiser(guided_net, schedule)
-        bar = tqdm(total=s.steps, disable=not progress, desc=s.sampler, leave=False)  # gone when done
         sampler = SAMPLERS[s.sampler]
-        kwargs = {"callback": lambda info: (bar.update(1), callback and callback(info))}
+        kwargs = {}
         if s.sampler in ("euler_a", "ddpm"):
             kwargs["generator"] = generators  # the ancestral noise continues each image's generator
         if schedule.sigmas_to is not None:
             kwargs["sigmas_to"] = schedule.sigmas_to
-        x = sampler(x0, x, schedule.sigmas, **kwargs)
-        bar.close()
+        # The bar is cleared when done and also on an error or Ctrl-C, so the error line starts a line.
+        with tqdm(total=s.steps, disable=not progress, desc=s.sampler, leave=False) as bar:
+            kwargs["callback"] = lambda info: (bar.update(1), callback and callback(info))
+            x = sampler(x0, x, schedule.sigmas, **kwargs)
 
         latents = x / (schedule.sigmas[-1].to(x.device) ** 2 + 1) ** 0.5  # VP scale; = x when the last sigma is 0
         if not latents.isfinite().all():
