@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from sampling import images
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -77,20 +79,11 @@ def check_folder(folder, what):
 
 
 def open_rgb(path):
-    """An image file decoded in full, as 8-bit RGB. 16- and 32-bit grayscale (PIL modes I;16, I) are scaled
-    to 8 bits: PIL's own convert clips them at 255, which turns a 16-bit photo all white."""
+    """An image file decoded in full, as 8-bit RGB (sampling.images.open_rgb), or one DataError."""
     try:
-        with Image.open(path) as image:
-            image.load()
-            if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-                top = 65535 if image.mode.startswith("I;16") or np.asarray(image).max() > 255 else 255
-                gray = np.asarray(image, dtype=np.float64) * (255 / top)
-                image = Image.fromarray(gray.round().clip(0, 255).astype(np.uint8), "L")
-            elif image.mode == "F":
-                image = Image.fromarray((np.asarray(image).clip(0, 1) * 255).round().astype(np.uint8), "L")
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot read image {path} ({e}); remove or replace it") from None
+        return images.open_rgb(path)
+    except images.ImageError as e:
+        raise DataError(f"{e}; remove or replace it") from None
 
 
 def read_caption(path):

@@ -1,28 +1,46 @@
 """Write a randomly initialised SDXL-family model as an official-layout single file: the starting
 point for pretraining a small model (see configs/tiny_*.py), or a stand-in for tests and teaching.
 
-    python -m models.init {tiny,base,refiner} OUT.safetensors [--seed 0] [--overwrite]
+    python -m models.init {tiny,tiny-refiner,base,refiner} OUT.safetensors [--seed 0] [--overwrite]
+        [--components-from MODEL]
+
+--components-from copies MODEL's VAE and OpenCLIP bigG into the new model (a refiner must share its
+base's VAE, whose latents it takes over; configs/tiny_refiner.py starts so).
 """
 
 import argparse
 import sys
+from dataclasses import replace
 
 import torch
 
 from models import sdxl
-from models.loading import LoadError, save_single_file
+from models.loading import LoadError, load, save_single_file
+
+PRESETS = {"tiny": sdxl.TINY, "tiny-refiner": sdxl.TINY_REFINER, "base": sdxl.BASE, "refiner": sdxl.REFINER}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m models.init", description=__doc__.split("\n\n")[0])
-    parser.add_argument("preset", choices=["tiny", "base", "refiner"])
+    parser.add_argument("preset", choices=list(PRESETS))
     parser.add_argument("out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    parser.add_argument("--components-from", metavar="MODEL", help="copy this model's VAE and OpenCLIP bigG")
     args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    model = sdxl.SDXL({"tiny": sdxl.TINY, "base": sdxl.BASE, "refiner": sdxl.REFINER}[args.preset])
     try:
+        config = PRESETS[args.preset]
+        source = load(args.components_from, dtype="fp32") if args.components_from else None
+        if source is not None:
+            config = replace(config, vae=source.config.vae)  # a trained VAE carries its own scaling_factor
+        torch.manual_seed(args.seed)
+        model = sdxl.SDXL(config)
+        for name in ("vae", "text_encoder_2") if source is not None else ():
+            try:
+                getattr(model, name).load_state_dict(getattr(source, name).state_dict())
+            except RuntimeError:  # a size mismatch
+                raise LoadError(f"{args.components_from}'s {name} has other shapes than the {args.preset} "
+                                "preset's; take a model of the same family") from None
         save_single_file(model, args.out, overwrite=args.overwrite)
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)

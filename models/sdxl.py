@@ -52,6 +52,7 @@ class SDXLConfig:
 BASE = SDXLConfig(unet.SDXL_BASE, vae.SDXL_VAE, text.CLIP_L, text.OPENCLIP_BIGG)
 REFINER = SDXLConfig(unet.SDXL_REFINER, vae.SDXL_VAE, None, text.OPENCLIP_BIGG)
 TINY = SDXLConfig(unet.TINY, vae.TINY_VAE, text.TINY_CLIP_L, text.TINY_OPENCLIP_BIGG)
+TINY_REFINER = SDXLConfig(unet.TINY_REFINER, vae.TINY_VAE, None, text.TINY_OPENCLIP_BIGG)
 
 
 def scheduler_config(cfg):

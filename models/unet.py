@@ -97,6 +97,10 @@ TINY = UNetConfig(
     model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 2), transformer_depth_middle=2,
     context_dim=96, adm_in_channels=48 + 6 * 16, micro_cond_dim=16, head_channels=16, norm_groups=8, sample_size=8,
 )
+TINY_REFINER = UNetConfig(  # the refiner layout at TINY's scale: four levels, attention at the middle two
+    model_channels=32, channel_mult=(1, 2, 2, 2), transformer_depth=(0, 1, 1, 0), transformer_depth_middle=1,
+    context_dim=64, adm_in_channels=48 + 5 * 16, micro_cond_dim=16, head_channels=16, norm_groups=8, sample_size=8,
+)
 
 
 class ResBlock(nn.Module):

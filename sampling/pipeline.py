@@ -5,6 +5,7 @@ Reproduces diffusers' StableDiffusionXLPipeline image for image on the same weig
 """
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -13,20 +14,23 @@ from tqdm import tqdm
 
 from models.conditioning import size_numbers, vector_condition
 from models.loading import load, read_folder_config, resolve
+from models.sdxl import SDXL_SCHEDULER_CONFIG
 from models.sdxl import scheduler_config as models_scheduler_config
 from models.tokenizer import load_tokenizers
+from sampling.images import (UPSCALERS, as_image, default_size, latent_mask, mask_pixels, pixels, upscale_images,
+                             upscale_latents)
 from sampling.prompts import encode_prompts, num_chunks
-from sampling.samplers import SAMPLERS
+from sampling.samplers import SAMPLERS, noise_like
 from sampling.schedule import make_schedule
 
 
 @dataclass
 class Settings:
-    """What a generation depends on (besides the model); written into each PNG by sampling.generate."""
+    """What a generation depends on (besides the models); written into each PNG by sampling.generate."""
 
     prompt: str
     negative_prompt: str | None = None  # None: zero negative conditioning; "": the empty prompt, encoded
-    width: int | None = None  # None: the size the model was trained at (1024 for SDXL, 64 for plainxl-tiny)
+    width: int | None = None  # None: the init image's size, else the model's (1024 for SDXL, 64 for plainxl-tiny)
     height: int | None = None
     steps: int = 28
     cfg: float = 5.0
@@ -39,14 +43,35 @@ class Settings:
     crop_top_left: tuple = (0, 0)
     target_size: tuple | None = None  # (height, width); None: the output size
     truncate_prompt: bool = False
+    prompt_weights: bool = True  # A1111's (tag:1.2), [tag], BREAK; False reads the prompt literally (diffusers)
     aesthetic_score: float = 6.0  # refiner only, as diffusers' defaults
     negative_aesthetic_score: float = 2.5
+    # Image-conditioned generation. init_image: a path or PIL image (img2img; inpainting with `mask`, white
+    # = repaint), a list of one PIL image per output, or latents (1 or num_images, 4, h, w) from a stage.
+    init_image: object = None
+    mask: object = None
+    strength: float = 0.75  # the share of the schedule that runs on the init image, in (0, 1]
+    img2img_steps: str = "diffusers"  # or "exact": see Pipeline.window
+    # diffusers' two-stage cut, as fractions of the schedule: a base stops at denoising_end and returns its
+    # latents, a refiner given them as init_image starts at denoising_start (no noise added).
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    refiner_start: float = 0.8  # with a refiner: where the base hands over (both of the above)
+    # AUTOMATIC1111's hi-res fix: a second, img2img pass at hires_scale x the size.
+    hires_scale: float | None = None
+    hires_strength: float = 0.7
+    hires_steps: int | None = None  # None: steps
+    hires_upscaler: str = "latent"  # "latent" (bilinear on the latents) or "lanczos" (on the decoded image)
 
 
 def with_native_size(s: Settings, unet_config):
     """s with a width and height left at None set to the model's native size (UNet sample_size x 8)."""
     side = unet_config.sample_size * 8
     return replace(s, width=s.width or side, height=s.height or side)
+
+
+def is_latents(init_image):
+    return isinstance(init_image, torch.Tensor)
 
 
 def guided(net, cond, uncond, scale, rescale=0.0):
@@ -120,15 +145,33 @@ class Pipeline:
     def dtype(self):
         return next(self.model.unet.parameters()).dtype
 
+    @property
+    def is_refiner(self):
+        return self.model.text_encoder_1 is None
+
+    @property
+    def is_inpainting(self):
+        """A 9-channel UNet (latents + mask + masked-image latents), as the official SDXL inpainting model."""
+        return self.model.config.unet.in_channels == 9
+
     def with_size(self, s: Settings):
-        return with_native_size(s, self.model.config.unet)
+        """s with its width and height set: the init image's size (rounded down to multiples of 8) or the
+        latents' size where it has one, else the model's native size."""
+        if s.init_image is None:
+            return with_native_size(s, self.model.config.unet)
+        if is_latents(s.init_image):
+            size = (s.init_image.shape[-1] * 8, s.init_image.shape[-2] * 8)
+        else:
+            first = s.init_image[0] if isinstance(s.init_image, list) else as_image(s.init_image)
+            size = default_size(first)
+        return replace(s, width=s.width or size[0], height=s.height or size[1])
 
     def conditioning(self, s: Settings):
         """(cond, uncond) as (context, y) pairs, batch num_images; uncond is None without guidance."""
-        B, refiner = s.num_images, self.model.text_encoder_1 is None
-        chunks = max(num_chunks(self.tokenizers, p, s.truncate_prompt) for p in [s.prompt, s.negative_prompt or ""])
+        B, refiner, weighted = s.num_images, self.is_refiner, s.prompt_weights
+        chunks = max(num_chunks(self.tokenizers, p, s.truncate_prompt, weighted) for p in [s.prompt, s.negative_prompt or ""])
         # One prompt for the whole batch: encode it once, repeat it B times.
-        context, pooled = encode_prompts(self.model, self.tokenizers, [s.prompt], s.truncate_prompt, chunks)
+        context, pooled = encode_prompts(self.model, self.tokenizers, [s.prompt], s.truncate_prompt, chunks, weighted)
         context, pooled = context.repeat(B, 1, 1), pooled.repeat(B, 1)
         size = (s.height, s.width)
         numbers = size_numbers(s.original_size or size, s.crop_top_left, s.target_size or size,
@@ -143,55 +186,222 @@ class Pipeline:
             neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
         else:
             neg_context, neg_pooled = encode_prompts(
-                self.model, self.tokenizers, [s.negative_prompt or ""], s.truncate_prompt, chunks)
+                self.model, self.tokenizers, [s.negative_prompt or ""], s.truncate_prompt, chunks, weighted)
             neg_context, neg_pooled = neg_context.repeat(B, 1, 1), neg_pooled.repeat(B, 1)
         neg_numbers = size_numbers(s.original_size or size, s.crop_top_left, s.target_size or size,
                                    s.negative_aesthetic_score if refiner else None)
         return cond, (neg_context, vector_condition(neg_pooled, neg_numbers, dim))
 
-    def __call__(self, settings: Settings, progress=True, callback=None):
+    def __call__(self, settings: Settings, refiner=None, progress=True, callback=None):
         """Generate settings.num_images images -> list of PIL images (image i uses seed + i).
 
+        refiner: another Pipeline (a refiner model) that takes over at settings.refiner_start.
         callback, if given, receives the sampler's dict after every step (i, x, sigma, denoised)."""
-        return list(self.images(settings, progress, callback))
+        return list(self.images(settings, refiner, progress, callback))
 
     @torch.no_grad()
-    def images(self, settings: Settings, progress=True, callback=None):
+    def images(self, settings: Settings, refiner=None, progress=True, callback=None):
         """As __call__, but yields each image as soon as it is decoded (a caller can save it at once).
 
         Raises NonFiniteError, naming the likely cause, before any image with a NaN or inf is made."""
-        s = self.with_size(settings)
-        # --karras turns Karras sigmas on; without it, a folder's scheduler config may still ask for them.
-        schedule = make_schedule(s.sampler, s.steps, karras=True if s.karras else None, config=self.scheduler_config)
-        cond, uncond = self.conditioning(s)
-
-        # Initial noise: image i draws float32 N(0, 1) from its own CPU generator seeded seed + i,
-        # so it does not depend on the batch size (AUTOMATIC1111's convention; diffusers with a list).
-        generators = [torch.Generator().manual_seed(s.seed + i) for i in range(s.num_images)]
-        shape = (self.model.config.unet.in_channels, s.height // 8, s.width // 8)
-        noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-        x = noise.to(self.device) * schedule.init_noise_sigma  # sigma space, float32
-
-        net = lambda x_in, t, context, y: self.model.unet(x_in.to(self.dtype), t, context, y)
-        guided_net = guided(net, cond, uncond, s.cfg, s.guidance_rescale)
-        x0 = denoiser(guided_net, schedule)
-        sampler = SAMPLERS[s.sampler]
-        kwargs = {}
-        if s.sampler in ("euler_a", "ddpm"):
-            kwargs["generator"] = generators  # the ancestral noise continues each image's generator
-        if schedule.sigmas_to is not None:
-            kwargs["sigmas_to"] = schedule.sigmas_to
-        # The bar is cleared when done and also on an error or Ctrl-C, so the error line starts a line.
-        with tqdm(total=s.steps, disable=not progress, desc=s.sampler, leave=False) as bar:
-            kwargs["callback"] = lambda info: (bar.update(1), callback and callback(info))
-            x = sampler(x0, x, schedule.sigmas, **kwargs)
-
-        latents = x / (schedule.sigmas[-1].to(x.device) ** 2 + 1) ** 0.5  # VP scale; = x when the last sigma is 0
-        if not latents.isfinite().all():
-            raise NonFiniteError(f"the latents became NaN or inf after sampling: {self.likely_cause('unet')}")
+        latents = self.latents(settings, refiner, progress, callback)
         for i in range(len(latents)):  # one at a time: the decode is the memory peak, and each image is kept
             yield self.decode(latents[i:i + 1])[0]
 
+    @torch.no_grad()
+    def latents(self, settings: Settings, refiner=None, progress=True, callback=None):
+        """Every stage of a generation -> the final latents (B, 4, h, w), ready for the VAE.
+
+        Text-to-image, img2img or inpainting (settings.init_image, .mask), then the refiner's stage (if
+        `refiner`), then the hi-res fix's second pass (if settings.hires_scale)."""
+        s = self.with_size(settings)
+        if isinstance(s.init_image, (str, Path)):
+            s = replace(s, init_image=as_image(s.init_image))
+        if isinstance(s.mask, (str, Path)):
+            s = replace(s, mask=as_image(s.mask))
+        self.check(s, refiner)
+        # Image i draws everything from its own CPU generator seeded seed + i, so it does not depend on the
+        # batch size (AUTOMATIC1111's convention; diffusers with a list of generators).
+        generators = [torch.Generator().manual_seed(s.seed + i) for i in range(s.num_images)]
+        if refiner is None:
+            latents = self.stage(s, generators, progress, callback)
+        else:  # diffusers' base + refiner: the same generators, continued, across both stages
+            handover = self.stage(replace(s, denoising_end=s.refiner_start), generators, progress, callback)
+            latents = refiner.stage(replace(s, init_image=handover, denoising_start=s.refiner_start),
+                                    generators, progress, callback)
+        if s.hires_scale:
+            latents = self.hires_pass(s, latents, progress, callback)
+        return latents
+
+    def check(self, s: Settings, refiner):
+        """ValueError for a combination of settings and models that cannot run."""
+        if not 0 < s.strength <= 1:
+            raise ValueError(f"strength must be in (0, 1] (got {s.strength}); 1 repaints the image fully")
+        if s.mask is not None and s.init_image is None:
+            raise ValueError("a mask needs an init image to inpaint")
+        if self.is_inpainting and (s.mask is None or s.init_image is None or is_latents(s.init_image)):
+            raise ValueError("this is an inpainting model (9 input channels); give it an init image and a mask")
+        if s.mask is not None and not is_latents(s.init_image) and not isinstance(s.init_image, list) \
+                and s.mask.size != s.init_image.size:
+            raise ValueError(f"the mask is {s.mask.size[0]}x{s.mask.size[1]} but the init image is "
+                             f"{s.init_image.size[0]}x{s.init_image.size[1]}; give a mask of the image's size")
+        if refiner is not None:
+            if self.is_refiner:
+                raise ValueError("the model is a refiner (one text encoder); give a base model, and the refiner "
+                                 "as the refiner")
+            if not refiner.is_refiner:
+                raise ValueError("the refiner is a base model (two text encoders); give a refiner (bigG only), "
+                                 "or run the base alone")
+            if not 0 < s.refiner_start < 1:
+                raise ValueError(f"the refiner's switch point must be in (0, 1) (got {s.refiner_start})")
+            if s.mask is not None or s.hires_scale:
+                raise ValueError("a refiner runs with text-to-image and img2img here, not with a mask or hi-res fix")
+        if s.hires_scale is not None:
+            if not s.hires_scale > 1:
+                raise ValueError(f"the hi-res scale must be more than 1 (got {s.hires_scale})")
+            if s.init_image is not None:
+                raise ValueError("hi-res fix is a text-to-image pass here (as in AUTOMATIC1111); drop the init image")
+            if not 0 < s.hires_strength <= 1:
+                raise ValueError(f"the hi-res strength must be in (0, 1] (got {s.hires_strength})")
+            if s.hires_upscaler not in UPSCALERS:
+                raise ValueError(f"the hi-res upscaler {s.hires_upscaler!r} is unknown; use one of {UPSCALERS}")
+
+    def window(self, s: Settings, schedule):
+        """The steps of `schedule` this stage runs: sigmas[start] down to sigmas[end].
+
+        Text-to-image runs them all. img2img follows diffusers' get_timesteps: int(steps * strength) steps, the
+        tail of the `steps`-step schedule; with img2img_steps="exact", exactly `steps` steps, the tail of an
+        int(steps / strength)-step schedule (AUTOMATIC1111's hi-res fix; its img2img tab runs one step more
+        than diffusers). A refiner's stage (denoising_start) keeps the timesteps below round(T (1 - start));
+        a base's stage (denoising_end) stops before the first timestep below round(T (1 - end))."""
+        T = {**SDXL_SCHEDULER_CONFIG, **self.scheduler_config}["num_train_timesteps"]
+        n = len(schedule.timesteps)
+        start = 0
+        if s.denoising_start is not None:
+            start = n - int((schedule.timesteps < round(T - s.denoising_start * T)).sum())
+        elif s.init_image is not None:
+            start = n - min(int(n * s.strength), n) if s.img2img_steps == "diffusers" else n - s.steps
+        end = n
+        if s.denoising_end is not None:
+            end = start + int((schedule.timesteps[start:] >= round(T - s.denoising_end * T)).sum())
+        if end <= start and (s.denoising_start is not None or s.denoising_end is not None):
+            raise ValueError(f"with {s.steps} steps, the switch point leaves no step to one stage; move the switch "
+                             "point or raise the steps")
+        if end <= start:
+            raise ValueError(f"{s.steps} steps at strength {s.strength} run no step; raise the steps or strength")
+        return start, end
+
+    @torch.no_grad()
+    def stage(self, s: Settings, generators, progress=True, callback=None):
+        """One sampler run on this model: text-to-image, img2img or inpainting, or one part of a two-stage
+        run. -> latents (B, 4, h, w) in VP scale (x / sqrt(sigma^2 + 1) at the last level reached)."""
+        steps = s.steps if s.init_image is None or s.img2img_steps == "diffusers" else int(s.steps / min(s.strength, 0.999))
+        # --karras turns Karras sigmas on; without it, a folder's scheduler config may still ask for them.
+        schedule = make_schedule(s.sampler, steps, karras=True if s.karras else None, config=self.scheduler_config)
+        start, end = self.window(s, schedule)
+        sigmas = schedule.sigmas[start:end + 1]  # (n + 1,) the levels this stage runs through
+        cond, uncond = self.conditioning(s)
+        B, channels = s.num_images, self.model.config.vae.z_channels
+        shape = (channels, s.height // 8, s.width // 8)
+
+        net = lambda x_in, t, context, y: self.model.unet(x_in.to(self.dtype), t, context, y)
+        after_step = None
+        if s.init_image is None:  # text-to-image: noise at the first level (sigma space)
+            noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+            x = noise.to(self.device) * schedule.init_noise_sigma
+        elif is_latents(s.init_image):
+            latents = s.init_image.to(self.device, torch.float32).expand(B, *shape)
+            if s.denoising_start is not None:  # a base's partly denoised latents: no noise is added
+                x = latents * (sigmas[0].to(self.device) ** 2 + 1) ** 0.5
+            else:  # the hi-res fix's upscaled latents
+                x = latents + noise_like(latents, generators) * sigmas[0].to(self.device)
+        else:
+            images = s.init_image if isinstance(s.init_image, list) else [s.init_image] * B
+            pixel_batch = torch.cat([pixels(image, s.width, s.height) for image in images]).to(self.device)  # (B, 3, H, W)
+            if s.mask is None:  # img2img: the image's latents, noised to the first level of the window
+                latents = self.encode(pixel_batch, generators)
+                x = latents + noise_like(latents, generators) * sigmas[0].to(self.device)
+            else:
+                x, net, after_step = self.inpainting(s, pixel_batch, generators, schedule, sigmas, net)
+
+        guided_net = guided(net, cond, uncond, s.cfg, s.guidance_rescale)
+        x0 = denoiser(guided_net, schedule)
+        sampler = SAMPLERS[s.sampler]
+        kwargs = {"after_step": after_step}
+        if s.sampler in ("euler_a", "ddpm"):
+            kwargs["generator"] = generators  # the ancestral noise continues each image's generator
+        if schedule.sigmas_to is not None:
+            kwargs["sigmas_to"] = schedule.sigmas_to[start:end]
+        # The bar is cleared when done and also on an error or Ctrl-C, so the error line starts a line.
+        with tqdm(total=end - start, disable=not progress, desc=s.sampler, leave=False) as bar:
+            kwargs["callback"] = lambda info: (bar.update(1), callback and callback(info))
+            x = sampler(x0, x, sigmas, **kwargs)
+
+        latents = x / (sigmas[-1].to(x.device) ** 2 + 1) ** 0.5  # VP scale; = x when the last sigma is 0
+        if not latents.isfinite().all():
+            raise NonFiniteError(f"the latents became NaN or inf after sampling: {self.likely_cause('unet')}")
+        return latents
+
+    def inpainting(self, s, pixel_batch, generators, schedule, sigmas, net):
+        """Inpainting as diffusers' StableDiffusionXLInpaintPipeline -> (initial x, net, after_step).
+
+        Each image's generator draws the image's posterior sample (not for a 9-channel UNet at strength 1),
+        then the noise, then the masked image's posterior sample; diffusers draws both posterior samples
+        from the first generator for the whole batch, so image i here equals diffusers' single-image run
+        with seed + i. A 4-channel UNet's latents are blended with the noised image latents outside the
+        mask after every step; a 9-channel UNet sees the mask and the masked image's latents instead."""
+        mask = mask_pixels(s.mask, s.width, s.height).to(self.device)  # (1, 1, H, W): 1 = repaint
+        keep_image = not self.is_inpainting or s.strength < 1
+        image_latents = self.encode(pixel_batch, generators) if keep_image else None
+        noise = noise_like(torch.empty(len(generators), self.model.config.vae.z_channels, s.height // 8,
+                                       s.width // 8, device=self.device), generators)
+        if s.strength == 1:  # pure noise, as diffusers' is_strength_max, where img2img would noise the image
+            x = noise * schedule.init_noise_sigma
+        else:
+            x = image_latents + noise * sigmas[0].to(self.device)
+        masked_latents = self.encode(pixel_batch * (mask < 0.5), generators)  # drawn by a 4-channel run too
+        small_mask = latent_mask(mask, x.shape[-2:])  # (1, 1, h, w)
+
+        if self.is_inpainting:
+            def net_9(x_in, t, context, y):
+                n = x_in.shape[0] // len(generators)  # 2 under classifier-free guidance
+                extra = [small_mask.expand(len(x_in), -1, -1, -1), masked_latents.repeat(n, 1, 1, 1)]
+                return net(torch.cat([x_in, *(e.to(x_in) for e in extra)], dim=1), t, context, y)
+            return x, net_9, None
+
+        last = len(sigmas) - 2
+
+        def keep_known(i, x):  # outside the mask, the image's latents noised to the level just reached
+            level = sigmas[i + 1].to(x.device)
+            known = image_latents * (level**2 + 1) ** 0.5 if i == last else image_latents + noise * level
+            return (1 - small_mask) * known + small_mask * x
+        return x, net, keep_known
+
+    def hires_pass(self, s: Settings, latents, progress=True, callback=None):
+        """AUTOMATIC1111's hi-res fix: upscale the first pass (its latents bilinearly, or its decoded images
+        with Lanczos) to hires_scale x the size (rounded down to multiples of 8), then run exactly
+        hires_steps img2img steps there, with fresh generators from the same seeds (as A1111 draws)."""
+        width, height = int(s.width * s.hires_scale) // 8 * 8, int(s.height * s.hires_scale) // 8 * 8
+        if s.hires_upscaler == "latent":
+            init = upscale_latents(latents, width, height)
+        else:
+            init = upscale_images([self.decode(latents[i:i + 1])[0] for i in range(len(latents))], width, height)
+        second = replace(s, width=width, height=height, init_image=init, strength=s.hires_strength,
+                         steps=s.hires_steps or s.steps, img2img_steps="exact", hires_scale=None)
+        generators = [torch.Generator().manual_seed(s.seed + i) for i in range(s.num_images)]
+        return self.stage(second, generators, progress, callback)
+
+    @torch.no_grad()
+    def encode(self, pixel_batch, generators):
+        """Pixels (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8): one posterior sample per image, from
+        its generator, times the scaling factor (diffusers' retrieve_latents with a list of generators)."""
+        vae = self.model.vae
+        dtype = next(vae.parameters()).dtype
+        mean, logvar = vae.encode(pixel_batch.to(self.device, dtype))
+        latents = mean + torch.exp(0.5 * logvar) * noise_like(mean, generators)
+        return latents.float() * vae.config.scaling_factor
+
+    @torch.no_grad()
     def decode(self, latents):
         """Latents (B, 4, h, w) -> PIL images, pixels exactly as diffusers makes them."""
         vae = self.model.vae

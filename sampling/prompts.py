@@ -1,47 +1,157 @@
-"""Prompts -> SDXL conditioning, with long prompts split into 75-token chunks.
+"""Prompts -> SDXL conditioning: 75-token chunks, AUTOMATIC1111's weights `(tag:1.2)` and `BREAK`.
 
 CLIP sees 77 positions: BOS, up to 75 tokens, EOS (then pads). Like AUTOMATIC1111 and ComfyUI, a
 longer prompt is split into chunks of 75 tokens, each encoded as its own 77-token window, and the
 windows' hidden states are concatenated along the sequence (77k positions of cross-attention
 context). The pooled vector comes from the first chunk. A prompt of <= 75 tokens is one chunk,
 which is exactly what diffusers computes; `truncate=True` gives diffusers' behaviour for longer ones.
+(AUTOMATIC1111 also moves a chunk's last tag to the next chunk when a comma is within 20 tokens of
+the end; we split at 75 exactly, as ComfyUI does.)
+
+Weights follow AUTOMATIC1111's prompt_parser.py and sd_hijack_clip.py: `(tag)` x1.1, `((tag))` x1.21,
+`[tag]` / 1.1, `(tag:1.3)`, `\\(` and `\\)` literal, `BREAK` starts a new chunk. Each token's context
+vector is multiplied by its weight, in each encoder's output separately, and the chunk is then rescaled
+so its mean equals the unweighted mean (A1111's "Original" emphasis). The pooled vector is not weighted:
+it is bigG's pooled output of the first chunk, whose tokens are the prompt with the syntax removed.
+Malformed input reads as A1111 reads it (an unclosed bracket weights the rest of the prompt, a stray
+closing one is text), except where A1111 would silently read a broken weight as text: `(tag:1.2`,
+`(tag:abc)`, `tag:1.2)` are errors, and so is `[a:b]` (A1111's prompt editing, not implemented here).
 """
+
+import re
 
 import torch
 
 from models.tokenizer import MAX_LENGTH
 
 CHUNK = MAX_LENGTH - 2  # 75 prompt tokens per window
+# A1111's tokens: escapes, brackets, a weight ":1.3)" (closing its bracket), plain text, a lone ":".
+_TOKENS = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*")
 
 
-def token_chunks(tokenizer, prompt, truncate=False):
-    """One prompt -> list of (77,) id tensors: BOS + <= 75 tokens + EOS + the tokenizer's pad."""
-    ids = tokenizer(prompt, add_special_tokens=False, truncation=False).input_ids
+class PromptError(ValueError):
+    """A prompt whose weight syntax cannot be read; the message says where and how to fix it."""
+
+
+def parse_weights(prompt):
+    """A prompt -> its chunks-to-be, each a list of (text, weight), split at BREAK. A1111's own example:
+    "a (((house:1.3)) [on] a (hill:0.5), sun, (((sky)))." -> [[("a ", 1.0), ("house", 1.573), (" ", 1.1),
+    ("on", 1.0), (" a ", 1.1), ("hill", 0.55), (", sun, ", 1.1), ("sky", 1.4641), (".", 1.1)]]."""
+    pieces = []  # [text, weight] in order; None marks a BREAK
+    round_open, square_open = [], []  # where each open bracket's range starts in `pieces`
+    fix = "; write \\( \\) \\[ \\] for literal brackets, or use --no-prompt-weights"
+
+    def multiply(start, factor):
+        for piece in pieces[start:]:
+            if piece is not None:
+                piece[1] *= factor
+
+    for m in _TOKENS.finditer(prompt):
+        text, weight = m.group(0), m.group(1)
+        if text.startswith("\\"):
+            pieces.append([text[1:] or "\\", 1.0])  # an escape; a lone backslash stays itself
+        elif text == "(":
+            round_open.append(len(pieces))
+        elif text == "[":
+            square_open.append(len(pieces))
+        elif weight is not None:
+            if not round_open:
+                raise PromptError(f"the weight {text!r} at character {m.start() + 1} closes no '('" + fix)
+            try:
+                multiply(round_open.pop(), float(weight))
+            except ValueError:
+                raise PromptError(f"the weight {weight!r} at character {m.start() + 1} is not a number" + fix) from None
+        elif text == ")" and round_open:
+            multiply(round_open.pop(), 1.1)
+        elif text == "]" and square_open:
+            multiply(square_open.pop(), 1 / 1.1)
+        elif text == ":" and (round_open or square_open):
+            raise PromptError(f"the ':' at character {m.start() + 1} is not followed by a number and ')' "
+                              "(a weight is written (tag:1.2); [from:to:when] prompt editing is not supported)" + fix)
+        else:
+            for i, part in enumerate(_BREAK.split(text)):
+                if i > 0:
+                    pieces.append(None)
+                pieces.append([part, 1.0])
+    for start in round_open:  # an unclosed bracket weights the rest of the prompt (A1111's documented reading)
+        multiply(start, 1.1)
+    for start in square_open:
+        multiply(start, 1 / 1.1)
+
+    chunks, current = [], []
+    for piece in pieces + [None]:
+        if piece is None:
+            chunks.append(current)
+            current = []
+        elif piece[0]:
+            if current and current[-1][1] == piece[1]:  # merge runs of equal weight, as A1111 does
+                current[-1] = (current[-1][0] + piece[0], piece[1])
+            else:
+                current.append((piece[0], piece[1]))
+    if len(chunks) > 1 and not chunks[-1]:
+        chunks.pop()  # a trailing BREAK starts no empty chunk (A1111)
+    return chunks
+
+
+def weighted_chunks(tokenizer, prompt, truncate=False, weighted=False):
+    """One prompt -> list of (ids (77,), weights (77,)): BOS + <= 75 tokens + EOS + the tokenizer's pad,
+    and each position's weight (1 for BOS, EOS and pads). weighted=False reads the prompt literally."""
+    chunks = []
+    for segment in parse_weights(prompt) if weighted else [[(prompt, 1.0)]]:
+        ids, weights = [], []
+        for text, weight in segment:
+            tokens = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
+            ids += tokens
+            weights += [weight] * len(tokens)
+        chunks += [(ids[i:i + CHUNK], weights[i:i + CHUNK]) for i in range(0, len(ids), CHUNK)] or [([], [])]
     if truncate:
-        ids = ids[:CHUNK]
-    pieces = [ids[i:i + CHUNK] for i in range(0, len(ids), CHUNK)] or [[]]
+        chunks = chunks[:1]
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    return [torch.tensor([bos, *p, eos] + [pad] * (CHUNK - len(p))) for p in pieces]
+    return [(torch.tensor([bos, *ids, eos] + [pad] * (CHUNK - len(ids))),
+             torch.tensor([1.0, *weights, 1.0] + [1.0] * (CHUNK - len(ids)))) for ids, weights in chunks]
 
 
-def encode_prompts(model, tokenizers, prompts, truncate=False, min_chunks=1):
+def token_chunks(tokenizer, prompt, truncate=False, weighted=False):
+    """One prompt -> list of (77,) id tensors (weighted_chunks without the weights)."""
+    return [ids for ids, _ in weighted_chunks(tokenizer, prompt, truncate, weighted)]
+
+
+def apply_weights(context, weights):
+    """context (B, 77, C) of one encoder, weights (77,) -> weighted context with the unweighted mean
+    (A1111's EmphasisOriginal). All weights 1 returns context itself, bit for bit."""
+    if bool((weights == 1).all()):
+        return context
+    weighted = context * weights.to(context)[None, :, None]
+    return weighted * (context.mean() / weighted.mean())
+
+
+def encode_prompts(model, tokenizers, prompts, truncate=False, min_chunks=1, weighted=False):
     """Prompts (list of B strings) -> context (B, 77 * chunks, C), pooled (B, P).
 
     Every prompt of the batch is padded with empty chunks ("" encoded) up to the longest one, and to
     at least `min_chunks`, so that the conditional and unconditional batches can be stacked for CFG.
     """
-    per_tokenizer = [[token_chunks(t, p, truncate) for p in prompts] for t in tokenizers]
+    per_tokenizer = [[weighted_chunks(t, p, truncate, weighted) for p in prompts] for t in tokenizers]
     chunks = max(min_chunks, *(len(c) for rows in per_tokenizer for c in rows))
-    empty = [token_chunks(t, "")[0] for t in tokenizers]
+    empty = [weighted_chunks(t, "")[0] for t in tokenizers]
+    # Each encoder's share of the context's channels and its tokenizer: [CLIP-L | bigG], or bigG alone.
+    encoders = [(te.width, i) for i, te in enumerate((model.config.text_encoder_1, model.config.text_encoder_2))
+                if te is not None]
+    device = next(model.parameters()).device
     contexts, pooled = [], None
     for k in range(chunks):
-        ids = [torch.stack([c[k] if k < len(c) else e for c in rows]) for rows, e in zip(per_tokenizer, empty)]
-        device = next(model.parameters()).device
-        context, pool = model.encode_text(*(i.to(device) for i in ids))  # (B, 77, C), (B, P)
+        picked = [[c[k] if k < len(c) else e for c in rows] for rows, e in zip(per_tokenizer, empty)]
+        ids = [torch.stack([i for i, _ in rows]).to(device) for rows in picked]  # per tokenizer (B, 77)
+        context, pool = model.encode_text(*ids)  # (B, 77, C), (B, P)
+        if weighted:  # per encoder and per prompt, as A1111 weights each embedder's output on its own
+            parts = context.split([width for width, _ in encoders], dim=-1)
+            context = torch.cat([torch.cat([apply_weights(part[b:b + 1], picked[i][b][1]) for b in range(len(prompts))])
+                                 for part, (_, i) in zip(parts, encoders)], dim=-1)
         contexts.append(context)
         pooled = pool if k == 0 else pooled  # the first window's pooled vector, as A1111 and ComfyUI do
     return torch.cat(contexts, dim=1), pooled
 
 
-def num_chunks(tokenizers, prompt, truncate=False):
-    return max(len(token_chunks(t, prompt, truncate)) for t in tokenizers)
+def num_chunks(tokenizers, prompt, truncate=False, weighted=False):
+    return max(len(weighted_chunks(t, prompt, truncate, weighted)) for t in tokenizers)

@@ -20,6 +20,8 @@ on its generator's device as a (1, ...) float32 tensor, exactly as diffusers' ra
 so an image's noise depends only on its own seed. Each ancestral step draws once per image.
 
 `callback`, if given, is called after each step with {"i", "x" (after the step), "sigma", "denoised"}.
+`after_step`, if given, maps (i, x) -> x after each step, before the callback: inpainting puts the known
+region back there, as diffusers' inpainting pipeline blends the latents after each scheduler step.
 """
 
 import torch
@@ -29,7 +31,7 @@ def _upcast(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _noise_like(x, generator):
+def noise_like(x, generator):
     """N(0, I) shaped like x, drawn in float32 as diffusers' randn_tensor draws it, then moved to x."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != x.shape[0]:
@@ -40,7 +42,7 @@ def _noise_like(x, generator):
     return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x)
 
 
-def sample_euler(denoiser, x, sigmas, *, callback=None):
+def sample_euler(denoiser, x, sigmas, *, callback=None, after_step=None):
     """Euler steps on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma (Karras et al. 2022, Alg. 1).
 
     No churn (s_churn = 0), as diffusers' pipelines call EulerDiscreteScheduler.
@@ -49,19 +51,21 @@ def sample_euler(denoiser, x, sigmas, *, callback=None):
         denoiser: callable (x, sigma) -> x0_hat.
         x: (B, ...) initial latents in sigma space, noise * init_noise_sigma.
         sigmas: (N+1,) noise levels, the last usually 0.
-        callback: optional, called after each step with a dict (see the module docstring).
+        callback, after_step: optional, see the module docstring.
     """
     x = _upcast(x)
     for i in range(len(sigmas) - 1):
         denoised = denoiser(x, sigmas[i])
         d = (x - denoised) / sigmas[i]  # dx/dsigma, the predicted eps
         x = x + d * (sigmas[i + 1] - sigmas[i])
+        if after_step is not None:
+            x = after_step(i, x)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigmas[i], "denoised": denoised})
     return x
 
 
-def sample_euler_ancestral(denoiser, x, sigmas, *, generator=None, callback=None):
+def sample_euler_ancestral(denoiser, x, sigmas, *, generator=None, callback=None, after_step=None):
     """Euler ancestral (k-diffusion): Ho et al. 2020's ancestral step in Karras et al. 2022's sigma form.
 
     Each step goes deterministically down to sigma_down, then adds fresh noise of std sigma_up, so that
@@ -72,7 +76,7 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, generator=None, callback=None
         x: (B, ...) initial latents in sigma space, noise * init_noise_sigma.
         sigmas: (N+1,) noise levels, the last 0.
         generator: None, a torch.Generator, or a list of B generators (one per image).
-        callback: optional, called after each step with a dict (see the module docstring).
+        callback, after_step: optional, see the module docstring.
     """
     x = _upcast(x)
     for i in range(len(sigmas) - 1):
@@ -83,13 +87,15 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, generator=None, callback=None
         d = (x - denoised) / sigma
         x = x + d * (sigma_down - sigma)
         # diffusers draws on every step, the last too (where sigma_up = 0): keep the same draws per image.
-        x = x + _noise_like(x, generator) * sigma_up
+        x = x + noise_like(x, generator) * sigma_up
+        if after_step is not None:
+            x = after_step(i, x)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
     return x
 
 
-def sample_dpmpp_2m(denoiser, x, sigmas, *, callback=None):
+def sample_dpmpp_2m(denoiser, x, sigmas, *, callback=None, after_step=None):
     """DPM-Solver++(2M), second-order multistep in lambda = -log(sigma) (Lu et al. 2022, Algorithm 2).
 
     As diffusers' DPMSolverMultistepScheduler with its defaults: the first step is first order (no history),
@@ -99,7 +105,7 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, callback=None):
         denoiser: callable (x, sigma) -> x0_hat.
         x: (B, ...) initial latents in sigma space, noise * init_noise_sigma.
         sigmas: (N+1,) noise levels, the last usually 0.
-        callback: optional, called after each step with a dict (see the module docstring).
+        callback, after_step: optional, see the module docstring.
     """
     x = _upcast(x)
     old_denoised = None  # x0_hat of the previous step: the multistep history
@@ -117,12 +123,14 @@ def sample_dpmpp_2m(denoiser, x, sigmas, *, callback=None):
                 D = denoised + (denoised - old_denoised) / (2 * r)  # midpoint correction
             x = (sigma_next / sigma) * x - torch.expm1(-h) * D
         old_denoised = denoised
+        if after_step is not None:
+            x = after_step(i, x)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
     return x
 
 
-def sample_ddim(denoiser, x, sigmas, *, sigmas_to=None, callback=None):
+def sample_ddim(denoiser, x, sigmas, *, sigmas_to=None, callback=None, after_step=None):
     """Deterministic DDIM, eta = 0 (Song et al. 2021): in sigma space exactly an Euler step x0_hat + sigma_to * eps.
 
     Args:
@@ -130,7 +138,7 @@ def sample_ddim(denoiser, x, sigmas, *, sigmas_to=None, callback=None):
         x: (B, ...) initial latents in sigma space, noise * init_noise_sigma.
         sigmas: (N+1,) noise levels; the last is sigma(alpha_bar[0]) > 0 unless set_alpha_to_one.
         sigmas_to: (N,) the level each step lands on (Schedule.sigmas_to); None means sigmas[1:].
-        callback: optional, called after each step with a dict (see the module docstring).
+        callback, after_step: optional, see the module docstring.
     """
     x = _upcast(x)
     for i in range(len(sigmas) - 1):
@@ -143,12 +151,14 @@ def sample_ddim(denoiser, x, sigmas, *, sigmas_to=None, callback=None):
         # "linspace" spacing is not the next timestep, then feeds that VP latent x / sqrt(sigma_to^2 + 1)
         # unchanged to the next timestep, i.e. reads it as being at sigma_next. A no-op when sigma_to = sigma_next.
         x = x * ((sigma_next**2 + 1) / (sigma_to**2 + 1)) ** 0.5
+        if after_step is not None:
+            x = after_step(i, x)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
     return x
 
 
-def sample_ddpm(denoiser, x, sigmas, *, generator=None, callback=None):
+def sample_ddpm(denoiser, x, sigmas, *, generator=None, callback=None, after_step=None):
     """DDPM ancestral sampling (Ho et al. 2020, eq. 7), fixed_small variance, written in sigma space.
 
     With x_vp = x / sqrt(sigma^2 + 1), DDPM's posterior q(x_next | x, x0_hat) divided by sqrt(alpha_bar_next)
@@ -160,7 +170,7 @@ def sample_ddpm(denoiser, x, sigmas, *, generator=None, callback=None):
         x: (B, ...) initial latents in sigma space, noise * init_noise_sigma.
         sigmas: (N+1,) noise levels from make_schedule("ddpm", ...), the last 0.
         generator: None, a torch.Generator, or a list of B generators (one per image).
-        callback: optional, called after each step with a dict (see the module docstring).
+        callback, after_step: optional, see the module docstring.
     """
     x = _upcast(x)
     for i in range(len(sigmas) - 1):
@@ -171,7 +181,9 @@ def sample_ddpm(denoiser, x, sigmas, *, generator=None, callback=None):
         # diffusers draws on each step with timestep t > 0, the last one too (with std 1e-10, its variance
         # clamp); we draw on every step, with std exactly 0 on the last. Only the draw at t = 0 differs, and
         # it can only be the last draw: the same images, only the generators' final state differs.
-        x = x + _noise_like(x, generator) * sigma_up
+        x = x + noise_like(x, generator) * sigma_up
+        if after_step is not None:
+            x = after_step(i, x)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": sigma, "denoised": denoised})
     return x

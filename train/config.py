@@ -43,6 +43,10 @@ class TrainConfig:
         caption_tag_dropout_rate, keep_tokens: drop each comma-separated tag of a prompt with this probability,
             except the first keep_tokens tags (kohya's names; "tokens" are tags there too).
         snr_gamma: Min-SNR weighting (Hang et al. 2023); None turns it off. noise_offset: per-channel offset noise.
+        max_timestep: train on timesteps t < max_timestep only (SDXL's refiner was trained on the low-noise end,
+            t < 200); None: all of them.
+        aesthetic_score: a refiner's fifth conditioning number for every captioned sample; a caption-dropped
+            sample gets negative_aesthetic_score and the empty prompt, the refiner pipeline's negative.
         export_dtype: dtype of output_dir/model.safetensors.
         class_sampler, class_steps, class_cfg: settings for generating class images.
         task: "dreambooth" (the diffusion loss) or "vae" (reconstruction + kl_weight * KL, VAE only).
@@ -84,6 +88,9 @@ class TrainConfig:
     keep_tokens: int = 0
     snr_gamma: float | None = None
     noise_offset: float = 0.0
+    max_timestep: int | None = None
+    aesthetic_score: float = 6.0  # refiners only, as diffusers' defaults
+    negative_aesthetic_score: float = 2.5
     export_dtype: str = "fp16"
     class_sampler: str = "euler_a"
     class_steps: int = 28
@@ -115,6 +122,11 @@ class TrainConfig:
             if not (math.isfinite(v) and (v >= low if low_ok else v > low) and (high is None or v <= high)):
                 bound = f"{'at least' if low_ok else 'more than'} {low}" + (f" and at most {high}" if high else "")
                 raise ConfigError(f"{name} must be a number {bound} (got {v})")
+        if self.max_timestep is not None and not 1 <= self.max_timestep <= 1000:
+            raise ConfigError(f"max_timestep must be between 1 and 1000, or None for all timesteps (got {self.max_timestep})")
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number (got {getattr(self, name)})")
         if self.snr_gamma is not None and not (math.isfinite(self.snr_gamma) and self.snr_gamma > 0):
             raise ConfigError(f"snr_gamma must be a number more than 0, or None to turn Min-SNR off (got {self.snr_gamma})")
         if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas):

@@ -181,7 +181,7 @@ def make_batch(config, data, model, tokenizers, acp, step, j0, device):
     if config.noise_offset:  # per-channel offset noise (Guttenberg 2023): helps very dark / bright images
         offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g) for g in gens(OFFSET)])
         noise = noise + config.noise_offset * offset.to(device)
-    t = torch.cat([torch.randint(0, len(acp), (1,), generator=g) for g in gens(TIMESTEP)]).to(device)
+    t = torch.cat([torch.randint(0, config.max_timestep or len(acp), (1,), generator=g) for g in gens(TIMESTEP)]).to(device)
     a = acp.to(device)[t][:, None, None, None]
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # q(x_t | x_0), variance preserving
     v_pred = model.config.prediction_type == "v_prediction"  # v_pred marker keys / a folder's scheduler config
@@ -192,10 +192,17 @@ def make_batch(config, data, model, tokenizers, acp, step, j0, device):
         weight = torch.minimum(snr, torch.full_like(snr, config.snr_gamma)) / (snr + 1 if v_pred else snr)
     prompts = [drop_tags(folder.prompts[i], config.caption_tag_dropout_rate, config.keep_tokens, g)
                for (folder, i), g in zip(picks, gens(TAGS))]
-    tokens_1 = tokenize(tokenizers[0], prompts).to(device)
-    tokens_2 = tokenize(tokenizers[1], prompts).to(device)
     text_kept = torch.tensor([float(torch.rand(1, generator=g) >= config.caption_dropout_rate) for g in gens(CAPTION)],
                              device=device)  # (n,) 0 where the caption is dropped
+    if model.text_encoder_1 is None:
+        # A refiner's negative is the encoded empty prompt with the negative aesthetic score (diffusers'
+        # force_zeros_for_empty_prompt=False): a dropped caption becomes exactly that, not zeros.
+        prompts = [p if kept else "" for p, kept in zip(prompts, text_kept.tolist())]
+        scores = torch.where(text_kept > 0, config.aesthetic_score, config.negative_aesthetic_score)
+        numbers = torch.cat([numbers[:, :4], scores[:, None]], dim=1)  # orig h, w, crop top, left, score
+        text_kept = torch.ones_like(text_kept)
+    tokens_1 = tokenize(tokenizers[0], prompts).to(device)
+    tokens_2 = tokenize(tokenizers[1], prompts).to(device)
     return tokens_1, tokens_2, numbers, noisy, t.float(), target, weight, text_kept
 
 
@@ -231,8 +238,10 @@ def preflight(config):
     check_folder(config.class_data_dir, "class_data_dir")
     ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")  # every image decoded
     info = inspect(config.model)  # the model's headers: a bad --model fails before the load
-    if config.task == "dreambooth" and info.config.text_encoder_1 is None:
-        raise ConfigError(f"{config.model} is a refiner (one text encoder); DreamBooth here trains a base model")
+    refiner = info.config.text_encoder_1 is None
+    if refiner and ((config.prior_loss_weight > 0 and config.task == "dreambooth") or config.validation_prompt):
+        raise ConfigError(f"{config.model} is a refiner, which cannot make class or validation images from noise; "
+                          "train it with prior_loss_weight=0 and no validation_prompt")
     if (config.prior_loss_weight > 0 and config.task == "dreambooth") or config.validation_prompt:
         try:  # the class and validation images' sampler and steps, against this model's schedule
             make_schedule(config.class_sampler, config.class_steps, config=info.scheduler_config)
