@@ -141,7 +141,8 @@ def model_index(cfg):
     te1 = [None, None] if refiner else ["transformers", "CLIPTextModel"]
     tok1 = [None, None] if refiner else ["transformers", "CLIPTokenizer"]
     return {
-        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline",
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else
+                       "StableDiffusionXLInpaintPipeline" if cfg.unet.in_channels == 9 else "StableDiffusionXLPipeline",
         "force_zeros_for_empty_prompt": not refiner, **({"requires_aesthetics_score": True} if refiner else {}),
         "scheduler": ["diffusers", "EulerDiscreteScheduler"],
         "text_encoder": te1, "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],

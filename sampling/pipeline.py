@@ -205,8 +205,9 @@ class Pipeline:
 
         Raises NonFiniteError, naming the likely cause, before any image with a NaN or inf is made."""
         latents = self.latents(settings, refiner, progress, callback)
+        last_stage = refiner or self  # the refiner decodes its own latents, as diffusers' refiner pipeline
         for i in range(len(latents)):  # one at a time: the decode is the memory peak, and each image is kept
-            yield self.decode(latents[i:i + 1])[0]
+            yield last_stage.decode(latents[i:i + 1])[0]
 
     @torch.no_grad()
     def latents(self, settings: Settings, refiner=None, progress=True, callback=None):
@@ -316,8 +317,8 @@ class Pipeline:
             else:  # the hi-res fix's upscaled latents
                 x = latents + noise_like(latents, generators) * sigmas[0].to(self.device)
         else:
-            images = s.init_image if isinstance(s.init_image, list) else [s.init_image] * B
-            pixel_batch = torch.cat([pixels(image, s.width, s.height) for image in images]).to(self.device)  # (B, 3, H, W)
+            images = s.init_image if isinstance(s.init_image, list) else [s.init_image]  # one per output, or one for all
+            pixel_batch = torch.cat([pixels(image, s.width, s.height) for image in images]).to(self.device)  # (1 or B, 3, H, W)
             if s.mask is None:  # img2img: the image's latents, noised to the first level of the window
                 latents = self.encode(pixel_batch, generators)
                 x = latents + noise_like(latents, generators) * sigmas[0].to(self.device)
@@ -393,11 +394,12 @@ class Pipeline:
 
     @torch.no_grad()
     def encode(self, pixel_batch, generators):
-        """Pixels (B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8): one posterior sample per image, from
-        its generator, times the scaling factor (diffusers' retrieve_latents with a list of generators)."""
+        """Pixels (1 or B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8): one posterior sample per generator
+        (one image serves them all), times the scaling factor (diffusers' retrieve_latents with a list)."""
         vae = self.model.vae
         dtype = next(vae.parameters()).dtype
         mean, logvar = vae.encode(pixel_batch.to(self.device, dtype))
+        mean, logvar = mean.expand(len(generators), -1, -1, -1), logvar.expand(len(generators), -1, -1, -1)
         latents = mean + torch.exp(0.5 * logvar) * noise_like(mean, generators)
         return latents.float() * vae.config.scaling_factor
 

@@ -2,6 +2,8 @@
 PNG pixels within mean 0.5 / max 4 (of 255) for every sampler, both layouts, odd latent sizes,
 batch 2, with and without negative prompt, with guidance rescale."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,9 @@ def assert_close_images(ours, theirs, what):
         a, b = np.asarray(a).astype(np.int16), b.astype(np.int16)
         assert a.shape == b.shape, f"{what}, image {i}: shape {a.shape} vs diffusers {b.shape}"
         diff = np.abs(a - b)
+        if os.environ.get("PLAINXL_PARITY_LOG"):  # the per-case numbers for a report: PLAINXL_PARITY_LOG=FILE
+            with open(os.environ["PLAINXL_PARITY_LOG"], "a") as log:
+                log.write(f"{what}, image {i}: mean {diff.mean():.4f} max {diff.max()}\n")
         assert diff.mean() <= 0.5 and diff.max() <= 4, \
             f"{what}, image {i}: mean |diff| {diff.mean():.3f}, max {diff.max()} (of 255) vs diffusers"
         # The comparison means something only if the image is not flat or saturated.
