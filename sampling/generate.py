@@ -1,9 +1,16 @@
-"""Command line text-to-image.
+"""Command line generation: text-to-image, img2img, inpainting, base + refiner, hi-res fix.
 
     python -m sampling.generate --model M --prompt P [--negative-prompt N] --width W --height H --steps S
         --cfg G --sampler {euler,euler_a,dpmpp_2m,ddim,ddpm} [--karras] [--guidance-rescale R] --seed SEED
-        --num-images B --dtype {fp32,fp16,bf16} --device D [--vae VAE] --out DIR
+        --num-images B --dtype {fp32,fp16,bf16} --device D [--vae VAE] [--no-prompt-weights] --out DIR
+      [--refiner R --refiner-start F [--aesthetic-score A] [--negative-aesthetic-score NA]]
+      [--init-image IMG --strength S [--mask MASK]]
+      [--hires-scale K --hires-strength S [--hires-steps N] [--hires-upscaler latent|lanczos]]
     python -m sampling.generate --from-png outputs/00003-42.png      # re-run a generation
+
+Step counts: --init-image runs diffusers' int(steps x strength) steps (AUTOMATIC1111's img2img tab runs one
+more); the hi-res pass runs exactly --hires-steps, the tail of an int(hires_steps / strength)-step schedule,
+as AUTOMATIC1111's hi-res fix does.
 
 Image i of a batch uses seed SEED + i and equals a single-image run with that seed. Every setting is
 checked against the model's headers before the weights load. Each PNG carries its parameters
@@ -71,6 +78,19 @@ def parse_args(argv):
     p.add_argument("--target-size", type=size_pair, help="WIDTHxHEIGHT micro-conditioning (default: output size)")
     p.add_argument("--truncate-prompt", action="store_true", default=None,
                    help="cut prompts at 77 tokens as diffusers does (default: 75-token chunks, as A1111/ComfyUI)")
+    p.add_argument("--no-prompt-weights", dest="prompt_weights", action="store_false", default=None,
+                   help="read (, ), [, ] and BREAK literally, as diffusers (default: AUTOMATIC1111's weights)")
+    p.add_argument("--refiner", help="a refiner model that takes over at --refiner-start (two-stage SDXL)")
+    p.add_argument("--refiner-start", type=float, help="the share of the schedule the base runs (default 0.8)")
+    p.add_argument("--aesthetic-score", type=float, help="a refiner's conditioning score (default 6.0)")
+    p.add_argument("--negative-aesthetic-score", type=float, help="its negative's score (default 2.5)")
+    p.add_argument("--init-image", help="img2img from this image (the output takes its size unless --width/--height)")
+    p.add_argument("--strength", type=float, help="how much of the init image is repainted, (0, 1] (default 0.75)")
+    p.add_argument("--mask", help="inpaint: white repaints, black keeps (needs --init-image, the same size)")
+    p.add_argument("--hires-scale", type=float, help="hi-res fix: a second pass at this many times the size")
+    p.add_argument("--hires-strength", type=float, help="the hi-res pass's denoising strength (default 0.7)")
+    p.add_argument("--hires-steps", type=int, help="the hi-res pass's steps (default: --steps)")
+    p.add_argument("--hires-upscaler", choices=["latent", "lanczos"], help="latent (default) or lanczos")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="outputs")
@@ -79,13 +99,13 @@ def parse_args(argv):
 
 
 def settings_from(args):
-    """(Settings, model, vae, recorded model hash) from the PNG (if any) or the defaults, overridden by every flag.
-
-    The PNG's VAE is used only with the PNG's model: a --model of your own takes its own VAE."""
+    """(Settings, model, vae, refiner, recorded model hash) from the PNG (if any) or the defaults, overridden
+    by every flag. The PNG's VAE and refiner are used only with the PNG's model: a --model of your own
+    takes its own VAE, and a refiner only if you name one."""
     from sampling.pipeline import Settings
     from sampling.pnginfo import parse_parameters
 
-    model, vae, recorded = args.model, args.vae, {}
+    model, vae, refiner, recorded = args.model, args.vae, args.refiner, {}
     if args.from_png:
         try:
             with Image.open(args.from_png) as png:
@@ -97,6 +117,7 @@ def settings_from(args):
             raise ValueError(f"--from-png {args.from_png} cannot be used: {e}") from None
         if model is None:
             model, vae = recorded.get("Model"), vae or recorded.get("VAE")
+            refiner = refiner or recorded.get("Refiner")
     else:
         if args.prompt is None:
             raise ValueError("--prompt is required (or --from-png FILE)")
@@ -105,12 +126,17 @@ def settings_from(args):
                  steps=args.steps, cfg=args.cfg, sampler=args.sampler, karras=args.karras,
                  guidance_rescale=args.guidance_rescale, seed=args.seed, num_images=args.num_images,
                  original_size=args.original_size, crop_top_left=args.crop_top_left, target_size=args.target_size,
-                 truncate_prompt=args.truncate_prompt)
+                 truncate_prompt=args.truncate_prompt, prompt_weights=args.prompt_weights,
+                 refiner_start=args.refiner_start, aesthetic_score=args.aesthetic_score,
+                 negative_aesthetic_score=args.negative_aesthetic_score, init_image=args.init_image,
+                 strength=args.strength, mask=args.mask, hires_scale=args.hires_scale,
+                 hires_strength=args.hires_strength, hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler)
     settings = replace(settings, **{k: v for k, v in flags.items() if v is not None})
     if settings.seed == -1:
         settings = replace(settings, seed=secrets.randbelow(2**32))  # A1111's -1; the PNG records the seed drawn
-    check_settings(settings)
-    return settings, model or DEFAULT_MODEL, vae, recorded.get("Model hash") if model == recorded.get("Model") else None
+    check_settings(settings, refiner)
+    recorded_hash = recorded.get("Model hash") if model == recorded.get("Model") else None
+    return settings, model or DEFAULT_MODEL, vae, refiner, recorded_hash
 
 
 def _multiple_of_8(name, v):
@@ -120,8 +146,11 @@ def _multiple_of_8(name, v):
     raise ValueError(f"--{name} {v} is not a positive multiple of 8; use {' or '.join(map(str, nearest))}")
 
 
-def check_settings(s):
+def check_settings(s, refiner=None):
     """Everything that can be checked without the model. Raises ValueError with the fix in the message."""
+    from sampling.images import open_rgb
+    from sampling.prompts import parse_weights
+
     for name in ("width", "height"):
         if getattr(s, name) is not None:
             _multiple_of_8(name, getattr(s, name))
@@ -142,6 +171,59 @@ def check_settings(s):
             raise ValueError(f"{name} {getattr(s, name)} is not a finite number")
     if s.karras and s.sampler in ("ddim", "ddpm"):
         raise ValueError(f"--karras does not apply to {s.sampler}; use euler, euler_a or dpmpp_2m with it")
+    if s.prompt_weights:
+        for flag, prompt in [("--prompt", s.prompt), ("--negative-prompt", s.negative_prompt or "")]:
+            try:
+                parse_weights(prompt)
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}") from None
+    for flag, value, rule in [("--strength", s.strength, "in (0, 1]; 1 repaints everything"),
+                              ("--hires-strength", s.hires_strength, "in (0, 1]"),
+                              ("--refiner-start", s.refiner_start, "in (0, 1), e.g. 0.8")]:
+        if not (math.isfinite(value) and 0 < value <= 1) or (flag == "--refiner-start" and value == 1):
+            raise ValueError(f"{flag} {value} is not {rule}")
+    if s.hires_scale is not None and not (math.isfinite(s.hires_scale) and s.hires_scale > 1):
+        raise ValueError(f"--hires-scale {s.hires_scale} must be more than 1 (e.g. 1.5 or 2)")
+    if s.hires_steps is not None and s.hires_steps < 1:
+        raise ValueError(f"--hires-steps must be at least 1 (got {s.hires_steps})")
+    if s.mask is not None and s.init_image is None:
+        raise ValueError("--mask needs --init-image (the image to inpaint)")
+    if s.hires_scale is not None and s.init_image is not None:
+        raise ValueError("--hires-scale is a text-to-image pass (as in AUTOMATIC1111); drop --init-image, or "
+                         "upscale the image yourself and use --init-image alone")
+    if refiner is not None and (s.mask is not None or s.hires_scale is not None):
+        raise ValueError("--refiner runs with text-to-image and --init-image here, not with --mask or --hires-scale")
+    images = {}
+    for flag, path in [("--init-image", s.init_image), ("--mask", s.mask)]:
+        if isinstance(path, str):
+            if not Path(path).is_file():
+                raise ValueError(f"{flag} {path} does not exist; give the path of an image file")
+            images[flag] = open_rgb(path)  # an ImageError (a ValueError) names the file
+    if len(images) == 2 and images["--mask"].size != images["--init-image"].size:
+        (mw, mh), (iw, ih) = images["--mask"].size, images["--init-image"].size
+        raise ValueError(f"--mask is {mw}x{mh} but --init-image is {iw}x{ih}; give a mask of the image's size")
+    if s.init_image is not None and int(s.steps * s.strength) < 1:
+        raise ValueError(f"--steps {s.steps} at --strength {s.strength} runs no step (img2img runs int(steps x "
+                         "strength), as diffusers); raise --steps or --strength")
+    if s.init_image is not None and s.width is None and s.height is None:
+        w, h = images["--init-image"].size
+        if w < 8 or h < 8:
+            raise ValueError(f"--init-image is {w}x{h}; give an image of at least 8x8 pixels")
+
+
+def check_roles(info, refiner_info, s, model, refiner):
+    """The models fit the job: a base with a refiner, a refiner as --refiner, a mask for an inpainting model."""
+    if refiner_info is not None:
+        if info.config.text_encoder_1 is None:
+            raise ValueError(f"--model {model} is a refiner (one text encoder); give a base model, and the refiner "
+                             "as --refiner")
+        if refiner_info.config.text_encoder_1 is not None:
+            raise ValueError(f"--refiner {refiner} is a base model (two text encoders); give a refiner (bigG "
+                             "only), or run the base alone")
+        if refiner_info.config.vae.z_channels != info.config.vae.z_channels:
+            raise ValueError(f"--refiner {refiner} has another latent space than --model {model}; use the pair's refiner")
+    if info.config.unet.in_channels == 9 and s.mask is None:
+        raise ValueError(f"--model {model} is an inpainting model (9 input channels); give --init-image and --mask")
 
 
 def available_memory(device):
@@ -164,18 +246,29 @@ def check_fits(info, settings, dtype, device):
     from sampling.pipeline import memory_estimate
     from sampling.schedule import make_schedule
 
+    s = settings
+    karras = True if s.karras else None
     try:  # the step count against this model's schedule (e.g. 1000 'leading' steps reach past t = 999)
-        make_schedule(settings.sampler, settings.steps, karras=True if settings.karras else None,
-                      config=info.scheduler_config)
+        make_schedule(s.sampler, s.steps, karras=karras, config=info.scheduler_config)
     except ValueError as e:
-        raise ValueError(f"--steps {settings.steps} with --sampler {settings.sampler}: {e}") from None
+        raise ValueError(f"--steps {s.steps} with --sampler {s.sampler}: {e}") from None
+    if s.hires_scale is not None:  # the second pass: its own schedule, and the largest size of the run
+        hires_steps = s.hires_steps or s.steps
+        try:
+            make_schedule(s.sampler, int(hires_steps / min(s.hires_strength, 0.999)), karras=karras,
+                          config=info.scheduler_config)
+        except ValueError as e:
+            raise ValueError(f"--hires-steps {hires_steps} at --hires-strength {s.hires_strength}: {e}") from None
+        s = replace(s, width=int(s.width * s.hires_scale) // 8 * 8, height=int(s.height * s.hires_scale) // 8 * 8)
+    settings = s
     need = memory_estimate(info.config, settings, info.parameters, {"fp32": 4}.get(dtype, 2))
     free = available_memory(device)
     if free is not None and need > free:
         gib = lambda n: f"{n / 2**30:.1f} GiB"
         raise ValueError(f"{settings.width}x{settings.height} x {settings.num_images} image(s) needs about "
-                         f"{gib(need)} on {device}, which has {gib(free)} free; use a smaller --width/--height or "
-                         f"--num-images" + (", or --dtype bf16" if dtype == "fp32" else ""))
+                         f"{gib(need)} on {device}, which has {gib(free)} free; use a smaller --width/--height"
+                         + (", --hires-scale" if s.hires_scale else "") + " or --num-images"
+                         + (", or --dtype bf16" if dtype == "fp32" else ""))
 
 
 def next_index(out):
@@ -240,22 +333,26 @@ def main(argv=None):
 
 def generate(args, written, check_interrupt):
     from models.loading import LoadError, check_device, inspect, model_hash, out_of_memory, resolve
-    from sampling.pipeline import NonFiniteError, Pipeline, with_native_size
+    from sampling.pipeline import NonFiniteError, Pipeline, with_output_size
     from sampling.pnginfo import format_parameters
 
     out = Path(args.out)
     try:
-        settings, model, vae, recorded_hash = settings_from(args)
+        settings, model, vae, refiner, recorded_hash = settings_from(args)
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; name a folder (it is created if missing)")
         device = check_device(args.device)
         info = inspect(model)  # headers and configs only: the settings are checked before the weights load
+        check_roles(info, inspect(refiner) if refiner else None, settings, model, refiner)
         if vae is not None:
             resolve(vae)  # it exists (or is downloaded) before the big load
-        settings = with_native_size(settings, info.config.unet)
+        settings = with_output_size(settings, info.config.unet)
         check_fits(info, settings, args.dtype, device)
         pipe = Pipeline.load(info.path, dtype=args.dtype, device=device, vae=vae)
+        refiner_pipe = Pipeline.load(refiner, dtype=args.dtype, device=device) if refiner else None
         model_file_hash = model_hash(info.path) if info.path.is_file() else None
+        refiner_path = resolve(refiner) if refiner else None
+        refiner_hash = model_hash(refiner_path) if refiner and refiner_path.is_file() else None
     except (ValueError, LoadError) as e:
         return fail(str(e))
     except (MemoryError, RuntimeError) as e:
@@ -271,9 +368,10 @@ def generate(args, written, check_interrupt):
         print(f"note: the PNG was made with a model whose hash is {recorded_hash}; {model} has {model_file_hash}",
               file=sys.stderr)
     try:
-        for i, image in enumerate(pipe.images(settings, callback=check_interrupt)):  # checked every step
+        for i, image in enumerate(pipe.images(settings, refiner_pipe, callback=check_interrupt)):  # checked every step
             seed = settings.seed + i
-            parameters = format_parameters(settings, seed, model, model_hash=model_file_hash, vae=vae)
+            parameters = format_parameters(settings, seed, model, model_hash=model_file_hash, vae=vae,
+                                           refiner=refiner, refiner_hash=refiner_hash)
             written.append(save_next(image, out, seed, parameters))
             print(written[-1])
             check_interrupt()  # after the write: a finished image is kept

@@ -64,10 +64,16 @@ class Settings:
     hires_upscaler: str = "latent"  # "latent" (bilinear on the latents) or "lanczos" (on the decoded image)
 
 
-def with_native_size(s: Settings, unet_config):
-    """s with a width and height left at None set to the model's native size (UNet sample_size x 8)."""
-    side = unet_config.sample_size * 8
-    return replace(s, width=s.width or side, height=s.height or side)
+def with_output_size(s: Settings, unet_config):
+    """s with a width and height left at None set: the init image's size (rounded down to multiples of 8),
+    or the latents' where it is latents, else the model's native size (UNet sample_size x 8)."""
+    if s.init_image is None:
+        size = (unet_config.sample_size * 8,) * 2
+    elif is_latents(s.init_image):
+        size = (s.init_image.shape[-1] * 8, s.init_image.shape[-2] * 8)
+    else:
+        size = default_size(s.init_image[0] if isinstance(s.init_image, list) else as_image(s.init_image))
+    return replace(s, width=s.width or size[0], height=s.height or size[1])
 
 
 def is_latents(init_image):
@@ -154,18 +160,6 @@ class Pipeline:
         """A 9-channel UNet (latents + mask + masked-image latents), as the official SDXL inpainting model."""
         return self.model.config.unet.in_channels == 9
 
-    def with_size(self, s: Settings):
-        """s with its width and height set: the init image's size (rounded down to multiples of 8) or the
-        latents' size where it has one, else the model's native size."""
-        if s.init_image is None:
-            return with_native_size(s, self.model.config.unet)
-        if is_latents(s.init_image):
-            size = (s.init_image.shape[-1] * 8, s.init_image.shape[-2] * 8)
-        else:
-            first = s.init_image[0] if isinstance(s.init_image, list) else as_image(s.init_image)
-            size = default_size(first)
-        return replace(s, width=s.width or size[0], height=s.height or size[1])
-
     def conditioning(self, s: Settings):
         """(cond, uncond) as (context, y) pairs, batch num_images; uncond is None without guidance."""
         B, refiner, weighted = s.num_images, self.is_refiner, s.prompt_weights
@@ -215,11 +209,12 @@ class Pipeline:
 
         Text-to-image, img2img or inpainting (settings.init_image, .mask), then the refiner's stage (if
         `refiner`), then the hi-res fix's second pass (if settings.hires_scale)."""
-        s = self.with_size(settings)
+        s = settings
         if isinstance(s.init_image, (str, Path)):
             s = replace(s, init_image=as_image(s.init_image))
         if isinstance(s.mask, (str, Path)):
             s = replace(s, mask=as_image(s.mask))
+        s = with_output_size(s, self.model.config.unet)
         self.check(s, refiner)
         # Image i draws everything from its own CPU generator seeded seed + i, so it does not depend on the
         # batch size (AUTOMATIC1111's convention; diffusers with a list of generators).

@@ -4,7 +4,11 @@
     Negative prompt: lowres, bad anatomy
     Steps: 28, Sampler: Euler a, CFG scale: 5.0, Seed: 7, Size: 832x1216, Model: animagine-xl-4.0
 
-Keys AUTOMATIC1111 does not have (guidance rescale, SDXL size conditions) follow the same pattern.
+Keys AUTOMATIC1111 does not have (guidance rescale, SDXL size conditions, init image, mask, aesthetic
+scores) follow the same pattern; the image-conditioned ones are A1111's where it has them: `Denoising
+strength` (img2img's strength, or the hi-res pass's), `Refiner: name [hash]`, `Refiner switch at`,
+`Hires upscale`, `Hires steps`, `Hires upscaler`, and `Emphasis: None` for literal prompts. The init
+image and mask are recorded by path, as given: --from-png reads them from there again.
 Sizes are written WxH like A1111's Size; the crop is written TOPxLEFT. `Model hash` is A1111's (sha256
 of the file, 10 hex digits), the one key it switches checkpoints on. A prompt with a line that starts
 with "Negative prompt:" gets `Prompt lines: N`, so that it reads back as the same prompt.
@@ -12,6 +16,7 @@ with "Negative prompt:" gets `Prompt lines: N`, so that it reads back as the sam
 
 import json
 import re
+from dataclasses import replace
 
 from sampling.pipeline import Settings
 
@@ -32,7 +37,11 @@ def _wxh(hw):
 NEGATIVE = "Negative prompt:"
 
 
-def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None):
+UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
+DEFAULTS = Settings(prompt="")
+
+
+def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, refiner=None, refiner_hash=None):
     lines = [s.prompt]
     if s.negative_prompt is not None:  # absent line = no negative prompt (zero conditioning)
         lines.append(f"{NEGATIVE} {s.negative_prompt}")
@@ -55,6 +64,25 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None):
         fields["Target size"] = _wxh(s.target_size)
     if s.truncate_prompt:
         fields["Prompt truncation"] = "true"
+    if not s.prompt_weights:
+        fields["Emphasis"] = "None"
+    if s.init_image is not None:
+        fields["Init image"] = s.init_image
+        if s.mask is not None:
+            fields["Mask"] = s.mask
+    if s.init_image is not None or s.hires_scale:
+        fields["Denoising strength"] = s.hires_strength if s.hires_scale else s.strength
+    if refiner:
+        fields["Refiner"] = f"{refiner} [{refiner_hash}]" if refiner_hash else refiner
+        fields["Refiner switch at"] = s.refiner_start
+    for key, name in [("aesthetic_score", "Aesthetic score"), ("negative_aesthetic_score", "Negative aesthetic score")]:
+        if getattr(s, key) != getattr(DEFAULTS, key):
+            fields[name] = getattr(s, key)
+    if s.hires_scale:
+        fields["Hires upscale"] = s.hires_scale
+        if s.hires_steps:
+            fields["Hires steps"] = s.hires_steps
+        fields["Hires upscaler"] = UPSCALER_NAMES[s.hires_upscaler]
     prompt_lines = s.prompt.split("\n")
     if any(line.startswith(NEGATIVE) for line in prompt_lines):
         fields["Prompt lines"] = len(prompt_lines)
@@ -120,5 +148,25 @@ def parse_parameters(text):
         seed=_numbers(fields, "Seed", 1, None), original_size=hw("Original size"),
         crop_top_left=_numbers(fields, "Crop top left", 2, "x", default=(0, 0)), target_size=hw("Target size"),
         truncate_prompt=fields.get("Prompt truncation") == "true",
+        prompt_weights=fields.get("Emphasis", "Original") != "None",
+        aesthetic_score=_numbers(fields, "Aesthetic score", 1, None, float, DEFAULTS.aesthetic_score),
+        negative_aesthetic_score=_numbers(fields, "Negative aesthetic score", 1, None, float,
+                                          DEFAULTS.negative_aesthetic_score),
+        init_image=fields.get("Init image"), mask=fields.get("Mask"),
+        refiner_start=_numbers(fields, "Refiner switch at", 1, None, float, DEFAULTS.refiner_start),
     )
-    return settings, {k: fields[k] for k in ("Model", "Model hash", "VAE") if k in fields}
+    strength = _numbers(fields, "Denoising strength", 1, None, float, DEFAULTS.strength)
+    if "Hires upscale" in fields:
+        upscalers = {v: k for k, v in UPSCALER_NAMES.items()}
+        if fields.get("Hires upscaler", "Latent") not in upscalers:
+            raise ValueError(f"its hi-res upscaler {fields['Hires upscaler']!r} is not one of "
+                             f"{', '.join(UPSCALER_NAMES.values())}")
+        settings = replace(settings, hires_scale=_numbers(fields, "Hires upscale", 1, None, float),
+                           hires_strength=strength, hires_steps=_numbers(fields, "Hires steps", 1, None, int, 0) or None,
+                           hires_upscaler=upscalers[fields.get("Hires upscaler", "Latent")])
+    else:
+        settings = replace(settings, strength=strength)
+    recorded = {k: fields[k] for k in ("Model", "Model hash", "VAE") if k in fields}
+    if "Refiner" in fields:  # "name [hash]", as A1111 writes it; the name alone without a hash
+        recorded["Refiner"] = re.sub(r" \[[0-9a-f]{10}\]$", "", str(fields["Refiner"]))
+    return settings, recorded
