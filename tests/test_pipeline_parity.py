@@ -3,6 +3,7 @@ PNG pixels within mean 0.5 / max 4 (of 255) for every sampler, both layouts, odd
 batch 2, with and without negative prompt, with guidance rescale."""
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -121,6 +122,16 @@ def test_truncated_long_prompt_equals_diffusers(files, reference):
                         diffusers_images(reference, s), "truncated long prompt")
 
 
+def test_no_prompt_weights_reads_brackets_literally_as_diffusers(files, reference):
+    s = Settings(prompt="1girl, (red eyes:1.4), [smile]", width=64, height=64, steps=5, sampler="euler", seed=6,
+                 prompt_weights=False)
+    pipe = Pipeline.load(files / "tiny.safetensors")
+    want = diffusers_images(reference, s)
+    assert_close_images(pipe(s, progress=False), want, "literal brackets")
+    weighted = np.asarray(pipe(replace(s, prompt_weights=True), progress=False)[0])
+    assert not np.array_equal(weighted, np.asarray(pipe(s, progress=False)[0]))  # A1111's reading differs
+
+
 def test_fp16_decode_is_upcast_so_overflow_cannot_blacken_images(files):
     """The SDXL VAE overflows fp16 (NaN / black images). Make a tiny VAE that overflows too, and check
     that an fp16 pipeline still decodes finite images equal to the float32 pipeline's."""
@@ -173,8 +184,6 @@ def test_a_folders_scheduler_config_is_used(files, tmp_path):
 def vpred_files(tmp_path_factory):
     """The tiny model as a v-prediction + zero-terminal-SNR model (NoobAI-XL v-pred's kind): a single file
     with the v_pred and ztsnr marker keys, and a diffusers folder whose scheduler config says the same."""
-    from dataclasses import replace
-
     from safetensors import safe_open
 
     root = tmp_path_factory.mktemp("vpred")
