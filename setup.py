@@ -6,7 +6,7 @@ setup(
     description="A from-scratch, readable PyTorch reimplementation of Stable Diffusion XL.",
     python_requires=">=3.10",
     packages=find_packages(include=["models*", "sampling*", "train*", "data*", "configs*"]),
-    package_data={"models": ["tokenizer/*", "plainxl-tiny.safetensors"], "data": ["classifier.safetensors"]},
+    package_data={"models": ["tokenizer/*", "plainxl-tiny.safetensors", "plainxl-tiny-refiner.safetensors"], "data": ["classifier.safetensors"]},
     install_requires=[
         "torch>=2.3",
         "safetensors>=0.4",

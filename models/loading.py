@@ -21,8 +21,8 @@ from models.single_file import load_single_file, load_vae_file, read_config, sav
 __all__ = ["BUNDLED", "DTYPES", "LoadError", "ModelInfo", "check_device", "inspect", "load", "load_vae", "model_hash",
            "out_of_memory", "read_folder_config", "resolve", "save_diffusers", "save_single_file"]
 
-# The project's own tiny model, trained by configs/tiny_*.py and shipped in the package (no download).
-BUNDLED = {"plainxl-tiny": Path(__file__).with_name("plainxl-tiny.safetensors")}
+# The project's own tiny model and its refiner, trained by configs/tiny_*.py and shipped in the package (no download).
+BUNDLED = {name: Path(__file__).with_name(f"{name}.safetensors") for name in ("plainxl-tiny", "plainxl-tiny-refiner")}
 
 
 @dataclass(frozen=True)

@@ -181,3 +181,32 @@ def test_bundled_model_file():
     assert next(model.unet.parameters()).dtype == torch.float16
     assert replace(model.config, vae=replace(model.config.vae, scaling_factor=TINY.vae.scaling_factor)) == TINY
     assert model.config.vae.scaling_factor != TINY.vae.scaling_factor  # derived from its own latents
+
+
+def test_bundled_refiner_file_shares_the_base_vae_and_reads_its_prompts():
+    """The refiner layout at the tiny scale; the base's VAE (it takes over the base's latents) and bigG."""
+    from dataclasses import replace
+
+    from models.loading import BUNDLED, load
+    from models.sdxl import TINY_REFINER
+
+    assert BUNDLED["plainxl-tiny-refiner"].stat().st_size <= 40 * 2**20
+    base, refiner = load("plainxl-tiny", dtype=None), load("plainxl-tiny-refiner", dtype=None)
+    assert replace(refiner.config, vae=TINY_REFINER.vae) == TINY_REFINER
+    for name in ("vae", "text_encoder_2"):
+        ours, theirs = getattr(refiner, name).state_dict(), getattr(base, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+    assert refiner.config.vae == base.config.vae
+
+
+def test_the_two_stage_command_runs_offline_on_the_bundled_pair(tmp_path):
+    import hashlib
+
+    from models.loading import BUNDLED
+
+    run = subprocess.run([sys.executable, "-m", "sampling.generate", "--prompt", "1girl, blue hair", "--steps", "8",
+                          "--refiner", "plainxl-tiny-refiner", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    (png,) = tmp_path.iterdir()
+    digest = hashlib.sha256(BUNDLED["plainxl-tiny-refiner"].read_bytes()).hexdigest()[:10]
+    assert f"Refiner: plainxl-tiny-refiner [{digest}], Refiner switch at: 0.8" in Image.open(png).info["parameters"]
