@@ -238,3 +238,15 @@ def test_bad_combinations_are_one_clear_error(ours):
     for pipe, s, ref, message in cases:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("]", r"\]")):
             pipe(s, refiner=ref, progress=False)
+
+
+def test_the_two_stages_by_hand_equal_the_pipelines_handoff():
+    """The README's by-hand two stages (stage() with the same generators, continued) equal base(s, refiner)."""
+    base, refiner = Pipeline.load("plainxl-tiny"), Pipeline.load("plainxl-tiny-refiner")
+    s = Settings(prompt="1girl, blue hair", steps=12, seed=1, width=64, height=64)
+    two_stage = base(s, refiner=refiner, progress=False)
+    generators = [torch.Generator().manual_seed(1)]
+    latents = base.stage(replace(s, denoising_end=0.8), generators, progress=False)
+    latents = refiner.stage(replace(s, init_image=latents, denoising_start=0.8), generators, progress=False)
+    assert np.array_equal(np.asarray(refiner.decode(latents)[0]), np.asarray(two_stage[0]))
+    assert not np.array_equal(np.asarray(base(s, progress=False)[0]), np.asarray(two_stage[0]))
