@@ -8,9 +8,9 @@
       [--hires-scale K --hires-strength S [--hires-steps N] [--hires-upscaler latent|lanczos]]
     python -m sampling.generate --from-png outputs/00003-42.png      # re-run a generation
 
-Step counts: --init-image runs diffusers' int(steps x strength) steps (AUTOMATIC1111's img2img tab runs one
-more); the hi-res pass runs exactly --hires-steps, the tail of an int(hires_steps / strength)-step schedule,
-as AUTOMATIC1111's hi-res fix does.
+Step counts: --init-image runs diffusers' int(steps x strength) steps (AUTOMATIC1111's img2img tab runs
+int(steps x min(strength, 0.999)) + 1); the hi-res pass runs exactly --hires-steps, the tail of an
+int(hires_steps / strength)-step schedule, as AUTOMATIC1111's hi-res fix does.
 
 Image i of a batch uses seed SEED + i and equals a single-image run with that seed. Every setting is
 checked against the model's headers before the weights load. Each PNG carries its parameters
@@ -134,7 +134,6 @@ def settings_from(args):
     settings = replace(settings, **{k: v for k, v in flags.items() if v is not None})
     if settings.seed == -1:
         settings = replace(settings, seed=secrets.randbelow(2**32))  # A1111's -1; the PNG records the seed drawn
-    check_settings(settings, refiner)
     recorded_hash = recorded.get("Model hash") if model == recorded.get("Model") else None
     return settings, model or DEFAULT_MODEL, vae, refiner, recorded_hash
 
@@ -146,8 +145,9 @@ def _multiple_of_8(name, v):
     raise ValueError(f"--{name} {v} is not a positive multiple of 8; use {' or '.join(map(str, nearest))}")
 
 
-def check_settings(s, refiner=None):
-    """Everything that can be checked without the model. Raises ValueError with the fix in the message."""
+def check_settings(s):
+    """Everything that can be checked without the model -> s with its init image and mask opened (the model's
+    own checks, sampling.pipeline.check, take them). Raises ValueError with the fix in the message."""
     from sampling.images import open_rgb
     from sampling.prompts import parse_weights
 
@@ -177,53 +177,19 @@ def check_settings(s, refiner=None):
                 parse_weights(prompt)
             except ValueError as e:
                 raise ValueError(f"{flag}: {e}") from None
-    for flag, value, rule in [("--strength", s.strength, "in (0, 1]; 1 repaints everything"),
-                              ("--hires-strength", s.hires_strength, "in (0, 1]"),
-                              ("--refiner-start", s.refiner_start, "in (0, 1), e.g. 0.8")]:
-        if not (math.isfinite(value) and 0 < value <= 1) or (flag == "--refiner-start" and value == 1):
-            raise ValueError(f"{flag} {value} is not {rule}")
-    if s.hires_scale is not None and not (math.isfinite(s.hires_scale) and s.hires_scale > 1):
-        raise ValueError(f"--hires-scale {s.hires_scale} must be more than 1 (e.g. 1.5 or 2)")
     if s.hires_steps is not None and s.hires_steps < 1:
         raise ValueError(f"--hires-steps must be at least 1 (got {s.hires_steps})")
-    if s.mask is not None and s.init_image is None:
-        raise ValueError("--mask needs --init-image (the image to inpaint)")
-    if s.hires_scale is not None and s.init_image is not None:
-        raise ValueError("--hires-scale is a text-to-image pass (as in AUTOMATIC1111); drop --init-image, or "
-                         "upscale the image yourself and use --init-image alone")
-    if refiner is not None and (s.mask is not None or s.hires_scale is not None):
-        raise ValueError("--refiner runs with text-to-image and --init-image here, not with --mask or --hires-scale")
     images = {}
     for flag, path in [("--init-image", s.init_image), ("--mask", s.mask)]:
         if isinstance(path, str):
             if not Path(path).is_file():
                 raise ValueError(f"{flag} {path} does not exist; give the path of an image file")
             images[flag] = open_rgb(path)  # an ImageError (a ValueError) names the file
-    if len(images) == 2 and images["--mask"].size != images["--init-image"].size:
-        (mw, mh), (iw, ih) = images["--mask"].size, images["--init-image"].size
-        raise ValueError(f"--mask is {mw}x{mh} but --init-image is {iw}x{ih}; give a mask of the image's size")
-    if s.init_image is not None and int(s.steps * s.strength) < 1:
-        raise ValueError(f"--steps {s.steps} at --strength {s.strength} runs no step (img2img runs int(steps x "
-                         "strength), as diffusers); raise --steps or --strength")
-    if s.init_image is not None and s.width is None and s.height is None:
+    if "--init-image" in images and (s.width is None or s.height is None):  # a missing side is the image's
         w, h = images["--init-image"].size
-        if w < 8 or h < 8:
-            raise ValueError(f"--init-image is {w}x{h}; give an image of at least 8x8 pixels")
-
-
-def check_roles(info, refiner_info, s, model, refiner):
-    """The models fit the job: a base with a refiner, a refiner as --refiner, a mask for an inpainting model."""
-    if refiner_info is not None:
-        if info.config.text_encoder_1 is None:
-            raise ValueError(f"--model {model} is a refiner (one text encoder); give a base model, and the refiner "
-                             "as --refiner")
-        if refiner_info.config.text_encoder_1 is not None:
-            raise ValueError(f"--refiner {refiner} is a base model (two text encoders); give a refiner (bigG "
-                             "only), or run the base alone")
-        if refiner_info.config.vae.z_channels != info.config.vae.z_channels:
-            raise ValueError(f"--refiner {refiner} has another latent space than --model {model}; use the pair's refiner")
-    if info.config.unet.in_channels == 9 and s.mask is None:
-        raise ValueError(f"--model {model} is an inpainting model (9 input channels); give --init-image and --mask")
+        if (s.width is None and w < 8) or (s.height is None and h < 8):
+            raise ValueError(f"--init-image is {w}x{h}; give an image of at least 8x8 pixels, or --width and --height")
+    return replace(s, init_image=images.get("--init-image", s.init_image), mask=images.get("--mask", s.mask))
 
 
 def available_memory(device):
@@ -241,27 +207,41 @@ def available_memory(device):
     return None
 
 
-def check_fits(info, settings, dtype, device):
-    """Refuse a generation whose estimated memory exceeds what the device has free (sampling.pipeline.memory_estimate)."""
-    from sampling.pipeline import memory_estimate
+def check_steps(info, refiner_info, s):
+    """Each stage's steps against its model's schedule (e.g. 1000 'leading' steps reach past t = 999), and
+    that each stage runs at least one step, before the weights load."""
+    from sampling.pipeline import schedule_steps, window
     from sampling.schedule import make_schedule
 
-    s = settings
-    karras = True if s.karras else None
-    try:  # the step count against this model's schedule (e.g. 1000 'leading' steps reach past t = 999)
-        make_schedule(s.sampler, s.steps, karras=karras, config=info.scheduler_config)
-    except ValueError as e:
-        raise ValueError(f"--steps {s.steps} with --sampler {s.sampler}: {e}") from None
-    if s.hires_scale is not None:  # the second pass: its own schedule, and the largest size of the run
-        hires_steps = s.hires_steps or s.steps
+    stages = [("--steps", info, s)]
+    if refiner_info is not None:
+        stages = [("--steps", info, replace(s, denoising_end=s.refiner_start)),
+                  ("--steps", refiner_info, replace(s, denoising_start=s.refiner_start))]
+    if s.hires_scale is not None:
+        second = replace(s, init_image="the first pass", strength=s.hires_strength, steps=s.hires_steps or s.steps,
+                         img2img_steps="exact", hires_scale=None)
+        stages.append(("--hires-steps", info, second))
+    for flag, model, stage in stages:
         try:
-            make_schedule(s.sampler, int(hires_steps / min(s.hires_strength, 0.999)), karras=karras,
-                          config=info.scheduler_config)
+            schedule = make_schedule(stage.sampler, schedule_steps(stage), karras=True if stage.karras else None,
+                                     config=model.scheduler_config)
         except ValueError as e:
-            raise ValueError(f"--hires-steps {hires_steps} at --hires-strength {s.hires_strength}: {e}") from None
-        s = replace(s, width=int(s.width * s.hires_scale) // 8 * 8, height=int(s.height * s.hires_scale) // 8 * 8)
-    settings = s
-    need = memory_estimate(info.config, settings, info.parameters, {"fp32": 4}.get(dtype, 2))
+            raise ValueError(f"{flag} {stage.steps} with --sampler {stage.sampler}: {e}") from None
+        window(stage, schedule, model.scheduler_config)
+
+
+def check_fits(info, settings, dtype, device, refiner_info=None):
+    """Refuse a generation whose estimated memory exceeds what the device has free (sampling.pipeline.memory_estimate);
+    with the hi-res fix, at its second pass's size; with a refiner, its weights loaded too."""
+    from sampling.pipeline import memory_estimate
+
+    s = settings
+    if s.hires_scale is not None:
+        settings = replace(s, width=int(s.width * s.hires_scale) // 8 * 8, height=int(s.height * s.hires_scale) // 8 * 8)
+    dtype_bytes = {"fp32": 4}.get(dtype, 2)
+    need = memory_estimate(info.config, settings, info.parameters, dtype_bytes)
+    if refiner_info is not None:
+        need += refiner_info.parameters * dtype_bytes
     free = available_memory(device)
     if free is not None and need > free:
         gib = lambda n: f"{n / 2**30:.1f} GiB"
@@ -333,23 +313,28 @@ def main(argv=None):
 
 def generate(args, written, check_interrupt):
     from models.loading import LoadError, check_device, inspect, model_hash, out_of_memory, resolve
-    from sampling.pipeline import NonFiniteError, Pipeline, with_output_size
+    from sampling.pipeline import NonFiniteError, Pipeline, check, with_output_size
     from sampling.pnginfo import format_parameters
 
     out = Path(args.out)
     try:
-        settings, model, vae, refiner, recorded_hash = settings_from(args)
+        settings, model, vae, refiner, recorded_hash = settings_from(args)  # the PNG records these (paths)
+        opened = check_settings(settings)  # the same, its init image and mask read
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; name a folder (it is created if missing)")
         device = check_device(args.device)
         info = inspect(model)  # headers and configs only: the settings are checked before the weights load
-        check_roles(info, inspect(refiner) if refiner else None, settings, model, refiner)
+        refiner_info = inspect(refiner) if refiner else None
+        check(opened, info.config, refiner_info.config if refiner_info else None)
         if vae is not None:
             resolve(vae)  # it exists (or is downloaded) before the big load
-        settings = with_output_size(settings, info.config.unet)
-        check_fits(info, settings, args.dtype, device)
+        opened = with_output_size(opened, info.config.unet)
+        settings = replace(settings, width=opened.width, height=opened.height)
+        check_steps(info, refiner_info, opened)
+        check_fits(info, opened, args.dtype, device, refiner_info)
         pipe = Pipeline.load(info.path, dtype=args.dtype, device=device, vae=vae)
-        refiner_pipe = Pipeline.load(refiner, dtype=args.dtype, device=device) if refiner else None
+        # --vae replaces both stages' VAE: the refiner decodes, and the PNG records one VAE.
+        refiner_pipe = Pipeline.load(refiner, dtype=args.dtype, device=device, vae=vae) if refiner else None
         model_file_hash = model_hash(info.path) if info.path.is_file() else None
         refiner_path = resolve(refiner) if refiner else None
         refiner_hash = model_hash(refiner_path) if refiner and refiner_path.is_file() else None
@@ -358,7 +343,9 @@ def generate(args, written, check_interrupt):
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        return fail(f"{args.device} has too little memory for this model in {args.dtype}; use --dtype bf16 or fp16")
+        models = "these models" if refiner else "this model"
+        fix = "use --dtype bf16 or fp16" if args.dtype == "fp32" else "use a device with more memory"
+        return fail(f"{args.device} has too little memory for {models} in {args.dtype}; {fix}")
     try:
         out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty folder behind
     except OSError as e:
@@ -368,7 +355,7 @@ def generate(args, written, check_interrupt):
         print(f"note: the PNG was made with a model whose hash is {recorded_hash}; {model} has {model_file_hash}",
               file=sys.stderr)
     try:
-        for i, image in enumerate(pipe.images(settings, refiner_pipe, callback=check_interrupt)):  # checked every step
+        for i, image in enumerate(pipe.images(opened, refiner_pipe, callback=check_interrupt)):  # checked every step
             seed = settings.seed + i
             parameters = format_parameters(settings, seed, model, model_hash=model_file_hash, vae=vae,
                                            refiner=refiner, refiner_hash=refiner_hash)
@@ -383,6 +370,8 @@ def generate(args, written, check_interrupt):
     except NonFiniteError as e:
         kept = f"; the {len(written)} image(s) before it were written" if written else "; nothing was written"
         return fail(str(e).rstrip(".") + kept + ".")
+    except ValueError as e:  # a combination the pipeline refuses that the checks above missed: one line still
+        return fail(str(e).rstrip(".") + (f"; {len(written)} image(s) were written" if written else "; nothing was written"))
     except OSError as e:
         return fail(f"writing to {out} failed ({e.strerror}); {len(written)} image(s) were written")
     return 0

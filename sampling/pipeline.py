@@ -4,6 +4,7 @@ Reproduces diffusers' StableDiffusionXLPipeline image for image on the same weig
 (tests/test_pipeline_parity.py), and reads top to bottom in `Pipeline.__call__`.
 """
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -80,6 +81,40 @@ def is_latents(init_image):
     return isinstance(init_image, torch.Tensor)
 
 
+def schedule_steps(s: Settings):
+    """How many steps the stage's schedule has: `steps`, or int(steps / strength) for the "exact" rule."""
+    exact = s.init_image is not None and s.img2img_steps == "exact"
+    return int(s.steps / min(s.strength, 0.999)) if exact else s.steps
+
+
+def window(s: Settings, schedule, scheduler_config=None):
+    """The steps of `schedule` a stage runs: sigmas[start] down to sigmas[end] -> (start, end).
+
+    Text-to-image runs them all. img2img follows diffusers' get_timesteps: int(steps * strength) steps, the
+    tail of the `steps`-step schedule; with img2img_steps="exact", exactly `steps` steps, the tail of an
+    int(steps / strength)-step schedule (AUTOMATIC1111's hi-res fix; its img2img tab runs
+    int(steps x min(strength, 0.999)) + 1). A refiner's stage (denoising_start) keeps the timesteps below
+    round(T (1 - start));
+    a base's stage (denoising_end) stops before the first timestep below round(T (1 - end))."""
+    T = {**SDXL_SCHEDULER_CONFIG, **(scheduler_config or {})}["num_train_timesteps"]
+    n = len(schedule.timesteps)
+    start = 0
+    if s.denoising_start is not None:
+        start = n - int((schedule.timesteps < round(T - s.denoising_start * T)).sum())
+    elif s.init_image is not None:
+        start = n - min(int(n * s.strength), n) if s.img2img_steps == "diffusers" else n - s.steps
+    end = n
+    if s.denoising_end is not None:
+        end = start + int((schedule.timesteps[start:] >= round(T - s.denoising_end * T)).sum())
+    if end <= start and (s.denoising_start is not None or s.denoising_end is not None):
+        raise ValueError(f"with {s.steps} steps, the switch point leaves no step to one stage; move the switch "
+                         "point or raise the steps")
+    if end <= start:
+        raise ValueError(f"{s.steps} steps at strength {s.strength} run no step (img2img runs int(steps x strength), "
+                         "as diffusers); raise the steps or the strength")
+    return start, end
+
+
 def guided(net, cond, uncond, scale, rescale=0.0):
     """Classifier-free guidance (Ho & Salimans 2022) around net(x, t, context, y) -> model output.
 
@@ -123,6 +158,47 @@ def denoiser(net, schedule):
                          "use 'epsilon' or 'v_prediction'.")
 
     return x0
+
+
+def check(s: Settings, config, refiner_config=None):
+    """ValueError, in one sentence with the fix, for settings the models `config` (and `refiner_config`, a
+    refiner's SDXLConfig) cannot run. sampling.generate calls it before the weights load."""
+    ranges = [("strength", s.strength, "1 repaints the image fully"), ("hi-res strength", s.hires_strength, "e.g. 0.7")]
+    for name, value, hint in ranges:
+        if not (math.isfinite(value) and 0 < value <= 1):
+            raise ValueError(f"{name} {value} is not in (0, 1]; {hint}")
+    if s.hires_scale is not None and not (math.isfinite(s.hires_scale) and s.hires_scale > 1):
+        raise ValueError(f"hi-res scale {s.hires_scale} must be more than 1 (e.g. 1.5 or 2)")
+    if s.hires_upscaler not in UPSCALERS or s.img2img_steps not in ("diffusers", "exact"):
+        raise ValueError(f"hi-res upscaler {s.hires_upscaler!r} / img2img_steps {s.img2img_steps!r}: use one of "
+                         f"{UPSCALERS} / 'diffusers' or 'exact'")
+    if s.mask is not None and (s.init_image is None or is_latents(s.init_image)):
+        raise ValueError("a mask needs an init image (the image to inpaint)")
+    if s.hires_scale is not None and s.init_image is not None:
+        raise ValueError("hi-res fix is a text-to-image pass (as in AUTOMATIC1111); drop the init image, or upscale "
+                         "the image yourself and run img2img on it")
+    if isinstance(s.init_image, list) and len(s.init_image) != s.num_images:
+        raise ValueError(f"{len(s.init_image)} init images for {s.num_images} outputs; give one, or one per output")
+    if isinstance(s.mask, Image.Image) and isinstance(s.init_image, Image.Image) and s.mask.size != s.init_image.size:
+        (mw, mh), (iw, ih) = s.mask.size, s.init_image.size
+        raise ValueError(f"the mask is {mw}x{mh} but the init image is {iw}x{ih}; give a mask of the image's size")
+    if config.unet.in_channels == 9:
+        if refiner_config is not None:
+            raise ValueError("an inpainting model (9 input channels) cannot hand over to a refiner here; drop the refiner")
+        if s.mask is None or is_latents(s.init_image):
+            raise ValueError("this is an inpainting model (9 input channels); give it an init image and a mask")
+    if refiner_config is not None:
+        if config.text_encoder_1 is None:
+            raise ValueError("the model is a refiner (one text encoder); give a base model, and the refiner as the refiner")
+        if refiner_config.text_encoder_1 is not None:
+            raise ValueError("the refiner is a base model (two text encoders); give a refiner (bigG only), "
+                             "or run the base alone")
+        if refiner_config.vae.z_channels != config.vae.z_channels:
+            raise ValueError("the refiner has another latent space than the model; use the base's own refiner")
+        if not (math.isfinite(s.refiner_start) and 0 < s.refiner_start < 1):
+            raise ValueError(f"the refiner switch point {s.refiner_start} is not in (0, 1); e.g. 0.8")
+        if s.mask is not None or s.hires_scale is not None:
+            raise ValueError("a refiner runs after text-to-image and img2img here, not with a mask or the hi-res fix")
 
 
 class Pipeline:
@@ -210,12 +286,13 @@ class Pipeline:
         Text-to-image, img2img or inpainting (settings.init_image, .mask), then the refiner's stage (if
         `refiner`), then the hi-res fix's second pass (if settings.hires_scale)."""
         s = settings
-        if isinstance(s.init_image, (str, Path)):
-            s = replace(s, init_image=as_image(s.init_image))
+        if isinstance(s.init_image, (str, Path, list)):  # paths (or a list of them) read as RGB images
+            s = replace(s, init_image=[as_image(i) for i in s.init_image] if isinstance(s.init_image, list)
+                        else as_image(s.init_image))
         if isinstance(s.mask, (str, Path)):
             s = replace(s, mask=as_image(s.mask))
+        check(s, self.model.config, refiner.model.config if refiner is not None else None)
         s = with_output_size(s, self.model.config.unet)
-        self.check(s, refiner)
         # Image i draws everything from its own CPU generator seeded seed + i, so it does not depend on the
         # batch size (AUTOMATIC1111's convention; diffusers with a list of generators).
         generators = [torch.Generator().manual_seed(s.seed + i) for i in range(s.num_images)]
@@ -229,72 +306,14 @@ class Pipeline:
             latents = self.hires_pass(s, latents, progress, callback)
         return latents
 
-    def check(self, s: Settings, refiner):
-        """ValueError for a combination of settings and models that cannot run."""
-        if not 0 < s.strength <= 1:
-            raise ValueError(f"strength must be in (0, 1] (got {s.strength}); 1 repaints the image fully")
-        if s.mask is not None and s.init_image is None:
-            raise ValueError("a mask needs an init image to inpaint")
-        if self.is_inpainting and (s.mask is None or s.init_image is None or is_latents(s.init_image)):
-            raise ValueError("this is an inpainting model (9 input channels); give it an init image and a mask")
-        if s.mask is not None and not is_latents(s.init_image) and not isinstance(s.init_image, list) \
-                and s.mask.size != s.init_image.size:
-            raise ValueError(f"the mask is {s.mask.size[0]}x{s.mask.size[1]} but the init image is "
-                             f"{s.init_image.size[0]}x{s.init_image.size[1]}; give a mask of the image's size")
-        if refiner is not None:
-            if self.is_refiner:
-                raise ValueError("the model is a refiner (one text encoder); give a base model, and the refiner "
-                                 "as the refiner")
-            if not refiner.is_refiner:
-                raise ValueError("the refiner is a base model (two text encoders); give a refiner (bigG only), "
-                                 "or run the base alone")
-            if not 0 < s.refiner_start < 1:
-                raise ValueError(f"the refiner's switch point must be in (0, 1) (got {s.refiner_start})")
-            if s.mask is not None or s.hires_scale:
-                raise ValueError("a refiner runs with text-to-image and img2img here, not with a mask or hi-res fix")
-        if s.hires_scale is not None:
-            if not s.hires_scale > 1:
-                raise ValueError(f"the hi-res scale must be more than 1 (got {s.hires_scale})")
-            if s.init_image is not None:
-                raise ValueError("hi-res fix is a text-to-image pass here (as in AUTOMATIC1111); drop the init image")
-            if not 0 < s.hires_strength <= 1:
-                raise ValueError(f"the hi-res strength must be in (0, 1] (got {s.hires_strength})")
-            if s.hires_upscaler not in UPSCALERS:
-                raise ValueError(f"the hi-res upscaler {s.hires_upscaler!r} is unknown; use one of {UPSCALERS}")
-
-    def window(self, s: Settings, schedule):
-        """The steps of `schedule` this stage runs: sigmas[start] down to sigmas[end].
-
-        Text-to-image runs them all. img2img follows diffusers' get_timesteps: int(steps * strength) steps, the
-        tail of the `steps`-step schedule; with img2img_steps="exact", exactly `steps` steps, the tail of an
-        int(steps / strength)-step schedule (AUTOMATIC1111's hi-res fix; its img2img tab runs one step more
-        than diffusers). A refiner's stage (denoising_start) keeps the timesteps below round(T (1 - start));
-        a base's stage (denoising_end) stops before the first timestep below round(T (1 - end))."""
-        T = {**SDXL_SCHEDULER_CONFIG, **self.scheduler_config}["num_train_timesteps"]
-        n = len(schedule.timesteps)
-        start = 0
-        if s.denoising_start is not None:
-            start = n - int((schedule.timesteps < round(T - s.denoising_start * T)).sum())
-        elif s.init_image is not None:
-            start = n - min(int(n * s.strength), n) if s.img2img_steps == "diffusers" else n - s.steps
-        end = n
-        if s.denoising_end is not None:
-            end = start + int((schedule.timesteps[start:] >= round(T - s.denoising_end * T)).sum())
-        if end <= start and (s.denoising_start is not None or s.denoising_end is not None):
-            raise ValueError(f"with {s.steps} steps, the switch point leaves no step to one stage; move the switch "
-                             "point or raise the steps")
-        if end <= start:
-            raise ValueError(f"{s.steps} steps at strength {s.strength} run no step; raise the steps or strength")
-        return start, end
-
     @torch.no_grad()
     def stage(self, s: Settings, generators, progress=True, callback=None):
         """One sampler run on this model: text-to-image, img2img or inpainting, or one part of a two-stage
         run. -> latents (B, 4, h, w) in VP scale (x / sqrt(sigma^2 + 1) at the last level reached)."""
-        steps = s.steps if s.init_image is None or s.img2img_steps == "diffusers" else int(s.steps / min(s.strength, 0.999))
         # --karras turns Karras sigmas on; without it, a folder's scheduler config may still ask for them.
-        schedule = make_schedule(s.sampler, steps, karras=True if s.karras else None, config=self.scheduler_config)
-        start, end = self.window(s, schedule)
+        schedule = make_schedule(s.sampler, schedule_steps(s), karras=True if s.karras else None,
+                                 config=self.scheduler_config)
+        start, end = window(s, schedule, self.scheduler_config)
         sigmas = schedule.sigmas[start:end + 1]  # (n + 1,) the levels this stage runs through
         cond, uncond = self.conditioning(s)
         B, channels = s.num_images, self.model.config.vae.z_channels
@@ -305,20 +324,17 @@ class Pipeline:
         if s.init_image is None:  # text-to-image: noise at the first level (sigma space)
             noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
             x = noise.to(self.device) * schedule.init_noise_sigma
-        elif is_latents(s.init_image):
-            latents = s.init_image.to(self.device, torch.float32).expand(B, *shape)
-            if s.denoising_start is not None:  # a base's partly denoised latents: no noise is added
-                x = latents * (sigmas[0].to(self.device) ** 2 + 1) ** 0.5
-            else:  # the hi-res fix's upscaled latents
-                x = latents + noise_like(latents, generators) * sigmas[0].to(self.device)
-        else:
-            images = s.init_image if isinstance(s.init_image, list) else [s.init_image]  # one per output, or one for all
-            pixel_batch = torch.cat([pixels(image, s.width, s.height) for image in images]).to(self.device)  # (1 or B, 3, H, W)
-            if s.mask is None:  # img2img: the image's latents, noised to the first level of the window
-                latents = self.encode(pixel_batch, generators)
-                x = latents + noise_like(latents, generators) * sigmas[0].to(self.device)
+        elif s.mask is not None:
+            x, net, after_step = self.inpainting(s, self.pixel_batch(s), generators, schedule, sigmas, net)
+        else:  # img2img: an image's latents (or latents given), noised to the first level of the window
+            if is_latents(s.init_image):
+                latents = s.init_image.to(self.device, torch.float32).expand(B, *shape)
             else:
-                x, net, after_step = self.inpainting(s, pixel_batch, generators, schedule, sigmas, net)
+                latents = self.encode(self.pixel_batch(s), generators)
+            if s.denoising_start is not None:  # a base's partly denoised latents, as diffusers: no noise added
+                x = latents * (sigmas[0].to(self.device) ** 2 + 1) ** 0.5
+            else:
+                x = latents + noise_like(latents, generators) * sigmas[0].to(self.device)
 
         guided_net = guided(net, cond, uncond, s.cfg, s.guidance_rescale)
         x0 = denoiser(guided_net, schedule)
@@ -337,6 +353,11 @@ class Pipeline:
         if not latents.isfinite().all():
             raise NonFiniteError(f"the latents became NaN or inf after sampling: {self.likely_cause('unet')}")
         return latents
+
+    def pixel_batch(self, s):
+        """s.init_image (one image for all outputs, or a list of one per output) -> (1 or B, 3, H, W) on the device."""
+        images = s.init_image if isinstance(s.init_image, list) else [s.init_image]
+        return torch.cat([pixels(image, s.width, s.height) for image in images]).to(self.device)
 
     def inpainting(self, s, pixel_batch, generators, schedule, sigmas, net):
         """Inpainting as diffusers' StableDiffusionXLInpaintPipeline -> (initial x, net, after_step).
@@ -376,7 +397,9 @@ class Pipeline:
     def hires_pass(self, s: Settings, latents, progress=True, callback=None):
         """AUTOMATIC1111's hi-res fix: upscale the first pass (its latents bilinearly, or its decoded images
         with Lanczos) to hires_scale x the size (rounded down to multiples of 8), then run exactly
-        hires_steps img2img steps there, with fresh generators from the same seeds (as A1111 draws)."""
+        hires_steps img2img steps there, with fresh generators from the same seeds, as A1111 draws fresh noise
+        from the seeds for it (with Lanczos, each generator first draws the re-encoded image's posterior
+        sample, as img2img here does)."""
         width, height = int(s.width * s.hires_scale) // 8 * 8, int(s.height * s.hires_scale) // 8 * 8
         if s.hires_upscaler == "latent":
             init = upscale_latents(latents, width, height)

@@ -107,6 +107,14 @@ def _numbers(fields, key, count, sep, kind=int, default=None):
     return values if sep else values[0]
 
 
+def _emphasis(fields):
+    """A1111's Emphasis key -> prompt_weights: "Original" (its default) weights, "None" reads literally."""
+    value = fields.get("Emphasis", "Original")
+    if value not in ("Original", "None"):
+        raise ValueError(f"its 'Emphasis: {value}' is not implemented here (only Original and None)")
+    return value == "Original"
+
+
 def parse_parameters(text):
     """The inverse of format_parameters -> (Settings with num_images 1, {recorded key: value}).
 
@@ -148,7 +156,7 @@ def parse_parameters(text):
         seed=_numbers(fields, "Seed", 1, None), original_size=hw("Original size"),
         crop_top_left=_numbers(fields, "Crop top left", 2, "x", default=(0, 0)), target_size=hw("Target size"),
         truncate_prompt=fields.get("Prompt truncation") == "true",
-        prompt_weights=fields.get("Emphasis", "Original") != "None",
+        prompt_weights=_emphasis(fields),
         aesthetic_score=_numbers(fields, "Aesthetic score", 1, None, float, DEFAULTS.aesthetic_score),
         negative_aesthetic_score=_numbers(fields, "Negative aesthetic score", 1, None, float,
                                           DEFAULTS.negative_aesthetic_score),

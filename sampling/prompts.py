@@ -14,8 +14,9 @@ vector is multiplied by its weight, in each encoder's output separately, and the
 so its mean equals the unweighted mean (A1111's "Original" emphasis). The pooled vector is not weighted:
 it is bigG's pooled output of the first chunk, whose tokens are the prompt with the syntax removed.
 Malformed input reads as A1111 reads it (an unclosed bracket weights the rest of the prompt, a stray
-closing one is text), except where A1111 would silently read a broken weight as text: `(tag:1.2`,
-`(tag:abc)`, `tag:1.2)` are errors, and so is `[a:b]` (A1111's prompt editing, not implemented here).
+closing one and a colon in brackets, `(artist:name)`, are text), except where A1111 would silently read
+a broken weight as text: `(tag:1.2`, `(tag:1,2)`, `(tag:1.2.3)`, `tag:1.2)` are errors, and so is
+`[a:b:0.5]` (A1111's prompt editing, not implemented here).
 """
 
 import re
@@ -28,6 +29,7 @@ CHUNK = MAX_LENGTH - 2  # 75 prompt tokens per window
 # A1111's tokens: escapes, brackets, a weight ":1.3)" (closing its bracket), plain text, a lone ":".
 _TOKENS = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
+_NUMBER_LIKE = re.compile(r"\s*[+-]?[.\d][^()\[\]:]*")  # after a colon: what starts like a weight, up to a bracket
 
 
 class PromptError(ValueError):
@@ -50,7 +52,7 @@ def parse_weights(prompt):
     for m in _TOKENS.finditer(prompt):
         text, weight = m.group(0), m.group(1)
         if text.startswith("\\"):
-            pieces.append([text[1:] or "\\", 1.0])  # an escape; a lone backslash stays itself
+            pieces.append([text[1:], 1.0])  # an escape (a lone backslash is dropped, as A1111 drops it)
         elif text == "(":
             round_open.append(len(pieces))
         elif text == "[":
@@ -66,9 +68,16 @@ def parse_weights(prompt):
             multiply(round_open.pop(), 1.1)
         elif text == "]" and square_open:
             multiply(square_open.pop(), 1 / 1.1)
-        elif text == ":" and (round_open or square_open):
-            raise PromptError(f"the ':' at character {m.start() + 1} is not followed by a number and ')' "
-                              "(a weight is written (tag:1.2); [from:to:when] prompt editing is not supported)" + fix)
+        elif text == ":" and (round_open or square_open) and _NUMBER_LIKE.match(prompt, m.end()):
+            # A colon in brackets is text to A1111 ("(artist:name)"), but one followed by a number is a weight
+            # gone wrong (unclosed, "1,2", "1.2 x") or prompt editing ("[a:b:0.5]"): say so, not read it as text.
+            rest = _NUMBER_LIKE.match(prompt, m.end())[0]
+            if square_open and not round_open:
+                raise PromptError(f"'[...:{rest}]' at character {m.start() + 1} is AUTOMATIC1111's prompt editing, "
+                                  "which is not supported here" + fix)
+            closed = prompt[m.end() + len(rest):].startswith(")")
+            raise PromptError(f"the weight ':{rest}' at character {m.start() + 1} "
+                              + ("is not a number" if closed else "is never closed by ')'") + fix)
         else:
             for i, part in enumerate(_BREAK.split(text)):
                 if i > 0:

@@ -90,21 +90,21 @@ def test_a_missing_init_image_from_a_png_is_one_clear_error(capsys, tmp_path, ti
 
 
 @pytest.mark.parametrize("case, args, message", [
-    ("strength 0", ["--init-image", "{root}/init.png", "--strength", "0"], "--strength 0.0 is not in (0, 1]"),
-    ("strength above 1", ["--init-image", "{root}/init.png", "--strength", "1.5"], "--strength 1.5 is not in (0, 1]"),
+    ("strength 0", ["--init-image", "{root}/init.png", "--strength", "0"], "strength 0.0 is not in (0, 1]"),
+    ("strength above 1", ["--init-image", "{root}/init.png", "--strength", "1.5"], "strength 1.5 is not in (0, 1]"),
     ("mask of another size", ["--init-image", "{root}/init.png", "--mask", "{root}/small_mask.png"],
-     "--mask is 64x40 but --init-image is 64x48"),
-    ("mask without an image", ["--mask", "{root}/mask.png"], "--mask needs --init-image"),
+     "the mask is 64x40 but the init image is 64x48"),
+    ("mask without an image", ["--mask", "{root}/mask.png"], "a mask needs an init image"),
     ("a base as refiner", ["--refiner", "{model}"], "is a base model (two text encoders)"),
     ("a refiner as base", ["--model", "{root}/refiner.safetensors", "--refiner", "{root}/refiner.safetensors"],
      "is a refiner (one text encoder)"),
     ("init image not an image", ["--init-image", "{root}/notes.png"], "cannot read image"),
     ("init image missing", ["--init-image", "{root}/nowhere.png"], "does not exist"),
-    ("hires scale 1", ["--hires-scale", "1"], "--hires-scale 1.0 must be more than 1"),
+    ("hires scale 1", ["--hires-scale", "1"], "hi-res scale 1.0 must be more than 1"),
     ("hires too large", ["--hires-scale", "2000"], "free; use a smaller --width/--height, --hires-scale"),
-    ("unbalanced weight", [], "--prompt: the ':' at character 11 is not followed by a number and ')'"),
-    ("weight not a number", ["--negative-prompt", "(lowres:abc)"], "--negative-prompt: the ':' at character 8"),
-    ("no step runs", ["--init-image", "{root}/init.png", "--strength", "0.1"], "runs no step"),
+    ("unbalanced weight", [], "--prompt: the weight ':1.2' at character 11 is never closed by ')'"),
+    ("weight not a number", ["--negative-prompt", "(lowres:1,5)"], "--negative-prompt: the weight ':1,5' at character 8 is not a number"),
+    ("no step runs", ["--init-image", "{root}/init.png", "--strength", "0.1"], "4 steps at strength 0.1 run no step"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(capsys, tmp_path, tiny_file, inputs, case, args, message):
     prompt = "1girl (tag:1.2" if case == "unbalanced weight" else "1girl"
@@ -112,4 +112,24 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(capsys, tmp_path, tiny_f
     model = [] if "--model" in args else ["--model", tiny_file]
     code, err = generate(capsys, "--prompt", prompt, *QUICK, *model, *args, "--out", tmp_path / "out")
     one_line_error(err, code, message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "P", "L"])
+def test_rgba_palette_and_grayscale_init_images_read_as_rgb(capsys, tmp_path, tiny_file, inputs, mode):
+    picture = Image.open(inputs / "init.png").convert(mode)
+    picture.save(tmp_path / "odd.png")
+    picture.convert("RGB").save(tmp_path / "rgb.png")
+    for name in ("odd", "rgb"):
+        code, err = generate(capsys, "--prompt", "x", *QUICK, "--model", tiny_file, "--init-image",
+                             tmp_path / f"{name}.png", "--out", tmp_path / f"out-{name}")
+        assert code == 0, err
+    made = [np.asarray(Image.open(next((tmp_path / f"out-{n}").iterdir()))) for n in ("odd", "rgb")]
+    assert np.array_equal(*made)
+
+
+def test_a_switch_point_that_leaves_the_refiner_no_step_is_one_line(capsys, tmp_path, tiny_file, inputs):
+    code, err = generate(capsys, "--prompt", "x", "--steps", "2", "--model", tiny_file, "--refiner",
+                         inputs / "refiner.safetensors", "--refiner-start", "0.3", "--out", tmp_path / "out")
+    one_line_error(err, code, "with 2 steps, the switch point leaves no step to one stage")
     assert not (tmp_path / "out").exists()

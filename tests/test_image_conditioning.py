@@ -140,7 +140,7 @@ def test_img2img_of_an_odd_sized_image_takes_diffusers_rounded_size(ours, theirs
     assert_close_images(got, as_arrays(want), "img2img of a 75x61 image")
 
 
-@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m"])
+@pytest.mark.parametrize("sampler", ["euler_a", "dpmpp_2m", "ddim"])  # ddim: a final sigma > 0
 @pytest.mark.parametrize("strength", [0.75, 1.0])
 def test_inpainting_equals_diffusers(ours, theirs, sampler, strength):
     init, mask = picture(64, 56, seed=1), disc_mask(64, 56)
@@ -190,6 +190,19 @@ def test_base_then_refiner_equals_diffusers(ours, theirs, sampler, switch):
     assert_close_images(got, as_arrays(want), f"base + refiner {sampler} switch {switch}")
 
 
+def test_img2img_base_then_refiner_equals_diffusers(ours, theirs):
+    init = picture(64, 56, seed=4)
+    s = Settings(**QUICK, sampler="euler_a", seed=13, init_image=init, strength=0.7, refiner_start=0.8)
+    got = as_arrays(ours["base file"](s, refiner=ours["refiner file"], progress=False))
+    gens = generators(s)
+    base, refiner = with_scheduler(theirs["img2img"], s), with_scheduler(theirs["refiner"], s)
+    common = dict(prompt=s.prompt, negative_prompt=s.negative_prompt, num_inference_steps=s.steps,
+                  guidance_scale=s.cfg, generator=gens)
+    latents = base(**common, image=init, strength=0.7, denoising_end=0.8, output_type="latent").images
+    want = refiner(**common, image=latents, denoising_start=0.8).images
+    assert_close_images(got, as_arrays(want), "img2img base + refiner")
+
+
 def test_the_refiner_alone_is_img2img_and_equals_diffusers(ours, theirs):
     init = picture(64, 64, seed=3)
     s = Settings(**QUICK, sampler="euler", seed=11, init_image=init, strength=0.4, aesthetic_score=5.0)
@@ -226,7 +239,7 @@ def test_bad_combinations_are_one_clear_error(ours):
     base, refiner = ours["base file"], ours["refiner file"]
     init = picture(64, 64)
     cases = [
-        (base, Settings(prompt="x", init_image=init, strength=0), None, "strength must be in (0, 1]"),
+        (base, Settings(prompt="x", init_image=init, strength=0), None, "strength 0 is not in (0, 1]"),
         (base, Settings(prompt="x", init_image=init, mask=disc_mask(32, 32)), None, "give a mask of the image's size"),
         (base, Settings(prompt="x", mask=disc_mask(64, 64)), None, "a mask needs an init image"),
         (base, Settings(prompt="x"), base, "the refiner is a base model"),

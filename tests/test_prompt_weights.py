@@ -39,7 +39,8 @@ def test_the_parser_reads_a1111s_documented_examples_as_a1111_does(prompt, expec
     ("a BREAK b", [[("a", 1.0)], [("b", 1.0)]]),
     ("BREAK b", [[], [("b", 1.0)]]),  # an empty first chunk, as A1111's next_chunk makes
     ("a BREAK", [[("a", 1.0)]]),  # a trailing BREAK starts no empty chunk
-    ("a \\\\ b", [[("a \\ b", 1.0)]]),
+    ("a \\\\ b", [[("a \\ b", 1.0)]]),  # an escaped backslash
+    ("(artist:name), (text: hi:1.2)", [[("artist:name", 1.1), (", ", 1.0), ("text: hi", 1.2)]]),  # a colon is text
 ])
 def test_nesting_escapes_and_break(prompt, expected):
     got = parse_weights(prompt)
@@ -48,11 +49,12 @@ def test_nesting_escapes_and_break(prompt, expected):
 
 
 @pytest.mark.parametrize("prompt, message", [
-    ("(tag:1.2", "the ':' at character 5 is not followed by a number and ')'"),  # A1111 reads "tag:1.2" x1.1
-    ("(tag:abc)", "is not followed by a number"),
+    ("(tag:1.2", "the weight ':1.2' at character 5 is never closed by ')'"),  # A1111 reads "tag:1.2" x1.1
+    ("(tag:1,2)", "the weight ':1,2' at character 5 is not a number"),
     ("(tag:1.2.3)", "the weight '1.2.3' at character 5 is not a number"),
+    ("(tag:1.2 x)", "the weight ':1.2 x' at character 5 is not a number"),
     ("tag:1.2)", "closes no '('"),
-    ("[cat:dog:0.5]", "prompt editing is not supported"),
+    ("[cat:dog:0.5]", "prompt editing, which is not supported"),
 ])
 def test_malformed_weights_are_one_clear_error(prompt, message):
     with pytest.raises(PromptError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:

@@ -238,6 +238,9 @@ def preflight(config):
     check_folder(config.class_data_dir, "class_data_dir")
     ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")  # every image decoded
     info = inspect(config.model)  # the model's headers: a bad --model fails before the load
+    if info.config.unet.in_channels != info.config.vae.z_channels:
+        raise ConfigError(f"{config.model} is an inpainting model ({info.config.unet.in_channels} UNet input "
+                          "channels); this loop trains text-to-image models")
     refiner = info.config.text_encoder_1 is None
     if refiner and ((config.prior_loss_weight > 0 and config.task == "dreambooth") or config.validation_prompt):
         raise ConfigError(f"{config.model} is a refiner, which cannot make class or validation images from noise; "
