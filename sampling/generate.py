@@ -340,6 +340,8 @@ def generate(args, written, check_interrupt):
         refiner_hash = model_hash(refiner_path) if refiner and refiner_path.is_file() else None
     except (ValueError, LoadError) as e:
         return fail(str(e))
+    except OSError as e:  # a path that cannot even be looked at: no permission, a name too long
+        return fail(f"cannot read {e.filename or 'a file'} ({e.strerror or e}); check the path and its permissions")
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise

@@ -179,9 +179,11 @@ def check(s: Settings, config, refiner_config=None):
                          "the image yourself and run img2img on it")
     if isinstance(s.init_image, list) and len(s.init_image) != s.num_images:
         raise ValueError(f"{len(s.init_image)} init images for {s.num_images} outputs; give one, or one per output")
-    if isinstance(s.mask, Image.Image) and isinstance(s.init_image, Image.Image) and s.mask.size != s.init_image.size:
-        (mw, mh), (iw, ih) = s.mask.size, s.init_image.size
-        raise ValueError(f"the mask is {mw}x{mh} but the init image is {iw}x{ih}; give a mask of the image's size")
+    images = s.init_image if isinstance(s.init_image, list) else [s.init_image]
+    for image in images if isinstance(s.mask, Image.Image) else []:
+        if isinstance(image, Image.Image) and s.mask.size != image.size:
+            (mw, mh), (iw, ih) = s.mask.size, image.size
+            raise ValueError(f"the mask is {mw}x{mh} but the init image is {iw}x{ih}; give a mask of the image's size")
     if config.unet.in_channels == 9:
         if refiner_config is not None:
             raise ValueError("an inpainting model (9 input channels) cannot hand over to a refiner here; drop the refiner")

@@ -19,6 +19,7 @@ a broken weight as text: `(tag:1.2`, `(tag:1,2)`, `(tag:1.2.3)`, `tag:1.2)` are 
 `[a:b:0.5]` (A1111's prompt editing, not implemented here).
 """
 
+import math
 import re
 
 import torch
@@ -29,7 +30,9 @@ CHUNK = MAX_LENGTH - 2  # 75 prompt tokens per window
 # A1111's tokens: escapes, brackets, a weight ":1.3)" (closing its bracket), plain text, a lone ":".
 _TOKENS = re.compile(r"\\[()\[\]\\]|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
-_NUMBER_LIKE = re.compile(r"\s*[+-]?[.\d][^()\[\]:]*")  # after a colon: what starts like a weight, up to a bracket
+# After a colon in brackets: a number alone before ')', ']', ',' or the end, i.e. a weight gone wrong
+# ("(tag:1,2)", "(tag:1.2, x", "[a:b:0.5]"); "(artist:40hara)" and "(12:30 pm)" stay text, as in A1111.
+_NUMBER_LIKE = re.compile(r"\s*[+-]?[.\d][.,\d]*\s*(?=[)\],]|$)")
 
 
 class PromptError(ValueError):
@@ -42,6 +45,7 @@ def parse_weights(prompt):
     ("on", 1.0), (" a ", 1.1), ("hill", 0.55), (", sun, ", 1.1), ("sky", 1.4641), (".", 1.1)]]."""
     pieces = []  # [text, weight] in order; None marks a BREAK
     round_open, square_open = [], []  # where each open bracket's range starts in `pieces`
+    kinds = []  # the open brackets' kinds, innermost last
     fix = "; write \\( \\) \\[ \\] for literal brackets, or use --no-prompt-weights"
 
     def multiply(start, factor):
@@ -49,34 +53,39 @@ def parse_weights(prompt):
             if piece is not None:
                 piece[1] *= factor
 
+    def close(kind):  # the innermost open bracket of this kind is closed
+        del kinds[len(kinds) - 1 - kinds[::-1].index(kind)]
+
     for m in _TOKENS.finditer(prompt):
         text, weight = m.group(0), m.group(1)
         if text.startswith("\\"):
             pieces.append([text[1:], 1.0])  # an escape (a lone backslash is dropped, as A1111 drops it)
-        elif text == "(":
-            round_open.append(len(pieces))
-        elif text == "[":
-            square_open.append(len(pieces))
+        elif text in "([":
+            (round_open if text == "(" else square_open).append(len(pieces))
+            kinds.append(text)
         elif weight is not None:
             if not round_open:
                 raise PromptError(f"the weight {text!r} at character {m.start() + 1} closes no '('" + fix)
             try:
-                multiply(round_open.pop(), float(weight))
+                factor = float(weight)
             except ValueError:
-                raise PromptError(f"the weight {weight!r} at character {m.start() + 1} is not a number" + fix) from None
-        elif text == ")" and round_open:
-            multiply(round_open.pop(), 1.1)
-        elif text == "]" and square_open:
-            multiply(square_open.pop(), 1 / 1.1)
-        elif text == ":" and (round_open or square_open) and _NUMBER_LIKE.match(prompt, m.end()):
-            # A colon in brackets is text to A1111 ("(artist:name)"), but one followed by a number is a weight
-            # gone wrong (unclosed, "1,2", "1.2 x") or prompt editing ("[a:b:0.5]"): say so, not read it as text.
+                factor = math.nan
+            if not math.isfinite(factor):
+                raise PromptError(f"the weight {weight[:20]!r} at character {m.start() + 1} is not a number" + fix)
+            multiply(round_open.pop(), factor)
+            close("(")
+        elif (text == ")" and round_open) or (text == "]" and square_open):
+            multiply((round_open if text == ")" else square_open).pop(), 1.1 if text == ")" else 1 / 1.1)
+            close("(" if text == ")" else "[")
+        elif text == ":" and kinds and _NUMBER_LIKE.match(prompt, m.end()):
+            # A colon in brackets is text to A1111 ("(artist:name)"), but one followed by a lone number is a
+            # weight gone wrong or prompt editing ("[a:b:0.5]"): say so rather than read it as text.
             rest = _NUMBER_LIKE.match(prompt, m.end())[0]
-            if square_open and not round_open:
-                raise PromptError(f"'[...:{rest}]' at character {m.start() + 1} is AUTOMATIC1111's prompt editing, "
-                                  "which is not supported here" + fix)
+            if kinds[-1] == "[":
+                raise PromptError(f"'[...:{rest.strip()}]' at character {m.start() + 1} is AUTOMATIC1111's prompt "
+                                  "editing, which is not supported here" + fix)
             closed = prompt[m.end() + len(rest):].startswith(")")
-            raise PromptError(f"the weight ':{rest}' at character {m.start() + 1} "
+            raise PromptError(f"the weight ':{rest.strip()}' at character {m.start() + 1} "
                               + ("is not a number" if closed else "is never closed by ')'") + fix)
         else:
             for i, part in enumerate(_BREAK.split(text)):

@@ -133,3 +133,10 @@ def test_a_switch_point_that_leaves_the_refiner_no_step_is_one_line(capsys, tmp_
                          inputs / "refiner.safetensors", "--refiner-start", "0.3", "--out", tmp_path / "out")
     one_line_error(err, code, "with 2 steps, the switch point leaves no step to one stage")
     assert not (tmp_path / "out").exists()
+
+
+def test_an_init_image_path_that_cannot_be_looked_at_is_one_line(capsys, tmp_path, tiny_file):
+    code, err = generate(capsys, "--prompt", "x", *QUICK, "--model", tiny_file, "--init-image",
+                         tmp_path / ("n" * 300 + ".png"), "--out", tmp_path / "out")  # ENAMETOOLONG, not "missing"
+    one_line_error(err, code, "cannot read", "check the path")
+    assert not (tmp_path / "out").exists()
