@@ -19,8 +19,8 @@ setup(
         "tqdm",
     ],
     extras_require={
-        # diffusers is the test oracle only: project code never imports it.
+        # diffusers (and peft, for its LoRA loading) are the test oracles only: project code never imports them.
         # nbclient, nbformat and ipykernel execute the notebooks in the test suite.
-        "test": ["pytest", "diffusers==0.42.1", "accelerate", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest", "diffusers==0.42.1", "peft", "accelerate", "nbclient", "nbformat", "ipykernel"],
     },
 )

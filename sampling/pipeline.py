@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from models.conditioning import size_numbers, vector_condition
 from models.loading import load, read_folder_config, resolve
+from models.lora import merge_lora
 from models.sdxl import SDXL_SCHEDULER_CONFIG
 from models.sdxl import scheduler_config as models_scheduler_config
 from models.tokenizer import load_tokenizers
@@ -214,12 +215,16 @@ class Pipeline:
         self.scheduler_config = scheduler_config or models_scheduler_config(model.config)
 
     @classmethod
-    def load(cls, source, dtype="fp32", device="cpu", vae=None):
+    def load(cls, source, dtype="fp32", device="cpu", vae=None, loras=()):
         """A single file, a diffusers folder (its scheduler config is used) or a Hugging Face repo id;
-        `vae` optionally replaces the model's VAE (a VAE file or diffusers vae/ folder)."""
+        `vae` optionally replaces the model's VAE (a VAE file or diffusers vae/ folder); `loras`, a list of
+        (file, scale), are merged into the weights in order (models.lora: no cost per step)."""
         path = resolve(source)
         scheduler_config = read_folder_config(path)[1] if path.is_dir() else None
-        return cls(load(path, dtype=dtype, device=device, vae=vae), scheduler_config)
+        model = load(path, dtype=dtype, device=device, vae=vae)
+        for lora, scale in loras:
+            merge_lora(model, resolve(lora), scale)
+        return cls(model, scheduler_config)
 
     @property
     def device(self):
