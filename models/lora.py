@@ -10,6 +10,7 @@ forward from the model's own modules (an underscored name cannot be parsed back)
 every name any dialect uses to the parameter (and, for bigG's fused q/k/v, the rows) it changes.
 """
 
+import hashlib
 import math
 import re
 
@@ -78,9 +79,20 @@ def read_lora(path):
     return groups
 
 
-def merge_lora(model, path, scale=1.0):
+def addnet_hash(path):
+    """AUTOMATIC1111's LoRA hash (its `Lora hashes`): sha256 of the file after the safetensors header, 12 hex digits."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def merge_lora(model, path, scale=1.0, apply=True):
     """Add scale * (alpha / rank) * up @ down to each weight the file names, in float32, cast back. Raises
-    LoadError before changing anything if a name matches no module or a shape does not fit."""
+    LoadError before changing anything if a name matches no module or a shape does not fit; apply=False only
+    checks (a model on the meta device will do, so a command line checks its LoRAs before the load)."""
     if not math.isfinite(scale):
         raise LoadError(f"the scale {scale} of {path} is not a number; give e.g. 0.8")
     names = targets(model)
@@ -102,7 +114,7 @@ def merge_lora(model, path, scale=1.0):
                             f"{tuple(target.shape)}; the LoRA is for another model family")
         deltas.append((param, rows, delta.reshape(target.shape)))
     with torch.no_grad():
-        for param, rows, delta in deltas:
+        for param, rows, delta in deltas if apply else ():
             view = param[rows] if rows is not None else param
             view.copy_((view.float() + delta.to(param.device)).to(param.dtype))
     return len(groups)

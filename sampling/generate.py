@@ -2,7 +2,8 @@
 
     python -m sampling.generate --model M --prompt P [--negative-prompt N] --width W --height H --steps S
         --cfg G --sampler {euler,euler_a,dpmpp_2m,ddim,ddpm} [--karras] [--guidance-rescale R] --seed SEED
-        --num-images B --dtype {fp32,fp16,bf16} --device D [--vae VAE] [--no-prompt-weights] --out DIR
+        --num-images B --dtype {fp32,fp16,bf16} --device D [--vae VAE] [--lora FILE[:SCALE] ...]
+        [--no-prompt-weights] --out DIR
       [--refiner R --refiner-start F [--aesthetic-score A] [--negative-aesthetic-score NA]]
       [--init-image IMG --strength S [--mask MASK]]
       [--hires-scale K --hires-strength S [--hires-steps N] [--hires-upscaler latent|lanczos]]
@@ -58,10 +59,26 @@ def crop_pair(text):
     return tuple(int(n) for n in text.split(","))
 
 
+def lora_arg(text):
+    """'FILE[:SCALE]' -> (FILE, SCALE), scale 1.0 when absent (a colon inside a path is left alone)."""
+    path, colon, scale = text.rpartition(":")
+    if not colon or Path(text).exists() or "/" in scale or "\\" in scale:
+        return text, 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: the scale {scale!r} is not a number; write FILE:0.8")
+    return path, value
+
+
 def parse_args(argv):
     p = OneLineParser(prog="python -m sampling.generate", description="SDXL text-to-image.")
     p.add_argument("--model", help=f"single file, diffusers folder or Hugging Face repo id (default {DEFAULT_MODEL})")
     p.add_argument("--vae", help="a VAE to use instead of the model's: a VAE .safetensors or a diffusers vae/ folder")
+    p.add_argument("--lora", action="append", type=lora_arg, metavar="FILE[:SCALE]",
+                   help="merge a LoRA file into the model (kohya, diffusers/PEFT, LoCon); repeatable; scale 1.0 by default")
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt", help="omit for zero negative conditioning; '' encodes the empty prompt")
     p.add_argument("--width", type=int, help="default: the size the model was trained at (1024 for SDXL)")
@@ -105,7 +122,7 @@ def settings_from(args):
     from sampling.pipeline import Settings
     from sampling.pnginfo import parse_parameters
 
-    model, vae, refiner, recorded = args.model, args.vae, args.refiner, {}
+    model, vae, refiner, loras, recorded = args.model, args.vae, args.refiner, args.lora, {}
     if args.from_png:
         try:
             with Image.open(args.from_png) as png:
@@ -118,6 +135,7 @@ def settings_from(args):
         if model is None:
             model, vae = recorded.get("Model"), vae or recorded.get("VAE")
             refiner = refiner or recorded.get("Refiner")
+            loras = loras or recorded.get("Loras")
     else:
         if args.prompt is None:
             raise ValueError("--prompt is required (or --from-png FILE)")
@@ -135,7 +153,7 @@ def settings_from(args):
     if settings.seed == -1:
         settings = replace(settings, seed=secrets.randbelow(2**32))  # A1111's -1; the PNG records the seed drawn
     recorded_hash = recorded.get("Model hash") if model == recorded.get("Model") else None
-    return settings, model or DEFAULT_MODEL, vae, refiner, recorded_hash
+    return settings, model or DEFAULT_MODEL, vae, refiner, loras or [], recorded_hash
 
 
 def _multiple_of_8(name, v):
@@ -230,6 +248,19 @@ def check_steps(info, refiner_info, s):
         window(stage, schedule, model.scheduler_config)
 
 
+def check_loras(info, loras):
+    """Each LoRA against the model's modules and shapes, on a weightless copy of it (meta device), before the load."""
+    import torch
+
+    from models.lora import merge_lora
+    from models.sdxl import SDXL
+
+    with torch.device("meta"):
+        shell = SDXL(info.config)
+    for path, scale in loras:
+        merge_lora(shell, path, scale, apply=False)
+
+
 def check_fits(info, settings, dtype, device, refiner_info=None):
     """Refuse a generation whose estimated memory exceeds what the device has free (sampling.pipeline.memory_estimate);
     with the hi-res fix, at its second pass's size; with a refiner, its weights loaded too."""
@@ -313,12 +344,13 @@ def main(argv=None):
 
 def generate(args, written, check_interrupt):
     from models.loading import LoadError, check_device, inspect, model_hash, out_of_memory, resolve
+    from models.lora import addnet_hash
     from sampling.pipeline import NonFiniteError, Pipeline, check, with_output_size
     from sampling.pnginfo import format_parameters
 
     out = Path(args.out)
     try:
-        settings, model, vae, refiner, recorded_hash = settings_from(args)  # the PNG records these (paths)
+        settings, model, vae, refiner, loras, recorded_hash = settings_from(args)  # the PNG records these (paths)
         opened = check_settings(settings)  # the same, its init image and mask read
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; name a folder (it is created if missing)")
@@ -328,16 +360,19 @@ def generate(args, written, check_interrupt):
         check(opened, info.config, refiner_info.config if refiner_info else None)
         if vae is not None:
             resolve(vae)  # it exists (or is downloaded) before the big load
+        loras = [(resolve(path), scale) for path, scale in loras]
+        check_loras(info, loras)
         opened = with_output_size(opened, info.config.unet)
         settings = replace(settings, width=opened.width, height=opened.height)
         check_steps(info, refiner_info, opened)
         check_fits(info, opened, args.dtype, device, refiner_info)
-        pipe = Pipeline.load(info.path, dtype=args.dtype, device=device, vae=vae)
+        pipe = Pipeline.load(info.path, dtype=args.dtype, device=device, vae=vae, loras=loras)
         # --vae replaces both stages' VAE: the refiner decodes, and the PNG records one VAE.
         refiner_pipe = Pipeline.load(refiner, dtype=args.dtype, device=device, vae=vae) if refiner else None
         model_file_hash = model_hash(info.path) if info.path.is_file() else None
         refiner_path = resolve(refiner) if refiner else None
         refiner_hash = model_hash(refiner_path) if refiner and refiner_path.is_file() else None
+        lora_records = [(path, scale, addnet_hash(path)) for path, scale in loras]
     except (ValueError, LoadError) as e:
         return fail(str(e))
     except OSError as e:  # a path that cannot even be looked at: no permission, a name too long
@@ -360,7 +395,7 @@ def generate(args, written, check_interrupt):
         for i, image in enumerate(pipe.images(opened, refiner_pipe, callback=check_interrupt)):  # checked every step
             seed = settings.seed + i
             parameters = format_parameters(settings, seed, model, model_hash=model_file_hash, vae=vae,
-                                           refiner=refiner, refiner_hash=refiner_hash)
+                                           refiner=refiner, refiner_hash=refiner_hash, loras=lora_records)
             written.append(save_next(image, out, seed, parameters))
             print(written[-1])
             check_interrupt()  # after the write: a finished image is kept

@@ -17,6 +17,7 @@ with "Negative prompt:" gets `Prompt lines: N`, so that it reads back as the sam
 import json
 import re
 from dataclasses import replace
+from pathlib import Path
 
 from sampling.pipeline import Settings
 
@@ -41,7 +42,10 @@ UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
 DEFAULTS = Settings(prompt="")
 
 
-def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, refiner=None, refiner_hash=None):
+def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, refiner=None, refiner_hash=None,
+                      loras=()):
+    """`loras`: (path, scale, A1111 hash) of each LoRA merged into the model, written as A1111's `Lora hashes`
+    (name: hash) and our `Loras` (the paths and scales, JSON, for --from-png)."""
     lines = [s.prompt]
     if s.negative_prompt is not None:  # absent line = no negative prompt (zero conditioning)
         lines.append(f"{NEGATIVE} {s.negative_prompt}")
@@ -54,6 +58,9 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, 
     fields["Model"] = model_name
     if vae:
         fields["VAE"] = vae
+    if loras:
+        fields["Lora hashes"] = ", ".join(f"{Path(path).stem}: {digest}" for path, _, digest in loras)
+        fields["Loras"] = json.dumps([[str(path), scale] for path, scale, _ in loras])
     if s.guidance_rescale:
         fields["Guidance rescale"] = s.guidance_rescale
     if s.original_size:
@@ -175,6 +182,12 @@ def parse_parameters(text):
     else:
         settings = replace(settings, strength=strength)
     recorded = {k: fields[k] for k in ("Model", "Model hash", "VAE") if k in fields}
+    if "Loras" in fields:
+        try:
+            loras = json.loads(fields["Loras"])
+            recorded["Loras"] = [(str(path), float(scale)) for path, scale in loras]
+        except (ValueError, TypeError):
+            raise ValueError(f"its 'Loras:' value is not a list of [path, scale]") from None
     if "Refiner" in fields:  # "name [hash]", as A1111 writes it; the name alone without a hash
         recorded["Refiner"] = re.sub(r" \[[0-9a-f]{10}\]$", "", str(fields["Refiner"]))
     return settings, recorded

@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from models.loading import save_single_file
-from models.sdxl import SDXL, TINY_REFINER
+from models.sdxl import SDXL, TINY, TINY_REFINER
+from test_lora import kohya_file
 from test_robustness import generate, one_line_error
 
 QUICK = ["--steps", "4", "--sampler", "euler_a", "--seed", "3"]
@@ -27,6 +28,7 @@ def inputs(tmp_path_factory):
     (root / "notes.png").write_text("not an image")
     torch.manual_seed(1)
     save_single_file(SDXL(TINY_REFINER), root / "refiner.safetensors")
+    kohya_file(SDXL(TINY), root / "style.safetensors")  # names and shapes of the tiny layout
     return root
 
 
@@ -40,6 +42,8 @@ KINDS = {  # what each kind adds to QUICK
                      "--hires-steps", "3"],
     "hires lanczos": ["--width", "48", "--height", "40", "--hires-scale", "1.34", "--hires-upscaler", "lanczos"],
     "literal prompt": ["--width", "64", "--height", "48", "--no-prompt-weights"],
+    "lora": ["--width", "64", "--height", "48", "--lora", "{root}/style.safetensors:0.8", "--lora",
+             "{root}/style.safetensors:-0.3"],
 }
 
 
@@ -62,7 +66,8 @@ def test_each_kind_reruns_from_its_png(capsys, tmp_path, tiny_file, inputs, kind
                 "refiner alone": ["Denoising strength: 0.5"],
                 "hires latent": ["Hires upscale: 1.5", "Hires steps: 3", "Hires upscaler: Latent", "Denoising strength: 0.5"],
                 "hires lanczos": ["Hires upscale: 1.34", "Hires upscaler: Lanczos", "Denoising strength: 0.7"],
-                "literal prompt": ["Emphasis: None"]}[kind]
+                "literal prompt": ["Emphasis: None"],
+                "lora": ["Lora hashes: \"style: ", "Loras: "]}[kind]
     assert all(field in parameters for field in expected), parameters
     if kind.startswith("hires"):  # the first pass's size is the Size; the image is the second pass's
         with Image.open(first) as a:
@@ -105,6 +110,9 @@ def test_a_missing_init_image_from_a_png_is_one_clear_error(capsys, tmp_path, ti
     ("unbalanced weight", [], "--prompt: the weight ':1.2' at character 11 is never closed by ')'"),
     ("weight not a number", ["--negative-prompt", "(lowres:1,5)"], "--negative-prompt: the weight ':1,5' at character 8 is not a number"),
     ("no step runs", ["--init-image", "{root}/init.png", "--strength", "0.1"], "4 steps at strength 0.1 run no step"),
+    ("lora scale not a number", ["--lora", "{root}/style.safetensors:abc"], "the scale 'abc' is not a number"),
+    ("lora of another layout", ["--lora", "{root}/refiner.safetensors"], "is not part of a LoRA"),
+    ("lora missing", ["--lora", "{root}/nowhere.safetensors"], "nowhere.safetensors"),
 ])
 def test_bad_input_is_one_clear_line_and_writes_nothing(capsys, tmp_path, tiny_file, inputs, case, args, message):
     prompt = "1girl (tag:1.2" if case == "unbalanced weight" else "1girl"
@@ -140,3 +148,14 @@ def test_an_init_image_path_that_cannot_be_looked_at_is_one_line(capsys, tmp_pat
                          tmp_path / ("n" * 300 + ".png"), "--out", tmp_path / "out")  # ENAMETOOLONG, not "missing"
     one_line_error(err, code, "cannot read", "check the path")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_changes_the_image_and_is_recorded_with_a1111s_hash(capsys, tmp_path, tiny_file, inputs):
+    from models.lora import addnet_hash
+
+    for name, extra in [("plain", []), ("lora", ["--lora", inputs / "style.safetensors"])]:
+        code, err = generate(capsys, "--prompt", "x", *QUICK, "--model", tiny_file, *extra, "--out", tmp_path / name)
+        assert code == 0, err
+    plain, lora = (Image.open(next((tmp_path / n).iterdir())) for n in ("plain", "lora"))
+    assert not np.array_equal(np.asarray(plain), np.asarray(lora))
+    assert f'Lora hashes: "style: {addnet_hash(inputs / "style.safetensors")}"' in lora.info["parameters"]
