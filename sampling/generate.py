@@ -228,7 +228,7 @@ def available_memory(device):
 def check_steps(info, refiner_info, s):
     """Each stage's steps against its model's schedule (e.g. 1000 'leading' steps reach past t = 999), and
     that each stage runs at least one step, before the weights load."""
-    from sampling.pipeline import schedule_steps, window
+    from sampling.pipeline import hires_second_pass, schedule_steps, window
     from sampling.schedule import make_schedule
 
     stages = [("--steps", info, s)]
@@ -236,9 +236,7 @@ def check_steps(info, refiner_info, s):
         stages = [("--steps", info, replace(s, denoising_end=s.refiner_start)),
                   ("--steps", refiner_info, replace(s, denoising_start=s.refiner_start))]
     if s.hires_scale is not None:
-        second = replace(s, init_image="the first pass", strength=s.hires_strength, steps=s.hires_steps or s.steps,
-                         img2img_steps="exact", hires_scale=None)
-        stages.append(("--hires-steps", info, second))
+        stages.append(("--hires-steps", info, hires_second_pass(s)))
     for flag, model, stage in stages:
         try:
             schedule = make_schedule(stage.sampler, schedule_steps(stage), karras=True if stage.karras else None,
@@ -264,11 +262,11 @@ def check_loras(info, loras):
 def check_fits(info, settings, dtype, device, refiner_info=None):
     """Refuse a generation whose estimated memory exceeds what the device has free (sampling.pipeline.memory_estimate);
     with the hi-res fix, at its second pass's size; with a refiner, its weights loaded too."""
-    from sampling.pipeline import memory_estimate
+    from sampling.pipeline import hires_second_pass, memory_estimate
 
     s = settings
     if s.hires_scale is not None:
-        settings = replace(s, width=int(s.width * s.hires_scale) // 8 * 8, height=int(s.height * s.hires_scale) // 8 * 8)
+        settings = hires_second_pass(s)  # the largest size of the run
     dtype_bytes = {"fp32": 4}.get(dtype, 2)
     need = memory_estimate(info.config, settings, info.parameters, dtype_bytes)
     if refiner_info is not None:
@@ -368,10 +366,9 @@ def generate(args, written, check_interrupt):
         check_fits(info, opened, args.dtype, device, refiner_info)
         pipe = Pipeline.load(info.path, dtype=args.dtype, device=device, vae=vae, loras=loras)
         # --vae replaces both stages' VAE: the refiner decodes, and the PNG records one VAE.
-        refiner_pipe = Pipeline.load(refiner, dtype=args.dtype, device=device, vae=vae) if refiner else None
+        refiner_pipe = Pipeline.load(refiner_info.path, dtype=args.dtype, device=device, vae=vae) if refiner else None
         model_file_hash = model_hash(info.path) if info.path.is_file() else None
-        refiner_path = resolve(refiner) if refiner else None
-        refiner_hash = model_hash(refiner_path) if refiner and refiner_path.is_file() else None
+        refiner_hash = model_hash(refiner_info.path) if refiner and refiner_info.path.is_file() else None
         lora_records = [(path, scale, addnet_hash(path)) for path, scale in loras]
     except (ValueError, LoadError) as e:
         return fail(str(e))

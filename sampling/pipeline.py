@@ -53,7 +53,7 @@ class Settings:
     init_image: object = None
     mask: object = None
     strength: float = 0.75  # the share of the schedule that runs on the init image, in (0, 1]
-    img2img_steps: str = "diffusers"  # or "exact": see Pipeline.window
+    img2img_steps: str = "diffusers"  # or "exact": see window()
     # diffusers' two-stage cut, as fractions of the schedule: a base stops at denoising_end and returns its
     # latents, a refiner given them as init_image starts at denoising_start (no noise added).
     denoising_start: float | None = None
@@ -88,6 +88,15 @@ def schedule_steps(s: Settings):
     return int(s.steps / min(s.strength, 0.999)) if exact else s.steps
 
 
+def hires_second_pass(s: Settings, init_image="the first pass, upscaled"):
+    """The hi-res fix's second pass: img2img at hires_scale x the size (rounded down to multiples of 8) that
+    runs exactly hires_steps steps (default: steps). The default init_image only marks it as img2img, for
+    checks before the first pass exists."""
+    return replace(s, width=int(s.width * s.hires_scale) // 8 * 8, height=int(s.height * s.hires_scale) // 8 * 8,
+                   init_image=init_image, strength=s.hires_strength, steps=s.hires_steps or s.steps,
+                   img2img_steps="exact", hires_scale=None)
+
+
 def window(s: Settings, schedule, scheduler_config=None):
     """The steps of `schedule` a stage runs: sigmas[start] down to sigmas[end] -> (start, end).
 
@@ -95,8 +104,8 @@ def window(s: Settings, schedule, scheduler_config=None):
     tail of the `steps`-step schedule; with img2img_steps="exact", exactly `steps` steps, the tail of an
     int(steps / strength)-step schedule (AUTOMATIC1111's hi-res fix; its img2img tab runs
     int(steps x min(strength, 0.999)) + 1). A refiner's stage (denoising_start) keeps the timesteps below
-    round(T (1 - start));
-    a base's stage (denoising_end) stops before the first timestep below round(T (1 - end))."""
+    round(T (1 - start)); a base's stage (denoising_end) stops before the first timestep below
+    round(T (1 - end))."""
     T = {**SDXL_SCHEDULER_CONFIG, **(scheduler_config or {})}["num_train_timesteps"]
     n = len(schedule.timesteps)
     start = 0
@@ -407,13 +416,13 @@ class Pipeline:
         hires_steps img2img steps there, with fresh generators from the same seeds, as A1111 draws fresh noise
         from the seeds for it (with Lanczos, each generator first draws the re-encoded image's posterior
         sample, as img2img here does)."""
-        width, height = int(s.width * s.hires_scale) // 8 * 8, int(s.height * s.hires_scale) // 8 * 8
+        second = hires_second_pass(s)
         if s.hires_upscaler == "latent":
-            init = upscale_latents(latents, width, height)
+            init = upscale_latents(latents, second.width, second.height)
         else:
-            init = upscale_images([self.decode(latents[i:i + 1])[0] for i in range(len(latents))], width, height)
-        second = replace(s, width=width, height=height, init_image=init, strength=s.hires_strength,
-                         steps=s.hires_steps or s.steps, img2img_steps="exact", hires_scale=None)
+            images = [self.decode(latents[i:i + 1])[0] for i in range(len(latents))]
+            init = upscale_images(images, second.width, second.height)
+        second = replace(second, init_image=init)
         generators = [torch.Generator().manual_seed(s.seed + i) for i in range(s.num_images)]
         return self.stage(second, generators, progress, callback)
 
