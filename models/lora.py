@@ -10,14 +10,18 @@ forward from the model's own modules (an underscored name cannot be parsed back)
 every name any dialect uses to the parameter (and, for bigG's fused q/k/v, the rows) it changes.
 """
 
+import fnmatch
 import hashlib
+import json
 import math
 import re
 
 import torch
+from safetensors.torch import save_file
 
 from models import keys
-from models.files import LoadError, open_safetensors, read_tensors
+from models.files import LoadError, atomic_file, open_safetensors, read_tensors
+from models.text import Projection
 
 SUFFIXES = {  # tensor-name ending -> (format, part)
     ".lora_down.weight": ("kohya", "down"), ".lora_up.weight": ("kohya", "up"), ".alpha": ("kohya", "alpha"),
@@ -27,32 +31,63 @@ SUFFIXES = {  # tensor-name ending -> (format, part)
 LYCORIS = {".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr", ".oft_blocks": "OFT", ".dora_scale": "DoRA"}
 
 
-def targets(model):
-    """Every module name a LoRA file may use -> (parameter, rows or None): rows picks q, k or v of bigG's fused
-    in_proj. One entry per dialect: kohya over official and diffusers paths, PEFT/diffusers over diffusers paths."""
-    out = {}
+KOHYA_TARGETS = (  # kohya's default SDXL set (networks/lora.py): transformer blocks; text encoders' attention and MLP
+    "unet.*.proj_in", "unet.*.proj_out", "unet.*.attn[12].to_[qkv]", "unet.*.attn[12].to_out.0",
+    "unet.*.ff.net.0.proj", "unet.*.ff.net.2",
+    "text_encoder_1.*.self_attn.*_proj", "text_encoder_1.*.mlp.fc[12]",
+    "text_encoder_2.*.attn.in_proj", "text_encoder_2.*.attn.out_proj", "text_encoder_2.*.mlp.c_*",
+)
+CONV_TARGETS = (  # added with a conv rank, as kohya's conv_dim: everything in ResBlocks, down- and upsamplers
+    "unet.*.in_layers.2", "unet.*.emb_layers.1", "unet.*.out_layers.3", "unet.*.skip_connection", "unet.*.op", "unet.*.conv",
+)
+PREFIXES = {"unet": "lora_unet_", "text_encoder_1": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def matches(name, pattern):
+    """fnmatch for a pattern with wildcards; otherwise the name itself or anything under it ("unet")."""
+    return fnmatch.fnmatch(name, pattern) if any(c in pattern for c in "*?[") else name == pattern or name.startswith(pattern + ".")
+
+
+def sites(model):
+    """Every place a LoRA can change, built forward from the model's modules: (official module name, module,
+    weight, [(path, rows)]). path is the name LoRA files use (the official path in the UNet, the Hugging Face
+    CLIP path in the text encoders); rows picks q, k or v of bigG's fused in_proj (None: the whole weight)."""
     for name, module in model.unet.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
-            diffusers = keys.unet_name_to_diffusers(name + ".weight", model.config.unet.num_res_blocks)[:-len(".weight")]
-            for key in (f"lora_unet_{name}".replace(".", "_"), f"lora_unet_{diffusers}".replace(".", "_"),
-                        f"unet.{diffusers}"):
-                out[key] = (module.weight, None)
+            yield f"unet.{name}", module, module.weight, [(name, None)]
     if model.text_encoder_1 is not None:  # CLIP-L: transformers' names already
         for name, module in model.text_encoder_1.named_modules():
             if isinstance(module, torch.nn.Linear):
-                out[f"lora_te1_{name}".replace(".", "_")] = out[f"text_encoder.{name}"] = (module.weight, None)
+                yield f"text_encoder_1.{name}", module, module.weight, [(name, None)]
     width = model.config.text_encoder_2.width
-    te2 = "text_encoder_2" if model.text_encoder_1 is not None else "text_encoder"  # a refiner's only encoder
     for name, module in model.text_encoder_2.named_modules():
         if isinstance(module, torch.nn.Linear) and name.startswith("transformer."):
-            hf = keys.openclip_name_to_hf(name + ".weight")[:-len(".weight")]
-            out[f"lora_te2_{hf}".replace(".", "_")] = out[f"{te2}.{hf}"] = (module.weight, None)
-        elif hasattr(module, "in_proj_weight"):  # q, k, v stacked: rows [q; k; v]
+            yield f"text_encoder_2.{name}", module, module.weight, [(keys.openclip_name_to_hf(name + ".weight")[:-7], None)]
+        elif isinstance(module, Projection):  # transformer.resblocks.N.attn.in_proj: q, k, v stacked, rows [q; k; v]
             layer = re.match(r"transformer\.resblocks\.(\d+)\.attn", name)[1]
-            for i, proj in enumerate("qkv"):
-                hf = f"text_model.encoder.layers.{layer}.self_attn.{proj}_proj"
-                rows = slice(i * width, (i + 1) * width)
-                out[f"lora_te2_{hf}".replace(".", "_")] = out[f"{te2}.{hf}"] = (module.in_proj_weight, rows)
+            weight = model.text_encoder_2.get_submodule(name.removesuffix(".in_proj")).in_proj_weight
+            yield f"text_encoder_2.{name}", module, weight, [
+                (f"text_model.encoder.layers.{layer}.self_attn.{proj}_proj", slice(i * width, (i + 1) * width))
+                for i, proj in enumerate("qkv")]
+
+
+def kohya_name(official, path):
+    return (PREFIXES[official.split(".")[0]] + path).replace(".", "_")
+
+
+def targets(model):
+    """Every module name a LoRA file may use -> (weight, rows or None). One entry per dialect: kohya over
+    official and diffusers paths, PEFT/diffusers over diffusers paths."""
+    out = {}
+    te2 = "text_encoder_2" if model.text_encoder_1 is not None else "text_encoder"  # a refiner's only encoder
+    for official, _, weight, paths in sites(model):
+        for path, rows in paths:
+            out[kohya_name(official, path)] = (weight, rows)
+            if official.startswith("unet."):
+                diffusers = keys.unet_name_to_diffusers(path + ".weight", model.config.unet.num_res_blocks)[:-7]
+                out[f"lora_unet_{diffusers}".replace(".", "_")] = out[f"unet.{diffusers}"] = (weight, rows)
+            else:
+                out[f"{'text_encoder' if official.startswith('text_encoder_1') else te2}.{path}"] = (weight, rows)
     return out
 
 
@@ -118,3 +153,103 @@ def merge_lora(model, path, scale=1.0, apply=True):
             view = param[rows] if rows is not None else param
             view.copy_((view.float() + delta.to(param.device)).to(param.dtype))
     return len(groups)
+
+
+# ----------------------------------------------------------------------------- training: adapters and export
+
+
+class LoRA(torch.nn.Module):
+    """(alpha / rank) * up(down(x)) beside a frozen Linear or Conv2d (Hu et al. 2021; LoCon for convolutions:
+    down has the conv's kernel, up is 1x1). down starts as kohya's (Kaiming-uniform, a = sqrt(5)), up at zero,
+    so a new adapter changes nothing."""
+
+    def __init__(self, out_features, in_features, rank, alpha, conv=None, generator=None):
+        super().__init__()
+        if conv is None:
+            self.down, self.up = torch.nn.Linear(in_features, rank, bias=False), torch.nn.Linear(rank, out_features, bias=False)
+        else:
+            self.down = torch.nn.Conv2d(in_features, rank, conv.kernel_size, conv.stride, conv.padding, bias=False)
+            self.up = torch.nn.Conv2d(rank, out_features, 1, bias=False)
+        torch.nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
+        torch.nn.init.zeros_(self.up.weight)
+        self.rank, self.alpha = rank, alpha
+
+    def forward(self, x):
+        return self.up(self.down(x)) * (self.alpha / self.rank)
+
+
+def adapter_hook(adapters):
+    """A forward hook adding the adapters' outputs to the module's (several side by side: bigG's q, k, v)."""
+    def hook(module, inputs, output):
+        x = inputs[0]
+        if not torch.is_autocast_enabled(x.device.type):  # e.g. a bf16 base's validation images: the adapters' dtype
+            x = x.to(adapters[0].up.weight.dtype)
+        delta = adapters[0](x) if len(adapters) == 1 else torch.cat([a(x) for a in adapters], dim=-1)
+        return output + delta.to(output.dtype)
+    return hook
+
+
+def add_adapters(model, patterns, rank, alpha, conv_rank=0, allowed=None, seed=0):
+    """LoRA adapters on every module whose official name matches a pattern (and whose weight is in `allowed`,
+    the parameter names train= picks, if given), as forward hooks: the module tree and its names stay the
+    checkpoint's. 1x1 and linear get `rank`, larger kernels `conv_rank` (kohya's conv_dim), with alpha scaled
+    so that alpha / rank is the same. Returns a ModuleDict keyed by kohya name. ValueError (one sentence)
+    for a pattern that matches no module, a 3x3 conv without conv_rank, or nothing chosen at all."""
+    chosen, used = [], set()
+    for official, module, weight, paths in sites(model):
+        hits = [p for p in patterns if matches(official, p)]
+        used.update(hits)
+        if hits and (allowed is None or f"{official}.weight" in allowed
+                     or isinstance(module, Projection) and f"{official}_weight" in allowed):
+            chosen.append((official, module, weight, paths))
+    missing = [p for p in patterns if p not in used and getattr(model, p.split(".")[0], True) is not None]
+    if missing:  # (a default pattern for an encoder this model lacks, a refiner's CLIP-L, is not a mistake)
+        raise ValueError(f"lora_targets pattern {missing[0]!r} matches no module of the model; patterns are fnmatch "
+                         "over official module names, e.g. 'unet.*.attn2.to_k' or 'text_encoder_1.*.mlp.fc1'")
+    if not chosen:
+        raise ValueError("lora_targets and train= have no module in common, so nothing would train; e.g. "
+                         "train=['unet'] with the default lora_targets")
+    generator = torch.Generator().manual_seed(seed)  # the same adapters on every process and every resume
+    adapters = torch.nn.ModuleDict()
+    for official, module, weight, paths in chosen:
+        kernel = weight.shape[2:].numel() if weight.ndim == 4 else 1
+        r = rank if kernel == 1 else conv_rank
+        if r == 0:
+            raise ValueError(f"lora_targets picks {official}, a {'x'.join(map(str, weight.shape[2:]))} convolution: "
+                             "set lora_conv_rank (kohya's conv_dim), or leave it out of lora_targets")
+        group = []
+        for path, rows in paths:
+            out_features = weight.shape[0] if rows is None else rows.stop - rows.start
+            conv = module if isinstance(module, torch.nn.Conv2d) else None
+            adapter = LoRA(out_features, weight.shape[1], r, alpha * r / rank, conv, generator).to(weight.device)
+            adapters[kohya_name(official, path)] = adapter
+            group.append(adapter)
+        module.register_forward_hook(adapter_hook(group))
+    return adapters
+
+
+def save_lora(adapters, dst, dtype, metadata):
+    """kohya's file: <name>.lora_down.weight (r, in[, k, k]), .lora_up.weight (out, r[, 1, 1]), a 0-dim .alpha,
+    and ss_* metadata (string values). Written to a temporary name, then renamed; NaN weights are refused."""
+    tensors = {}
+    for name, a in adapters.items():
+        tensors[f"{name}.lora_down.weight"] = a.down.weight.detach().to("cpu", dtype).contiguous()
+        tensors[f"{name}.lora_up.weight"] = a.up.weight.detach().to("cpu", dtype).contiguous()
+        tensors[f"{name}.alpha"] = torch.tensor(float(a.alpha), dtype=dtype)
+    bad = next((n for n, t in tensors.items() if not t.isfinite().all()), None)
+    if bad:
+        raise LoadError(f"tensor {bad} holds NaN or inf (a diverged run, or values beyond {dtype}), so {dst} was "
+                        "not written; export another checkpoint, or as bf16/fp32")
+    with atomic_file(dst, overwrite=True) as tmp:
+        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
+
+
+def kohya_metadata(adapters, base_version, output_name, **extra):
+    """The ss_* fields kohya writes and AUTOMATIC1111 reads (it files a LoRA under SDXL when
+    ss_base_model_version starts with "sdxl_")."""
+    linear = next(a for a in adapters.values() if isinstance(a.down, torch.nn.Linear))
+    conv = next((a for a in adapters.values() if a.down.weight.ndim == 4 and a.down.weight.shape[2] > 1), None)
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": linear.rank, "ss_network_alpha": linear.alpha,
+            "ss_base_model_version": base_version, "ss_output_name": output_name, "ss_v2": False,
+            "ss_network_args": json.dumps({"conv_dim": str(conv.rank), "conv_alpha": str(conv.alpha)} if conv else {})}
+    return meta | {f"ss_{k}": v for k, v in extra.items()}

@@ -144,6 +144,15 @@ class CLIPTextEncoder(nn.Module):
 # ----------------------------------------------------------------------------- OpenCLIP ViT-bigG/14
 
 
+class Projection(nn.Module):
+    """F.linear with the weight passed in, as a module of its own: bigG's fused in_proj keeps
+    nn.MultiheadAttention's parameter names (attn.in_proj_weight) and still has a module name,
+    attn.in_proj, for hooks and LoRA adapters to attach to. It holds no parameters."""
+
+    def forward(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+
 class OpenCLIPAttention(nn.Module):
     """Causal self-attention with nn.MultiheadAttention's parameters: one fused in_proj, rows [q; k; v]."""
 
@@ -152,11 +161,12 @@ class OpenCLIPAttention(nn.Module):
         self.heads = cfg.heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.width, cfg.width))  # (3W, W)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * cfg.width))
+        self.in_proj = Projection()
         self.out_proj = nn.Linear(cfg.width, cfg.width)
         nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's init
 
     def forward(self, x):
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, W)
+        q, k, v = self.in_proj(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, W)
         return self.out_proj(attention(q, k, v, self.heads, causal=True))
 
 

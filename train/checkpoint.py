@@ -21,7 +21,7 @@ from safetensors.torch import safe_open, save_file
 from models.files import atomic_file
 from train.config import save_config
 
-RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "tensorboard", "validation")
+RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "lora.safetensors", "tensorboard", "validation")
 
 
 def _rng_state(device):
@@ -120,7 +120,7 @@ def load_checkpoint(path, model, named, optimizer, schedule, scaler, rank):
         meta = json.loads(f.metadata()["plainxl.train_state"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     if meta["names"] != [name for name, _ in named]:
-        raise ValueError(f"checkpoint {path} trains other parameters than this config's train=; "
+        raise ValueError(f"checkpoint {path} trains other parameters than this config's train= and lora_* fields; "
                          "resume with the config it was made with")
     with torch.no_grad():
         for name, p in named:

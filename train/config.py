@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from models.files import atomic_file
+from models.lora import KOHYA_TARGETS
 
 
 @dataclass
@@ -47,7 +48,17 @@ class TrainConfig:
             t < 200); None: all of them.
         aesthetic_score: a refiner's fifth conditioning number for every captioned sample; a caption-dropped
             sample gets negative_aesthetic_score and the empty prompt, the refiner pipeline's negative.
-        export_dtype: dtype of output_dir/model.safetensors.
+        export_dtype: dtype of output_dir/model.safetensors (and lora.safetensors).
+        lora_rank: 0 trains the chosen weights themselves; more adds LoRA adapters of this rank to them instead
+            (the base stays frozen) and exports output_dir/lora.safetensors in kohya's format.
+        lora_alpha: the adapters' alpha (output scale alpha / rank); None: the rank.
+        lora_targets: fnmatch patterns over official module names that get adapters, among what train= names;
+            the default is kohya's SDXL set (models.lora.KOHYA_TARGETS).
+        lora_conv_rank: 0: no convolution adapters; more: ResBlocks', down- and upsamplers' convolutions get
+            them too (LoCon, kohya's conv_dim), at this rank for 3x3 kernels.
+        base_dtype: a LoRA run's frozen UNet and text encoders in fp32, bf16 or fp16 (the adapters stay float32;
+            the VAE stays float32, as SDXL's overflows in fp16); needs mixed_precision bf16 or fp16.
+        merge_lora: a LoRA run also writes the base with the adapters merged in as output_dir/model.safetensors.
         class_sampler, class_steps, class_cfg: settings for generating class images.
         task: "dreambooth" (the diffusion loss) or "vae" (reconstruction + kl_weight * KL, VAE only).
     """
@@ -98,11 +109,17 @@ class TrainConfig:
     device: str | None = None  # None: cuda if available, else cpu
     task: str = "dreambooth"  # "vae": train the VAE alone on the instance images (pretraining a tiny model)
     kl_weight: float = 1e-6  # task="vae": weight of the KL term
+    lora_rank: int = 0
+    lora_alpha: float | None = None  # None: lora_rank
+    lora_targets: list = field(default_factory=lambda: list(KOHYA_TARGETS))
+    lora_conv_rank: int = 0
+    base_dtype: str = "fp32"
+    merge_lora: bool = False
 
     def __post_init__(self):
         choices = {"lr_schedule": ("constant", "linear", "cosine"), "mixed_precision": ("no", "fp16", "bf16"),
                    "task": ("dreambooth", "vae"),
-                   "export_dtype": ("fp16", "bf16", "fp32")}
+                   "export_dtype": ("fp16", "bf16", "fp32"), "base_dtype": ("fp32", "bf16", "fp16")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
@@ -138,6 +155,25 @@ class TrainConfig:
                               " between steps) and the dreambooth task")
         if not self.train:
             raise ConfigError("train is empty; name what trains, e.g. train=['unet']")
+        self.check_lora()
+
+    def check_lora(self):
+        for name in ("lora_rank", "lora_conv_rank"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (off) or a positive rank (got {getattr(self, name)})")
+        if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ConfigError(f"lora_alpha must be a number more than 0, or None for the rank (got {self.lora_alpha})")
+        lora_only = [name for name, off in [("lora_conv_rank", 0), ("base_dtype", "fp32"), ("merge_lora", False)]
+                     if getattr(self, name) != off]
+        if self.lora_rank == 0 and lora_only:
+            raise ConfigError(f"{lora_only[0]} applies to LoRA runs; set lora_rank (e.g. 32), or leave {lora_only[0]} out")
+        if self.lora_rank and self.task == "vae":
+            raise ConfigError("the vae task trains the VAE itself; LoRA (lora_rank) is for the dreambooth task")
+        if self.base_dtype != "fp32" and self.mixed_precision == "no":
+            raise ConfigError(f"base_dtype={self.base_dtype} needs mixed_precision=bf16 or fp16 (autocast runs the "
+                              "float32 adapters beside the low-precision weights)")
+        if self.lora_rank and not self.lora_targets:
+            raise ConfigError("lora_targets is empty; name the modules that get adapters, or leave it out for kohya's set")
 
 
 class ConfigError(ValueError):

@@ -20,7 +20,6 @@ if __name__ == "__main__":  # Ctrl-C during the seconds of imports below: one li
     signal.signal(signal.SIGINT, lambda *_: (print("error: interrupted before training started; nothing was written", file=sys.stderr),
                                              os._exit(130)))
 
-import fnmatch
 import json
 import math
 import time
@@ -37,7 +36,10 @@ from tqdm import tqdm
 from data.class_images import generate_class_images, missing_class_images
 from data.dreambooth import DataError, ImageFolder, check_folder, dataset_index, sample_generator
 from models.conditioning import encode_text, vector_condition
+from models.files import DTYPES
 from models.loading import LoadError, check_device, inspect, load, out_of_memory, save_single_file
+from models.lora import CONV_TARGETS, add_adapters, kohya_metadata, matches, merge_lora, save_lora
+from models.sdxl import SDXL
 from models.tokenizer import load_tokenizers, tokenize
 from sampling.pipeline import NonFiniteError
 from sampling.schedule import alphas_cumprod, make_schedule
@@ -61,14 +63,25 @@ def trainable_parameters(model, patterns, task="dreambooth"):
         last = len(te1.text_model.encoder.layers) - 1
         unused = {n for n, _ in model.named_parameters()
                   if n.startswith((f"text_encoder_1.text_model.encoder.layers.{last}.", "text_encoder_1.text_model.final"))}
-    match = lambda name, p: fnmatch.fnmatch(name, p) if any(c in p for c in "*?[") else name.startswith(p + ".")
     chosen = [(n, p) for n, p in model.named_parameters()
-              if any(match(n, pat) for pat in patterns) and n.startswith("vae.") == (task == "vae")
+              if any(matches(n, pat) for pat in patterns) and n.startswith("vae.") == (task == "vae")
               and n not in unused]
     if not chosen:
         where = "vae." if task == "vae" else "unet., text_encoder_1., text_encoder_2. (e.g. ['unet'] or ['unet.*attn2*'])"
         raise ConfigError(f"train={patterns} matches no parameter of the {task} task; use names under {where}")
     return chosen
+
+
+def lora_adapters(model, config):
+    """A LoRA run's adapters on `model` (hooked in, see models.lora): lora_targets, and with lora_conv_rank
+    the ResBlock and sampler convolutions (kohya's conv_dim), among what train= names."""
+    allowed = {name for name, _ in trainable_parameters(model, config.train, config.task)}
+    patterns = list(config.lora_targets) + (list(CONV_TARGETS) if config.lora_conv_rank else [])
+    try:
+        return add_adapters(model, patterns, config.lora_rank, config.lora_alpha or config.lora_rank,
+                            config.lora_conv_rank, allowed, seed=config.seed)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def lr_factor(config, step):
@@ -80,11 +93,14 @@ def lr_factor(config, step):
 
 
 class TrainStep(nn.Module):
-    """The differentiable part of a step, wrapped in DDP: text encoders + UNet -> per-sample loss."""
+    """The differentiable part of a step, wrapped in DDP: text encoders + UNet -> per-sample loss. A LoRA
+    run's adapters are registered here too, so that DDP all-reduces their gradients; their hooks sit
+    inside the modules they change."""
 
-    def __init__(self, model):
+    def __init__(self, model, adapters=None):
         super().__init__()
         self.unet, self.text_encoder_1, self.text_encoder_2 = model.unet, model.text_encoder_1, model.text_encoder_2
+        self.lora = adapters
         self.micro_cond_dim = model.config.unet.micro_cond_dim
 
     def forward(self, tokens_1, tokens_2, numbers, noisy, t, target, weight, text_kept):
@@ -250,6 +266,11 @@ def preflight(config):
             make_schedule(config.class_sampler, config.class_steps, config=info.scheduler_config)
         except ValueError as e:
             raise ConfigError(f"class_sampler={config.class_sampler!r}, class_steps={config.class_steps}: {e}") from None
+    with torch.device("meta"):  # weightless: train= and lora_targets are checked before anything loads
+        meta = SDXL(info.config)
+    trainable_parameters(meta, config.train, config.task)
+    if config.lora_rank:
+        lora_adapters(meta, config)
     previous = [name for name in RUN_FILES if (out / name).exists()]
     try:
         checkpoint, note = find_checkpoint(config.resume, out / "checkpoints")
@@ -329,7 +350,11 @@ def train(config, device, resume_from, note):
 
     try:
         # ------------------------------------------------------------ frozen parts, data
-        model = load(config.model, dtype="fp32", device=device)
+        model = load(config.model, dtype="fp32")
+        if config.base_dtype != "fp32":  # a LoRA run's frozen base, cast on the CPU (the VAE stays float32)
+            for part in (model.unet, model.text_encoder_1, model.text_encoder_2):
+                part.to(DTYPES[config.base_dtype]) if part is not None else None
+        model.to(device)
         data = {"instance": ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")}
         if config.prior_loss_weight > 0 and config.task == "dreambooth":
             todo = missing_class_images(config.class_data_dir, config.num_class_images)  # same list on every rank
@@ -348,15 +373,15 @@ def train(config, device, resume_from, note):
         data = {name: encode_images(model, images, config, device) for name, images in data.items()}
 
     # ---------------------------------------------------------------- trainable parts in DDP
-    try:
+    adapters = lora_adapters(model, config) if config.lora_rank else None  # float32, beside the frozen weights
+    if adapters is not None:
+        named = [(f"lora.{name}", p) for name, p in adapters.named_parameters()]
+    else:
         named = trainable_parameters(model, config.train, config.task)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for _, p in named:
-        p.requires_grad_(True)
+        for _, p in named:
+            p.requires_grad_(True)
     model.unet.gradient_checkpointing = config.gradient_checkpointing
-    step_module = (VAEStep(model.vae, config.kl_weight) if config.task == "vae" else TrainStep(model)).train()
+    step_module = (VAEStep(model.vae, config.kl_weight) if config.task == "vae" else TrainStep(model, adapters)).train()
     # Every parameter that requires grad is used in forward (trainable_parameters sees to it),
     # so DDP needs no find_unused_parameters and all-reduces exactly the trainable gradients.
     # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets instead of beside them (saves
@@ -478,8 +503,11 @@ def train(config, device, resume_from, note):
         try:
             if config.task == "vae":
                 set_scaling_factor(model, data["instance"], config, device)
-            save_single_file(model, out / "model.safetensors", dtype=config.export_dtype, overwrite=True)
-            print(f"wrote {out / 'model.safetensors'}")
+            if adapters is None:
+                save_single_file(model, out / "model.safetensors", dtype=config.export_dtype, overwrite=True)
+                print(f"wrote {out / 'model.safetensors'}")
+            else:
+                export_lora(model, adapters, config, out)
         except (LoadError, OSError) as e:  # NaN weights, a full disk: the checkpoints stay, the export is not made
             print(f"error: {e} (the checkpoints in {out / 'checkpoints'} are kept)", file=sys.stderr)
             code = 2
@@ -495,6 +523,21 @@ def train(config, device, resume_from, note):
         dist.barrier()  # rank 0 reaches it whatever the export did: nobody waits forever
         dist.destroy_process_group()
     return code
+
+
+def export_lora(model, adapters, config, out):
+    """output_dir/lora.safetensors in kohya's format; with merge_lora, also the base (read again from its file,
+    in float32) with that very file merged in by models.lora, as --lora does at generation."""
+    base_version = "sdxl_base_v1-0" if model.text_encoder_1 is not None else "sdxl_refiner_v1-0"
+    metadata = kohya_metadata(adapters, base_version, Path(config.output_dir).name, steps=config.max_steps,
+                              learning_rate=config.lr, resolution=config.resolution, seed=config.seed)
+    save_lora(adapters, out / "lora.safetensors", DTYPES[config.export_dtype], metadata)
+    print(f"wrote {out / 'lora.safetensors'}")
+    if config.merge_lora:
+        merged = load(config.model, dtype="fp32")
+        merge_lora(merged, out / "lora.safetensors")
+        save_single_file(merged, out / "model.safetensors", dtype=config.export_dtype, overwrite=True)
+        print(f"wrote {out / 'model.safetensors'} (the base with the LoRA merged in)")
 
 
 @torch.no_grad()
