@@ -1,4 +1,5 @@
-"""LoRA files merged into a loaded SDXL's weights: W += scale * (alpha / rank) * up @ down.
+"""LoRA (Hu et al. 2021): files merged into a loaded SDXL's weights, W += scale * (alpha / rank) * up @ down,
+and the adapters that train.dreambooth trains and exports in kohya's format.
 
 Formats read: kohya's (`lora_unet_<official module path, dots as underscores>`, or the dialect over
 diffusers paths that diffusers' exporter writes, `lora_unet_down_blocks_...`; text encoders as
@@ -6,8 +7,9 @@ diffusers paths that diffusers' exporter writes, `lora_unet_down_blocks_...`; te
 `.lora_up.weight` (out, r[, 1, 1]), a 0-dim `.alpha`, alpha = rank when absent), diffusers/PEFT
 (`unet.` / `text_encoder.` / `text_encoder_2.` + diffusers paths, `.lora_A.weight` / `.lora_B.weight`,
 or the older `.lora.down.weight` / `.lora.up.weight`), and LoCon convolutions in either. Names are built
-forward from the model's own modules (an underscored name cannot be parsed back): `targets(model)` maps
-every name any dialect uses to the parameter (and, for bigG's fused q/k/v, the rows) it changes.
+forward from the model's own modules (an underscored name cannot be parsed back): `sites(model)` lists
+every weight a LoRA can change with the names files give it, and `targets(model)` maps every dialect's
+name to it. Training adds `LoRA` modules as forward hooks, so the model keeps the checkpoint's names.
 """
 
 import fnmatch
@@ -181,9 +183,9 @@ class LoRA(torch.nn.Module):
 def adapter_hook(adapters):
     """A forward hook adding the adapters' outputs to the module's (several side by side: bigG's q, k, v)."""
     def hook(module, inputs, output):
-        x = inputs[0]
-        if not torch.is_autocast_enabled(x.device.type):  # e.g. a bf16 base's validation images: the adapters' dtype
-            x = x.to(adapters[0].up.weight.dtype)
+        x, dtype = inputs[0], adapters[0].up.weight.dtype
+        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):  # a bf16 base's validation images
+            x = x.to(dtype)
         delta = adapters[0](x) if len(adapters) == 1 else torch.cat([a(x) for a in adapters], dim=-1)
         return output + delta.to(output.dtype)
     return hook

@@ -16,7 +16,9 @@ class prompt is "1girl". The attribute classifier (data.classifier) then reads g
     python -m train.demo [--out runs/demo] [--model plainxl-tiny] [--count 64] [--field=value ...]
 
 Extra --field=value arguments go to both training runs (configs/tiny_dreambooth.py holds the rest).
-Writes OUT/results.json and OUT/grid.png (rows: before training, prior preservation on, off).
+Writes OUT/results.json and OUT/grid.png (rows: before training, then full fine-tuning and LoRA, each with
+prior preservation on and off). Each trained row also gives the size of what it exports and its training
+time (the sum of its steps' times: no loading, class images or export).
 """
 
 import argparse
@@ -38,7 +40,14 @@ SUBJECT = Character(hair_colour="black", hair_length="long hair", eye_colour="re
 IDENTITY = ("hair_colour", "hair_length", "left_eye", "right_eye", "accessory")  # classifier heads that make her
 INSTANCE_IMAGES = 5
 GENERATION = dict(width=64, height=64, steps=20, cfg=5.0, sampler="euler_a")  # as the class images are made
-RUNS = {"before training": None, "prior preservation": 1.0, "no prior preservation": 0.0}  # prior_loss_weight
+LORA = {"lora_rank": 8, "lr": 2e-3}  # adapters on kohya's UNet set; LoRA wants a larger lr than full fine-tuning
+RUNS = {  # name: (output folder, overrides of configs/tiny_dreambooth.py); None: the model as it is
+    "before training": None,
+    "prior preservation": ("prior", {"prior_loss_weight": 1.0}),
+    "no prior preservation": ("no_prior", {"prior_loss_weight": 0.0}),
+    "LoRA, prior preservation": ("lora_prior", {"prior_loss_weight": 1.0, **LORA}),
+    "LoRA, no prior preservation": ("lora_no_prior", {"prior_loss_weight": 0.0, **LORA}),
+}
 
 
 def write_instance_images(folder, count=INSTANCE_IMAGES, seed=0):
@@ -98,10 +107,11 @@ def grid(rows, per_kind=4, scale=2):
 
 
 def table(results):
-    """A markdown table: one row per model, one column per number."""
-    names = list(next(iter(results.values())))
+    """A markdown table: one row per model, one column per number (file size and training time: trained rows)."""
+    names = list(dict.fromkeys(n for v in results.values() for n in v))
+    cell = lambda v, n: "–" if n not in v else f"{v[n]:.3f}" if n not in ("file MB", "training s") else f"{v[n]:g}"
     lines = ["| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    lines += [f"| {run} | " + " | ".join(f"{v[n]:.3f}" for n in names) + " |" for run, v in results.items()]
+    lines += [f"| {run} | " + " | ".join(cell(v, n) for n in names) + " |" for run, v in results.items()]
     return "\n".join(lines)
 
 
@@ -112,23 +122,29 @@ def main(argv=None):
     parser.add_argument("--count", type=int, default=64, help="generations per measurement")
     args, overrides = parser.parse_known_args(argv)
     out = Path(args.out)
-    for name in ("instance", "class", "prior", "no_prior"):  # a fresh run: nothing from another model or setting
+    for name in ["instance", "class"] + [run[0] for run in RUNS.values() if run]:  # nothing from another model or setting
         shutil.rmtree(out / name, ignore_errors=True)
     write_instance_images(out / "instance")
     reader = classifier.load()
 
     results, images = {}, []
-    for run, weight in RUNS.items():
-        model = args.model
-        if weight is not None:
-            run_dir = out / ("prior" if weight else "no_prior")
+    for run, spec in RUNS.items():
+        pipe, trained = Pipeline.load(args.model), {}
+        if spec is not None:
+            folder, fields = spec
+            run_dir = out / folder
             code = dreambooth.main(["--config", str(CONFIG), f"--model={args.model}", f"--instance_data_dir={out / 'instance'}",
                                     f"--class_data_dir={out / 'class'}", f"--output_dir={run_dir}", *overrides,
-                                    f"--prior_loss_weight={weight}"])
+                                    *[f"--{k}={v}" for k, v in fields.items()]])
             if code:
                 return code
-            model = run_dir / "model.safetensors"
-        results[run], generated = measure(Pipeline.load(model), reader, args.count)
+            lora = run_dir / "lora.safetensors"
+            pipe = Pipeline.load(args.model, loras=[(lora, 1.0)]) if lora.exists() else Pipeline.load(run_dir / "model.safetensors")
+            exported = lora if lora.exists() else run_dir / "model.safetensors"
+            seconds = sum(json.loads(line)["seconds"] for line in (run_dir / "log.jsonl").read_text().splitlines())
+            trained = {"file MB": round(exported.stat().st_size / 1e6, 2), "training s": round(seconds, 1)}
+        results[run], generated = measure(pipe, reader, args.count)
+        results[run] |= trained
         images.append(generated)
         print(f"{run}: {results[run]}", flush=True)
 

@@ -485,8 +485,8 @@ def train(config, device, resume_from, note):
                 writer.add_scalar(name, value, step)
             with open(out / "log.jsonl", "a") as log:  # the same numbers, machine-readable (tests read them)
                 log.write(json.dumps({"step": step, "loss": total_loss, "instance": inst_loss, "prior": prior_loss,
-                                      "lr": schedule.get_last_lr()[0],
-                                      "grad_norm": finite_or_none(float(grad_norm))}) + "\n")
+                                      "lr": schedule.get_last_lr()[0], "grad_norm": finite_or_none(float(grad_norm)),
+                                      "seconds": round(seconds, 4)}) + "\n")
             bar.set_postfix(loss=f"{total_loss:.4f}")
             bar.update(1)
         if config.validation_prompt and step % config.validation_every == 0 and main_process:

@@ -68,61 +68,96 @@ def measure(diffusers, checkpointing, args):
     return float(seconds), int(peak) / 2**20
 
 
+def saved_bytes(unet, dtype, pairs=1, resolution=1024):
+    """What autograd keeps for backward in one forward of a UNet on the meta device (dtype inputs), counted
+    with saved_tensors_hooks -> (whole forward, of which attention probabilities, with gradient checkpointing).
+    Weights saved for backward are not counted (they are there anyway); nor are the attention probabilities
+    that PyTorch's math attention (all the meta device runs) keeps, since flash and memory-efficient
+    attention on a GPU do not: they are reported apart. Checkpointed = the blocks' inputs and outputs + the
+    largest block's own activations (recomputed one block at a time in backward): an upper bound."""
+    import torch
+
+    cfg = unet.config if hasattr(unet, "config") else None
+    n, r = 2 * pairs, resolution // 8
+    with torch.device("meta"):
+        x, t = torch.randn(n, 4, r, r, dtype=dtype), torch.zeros(n)
+        context = torch.randn(n, 77, cfg.context_dim, dtype=dtype)
+        y = torch.randn(n, cfg.adm_in_channels, dtype=dtype)
+        emb = torch.randn(n, 4 * cfg.model_channels, dtype=dtype)
+    weights = {id(p) for p in unet.parameters()}
+    tokens = {(r // 2**i) ** 2 for i in range(len(cfg.channel_mult))}  # H*W of each level
+    saved = {"bytes": 0, "attention": 0}
+
+    def pack(tensor):
+        if id(tensor) in weights or (tensor._base is not None and id(tensor._base) in weights):
+            return tensor
+        size = tensor.numel() * tensor.element_size()
+        if tensor.ndim == 4 and tensor.shape[-2] in tokens and tensor.shape[-1] in tokens | {77}:
+            saved["attention"] += size  # (B, heads, N, M) probabilities
+        else:
+            saved["bytes"] += size
+        return tensor
+
+    def count(fn, *args):
+        saved["bytes"] = saved["attention"] = 0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn(*args)
+        return out, saved["bytes"]
+
+    _, whole = count(unet, x, t, context, y)
+    attention = saved["attention"]
+    boundaries, largest, h, skips = 0, 0, x, []
+    for block in unet.input_blocks:
+        h, size = count(block, h, emb, context)
+        largest, boundaries = max(largest, size), boundaries + h.numel() * h.element_size()
+        skips.append(h)
+    h, size = count(unet.middle_block, h, emb, context)
+    largest, boundaries = max(largest, size), boundaries + h.numel() * h.element_size()
+    for block in unet.output_blocks:
+        h = torch.cat([h, skips.pop()], dim=1)
+        h, size = count(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
+        largest, boundaries = max(largest, size), boundaries + h.numel() * h.element_size()
+    return whole, attention, boundaries + largest
+
+
 def full_size_memory(pairs=1, resolution=1024):
-    """Bytes of a full-size SDXL UNet fine-tune, from tensors built on the meta device: weights, grads,
-    AdamW moments, and the activations autograd saves (counted with saved_tensors_hooks), without
-    and with gradient checkpointing (block boundaries + the largest block's own activations)."""
+    """Full-size SDXL UNet fine-tune: parameter count, and saved_bytes() in float32 and bfloat16."""
     import torch
 
     from models.unet import SDXL_BASE, UNet
 
     with torch.device("meta"):
         unet = UNet(SDXL_BASE)
-    params = sum(p.numel() for p in unet.parameters())
-    n, r = 2 * pairs, resolution // 8
-    with torch.device("meta"):
-        x, t = torch.randn(n, 4, r, r), torch.zeros(n)
-        context, y = torch.randn(n, 77, 2048), torch.randn(n, SDXL_BASE.adm_in_channels)
-    saved = {"bytes": 0, "attention": 0}
-    tokens = {(r // 2**i) ** 2 for i in range(len(SDXL_BASE.channel_mult))}  # H*W of each level
-
-    def pack(tensor):
-        size = tensor.numel() * tensor.element_size()
-        saved["bytes"] += size
-        # The meta device runs PyTorch's math attention, which saves the (B, heads, N, M) probabilities;
-        # flash / memory-efficient attention on a GPU does not store them. Count them apart.
-        if tensor.ndim == 4 and tensor.shape[-2] in tokens and tensor.shape[-1] in tokens | {77}:
-            saved["attention"] += size
-        return tensor
-
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
-        unet.to(dtype)
-        saved["bytes"] = saved["attention"] = 0
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            unet(x.to(dtype), t, context.to(dtype), y.to(dtype))
-        whole, attention = saved["bytes"], saved["attention"]
-        # Checkpointed: only each block's inputs stay; one block is recomputed at a time in backward.
-        boundaries, largest = 0, 0
-        emb = torch.randn(n, 4 * SDXL_BASE.model_channels, device="meta", dtype=dtype)
-        h, skips = x.to(dtype), []
-        for block in unet.input_blocks:
-            saved["bytes"] = 0
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                h = block(h, emb, context.to(dtype))
-            largest, boundaries = max(largest, saved["bytes"]), boundaries + h.numel() * h.element_size()
-            skips.append(h)
-        blocks = [(unet.middle_block, None)] + [(b, None) for b in unet.output_blocks]
-        for i, (block, _) in enumerate(blocks):
-            if i > 0:
-                h = torch.cat([h, skips.pop()], dim=1)
-            saved["bytes"] = 0
-            size = skips[-1].shape[-2:] if i > 0 and skips else None
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                h = block(h, emb, context.to(dtype), size) if i > 0 else block(h, emb, context.to(dtype))
-            largest, boundaries = max(largest, saved["bytes"]), boundaries + h.numel() * h.element_size()
-        results[dtype] = (whole, attention, boundaries + largest)
-    return params, results
+        results[dtype] = saved_bytes(unet.to(dtype), dtype, pairs, resolution)
+    return sum(p.numel() for p in unet.parameters()), results
+
+
+def lora_memory(rank=32, pairs=1, resolution=1024):
+    """Full-size SDXL LoRA DreamBooth (kohya's default UNet set at `rank`, bf16 base, gradient checkpointing):
+    bytes of each part. The meta device has no autocast, so the adapters are cast to bf16 for the activation
+    count, as autocast runs them; their parameters, gradients and AdamW moments are counted in float32."""
+    import torch
+
+    from models.lora import KOHYA_TARGETS, add_adapters
+    from models.sdxl import BASE, SDXL
+
+    with torch.device("meta"):
+        model = SDXL(BASE).requires_grad_(False)
+        allowed = {n for n, _ in model.named_parameters() if n.startswith("unet.")}
+        adapters = add_adapters(model, KOHYA_TARGETS, rank, rank, allowed=allowed)
+    adapters.to(torch.bfloat16)
+    count = lambda module: sum(p.numel() for p in module.parameters())
+    n_lora = count(adapters)
+    whole, attention, checkpointed = saved_bytes(model.unet.to(torch.bfloat16), torch.bfloat16, pairs, resolution)
+    return {"UNet weights, bf16": count(model.unet) * 2,
+            "text encoders, bf16": (count(model.text_encoder_1) + count(model.text_encoder_2)) * 2,
+            "VAE, float32": count(model.vae) * 4,
+            f"adapters ({n_lora / 1e6:.1f} M parameters) + gradients + AdamW moments, float32": n_lora * 16,
+            "activations saved for backward, with gradient checkpointing": checkpointed,
+            "(without gradient checkpointing)": whole,
+            "(attention probabilities, math attention only)": attention}
 
 
 def main():
@@ -143,10 +178,16 @@ def main():
     print(f"  weights fp32 {params * 4 / GiB:.1f} GiB + grads {params * 4 / GiB:.1f} + AdamW moments "
           f"{params * 8 / GiB:.1f} = {params * 16 / GiB:.1f} GiB (+ frozen text encoders and VAE in fp16: 1.8 GiB)")
     for dtype, (whole, attention, checkpointed) in results.items():
-        print(f"  activations saved for backward, {str(dtype)[6:]}: {whole / GiB:.1f} GiB, of which attention "
-              f"probabilities {attention / GiB:.1f} GiB (not stored by flash attention); "
-              f"with gradient checkpointing {checkpointed / GiB:.1f} GiB (upper bound, same caveat)")
-
+        print(f"  activations saved for backward, {str(dtype)[6:]}: {whole / GiB:.1f} GiB (+ attention probabilities "
+              f"{attention / GiB:.1f} GiB, not stored by flash attention); with gradient checkpointing "
+              f"{checkpointed / GiB:.1f} GiB (upper bound)")
+    parts = lora_memory()
+    print("full-size SDXL LoRA DreamBooth (rank 32, kohya's UNet set, bf16 base, gradient checkpointing, "
+          "1 instance + 1 class latent at 1024x1024, meta device):")
+    for name, size in parts.items():
+        print(f"  {name}: {size / GiB:.2f} GiB")
+    total = sum(size for name, size in parts.items() if not name.startswith("("))
+    print(f"  total {total / GiB:.1f} GiB")
 
 if __name__ == "__main__":
     main()
