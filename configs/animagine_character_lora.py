@@ -1,6 +1,7 @@
 # LoRA DreamBooth of one anime character on animagine-xl-4.0: the same loop and data as
 # animagine_character.py, with rank-32 adapters on kohya's default UNet set over a bf16 base. The
-# full-size step is budgeted at about 12 GiB (tests/benchmarks/bench_train_step.py): a 16 GB GPU will do.
+# full-size step is estimated at 11.6 GiB on the meta device (tests/benchmarks/bench_train_step.py; not
+# yet measured on a GPU): a 16 GB GPU should do.
 #   python -m train.dreambooth --config configs/animagine_character_lora.py --instance_data_dir=my_character
 #   python -m sampling.generate --model cagliostrolab/animagine-xl-4.0 --lora runs/my_character_lora/lora.safetensors \
 #       --prompt "1girl, sks, solo, smile, beach" --dtype fp16 --device cuda

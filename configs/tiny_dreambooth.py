@@ -1,6 +1,6 @@
 # DreamBooth on the bundled tiny model: a character it has never seen (heterochromia and a star hairpin,
-# five images written by train.demo), identifier "sks", class "1girl". train.demo runs it twice, with
-# prior preservation on (as here) and off (--prior_loss_weight=0), and measures both.
+# five images written by train.demo), identifier "sks", class "1girl". train.demo runs it four times, with
+# prior preservation on (as here) and off (--prior_loss_weight=0), each as full fine-tuning and as LoRA, and measures them.
 #   python -m train.demo
 config = dict(
     model="plainxl-tiny",

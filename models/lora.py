@@ -47,7 +47,7 @@ PREFIXES = {"unet": "lora_unet_", "text_encoder_1": "lora_te1_", "text_encoder_2
 
 def matches(name, pattern):
     """fnmatch for a pattern with wildcards; otherwise the name itself or anything under it ("unet")."""
-    return fnmatch.fnmatch(name, pattern) if any(c in pattern for c in "*?[") else name == pattern or name.startswith(pattern + ".")
+    return fnmatch.fnmatchcase(name, pattern) if any(c in pattern for c in "*?[") else name == pattern or name.startswith(pattern + ".")
 
 
 def sites(model):
@@ -64,7 +64,7 @@ def sites(model):
     width = model.config.text_encoder_2.width
     for name, module in model.text_encoder_2.named_modules():
         if isinstance(module, torch.nn.Linear) and name.startswith("transformer."):
-            yield f"text_encoder_2.{name}", module, module.weight, [(keys.openclip_name_to_hf(name + ".weight")[:-7], None)]
+            yield f"text_encoder_2.{name}", module, module.weight, [(keys.openclip_name_to_hf(name + ".weight").removesuffix(".weight"), None)]
         elif isinstance(module, Projection):  # transformer.resblocks.N.attn.in_proj: q, k, v stacked, rows [q; k; v]
             layer = re.match(r"transformer\.resblocks\.(\d+)\.attn", name)[1]
             weight = model.text_encoder_2.get_submodule(name.removesuffix(".in_proj")).in_proj_weight
@@ -86,7 +86,7 @@ def targets(model):
         for path, rows in paths:
             out[kohya_name(official, path)] = (weight, rows)
             if official.startswith("unet."):
-                diffusers = keys.unet_name_to_diffusers(path + ".weight", model.config.unet.num_res_blocks)[:-7]
+                diffusers = keys.unet_name_to_diffusers(path + ".weight", model.config.unet.num_res_blocks).removesuffix(".weight")
                 out[f"lora_unet_{diffusers}".replace(".", "_")] = out[f"unet.{diffusers}"] = (weight, rows)
             else:
                 out[f"{'text_encoder' if official.startswith('text_encoder_1') else te2}.{path}"] = (weight, rows)
@@ -231,13 +231,14 @@ def add_adapters(model, patterns, rank, alpha, conv_rank=0, allowed=None, seed=0
 
 
 def save_lora(adapters, dst, dtype, metadata):
-    """kohya's file: <name>.lora_down.weight (r, in[, k, k]), .lora_up.weight (out, r[, 1, 1]), a 0-dim .alpha,
-    and ss_* metadata (string values). Written to a temporary name, then renamed; NaN weights are refused."""
+    """kohya's file: <name>.lora_down.weight (r, in[, k, k]), .lora_up.weight (out, r[, 1, 1]) in `dtype`, a 0-dim
+    float32 .alpha (a conv alpha such as 8/3 stays exact), and ss_* metadata (string values). Written to a
+    temporary name, then renamed; NaN weights are refused."""
     tensors = {}
     for name, a in adapters.items():
         tensors[f"{name}.lora_down.weight"] = a.down.weight.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = a.up.weight.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(float(a.alpha), dtype=dtype)
+        tensors[f"{name}.alpha"] = torch.tensor(float(a.alpha))
     bad = next((n for n, t in tensors.items() if not t.isfinite().all()), None)
     if bad:
         raise LoadError(f"tensor {bad} holds NaN or inf (a diverged run, or values beyond {dtype}), so {dst} was "
@@ -249,8 +250,10 @@ def save_lora(adapters, dst, dtype, metadata):
 def kohya_metadata(adapters, base_version, output_name, **extra):
     """The ss_* fields kohya writes and AUTOMATIC1111 reads (it files a LoRA under SDXL when
     ss_base_model_version starts with "sdxl_")."""
-    linear = next(a for a in adapters.values() if isinstance(a.down, torch.nn.Linear))
-    conv = next((a for a in adapters.values() if a.down.weight.ndim == 4 and a.down.weight.shape[2] > 1), None)
+    kernel = lambda a: a.down.weight.shape[2:].numel()  # 1 for Linear (shape[2:] is empty) and 1x1 convs
+    linear = next((a for a in adapters.values() if kernel(a) == 1), None)
+    conv = next((a for a in adapters.values() if kernel(a) > 1), None)
+    linear = linear or conv  # only 3x3 convolutions chosen: their rank is the network's
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": linear.rank, "ss_network_alpha": linear.alpha,
             "ss_base_model_version": base_version, "ss_output_name": output_name, "ss_v2": False,
             "ss_network_args": json.dumps({"conv_dim": str(conv.rank), "conv_alpha": str(conv.alpha)} if conv else {})}

@@ -66,7 +66,8 @@ def test_the_default_targets_are_kohyas_sdxl_set():
     assert (q.down.weight.shape, q.up.weight.shape) == ((32, 2048), (640, 32))
     with torch.device("meta"):
         conv = adapters_on(SDXL(BASE), lora.KOHYA_TARGETS + lora.CONV_TARGETS, ["unet"], rank=32, alpha=32, conv_rank=8)
-    assert len(conv) == 722 + 66  # + every ResBlock's convs, emb and skip projections, 2 down-, 2 upsamplers
+    # + 17 ResBlocks' in, emb and out layers (51), their 11 skip convs, 2 downsamplers and 2 upsamplers: 66
+    assert len(conv) == 722 + 51 + 11 + 2 + 2
     assert conv["lora_unet_input_blocks_1_0_in_layers_2"].down.weight.shape == (8, 320, 3, 3)
     assert conv["lora_unet_output_blocks_2_2_conv"].up.weight.shape == (1280, 8, 1, 1)
     assert conv["lora_unet_input_blocks_1_0_in_layers_2"].alpha == 8  # alpha / rank the same as the linear ones'
@@ -160,16 +161,34 @@ def test_text_encoder_adapters_load_in_diffusers_with_the_same_conditioning(tmp_
     torch.testing.assert_close(y[:, :pooled.shape[1]], pooled, rtol=0, atol=1e-5)
 
 
-def test_a_lora_run_keeps_the_base_bit_identical(setup, tmp_path):
-    """Prior preservation on, adapters in the UNet and both text encoders: only adapters train and are saved,
-    and the merged export is the base, bit for bit, wherever no adapter reaches."""
+def train_in_process(monkeypatch, cli_args):
+    """dreambooth.main in this process; returns the model as export_lora saw it, after the last step."""
+    from train import dreambooth
+
+    seen, export = {}, dreambooth.export_lora
+
+    def spy(model, adapters, config, out):
+        seen["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+        export(model, adapters, config, out)
+
+    monkeypatch.setattr(dreambooth, "export_lora", spy)
+    assert dreambooth.main([str(a) for a in cli_args]) == 0
+    return seen["state"]
+
+
+def test_a_lora_run_keeps_the_base_bit_identical(setup, tmp_path, monkeypatch, capsys):
+    """Prior preservation on, adapters in the UNet and both text encoders: after the last step every base
+    weight in memory is the file's, bit for bit; only adapters are in the checkpoint; the merged export is
+    the base wherever no adapter reaches, and W + (alpha / rank) up @ down where one does."""
     out = tmp_path / "run"
-    path = trained_lora(setup, out, train=EVERYTHING)
+    fields = dict(lora_rank=4, lora_alpha=8.0, lora_conv_rank=2, lr=2e-2, max_steps=3, merge_lora=True, train=EVERYTHING)
+    in_memory = train_in_process(monkeypatch, args(setup, out, **fields))
+    before = load(setup / "tiny.safetensors").state_dict()
+    assert in_memory.keys() == before.keys() and all(torch.equal(in_memory[k], before[k]) for k in before)
     state = final_state(out, 3)
     assert state and all(k.startswith(("param.lora.", "optimizer.", "rng.")) for k in state)
-    before = load(setup / "tiny.safetensors").state_dict()
     after = load(out / "model.safetensors").state_dict()
-    t = load_file(path)
+    t = load_file(out / "lora.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     in_file = {name.split(".")[0] for name in t}
     with torch.device("meta"):
@@ -182,16 +201,48 @@ def test_a_lora_run_keeps_the_base_bit_identical(setup, tmp_path):
     want = before["unet.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"] + 2.0 * (
         t[f"{key}.lora_up.weight"] @ t[f"{key}.lora_down.weight"])
     torch.testing.assert_close(after["unet.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"], want)
+    capsys.readouterr()
+    # Resuming it with another rank would be another run: one line, before anything loads.
+    assert main(args(setup, out, **(fields | dict(lora_rank=8, max_steps=6, resume="latest")))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was made with lora_rank=4, this run has 8" in err, err
 
 
-def test_a_bf16_base_trains_float32_adapters(setup, tmp_path):
+def test_a_bf16_base_trains_float32_adapters(setup, tmp_path, monkeypatch):
+    """The frozen UNet and text encoders in bf16 (class images made with them too), the VAE and adapters float32."""
+    import shutil
+
+    shutil.copytree(setup / "class", tmp_path / "class")  # 4 there: 2 more are generated
     out = tmp_path / "bf16"
-    finish(run(args(setup, out, lora_rank=4, base_dtype="bf16", mixed_precision="bf16", gradient_checkpointing=True,
-                    max_steps=2, validation_prompt="1girl", validation_every=2, class_steps=3)))
-    state = final_state(out, 2)
-    ups = [v for k, v in state.items() if k.startswith("param.lora.") and k.endswith("up.weight")]
+    state = train_in_process(monkeypatch, args(setup, out, class_data_dir=tmp_path / "class", num_class_images=6,
+                                               lora_rank=4, base_dtype="bf16", mixed_precision="bf16", max_steps=2,
+                                               gradient_checkpointing=True, validation_prompt="1girl", validation_every=2,
+                                               class_steps=3))
+    dtypes = {part: {v.dtype for k, v in state.items() if k.startswith(part + ".")} for part in ("unet", "text_encoder_1",
+                                                                                                   "text_encoder_2", "vae")}
+    assert dtypes == {"unet": {torch.bfloat16}, "text_encoder_1": {torch.bfloat16}, "text_encoder_2": {torch.bfloat16},
+                      "vae": {torch.float32}}
+    assert len(list((tmp_path / "class").glob("*.png"))) == 6
+    ups = [v for k, v in final_state(out, 2).items() if k.startswith("param.lora.") and k.endswith("up.weight")]
     assert ups and all(v.dtype == torch.float32 for v in ups) and any(v.abs().max() > 0 for v in ups)
     assert all(np.isfinite(r["loss"]) for r in losses(out)) and (out / "validation" / "step-000002.png").exists()
+
+
+def test_a_refiner_trains_a_lora_of_its_unet_and_bigg(setup, tmp_path):
+    """A refiner has no CLIP-L: kohya's CLIP-L patterns are passed over, bigG's adapters are lora_te2_."""
+    from models.loading import resolve
+
+    out = tmp_path / "refiner"
+    finish(run(args(setup, out, model=resolve("plainxl-tiny-refiner"), prior_loss_weight=0.0, lora_rank=4, lr=2e-2,
+                    max_steps=2, train=["unet", "text_encoder_2"])))
+    with safe_open(out / "lora.safetensors", "pt") as f:
+        names, meta = list(f.keys()), f.metadata()
+    assert meta["ss_base_model_version"] == "sdxl_refiner_v1-0"
+    assert any(n.startswith("lora_te2_") for n in names) and not any(n.startswith("lora_te1_") for n in names)
+    base, merged = load("plainxl-tiny-refiner"), load("plainxl-tiny-refiner")
+    lora.merge_lora(merged, out / "lora.safetensors")
+    moved = [k for k, v in merged.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert any(k.startswith("unet.") for k in moved) and any(k.startswith("text_encoder_2.") for k in moved)
 
 
 @pytest.mark.slow
@@ -221,7 +272,7 @@ def test_lora_sigkill_then_resume_is_bit_identical(setup, tmp_path):
         assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL and not (killed / "lora.safetensors").exists()  # killed mid-run
     finish(run(args(setup, killed, resume="latest", **fields)))
     want, got = final_state(reference, 6), final_state(killed, 6)
     assert want.keys() == got.keys()
@@ -238,6 +289,8 @@ def test_lora_sigkill_then_resume_is_bit_identical(setup, tmp_path):
     (["--lora_rank=4", "--base_dtype=fp16"], "needs mixed_precision=bf16 or fp16"),
     (["--lora_rank=-1"], "lora_rank must be 0 (off) or a positive rank"),
     (["--lora_rank=4", "--lora_alpha=-1.0"], "lora_alpha must be a number more than 0"),
+    (["--lora_alpha=16"], "lora_alpha applies to LoRA runs"),
+    (["--lora_rank=4", "--lora_targets=[1]"], "lora_targets must be a list of name patterns"),
 ])
 def test_bad_lora_settings_are_one_line_before_anything_loads(setup, tmp_path, capsys, extra, fragment):
     assert main(args(setup, tmp_path / "o") + extra) == 2

@@ -124,6 +124,9 @@ def load_checkpoint(path, model, named, optimizer, schedule, scaler, rank):
                          "resume with the config it was made with")
     with torch.no_grad():
         for name, p in named:
+            if tensors[f"param.{name}"].shape != p.shape:
+                raise ValueError(f"checkpoint {path} holds {name} as {tuple(tensors[f'param.{name}'].shape)}, this run "
+                                 f"as {tuple(p.shape)}; resume with the config it was made with")
             p.copy_(tensors[f"param.{name}"])
     state = {}
     for key, t in tensors.items():

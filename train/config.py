@@ -34,7 +34,7 @@ class TrainConfig:
         batch_size: instance images per process per micro-step (each paired with one class image).
         grad_accum, max_steps, lr, lr_schedule (constant/linear/cosine), warmup_steps, max_grad_norm.
         train: name patterns of what trains, over unet.*, text_encoder_1.*, text_encoder_2.* (VAE never).
-        mixed_precision: no / fp16 (grad scaler) / bf16 autocast; weights stay float32.
+        mixed_precision: no / fp16 (grad scaler) / bf16 autocast; trained weights stay float32.
         gradient_checkpointing: recompute UNet blocks in backward to save activation memory.
         checkpoint_every, keep_checkpoints, resume ("latest" or a checkpoint path).
         overwrite: replace the run already in output_dir (without it, such a folder is refused unless resume= is given).
@@ -163,7 +163,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be 0 (off) or a positive rank (got {getattr(self, name)})")
         if self.lora_alpha is not None and not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ConfigError(f"lora_alpha must be a number more than 0, or None for the rank (got {self.lora_alpha})")
-        lora_only = [name for name, off in [("lora_conv_rank", 0), ("base_dtype", "fp32"), ("merge_lora", False)]
+        if not all(isinstance(p, str) for p in self.lora_targets):
+            raise ConfigError(f"lora_targets must be a list of name patterns, e.g. ['unet.*.attn2.to_k'] (got {self.lora_targets})")
+        lora_only = [name for name, off in [("lora_alpha", None), ("lora_targets", list(KOHYA_TARGETS)),
+                                            ("lora_conv_rank", 0), ("base_dtype", "fp32"), ("merge_lora", False)]
                      if getattr(self, name) != off]
         if self.lora_rank == 0 and lora_only:
             raise ConfigError(f"{lora_only[0]} applies to LoRA runs; set lora_rank (e.g. 32), or leave {lora_only[0]} out")

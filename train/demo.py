@@ -129,8 +129,10 @@ def main(argv=None):
 
     results, images = {}, []
     for run, spec in RUNS.items():
-        pipe, trained = Pipeline.load(args.model), {}
-        if spec is not None:
+        trained = {}
+        if spec is None:
+            pipe = Pipeline.load(args.model)
+        else:
             folder, fields = spec
             run_dir = out / folder
             code = dreambooth.main(["--config", str(CONFIG), f"--model={args.model}", f"--instance_data_dir={out / 'instance'}",

@@ -44,9 +44,9 @@ from models.tokenizer import load_tokenizers, tokenize
 from sampling.pipeline import NonFiniteError
 from sampling.schedule import alphas_cumprod, make_schedule
 from train.checkpoint import (
-    RUN_FILES, find_checkpoint, intact_checkpoint, load_checkpoint, save_checkpoint, start_run_folder,
+    RUN_FILES, find_checkpoint, intact_checkpoint, load_checkpoint, read_meta, save_checkpoint, start_run_folder,
 )
-from train.config import ConfigError, load_config
+from train.config import ConfigError, TrainConfig, load_config
 
 INSTANCE, CLASS = 0, 1  # kinds of sample
 NOISE, TIMESTEP, LATENT, OFFSET, TAGS, CAPTION = 1, 2, 3, 4, 5, 6  # generator streams of a sample (0: augmentation)
@@ -268,14 +268,21 @@ def preflight(config):
             raise ConfigError(f"class_sampler={config.class_sampler!r}, class_steps={config.class_steps}: {e}") from None
     with torch.device("meta"):  # weightless: train= and lora_targets are checked before anything loads
         meta = SDXL(info.config)
-    trainable_parameters(meta, config.train, config.task)
-    if config.lora_rank:
-        lora_adapters(meta, config)
+        trainable_parameters(meta, config.train, config.task)
+        if config.lora_rank:
+            lora_adapters(meta, config)
     previous = [name for name in RUN_FILES if (out / name).exists()]
     try:
         checkpoint, note = find_checkpoint(config.resume, out / "checkpoints")
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if checkpoint is not None:  # what trains, and how, must be the checkpoint's: else the resumed run is another run
+        made_with = read_meta(checkpoint)["config"]
+        for name in ("train", "lora_rank", "lora_alpha", "lora_targets", "lora_conv_rank", "base_dtype"):
+            saved = made_with.get(name, getattr(TrainConfig(), name))  # an older checkpoint: the default then
+            if saved != getattr(config, name):
+                raise ConfigError(f"{checkpoint} was made with {name}={saved!r}, this run has {getattr(config, name)!r}; "
+                                  f"resume with the same {name}")
     # resume=latest with nothing to resume from would start over on top of the old run's files.
     if previous and (config.resume is None or checkpoint is None) and not config.overwrite:
         raise ConfigError(f"output_dir {out} holds another run ({', '.join(previous)})"
@@ -350,11 +357,13 @@ def train(config, device, resume_from, note):
 
     try:
         # ------------------------------------------------------------ frozen parts, data
-        model = load(config.model, dtype="fp32")
-        if config.base_dtype != "fp32":  # a LoRA run's frozen base, cast on the CPU (the VAE stays float32)
-            for part in (model.unet, model.text_encoder_1, model.text_encoder_2):
-                part.to(DTYPES[config.base_dtype]) if part is not None else None
-        model.to(device)
+        if config.base_dtype == "fp32":
+            model = load(config.model, dtype="fp32", device=device)
+        else:  # a LoRA run's frozen base, cast on the CPU so the device never holds it in float32
+            model = load(config.model, dtype="fp32")
+            for part in filter(None, (model.unet, model.text_encoder_1, model.text_encoder_2)):
+                part.to(DTYPES[config.base_dtype])  # the VAE stays float32: SDXL's overflows in fp16
+            model.to(device)
         data = {"instance": ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")}
         if config.prior_loss_weight > 0 and config.task == "dreambooth":
             todo = missing_class_images(config.class_data_dir, config.num_class_images)  # same list on every rank
@@ -382,7 +391,8 @@ def train(config, device, resume_from, note):
             p.requires_grad_(True)
     model.unet.gradient_checkpointing = config.gradient_checkpointing
     step_module = (VAEStep(model.vae, config.kl_weight) if config.task == "vae" else TrainStep(model, adapters)).train()
-    # Every parameter that requires grad is used in forward (trainable_parameters sees to it),
+    # Every parameter that requires grad is used in forward (trainable_parameters sees to it, and add_adapters
+    # only hooks modules whose weights it picks),
     # so DDP needs no find_unused_parameters and all-reduces exactly the trainable gradients.
     # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets instead of beside them (saves
     # one copy of the trainable gradients: 9.6 GiB for the full SDXL UNet in fp32).
@@ -530,7 +540,8 @@ def export_lora(model, adapters, config, out):
     in float32) with that very file merged in by models.lora, as --lora does at generation."""
     base_version = "sdxl_base_v1-0" if model.text_encoder_1 is not None else "sdxl_refiner_v1-0"
     metadata = kohya_metadata(adapters, base_version, Path(config.output_dir).name, steps=config.max_steps,
-                              learning_rate=config.lr, resolution=config.resolution, seed=config.seed)
+                              learning_rate=config.lr, resolution=f"({config.resolution}, {config.resolution})",
+                              seed=config.seed)
     save_lora(adapters, out / "lora.safetensors", DTYPES[config.export_dtype], metadata)
     print(f"wrote {out / 'lora.safetensors'}")
     if config.merge_lora:

@@ -77,7 +77,7 @@ def saved_bytes(unet, dtype, pairs=1, resolution=1024):
     largest block's own activations (recomputed one block at a time in backward): an upper bound."""
     import torch
 
-    cfg = unet.config if hasattr(unet, "config") else None
+    cfg = unet.config
     n, r = 2 * pairs, resolution // 8
     with torch.device("meta"):
         x, t = torch.randn(n, 4, r, r, dtype=dtype), torch.zeros(n)
