@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from models import keys
 from models.files import LoadError, atomic_file, open_safetensors, read_tensors
+from models.single_file import check_finite
 from models.text import Projection
 
 SUFFIXES = {  # tensor-name ending -> (format, part)
@@ -214,8 +215,7 @@ def add_adapters(model, patterns, rank, alpha, conv_rank=0, allowed=None, seed=0
     generator = torch.Generator().manual_seed(seed)  # the same adapters on every process and every resume
     adapters = torch.nn.ModuleDict()
     for official, module, weight, paths in chosen:
-        kernel = weight.shape[2:].numel() if weight.ndim == 4 else 1
-        r = rank if kernel == 1 else conv_rank
+        r = rank if weight.shape[2:].numel() == 1 else conv_rank  # Linear (no kernel dims) and 1x1 convs: rank
         if r == 0:
             raise ValueError(f"lora_targets picks {official}, a {'x'.join(map(str, weight.shape[2:]))} convolution: "
                              "set lora_conv_rank (kohya's conv_dim), or leave it out of lora_targets")
@@ -239,10 +239,7 @@ def save_lora(adapters, dst, dtype, metadata):
         tensors[f"{name}.lora_down.weight"] = a.down.weight.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.lora_up.weight"] = a.up.weight.detach().to("cpu", dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(float(a.alpha))
-    bad = next((n for n, t in tensors.items() if not t.isfinite().all()), None)
-    if bad:
-        raise LoadError(f"tensor {bad} holds NaN or inf (a diverged run, or values beyond {dtype}), so {dst} was "
-                        "not written; export another checkpoint, or as bf16/fp32")
+    check_finite(tensors, dst)
     with atomic_file(dst, overwrite=True) as tmp:
         save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
 

@@ -27,13 +27,18 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dreambooth")
     torch.manual_seed(0)
     save_single_file(SDXL(TINY), root / "tiny.safetensors")
+    write_image_folders(root)
+    return root
+
+
+def write_image_folders(root):
+    """root/instance (3 random images, one with its own prompt) and root/class (4)."""
     rng = np.random.default_rng(0)
     for folder, size, n in [("instance", (80, 64), 3), ("class", (48, 72), 4)]:
         (root / folder).mkdir()
         for i in range(n):
             Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / folder / f"{i}.png")
     (root / "instance" / "1.txt").write_text("1girl, sks, smile")  # a per-image prompt
-    return root
 
 
 def args(setup, out, **overrides):

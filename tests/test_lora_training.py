@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from PIL import Image
 from safetensors.torch import load_file
 
 from models import lora
 from models.loading import load, save_single_file
 from models.sdxl import BASE, SDXL, TINY
 from sampling.pipeline import Pipeline, Settings
-from test_dreambooth import args, finish, final_state, losses, run
+from test_dreambooth import args, final_state, finish, losses, run, write_image_folders
 from test_pipeline_parity import assert_close_images, diffusers_images, tiny_model
 from train.dreambooth import TrainStep, main, trainable_parameters
 
@@ -31,11 +30,7 @@ def setup(tmp_path_factory):
     """test_dreambooth's folders, with a tiny model whose images are not saturated (for the pixel comparison)."""
     root = tmp_path_factory.mktemp("lora_training")
     save_single_file(tiny_model(), root / "tiny.safetensors")
-    rng = np.random.default_rng(0)
-    for folder, size, n in [("instance", (80, 64), 3), ("class", (48, 72), 4)]:
-        (root / folder).mkdir()
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(root / folder / f"{i}.png")
+    write_image_folders(root)
     return root
 
 

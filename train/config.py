@@ -12,7 +12,7 @@ import json
 import math
 import traceback
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from models.files import atomic_file
@@ -165,9 +165,8 @@ class TrainConfig:
             raise ConfigError(f"lora_alpha must be a number more than 0, or None for the rank (got {self.lora_alpha})")
         if not all(isinstance(p, str) for p in self.lora_targets):
             raise ConfigError(f"lora_targets must be a list of name patterns, e.g. ['unet.*.attn2.to_k'] (got {self.lora_targets})")
-        lora_only = [name for name, off in [("lora_alpha", None), ("lora_targets", list(KOHYA_TARGETS)),
-                                            ("lora_conv_rank", 0), ("base_dtype", "fp32"), ("merge_lora", False)]
-                     if getattr(self, name) != off]
+        lora_only = [name for name in ("lora_alpha", "lora_targets", "lora_conv_rank", "base_dtype", "merge_lora")
+                     if getattr(self, name) != default(name)]
         if self.lora_rank == 0 and lora_only:
             raise ConfigError(f"{lora_only[0]} applies to LoRA runs; set lora_rank (e.g. 32), or leave {lora_only[0]} out")
         if self.lora_rank and self.task == "vae":
@@ -177,6 +176,12 @@ class TrainConfig:
                               "float32 adapters beside the low-precision weights)")
         if self.lora_rank and not self.lora_targets:
             raise ConfigError("lora_targets is empty; name the modules that get adapters, or leave it out for kohya's set")
+
+
+def default(name):
+    """A TrainConfig field's default value."""
+    f = TrainConfig.__dataclass_fields__[name]
+    return f.default if f.default_factory is MISSING else f.default_factory()
 
 
 class ConfigError(ValueError):

@@ -140,9 +140,8 @@ def main(argv=None):
                                     *[f"--{k}={v}" for k, v in fields.items()]])
             if code:
                 return code
-            lora = run_dir / "lora.safetensors"
-            pipe = Pipeline.load(args.model, loras=[(lora, 1.0)]) if lora.exists() else Pipeline.load(run_dir / "model.safetensors")
-            exported = lora if lora.exists() else run_dir / "model.safetensors"
+            exported = run_dir / ("lora.safetensors" if fields.get("lora_rank") else "model.safetensors")
+            pipe = Pipeline.load(args.model, loras=[(exported, 1.0)]) if fields.get("lora_rank") else Pipeline.load(exported)
             seconds = sum(json.loads(line)["seconds"] for line in (run_dir / "log.jsonl").read_text().splitlines())
             trained = {"file MB": round(exported.stat().st_size / 1e6, 2), "training s": round(seconds, 1)}
         results[run], generated = measure(pipe, reader, args.count)

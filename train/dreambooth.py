@@ -46,7 +46,7 @@ from sampling.schedule import alphas_cumprod, make_schedule
 from train.checkpoint import (
     RUN_FILES, find_checkpoint, intact_checkpoint, load_checkpoint, read_meta, save_checkpoint, start_run_folder,
 )
-from train.config import ConfigError, TrainConfig, load_config
+from train.config import ConfigError, default, load_config
 
 INSTANCE, CLASS = 0, 1  # kinds of sample
 NOISE, TIMESTEP, LATENT, OFFSET, TAGS, CAPTION = 1, 2, 3, 4, 5, 6  # generator streams of a sample (0: augmentation)
@@ -279,7 +279,7 @@ def preflight(config):
     if checkpoint is not None:  # what trains, and how, must be the checkpoint's: else the resumed run is another run
         made_with = read_meta(checkpoint)["config"]
         for name in ("train", "lora_rank", "lora_alpha", "lora_targets", "lora_conv_rank", "base_dtype"):
-            saved = made_with.get(name, getattr(TrainConfig(), name))  # an older checkpoint: the default then
+            saved = made_with.get(name, default(name))  # an older checkpoint: the default then
             if saved != getattr(config, name):
                 raise ConfigError(f"{checkpoint} was made with {name}={saved!r}, this run has {getattr(config, name)!r}; "
                                   f"resume with the same {name}")

@@ -220,17 +220,21 @@ def unet_flops(resolution, batch=2):
 # ----------------------------------------------------------------------------- the parent
 
 
+def run_worker(spec):
+    """One spec in a fresh process -> the JSON line it printed."""
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode:
+        raise SystemExit(f"{spec}: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def measure(spec, rounds):
     """Alternate ours / diffusers in fresh processes -> {impl: (median seconds, peak bytes)}."""
     runs = {"ours": [], "diffusers": []}
     for _ in range(rounds):
         for impl in runs:
-            text = json.dumps(spec | {"impl": impl})
-            proc = subprocess.run([sys.executable, __file__, "--worker", text], capture_output=True, text=True,
-                                  cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-            if proc.returncode:
-                raise SystemExit(f"{impl} {spec}: {proc.stderr[-2000:]}")
-            runs[impl].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            runs[impl].append(run_worker(spec | {"impl": impl}))
     return {impl: (statistics.median(s for r in rs for s in r["seconds"]), max(r["peak"] for r in rs))
             for impl, rs in runs.items()}
 
@@ -241,10 +245,7 @@ def parity(cache, resolution, tmp):
 
     spec = dict(kind="unet", size="full", dtype="fp32", resolution=resolution, batch=2, repeats=0, cache=str(cache))
     for impl in ("ours", "diffusers"):
-        text = json.dumps(spec | {"impl": impl, "save": str(tmp / f"{impl}.safetensors")})
-        proc = subprocess.run([sys.executable, __file__, "--worker", text], capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode:
-            raise SystemExit(proc.stderr[-2000:])
+        run_worker(spec | {"impl": impl, "save": str(tmp / f"{impl}.safetensors")})
     a, b = (load_file(tmp / f"{impl}.safetensors")["out"] for impl in ("ours", "diffusers"))
     return float((a - b).abs().max()), float((a - b).norm() / b.norm()), float(b.abs().max())
 
@@ -292,9 +293,7 @@ def main():
     resolution = 256 if args.quick else 512
     max_diff, rel_l2, scale = parity(cache, resolution, tmp)
     results["parity"] = {"resolution": resolution, "max_abs_diff": max_diff, "relative_l2": rel_l2, "output_max": scale}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps({"kind": "matmul", "dtype": "fp32"})],
-                          capture_output=True, text=True, cwd=ROOT)
-    peak = json.loads(proc.stdout.strip().splitlines()[-1])
+    peak = run_worker({"kind": "matmul", "dtype": "fp32"})
     results["matmul_gflops"] = peak
     flops = unet_flops(512)
     fraction = []
