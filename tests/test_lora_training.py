@@ -249,11 +249,20 @@ def test_lora_two_processes_equal_one(setup, tmp_path):
     for ra, rb in zip(losses(one), losses(two), strict=True):
         for key in ("instance", "prior", "loss"):
             assert abs(ra[key] - rb[key]) <= 1e-5 * abs(ra[key]), f"step {ra['step']} {key}: {ra[key]} vs {rb[key]}"
+    # AdamW divides by sqrt(v): a gradient that is ~0 up to rounding moves its weight by ~lr either way, so single
+    # adapter weights can differ by ~lr. What the adapters do, each module's ΔW = up @ down, must agree as a whole.
     wa, wb = final_state(one, 4), final_state(two, 4)
-    ups = [k for k in wa if k.startswith("param.") and k.endswith("up.weight")]
-    moved = max(wa[k].abs().max().item() for k in ups)  # the ups started at zero
-    apart = max((wa[k] - wb[k]).abs().max().item() for k in wa if k.startswith("param."))
-    assert moved > 1e-3 and apart <= 0.05 * moved, f"adapters differ by {apart:.2e}; training moved them {moved:.2e}"
+    da, db = torch.cat(list(weight_changes(wa))), torch.cat(list(weight_changes(wb)))
+    apart = ((da - db).norm() / da.norm()).item()
+    print(f"LoRA DDP: ΔW relative L2 {apart:.2e}, |ΔW| {da.norm():.2e}")
+    assert da.norm() > 1e-3 and apart <= 1e-2, f"the adapters' ΔW differ by {apart:.2e} relative L2"
+
+
+def weight_changes(state):
+    """Each adapter's up @ down, flattened, from a checkpoint's param.* tensors."""
+    for key in sorted(k for k in state if k.endswith("up.weight")):
+        up, down = state[key], state[key.replace("up.weight", "down.weight")]
+        yield (up.flatten(1) @ down.flatten(1)).flatten()
 
 
 @pytest.mark.slow
