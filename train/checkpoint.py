@@ -39,6 +39,8 @@ def save_checkpoint(folder, step, named, optimizer, schedule, scaler, config, ra
         dist.all_gather_object(rng, _rng_state(device))  # objects between live processes, not a file
     else:
         rng = [_rng_state(device)]
+    if hasattr(optimizer, "consolidate_state_dict"):  # parallel=zero: every process sends its shard to process 0
+        optimizer.consolidate_state_dict(to=0)
     if rank != 0:
         return
     tensors = {f"param.{name}": p.detach().contiguous() for name, p in named}

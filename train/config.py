@@ -59,6 +59,16 @@ class TrainConfig:
         base_dtype: a LoRA run's frozen UNet and text encoders in fp32, bf16 or fp16 (the adapters stay float32;
             the VAE stays float32, as SDXL's overflows in fp16); needs mixed_precision bf16 or fp16.
         merge_lora: a LoRA run also writes the base with the adapters merged in as output_dir/model.safetensors.
+        optimizer: "adamw", or "adafactor" (torch's; factored second moments, a few MB of state; its step is
+            relative, lr * RMS of the weight, so its lr is about 1 / RMS(w) ~ 30-50 times AdamW's).
+        fused_backward: step each tensor inside backward as soon as its gradient is ready and free that gradient
+            (kohya's --fused_backward_pass); max_grad_norm then clips each tensor's gradient by its own norm.
+            Needs grad_accum=1 and no fp16 grad scaler.
+        master_dtype: "fp32", or "bf16": the trained weights are bfloat16 (needs mixed_precision=bf16), updated in
+            float32 and stochastically rounded back; a full fine-tuning then holds the UNet and text encoders in
+            bf16, a LoRA run its adapters.
+        parallel: "ddp" (every process holds the whole optimizer state) or "zero" (each holds 1/N of it:
+            torch's ZeroRedundancyOptimizer; not with fused_backward or master_dtype=bf16).
         class_sampler, class_steps, class_cfg: settings for generating class images.
         task: "dreambooth" (the diffusion loss) or "vae" (reconstruction + kl_weight * KL, VAE only).
     """
@@ -115,11 +125,16 @@ class TrainConfig:
     lora_conv_rank: int = 0
     base_dtype: str = "fp32"
     merge_lora: bool = False
+    optimizer: str = "adamw"
+    fused_backward: bool = False
+    master_dtype: str = "fp32"
+    parallel: str = "ddp"
 
     def __post_init__(self):
         choices = {"lr_schedule": ("constant", "linear", "cosine"), "mixed_precision": ("no", "fp16", "bf16"),
                    "task": ("dreambooth", "vae"),
-                   "export_dtype": ("fp16", "bf16", "fp32"), "base_dtype": ("fp32", "bf16", "fp16")}
+                   "export_dtype": ("fp16", "bf16", "fp32"), "base_dtype": ("fp32", "bf16", "fp16"),
+                   "optimizer": ("adamw", "adafactor"), "master_dtype": ("fp32", "bf16"), "parallel": ("ddp", "zero")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
@@ -156,6 +171,7 @@ class TrainConfig:
         if not self.train:
             raise ConfigError("train is empty; name what trains, e.g. train=['unet']")
         self.check_lora()
+        self.check_optimizer()
 
     def check_lora(self):
         for name in ("lora_rank", "lora_conv_rank"):
@@ -176,6 +192,20 @@ class TrainConfig:
                               "float32 adapters beside the low-precision weights)")
         if self.lora_rank and not self.lora_targets:
             raise ConfigError("lora_targets is empty; name the modules that get adapters, or leave it out for kohya's set")
+
+
+    def check_optimizer(self):
+        if self.fused_backward and self.grad_accum > 1:
+            raise ConfigError("fused_backward steps each tensor during backward, so gradients cannot accumulate; "
+                              "set grad_accum=1 (a larger batch_size instead), or fused_backward=False")
+        if self.fused_backward and self.mixed_precision == "fp16":
+            raise ConfigError("fused_backward cannot use fp16's grad scaler (it must see every gradient before a "
+                              "step); use mixed_precision=bf16")
+        if self.master_dtype == "bf16" and self.mixed_precision != "bf16":
+            raise ConfigError("master_dtype=bf16 needs mixed_precision=bf16 (autocast runs the bf16 weights)")
+        if self.parallel == "zero" and (self.fused_backward or self.master_dtype == "bf16"):
+            raise ConfigError("parallel=zero shards one optimizer over the processes; fused_backward and "
+                              "master_dtype=bf16 step tensor by tensor: use parallel=ddp with them")
 
 
 def default(name):

@@ -47,6 +47,7 @@ from train.checkpoint import (
     RUN_FILES, find_checkpoint, intact_checkpoint, load_checkpoint, read_meta, save_checkpoint, start_run_folder,
 )
 from train.config import ConfigError, default, load_config
+from train.optim import fuse_into_backward, fused_grad_norm, make_optimizer
 
 INSTANCE, CLASS = 0, 1  # kinds of sample
 NOISE, TIMESTEP, LATENT, OFFSET, TAGS, CAPTION = 1, 2, 3, 4, 5, 6  # generator streams of a sample (0: augmentation)
@@ -278,7 +279,8 @@ def preflight(config):
         raise ConfigError(str(e)) from None
     if checkpoint is not None:  # what trains, and how, must be the checkpoint's: else the resumed run is another run
         made_with = read_meta(checkpoint)["config"]
-        for name in ("train", "lora_rank", "lora_alpha", "lora_targets", "lora_conv_rank", "base_dtype"):
+        for name in ("train", "lora_rank", "lora_alpha", "lora_targets", "lora_conv_rank", "base_dtype", "optimizer",
+                     "fused_backward", "master_dtype"):
             saved = made_with.get(name, default(name))  # an older checkpoint: the default then
             if saved != getattr(config, name):
                 raise ConfigError(f"{checkpoint} was made with {name}={saved!r}, this run has {getattr(config, name)!r}; "
@@ -357,12 +359,14 @@ def train(config, device, resume_from, note):
 
     try:
         # ------------------------------------------------------------ frozen parts, data
-        if config.base_dtype == "fp32":
+        # A LoRA run's frozen base in base_dtype; a full fine-tuning's model in master_dtype, frozen parts too.
+        weights_dtype = config.base_dtype if config.lora_rank else config.master_dtype
+        if weights_dtype == "fp32":
             model = load(config.model, dtype="fp32", device=device)
-        else:  # a LoRA run's frozen base, cast on the CPU so the device never holds it in float32
+        else:  # cast on the CPU, so that the device never holds the model in float32
             model = load(config.model, dtype="fp32")
             for part in filter(None, (model.unet, model.text_encoder_1, model.text_encoder_2)):
-                part.to(DTYPES[config.base_dtype])  # the VAE stays float32: SDXL's overflows in fp16
+                part.to(DTYPES[weights_dtype])  # the VAE stays float32: SDXL's overflows in fp16
             model.to(device)
         data = {"instance": ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")}
         if config.prior_loss_weight > 0 and config.task == "dreambooth":
@@ -383,6 +387,8 @@ def train(config, device, resume_from, note):
 
     # ---------------------------------------------------------------- trainable parts in DDP
     adapters = lora_adapters(model, config) if config.lora_rank else None  # float32, beside the frozen weights
+    if adapters is not None and config.master_dtype == "bf16":
+        adapters.to(torch.bfloat16)
     if adapters is not None:
         named = [(f"lora.{name}", p) for name, p in adapters.named_parameters()]
     else:
@@ -396,12 +402,16 @@ def train(config, device, resume_from, note):
     # so DDP needs no find_unused_parameters and all-reduces exactly the trainable gradients.
     # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets instead of beside them (saves
     # one copy of the trainable gradients: 9.6 GiB for the full SDXL UNet in fp32).
+    # fused_backward steps inside backward, before DDP's buckets would all-reduce: its hooks all-reduce instead.
+    wrap = ddp and not config.fused_backward
     ddp_step = DDP(step_module, device_ids=[local_rank] if device.type == "cuda" else None,
-                   gradient_as_bucket_view=True) if ddp else step_module
+                   gradient_as_bucket_view=True) if wrap else step_module
 
     # ---------------------------------------------------------------- optimizer, schedule, scaler
     params = [p for _, p in named]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
+    optimizer = make_optimizer(config, params)  # AdamW or Adafactor; sharded, fused, bf16 (train/optim.py)
+    if config.fused_backward:
+        fuse_into_backward(optimizer, config.max_grad_norm, world)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
     scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
     autocast = torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(
@@ -448,7 +458,7 @@ def train(config, device, resume_from, note):
                 inputs = make_batch(config, data, model, tokenizers, acp, step, j0, device)
             # Only the last micro-step all-reduces gradients; the others accumulate locally.
             last = micro == config.grad_accum - 1
-            with ddp_step.no_sync() if ddp and not last else nullcontext():
+            with ddp_step.no_sync() if wrap and not last else nullcontext():
                 with autocast:
                     per_sample = ddp_step(*inputs)  # (B,) instance [+ (B,) class]
                 B = config.batch_size
@@ -459,10 +469,14 @@ def train(config, device, resume_from, note):
             sums += torch.stack([instance.detach().sum(), prior.detach().sum(), torch.tensor(float(B), device=device)])
         if ddp:  # losses of every process (for the log and the divergence check), before the step
             dist.all_reduce(sums)
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)  # the same on every process
+        if config.fused_backward:  # already stepped, tensor by tensor, each clipped by its own norm
+            grad_norm = fused_grad_norm(optimizer)
+        else:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)  # the same on every process
         # A NaN/inf loss, or NaN/inf gradients without fp16's scaler (which skips such steps by design), would
-        # write non-finite weights: stop before the step, keeping the checkpoints already on disk.
+        # write non-finite weights: stop before the step, keeping the checkpoints already on disk. (fused_backward
+        # stepped every finite tensor already, and none that was not: the weights in memory are never exported.)
         if not sums.isfinite().all() or (not scaler.is_enabled() and not grad_norm.isfinite()):
             kept = intact_checkpoint(out / "checkpoints")
             bar.close()  # its line stays above the message
