@@ -160,6 +160,53 @@ def lora_memory(rank=32, pairs=1, resolution=1024):
             "(attention probabilities, math attention only)": attention}
 
 
+def full_finetune_budget(pairs=1, resolution=1024):
+    """Full-size SDXL UNet fine-tuning (train=["unet"], bf16 autocast, gradient checkpointing, 1 instance + 1 class
+    latent at `resolution`): bytes per GPU of each part, for each combination of the trainer's optimizer options
+    (train/optim.py). Returns {combination: {part: bytes}}.
+
+    Weights, gradients and optimizer state follow from the parameter shapes (meta device); activations from
+    saved_bytes(). fused_backward holds one tensor's gradient at a time (counted: the largest); bf16 master weights
+    add a float32 copy of one tensor while it steps. With float32 weights, autocast keeps a bf16 copy of every
+    weight it has cast until the forward ends (counted in full: an upper bound, as gradient checkpointing's
+    recomputation casts again). Text encoders are held in the weights' dtype, the VAE in float32."""
+    import torch
+
+    from models.sdxl import BASE, SDXL
+
+    with torch.device("meta"):
+        model = SDXL(BASE)
+    shapes = [p.shape for p in model.unet.parameters()]
+    n = sum(s.numel() for s in shapes)
+    largest = max(s.numel() for s in shapes)
+    frozen_text = sum(p.numel() for part in (model.text_encoder_1, model.text_encoder_2) for p in part.parameters())
+    vae = sum(p.numel() for p in model.vae.parameters())
+    # torch's Adafactor: a row and a column factor (float32) per matrix or conv kernel (over its last two dims),
+    # a full second moment per vector.
+    adafactor = sum((s[:-1].numel() + s[:-2].numel() * s[-1]) if len(s) >= 2 else s.numel() for s in shapes) * 4
+    _, _, activations = saved_bytes(model.unet.to(torch.bfloat16), torch.bfloat16, pairs, resolution)
+    rows = {}
+    for optimizer, master, fused, gpus in [("adamw", "fp32", False, 1), ("adamw", "fp32", False, 2),
+                                           ("adamw", "fp32", False, 4), ("adamw", "fp32", False, 8),
+                                           ("adafactor", "fp32", False, 1), ("adafactor", "fp32", True, 1),
+                                           ("adamw", "bf16", True, 1), ("adafactor", "bf16", False, 1),
+                                           ("adafactor", "bf16", True, 1)]:
+        size = 4 if master == "fp32" else 2
+        state = n * 8 if optimizer == "adamw" else adafactor
+        name = f"{optimizer}, {master} weights" + (", fused_backward" if fused else "") + (
+            f", parallel=zero on {gpus} GPUs" if gpus > 1 else "")
+        rows[name] = {
+            "UNet weights": n * size,
+            "gradients": largest * size if fused else n * size,
+            "optimizer state": state // gpus,
+            "float32 copy of the tensor stepping": largest * 8 if master == "bf16" else 0,
+            "autocast's bf16 weight copies": n * 2 if master == "fp32" else 0,
+            "text encoders + VAE": frozen_text * size + vae * 4,
+            "activations (checkpointed, no attention probabilities)": activations,
+        }
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--resolution", type=int, default=128)
@@ -188,6 +235,14 @@ def main():
         print(f"  {name}: {size / GiB:.2f} GiB")
     total = sum(size for name, size in parts.items() if not name.startswith("("))
     print(f"  total {total / GiB:.1f} GiB")
+    rows = full_finetune_budget()
+    parts = list(next(iter(rows.values())))
+    print("\nfull-size SDXL UNet fine-tuning per GPU (train=['unet'], bf16 autocast, gradient checkpointing, "
+          "1 instance + 1 class latent at 1024x1024, meta device), GiB:\n")
+    print("| combination | " + " | ".join(parts) + " | total |")
+    print("|---" * (len(parts) + 2) + "|")
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(f"{row[p] / GiB:.2f}" for p in parts) + f" | **{sum(row.values()) / GiB:.1f}** |")
 
 if __name__ == "__main__":
     main()
