@@ -1,13 +1,15 @@
 """Class images for prior preservation, generated with the model about to be trained.
 
-Image i is `class-NNNNN.png`, made from seed + i by process i % world_size, and written under a
-temporary name then renamed: an interrupted generation resumes where it stopped and never makes
-an image twice or leaves half an image behind.
+Image i is `class-NNNNN.png`, made from seed + i, and written under a temporary name then renamed: an
+interrupted generation resumes where it stopped and never makes an image twice or leaves half an image
+behind. Consecutive images are made class_batch_size at a time (the pipeline's image i of a batch uses
+seed + i, so an image does not depend on the batch it was made in), and on a GPU under bf16 autocast.
 """
 
 import os
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from data.dreambooth import IMAGE_SUFFIXES
@@ -23,17 +25,41 @@ def missing_class_images(folder, count):
     return [i for i in range(count) if not (folder / f"class-{i:05d}.png").exists()][: count - len(existing)]
 
 
+def share(indices, rank, world):
+    """Process `rank`'s contiguous share of the missing indices (contiguous, so that they batch)."""
+    per = -(-len(indices) // world)  # ceil
+    return indices[rank * per:(rank + 1) * per]
+
+
+def batches(indices, size):
+    """Runs of consecutive indices, at most `size` long: [3, 4, 5, 9] with size 2 -> [3, 4], [5], [9]."""
+    runs = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1 and len(runs[-1]) < size:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 def generate_class_images(model, config, indices, rank=0):
     """Make class-NNNNN.png for these indices (this process's share of missing_class_images)."""
     if not indices:
         return
     folder = Path(config.class_data_dir)
     pipe = Pipeline(model)
-    for i in tqdm(indices, desc=f"class images (process {rank})", position=rank):
-        settings = Settings(prompt=config.class_prompt, width=config.resolution, height=config.resolution,
-                            steps=config.class_steps, cfg=config.class_cfg, sampler=config.class_sampler,
-                            seed=config.seed + i)
-        image = pipe(settings, progress=False)[0]
-        tmp = folder / f".class-{i:05d}.png.tmp"
-        image.save(tmp, format="PNG")
-        os.replace(tmp, folder / f"class-{i:05d}.png")
+    device = next(model.unet.parameters()).device
+    # bf16 on a GPU: about twice as fast as float32, and SDXL's VAE does not overflow in bf16 (fp16 does)
+    fast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with tqdm(total=len(indices), desc=f"class images (process {rank})", position=rank) as bar:
+        for run in batches(indices, config.class_batch_size):
+            settings = Settings(prompt=config.class_prompt, width=config.resolution, height=config.resolution,
+                                steps=config.class_steps, cfg=config.class_cfg, sampler=config.class_sampler,
+                                seed=config.seed + run[0], num_images=len(run))
+            with fast:
+                images = pipe(settings, progress=False)
+            for i, image in zip(run, images):
+                tmp = folder / f".class-{i:05d}.png.tmp"
+                image.save(tmp, format="PNG")
+                os.replace(tmp, folder / f"class-{i:05d}.png")
+            bar.update(len(run))

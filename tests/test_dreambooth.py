@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -302,6 +303,21 @@ def test_class_images_are_generated_and_resume_without_repeats(setup, tmp_path):
     assert sorted(p.name for p in (tmp_path / "cls").iterdir()) == ["class-00000.png", "class-00001.png", "class-00002.png"]
     assert (tmp_path / "cls" / "class-00000.png").read_bytes() == first
     assert missing_class_images(config.class_data_dir, 3) == []
+    one_by_one = replace(config, class_data_dir=str(tmp_path / "single"), class_batch_size=1)
+    (tmp_path / "single").mkdir()
+    generate_class_images(model, one_by_one, [1, 2])
+    for name in ("class-00001.png", "class-00002.png"):  # made in one batch above: the same images
+        batched, single = (np.asarray(Image.open(tmp_path / f / name), dtype=float) for f in ("cls", "single"))
+        assert np.abs(batched - single).max() <= 1, name
+
+
+def test_class_images_are_shared_in_contiguous_batches():
+    from data.class_images import batches, share
+
+    todo = [0, 1, 2, 3, 5, 6, 9]
+    assert [share(todo, r, 2) for r in range(2)] == [[0, 1, 2, 3], [5, 6, 9]]
+    assert sorted(i for r in range(3) for i in share(todo, r, 3)) == todo
+    assert batches([3, 4, 5, 9, 10], 2) == [[3, 4], [5], [9, 10]]
 
 
 # ----------------------------------------------------------------------------- bad input

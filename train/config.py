@@ -69,7 +69,8 @@ class TrainConfig:
             bf16, a LoRA run its adapters.
         parallel: "ddp" (every process holds the whole optimizer state) or "zero" (each holds 1/N of it:
             torch's ZeroRedundancyOptimizer; not with fused_backward or master_dtype=bf16).
-        class_sampler, class_steps, class_cfg: settings for generating class images.
+        class_sampler, class_steps, class_cfg: settings for generating class images;
+            class_batch_size: how many are made at once.
         task: "dreambooth" (the diffusion loss) or "vae" (reconstruction + kl_weight * KL, VAE only).
     """
 
@@ -116,6 +117,7 @@ class TrainConfig:
     class_sampler: str = "euler_a"
     class_steps: int = 28
     class_cfg: float = 5.0
+    class_batch_size: int = 4
     device: str | None = None  # None: cuda if available, else cpu
     task: str = "dreambooth"  # "vae": train the VAE alone on the instance images (pretraining a tiny model)
     kl_weight: float = 1e-6  # task="vae": weight of the KL term
@@ -139,7 +141,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         positive = ["resolution", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "validation_every",
-                    "keep_checkpoints", "num_class_images", "class_steps"]
+                    "keep_checkpoints", "num_class_images", "class_steps", "class_batch_size"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 (got {getattr(self, name)})")

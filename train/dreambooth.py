@@ -33,7 +33,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data.class_images import generate_class_images, missing_class_images
+from data.class_images import generate_class_images, missing_class_images, share
 from data.dreambooth import DataError, ImageFolder, check_folder, dataset_index, sample_generator
 from models.conditioning import encode_text, vector_condition
 from models.files import DTYPES
@@ -374,7 +374,7 @@ def train(config, device, resume_from, note):
             if ddp:
                 dist.barrier()  # nobody writes before everybody has listed what is missing
             Path(config.class_data_dir).mkdir(parents=True, exist_ok=True)
-            generate_class_images(model, config, todo[rank::world], rank)
+            generate_class_images(model, config, share(todo, rank, world), rank)
             if ddp:
                 dist.barrier()
             data["class"] = ImageFolder(config.class_data_dir, config.class_prompt, "class_data_dir")
