@@ -109,6 +109,11 @@ def parse_args(argv):
     p.add_argument("--hires-steps", type=int, help="the hi-res pass's steps (default: --steps)")
     p.add_argument("--hires-upscaler", choices=["latent", "lanczos"], help="latent (default) or lanczos")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--cfg-mode", choices=["batch", "split"], default="batch",
+                   help="guidance as one UNet pass of [negative, positive] (batch) or two (split: less memory)")
+    p.add_argument("--vae-tiling", type=int, nargs="?", const=128, metavar="LATENTS",
+                   help="VAE decode/encode of big images in overlapping tiles of this many latents (default 128 = "
+                        "1024 px, as diffusers' SDXL tiles); not exact: each tile normalises and attends on its own")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="outputs")
     p.add_argument("--from-png", help="re-run the generation recorded in this PNG (other flags override it)")
@@ -353,6 +358,9 @@ def generate(args, written, check_interrupt):
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; name a folder (it is created if missing)")
         device = check_device(args.device)
+        if args.vae_tiling is not None and args.vae_tiling < 8:
+            raise ValueError(f"--vae-tiling {args.vae_tiling} is too small: it is a tile size in latents, at least 8 "
+                             "(128 = 1024 px, the default when the flag is given alone)")
         info = inspect(model)  # headers and configs only: the settings are checked before the weights load
         refiner_info = inspect(refiner) if refiner else None
         check(opened, info.config, refiner_info.config if refiner_info else None)
@@ -367,6 +375,8 @@ def generate(args, written, check_interrupt):
         pipe = Pipeline.load(info.path, dtype=args.dtype, device=device, vae=vae, loras=loras)
         # --vae replaces both stages' VAE: the refiner decodes, and the PNG records one VAE.
         refiner_pipe = Pipeline.load(refiner_info.path, dtype=args.dtype, device=device, vae=vae) if refiner else None
+        for p in filter(None, (pipe, refiner_pipe)):  # ways to run that leave the images as they are
+            p.cfg_mode, p.vae_tiling = args.cfg_mode, args.vae_tiling
         model_file_hash = model_hash(info.path) if info.path.is_file() else None
         refiner_hash = model_hash(refiner_info.path) if refiner and refiner_info.path.is_file() else None
         lora_records = [(path, scale, addnet_hash(path)) for path, scale in loras]

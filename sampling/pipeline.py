@@ -125,11 +125,12 @@ def window(s: Settings, schedule, scheduler_config=None):
     return start, end
 
 
-def guided(net, cond, uncond, scale, rescale=0.0):
+def guided(net, cond, uncond, scale, rescale=0.0, split=False):
     """Classifier-free guidance (Ho & Salimans 2022) around net(x, t, context, y) -> model output.
 
     cond/uncond are (context, y) pairs. A scale <= 1 runs the conditional pass only (as diffusers).
     `rescale` is Lin et al. 2023's guidance rescale: match the per-sample std of the conditional output.
+    split: two passes of batch B instead of one of 2B (half the activation memory, a little slower).
     """
     if scale <= 1:
         return lambda x, t: net(x, t, *cond)
@@ -138,7 +139,10 @@ def guided(net, cond, uncond, scale, rescale=0.0):
     y = torch.cat([uncond[1], cond[1]])
 
     def guided_net(x, t):
-        out_uncond, out_cond = net(torch.cat([x, x]), torch.cat([t, t]), context, y).chunk(2)
+        if split:
+            out_uncond, out_cond = net(x, t, *uncond), net(x, t, *cond)
+        else:
+            out_uncond, out_cond = net(torch.cat([x, x]), torch.cat([t, t]), context, y).chunk(2)
         out = out_uncond + scale * (out_cond - out_uncond)
         if rescale > 0:
             dims = list(range(1, out.ndim))
@@ -214,8 +218,14 @@ def check(s: Settings, config, refiner_config=None):
 
 
 class Pipeline:
+    """Generation with one model. Two ways to run that trade speed for memory and leave the images (nearly) as
+    they are, set as attributes: cfg_mode "batch" (one UNet pass over [uncond, cond]) or "split" (two passes);
+    vae_tiling, None or a tile size in latents (e.g. 128 = 1024 px), for VAE decodes and encodes of large images
+    in overlapping, blended tiles (see tiled())."""
+
     def __init__(self, model, scheduler_config=None):
         self.model = model.eval()
+        self.cfg_mode, self.vae_tiling = "batch", None
         if next(model.vae.parameters()).dtype == torch.float16:
             # The SDXL VAE overflows in fp16 (NaN -> black images): keep it in float32, once (+167 MB).
             model.vae.float()
@@ -352,7 +362,7 @@ class Pipeline:
             else:
                 x = latents + noise_like(latents, generators) * sigmas[0].to(self.device)
 
-        guided_net = guided(net, cond, uncond, s.cfg, s.guidance_rescale)
+        guided_net = guided(net, cond, uncond, s.cfg, s.guidance_rescale, split=self.cfg_mode == "split")
         x0 = denoiser(guided_net, schedule)
         sampler = SAMPLERS[s.sampler]
         kwargs = {"after_step": after_step}
@@ -432,7 +442,8 @@ class Pipeline:
         (one image serves them all), times the scaling factor (diffusers' retrieve_latents with a list)."""
         vae = self.model.vae
         dtype = next(vae.parameters()).dtype
-        mean, logvar = vae.encode(pixel_batch.to(self.device, dtype))
+        pixels = pixel_batch.to(self.device, dtype)
+        mean, logvar = tiled(vae.encode, pixels, self.vae_tiling * 8, 1 / 8) if self.vae_tiling else vae.encode(pixels)
         mean, logvar = mean.expand(len(generators), -1, -1, -1), logvar.expand(len(generators), -1, -1, -1)
         latents = mean + torch.exp(0.5 * logvar) * noise_like(mean, generators)
         return latents.float() * vae.config.scaling_factor
@@ -442,7 +453,8 @@ class Pipeline:
         """Latents (B, 4, h, w) -> PIL images, pixels exactly as diffusers makes them."""
         vae = self.model.vae
         dtype = next(vae.parameters()).dtype  # float32 for fp16 models (see __init__), else the model's
-        images = vae.decode(latents.to(dtype) / vae.config.scaling_factor).float()
+        z = latents.to(dtype) / vae.config.scaling_factor
+        images = (tiled(vae.decode, z, self.vae_tiling, 8) if self.vae_tiling else vae.decode(z)).float()
         if not images.isfinite().all():
             raise NonFiniteError(f"the VAE decoded NaN or inf pixels: {self.likely_cause('vae')}")
         images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3) in [0, 1]
@@ -459,6 +471,50 @@ class Pipeline:
         if dtype == torch.float16:
             return "float16 overflowed in the " + stage + "; use --dtype bf16 or --dtype fp32."
         return "the weights are finite, so the settings drove it there; try a lower --cfg, or another sampler."
+
+
+def tiled(fn, x, tile, factor):
+    """fn over overlapping tile x tile windows of x (B, C, H, W), blended: fn's outputs (one tensor or a tuple,
+    each (B, C', H * factor, W * factor)) as one. Neighbouring tiles overlap by a quarter of a tile and are
+    cross-faded with linear ramps there, so no seam shows (every point's weights sum to 1 whatever the overlap:
+    a pointwise fn comes out exactly as untiled). Not exact: the VAE's mid-block attention sees one
+    tile instead of the whole image, and its GroupNorms take one tile's statistics (as diffusers' tiled VAE):
+    the bigger the tile, the closer to the whole. tests/test_fast_paths.py measures it."""
+    overlap = tile // 4
+    H, W = x.shape[-2:]
+
+    unit = round(1 / factor) if factor < 1 else 1  # an encode's tiles start on whole latents (8 pixels)
+
+    def starts(size):
+        if size <= tile:
+            return [0]
+        return [s - s % unit for s in range(0, size - tile, tile - overlap)] + [size - tile]
+
+    def ramp(start, length, size):  # (length * factor,) weights: rising over an overlap shared with a neighbour
+        n, ov = round(length * factor), round(overlap * factor)
+        w = torch.ones(n)
+        if start > 0:
+            w[:ov] = torch.linspace(1, ov, ov) / (ov + 1)
+        if start + length < size:
+            w[n - ov:] = torch.linspace(ov, 1, ov) / (ov + 1)
+        return w
+
+    total = weight = None
+    for top in starts(H):
+        for left in starts(W):
+            h, w = min(tile, H), min(tile, W)
+            out = fn(x[..., top:top + h, left:left + w])
+            out = out if isinstance(out, tuple) else (out,)
+            mask = (ramp(top, h, H)[:, None] * ramp(left, w, W)[None, :]).to(x.device)  # (h * f, w * f)
+            if total is None:
+                total = [o.new_zeros(*o.shape[:2], round(H * factor), round(W * factor)) for o in out]
+                weight = torch.zeros(round(H * factor), round(W * factor), device=x.device)
+            t, l = round(top * factor), round(left * factor)
+            for acc, o in zip(total, out):
+                acc[..., t:t + o.shape[-2], l:l + o.shape[-1]] += o * mask.to(o.dtype)
+            weight[t:t + mask.shape[0], l:l + mask.shape[1]] += mask
+    blended = tuple(acc / weight.to(acc.dtype) for acc in total)
+    return blended if len(blended) > 1 else blended[0]
 
 
 class NonFiniteError(ValueError):
