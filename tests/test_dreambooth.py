@@ -74,6 +74,15 @@ def final_state(out, step):
     return load_file(Path(out) / "checkpoints" / f"step-{step:06d}" / "state.safetensors")
 
 
+def weights_apart(a, b, start):
+    """(L2 of a - b, L2 of a - start) over every trained weight of two checkpoint states; start is the model's
+    state dict (no "param." prefix)."""
+    keys = [k for k in a if k.startswith("param.")]
+    apart = torch.cat([(a[k].float() - b[k].float()).flatten() for k in keys]).norm().item()
+    moved = torch.cat([(a[k].float() - start[k.removeprefix("param.")].float()).flatten() for k in keys]).norm().item()
+    return apart, moved
+
+
 # ----------------------------------------------------------------------------- DDP
 
 
@@ -96,9 +105,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(setup, tmp_path):
             assert abs(ra[key] - rb[key]) <= 1e-5 * abs(ra[key]), f"step {ra['step']} {key}: {ra[key]} vs {rb[key]}"
     start = load(setup / "tiny.safetensors").state_dict()
     wa, wb = final_state(one, 4), final_state(two, 4)
-    keys = [k for k in wa if k.startswith("param.")]
-    moved = torch.cat([(wa[k] - start[k.removeprefix("param.")]).flatten() for k in keys]).norm().item()
-    apart = torch.cat([(wa[k] - wb[k]).flatten() for k in keys]).norm().item()
+    apart, moved = weights_apart(wa, wb, start)
     print(f"DDP: weights apart {apart:.2e}, moved {moved:.2e} (L2)")
     assert moved > 1e-3 and apart <= 0.05 * moved, f"weights differ by {apart:.2e}; training moved them {moved:.2e} (L2)"
 

@@ -306,10 +306,6 @@ def test_bad_lora_settings_are_one_line_before_anything_loads(setup, tmp_path, c
 def test_the_full_size_lora_step_is_budgeted_under_16_gib():
     """Issue 4's way, on the meta device with a saved-tensor byte counter (tests/benchmarks/bench_train_step.py):
     rank 32 on kohya's UNet set, bf16 base, 1024², 1 instance + 1 class latent, gradient checkpointing."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
     from bench_train_step import lora_memory
 
     parts = lora_memory(rank=32)

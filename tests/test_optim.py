@@ -8,7 +8,7 @@ import torch
 
 from models.loading import load
 
-from test_dreambooth import args, final_state, finish, losses, run, setup  # noqa: F401 (setup is a fixture)
+from test_dreambooth import args, final_state, finish, losses, run, setup, weights_apart  # noqa: F401 (setup is a fixture)
 from train.dreambooth import main
 from train.optim import rounding_generator, stochastic_round
 
@@ -36,14 +36,6 @@ def test_stochastic_rounding_keeps_updates_smaller_than_half_an_ulp():
         stochastic = stochastic_round(stochastic.float() + 1e-4, rounding_generator(0, 0, step, stochastic.device))
     assert nearest.eq(1.0).all()
     assert abs(stochastic.float().mean().item() - 1.1) < 2e-3
-
-
-def relative_distance(a, b, start):
-    """L2 of a - b over every trained weight, relative to how far a moved from start (checkpoint states)."""
-    keys = [k for k in a if k.startswith("param.")]
-    apart = torch.cat([(a[k].float() - b[k].float()).flatten() for k in keys]).norm()
-    moved = torch.cat([(a[k].float() - start[k].float()).flatten() for k in keys]).norm()
-    return (apart / moved).item()
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
@@ -97,8 +89,8 @@ def test_two_processes_equal_one_for_every_option(setup, tmp_path, fields):
     wa, wb = final_state(one, 4), final_state(two, 4)
     states = lambda s: {k for k in s if not k.startswith("rng.")}
     assert states(wa) == states(wb)  # parallel=zero: process 0 saved every shard's moments
-    start = {f"param.{k}": v for k, v in load(setup / "tiny.safetensors").state_dict().items()}
-    apart = relative_distance(wa, wb, start)
+    apart, moved = weights_apart(wa, wb, load(setup / "tiny.safetensors").state_dict())
+    apart /= moved
     print(f"{fields}: 2 processes vs 1, weights apart {apart:.2e} of their move")
     # bf16 gradients summed in another order round differently: bf16's noise, as bf16 against float32 above
     assert apart <= (0.1 if fields.get("master_dtype") == "bf16" else 0.05)
@@ -136,10 +128,6 @@ def test_bad_optimizer_settings_are_one_line_before_anything_loads(setup, tmp_pa
 def test_full_unet_fine_tuning_is_budgeted_under_22_gib():
     """Issue 4's way (tests/benchmarks/bench_train_step.py): full-size SDXL UNet at 1024², 1 instance + 1 class
     latent, gradient checkpointing. Adafactor with bf16 weights and fused_backward fits a 24 GB card."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
     from bench_train_step import full_finetune_budget
 
     rows = full_finetune_budget()
