@@ -55,6 +55,15 @@ def mlp_activation(x, act):
     return x * torch.sigmoid(1.702 * x) if act == "quick_gelu" else F.gelu(x)
 
 
+def embedding(num, width):
+    """nn.Embedding(num, width), left uninitialised on the meta device (where the loaders build models): a meta
+    tensor has no values to draw, and Embedding's normal_ there imports torch._dynamo, ~2 s per process. (For
+    the same reason the parameters below scale their random start in place: `randn() * s` on meta imports it too.)"""
+    if torch.empty(0).is_meta:
+        return nn.Embedding(num, width, _weight=torch.empty(num, width))
+    return nn.Embedding(num, width)
+
+
 def check_tokens(tokens, cfg):
     if tokens.ndim != 2 or tokens.shape[1] > cfg.context_length or tokens.is_floating_point():
         raise ValueError(
@@ -120,8 +129,8 @@ class CLIPTextEncoder(nn.Module):
         self.config = cfg
         self.text_model = nn.ModuleDict(dict(
             embeddings=nn.ModuleDict(dict(
-                token_embedding=nn.Embedding(cfg.vocab_size, cfg.width),
-                position_embedding=nn.Embedding(cfg.context_length, cfg.width),
+                token_embedding=embedding(cfg.vocab_size, cfg.width),
+                position_embedding=embedding(cfg.context_length, cfg.width),
             )),
             encoder=nn.ModuleDict(dict(layers=nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.layers)))),
             final_layer_norm=nn.LayerNorm(cfg.width, eps=cfg.eps),  # in the checkpoint; unused by SDXL
@@ -206,12 +215,12 @@ class OpenCLIPTextEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         W = cfg.width
-        self.token_embedding = nn.Embedding(cfg.vocab_size, W)
-        self.positional_embedding = nn.Parameter(torch.randn(cfg.context_length, W) * 0.01)  # (77, W)
+        self.token_embedding = embedding(cfg.vocab_size, W)
+        self.positional_embedding = nn.Parameter(torch.randn(cfg.context_length, W).mul_(0.01))  # (77, W)
         blocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
         self.transformer = nn.ModuleDict(dict(resblocks=blocks))
         self.ln_final = nn.LayerNorm(W, eps=cfg.eps)
-        self.text_projection = nn.Parameter(torch.randn(W, cfg.projection_dim) * W**-0.5)  # (W, proj)
+        self.text_projection = nn.Parameter(torch.randn(W, cfg.projection_dim).mul_(W**-0.5))  # (W, proj)
 
     def forward(self, tokens):
         """tokens (B, T) long -> hidden_states[-2] (B, T, W) and the projected EOS feature (B, proj)."""

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import CLIPTokenizer  # the class diffusers' SDXL pipeline uses
 
 TOKENIZER_DIR = Path(__file__).parent / "tokenizer"  # vocab.json + merges.txt, installed as package data
 MAX_LENGTH = 77  # CLIP's context: BOS + up to 75 tokens + EOS
@@ -17,6 +16,10 @@ MAX_LENGTH = 77  # CLIP's context: BOS + up to 75 tokens + EOS
 
 def load_tokenizers():
     """Return (tokenizer_1, tokenizer_2) as in a diffusers SDXL repo's tokenizer/ and tokenizer_2/ folders."""
+    # Imported here, not at the top: transformers takes ~2 s to import, which a command that refuses its
+    # input before anything loads should not pay. CLIPTokenizer is the class diffusers' SDXL pipeline uses.
+    from transformers import CLIPTokenizer
+
     special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     # tokenizer_1 (CLIP ViT-L) pads with <|endoftext|> (id 49407).
     tokenizer_1 = CLIPTokenizer.from_pretrained(

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from models.loading import load, save_single_file
 from models.sdxl import SDXL, TINY
+from train.dreambooth import main
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -340,10 +341,18 @@ def test_class_images_are_shared_in_contiguous_batches():
     (["--config=/nonexistent/config.py"], "config file /nonexistent/config.py does not exist"),
     (["--resume=/nonexistent/step-000002"], "checkpoint /nonexistent/step-000002 does not exist"),
 ])
-def test_bad_config(setup, tmp_path, extra, fragment):
-    proc = run(args(setup, tmp_path / "o") + extra)
+def test_bad_config(setup, tmp_path, capsys, extra, fragment):
+    assert main(args(setup, tmp_path / "o") + extra) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and fragment in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_config_from_the_command_line_exits_2_in_one_line(setup, tmp_path):
+    """The cases above call main(); the real command gives the same line and exit status, and no traceback."""
+    proc = run(args(setup, tmp_path / "o") + ["--lr=fast"])
     out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2 and err.strip().count("\n") == 0 and fragment in err, err
+    assert proc.returncode == 2 and err.strip().count("\n") == 0 and "lr must be float" in err, err
 
 
 def test_bad_images(setup, tmp_path):

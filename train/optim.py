@@ -21,7 +21,6 @@ import math
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 
 def make_optimizer(config, params):
@@ -33,6 +32,9 @@ def make_optimizer(config, params):
     if config.fused_backward or config.master_dtype == "bf16":
         return PerTensor(params, lambda p: kind([p], **options), config.seed)
     if config.parallel == "zero" and dist.is_initialized():  # one process has nothing to shard
+        # Imported here: torch.distributed.optim pulls in FSDP and DTensor, ~2 s that every other run would pay.
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
         return ZeroRedundancyOptimizer(params, optimizer_class=kind, **options)
     return kind(params, **options)
 
