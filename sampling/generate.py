@@ -115,6 +115,11 @@ def parse_args(argv):
                    help="VAE decode/encode of big images in overlapping tiles of this many latents (default 128 = "
                         "1024 px, as diffusers' SDXL tiles); not exact: each tile normalises and attends on its own")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (the first step compiles it: minutes; later steps run faster)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the model on the CPU and move each part (text encoders, UNet, VAE) to --device only "
+                        "while it runs: a GPU too small for the whole model needs room for the UNet alone")
     p.add_argument("--out", default="outputs")
     p.add_argument("--from-png", help="re-run the generation recorded in this PNG (other flags override it)")
     return p.parse_args(argv)
@@ -264,17 +269,25 @@ def check_loras(info, loras):
         merge_lora(shell, path, scale, apply=False)
 
 
-def check_fits(info, settings, dtype, device, refiner_info=None):
+def check_fits(info, settings, dtype, device, refiner_info=None, offload=False):
     """Refuse a generation whose estimated memory exceeds what the device has free (sampling.pipeline.memory_estimate);
-    with the hi-res fix, at its second pass's size; with a refiner, its weights loaded too."""
+    with the hi-res fix, at its second pass's size; with a refiner, its weights loaded too; with offload, only the
+    UNet's weights (the largest part, and the only one on the device while it runs)."""
+    import torch
+
+    from models.unet import UNet
     from sampling.pipeline import hires_second_pass, memory_estimate
 
     s = settings
     if s.hires_scale is not None:
         settings = hires_second_pass(s)  # the largest size of the run
     dtype_bytes = {"fp32": 4}.get(dtype, 2)
-    need = memory_estimate(info.config, settings, info.parameters, dtype_bytes)
-    if refiner_info is not None:
+    parameters = info.parameters
+    if offload:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in UNet(info.config.unet).parameters())
+    need = memory_estimate(info.config, settings, parameters, dtype_bytes)
+    if refiner_info is not None and not offload:
         need += refiner_info.parameters * dtype_bytes
     free = available_memory(device)
     if free is not None and need > free:
@@ -361,6 +374,9 @@ def generate(args, written, check_interrupt):
         if args.vae_tiling is not None and args.vae_tiling < 8:
             raise ValueError(f"--vae-tiling {args.vae_tiling} is too small: it is a tile size in latents, at least 8 "
                              "(128 = 1024 px, the default when the flag is given alone)")
+        if args.offload and device.type == "cpu":
+            raise ValueError("--offload moves the model's parts to --device while they run; with --device cpu "
+                             "there is nothing to offload: give --device cuda, or drop --offload")
         info = inspect(model)  # headers and configs only: the settings are checked before the weights load
         refiner_info = inspect(refiner) if refiner else None
         check(opened, info.config, refiner_info.config if refiner_info else None)
@@ -371,12 +387,16 @@ def generate(args, written, check_interrupt):
         opened = with_output_size(opened, info.config.unet)
         settings = replace(settings, width=opened.width, height=opened.height)
         check_steps(info, refiner_info, opened)
-        check_fits(info, opened, args.dtype, device, refiner_info)
-        pipe = Pipeline.load(info.path, dtype=args.dtype, device=device, vae=vae, loras=loras)
+        check_fits(info, opened, args.dtype, device, refiner_info, args.offload)
+        home = "cpu" if args.offload else device  # with --offload the weights stay on the CPU between uses
+        pipe = Pipeline.load(info.path, dtype=args.dtype, device=home, vae=vae, loras=loras)
         # --vae replaces both stages' VAE: the refiner decodes, and the PNG records one VAE.
-        refiner_pipe = Pipeline.load(refiner_info.path, dtype=args.dtype, device=device, vae=vae) if refiner else None
+        refiner_pipe = Pipeline.load(refiner_info.path, dtype=args.dtype, device=home, vae=vae) if refiner else None
         for p in filter(None, (pipe, refiner_pipe)):  # ways to run that leave the images as they are
             p.cfg_mode, p.vae_tiling = args.cfg_mode, args.vae_tiling
+            p.offload = device if args.offload else None
+            if args.compile:
+                p.model.unet.compile()  # in place: the module and its parameter names stay as they are
         model_file_hash = model_hash(info.path) if info.path.is_file() else None
         refiner_hash = model_hash(refiner_info.path) if refiner and refiner_info.path.is_file() else None
         lora_records = [(path, scale, addnet_hash(path)) for path, scale in loras]

@@ -5,6 +5,7 @@ Reproduces diffusers' StableDiffusionXLPipeline image for image on the same weig
 """
 
 import math
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -218,14 +219,15 @@ def check(s: Settings, config, refiner_config=None):
 
 
 class Pipeline:
-    """Generation with one model. Two ways to run that trade speed for memory and leave the images (nearly) as
+    """Generation with one model. Three ways to run that trade speed for memory and leave the images (nearly) as
     they are, set as attributes: cfg_mode "batch" (one UNet pass over [uncond, cond]) or "split" (two passes);
     vae_tiling, None or a tile size in latents (e.g. 128 = 1024 px), for VAE decodes and encodes of large images
-    in overlapping, blended tiles (see tiled())."""
+    in overlapping, blended tiles (see tiled()); offload, None or a device (e.g. cuda) that each part of a model
+    kept on the CPU visits only while it runs (see on_device())."""
 
     def __init__(self, model, scheduler_config=None):
         self.model = model.eval()
-        self.cfg_mode, self.vae_tiling = "batch", None
+        self.cfg_mode, self.vae_tiling, self.offload = "batch", None, None
         if next(model.vae.parameters()).dtype == torch.float16:
             # The SDXL VAE overflows in fp16 (NaN -> black images): keep it in float32, once (+167 MB).
             model.vae.float()
@@ -247,7 +249,24 @@ class Pipeline:
 
     @property
     def device(self):
-        return next(self.model.parameters()).device
+        """Where the generation runs: the offload device, else where the weights are."""
+        return torch.device(self.offload) if self.offload is not None else next(self.model.parameters()).device
+
+    @contextmanager
+    def on_device(self, *names):
+        """With offload set, the model's parts `names` ("unet", "vae", "text_encoder_1", ...) move to that device
+        for the block and back to the CPU after it (also on an error), so the device holds one part at a time:
+        the UNet's weights at most, where the whole model would need the text encoders and the VAE too
+        (diffusers' enable_model_cpu_offload). Without offload, nothing moves."""
+        parts = [getattr(self.model, n) for n in names if getattr(self.model, n) is not None]
+        if self.offload is None:
+            yield
+            return
+        with ExitStack() as undo:
+            for part in parts:
+                part.to(self.offload)
+                undo.callback(part.to, "cpu")
+            yield
 
     @property
     def dtype(self):
@@ -264,6 +283,10 @@ class Pipeline:
 
     def conditioning(self, s: Settings):
         """(cond, uncond) as (context, y) pairs, batch num_images; uncond is None without guidance."""
+        with self.on_device("text_encoder_1", "text_encoder_2"):
+            return self.encode_conditioning(s)
+
+    def encode_conditioning(self, s: Settings):
         B, refiner, weighted = s.num_images, self.is_refiner, s.prompt_weights
         chunks = max(num_chunks(self.tokenizers, p, s.truncate_prompt, weighted) for p in [s.prompt, s.negative_prompt or ""])
         # One prompt for the whole batch: encode it once, repeat it B times.
@@ -371,7 +394,7 @@ class Pipeline:
         if schedule.sigmas_to is not None:
             kwargs["sigmas_to"] = schedule.sigmas_to[start:end]
         # The bar is cleared when done and also on an error or Ctrl-C, so the error line starts a line.
-        with tqdm(total=end - start, disable=not progress, desc=s.sampler, leave=False) as bar:
+        with self.on_device("unet"), tqdm(total=end - start, disable=not progress, desc=s.sampler, leave=False) as bar:
             kwargs["callback"] = lambda info: (bar.update(1), callback and callback(info))
             x = sampler(x0, x, sigmas, **kwargs)
 
@@ -443,7 +466,8 @@ class Pipeline:
         vae = self.model.vae
         dtype = next(vae.parameters()).dtype
         pixels = pixel_batch.to(self.device, dtype)
-        mean, logvar = tiled(vae.encode, pixels, self.vae_tiling * 8, 1 / 8) if self.vae_tiling else vae.encode(pixels)
+        with self.on_device("vae"):
+            mean, logvar = tiled(vae.encode, pixels, self.vae_tiling * 8, 1 / 8) if self.vae_tiling else vae.encode(pixels)
         mean, logvar = mean.expand(len(generators), -1, -1, -1), logvar.expand(len(generators), -1, -1, -1)
         latents = mean + torch.exp(0.5 * logvar) * noise_like(mean, generators)
         return latents.float() * vae.config.scaling_factor
@@ -453,8 +477,9 @@ class Pipeline:
         """Latents (B, 4, h, w) -> PIL images, pixels exactly as diffusers makes them."""
         vae = self.model.vae
         dtype = next(vae.parameters()).dtype  # float32 for fp16 models (see __init__), else the model's
-        z = latents.to(dtype) / vae.config.scaling_factor
-        images = (tiled(vae.decode, z, self.vae_tiling, 8) if self.vae_tiling else vae.decode(z)).float()
+        z = latents.to(self.device, dtype) / vae.config.scaling_factor
+        with self.on_device("vae"):
+            images = (tiled(vae.decode, z, self.vae_tiling, 8) if self.vae_tiling else vae.decode(z)).float()
         if not images.isfinite().all():
             raise NonFiniteError(f"the VAE decoded NaN or inf pixels: {self.likely_cause('vae')}")
         images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3) in [0, 1]

@@ -156,7 +156,7 @@ def encode_prompts(model, tokenizers, prompts, truncate=False, min_chunks=1, wei
     # Each encoder's share of the context's channels and its tokenizer: [CLIP-L | bigG], or bigG alone.
     encoders = [(te.width, i) for i, te in enumerate((model.config.text_encoder_1, model.config.text_encoder_2))
                 if te is not None]
-    device = next(model.parameters()).device
+    device = next(model.text_encoder_2.parameters()).device  # (with offload, the UNet may be elsewhere)
     contexts, pooled = [], None
     for k in range(chunks):
         picked = [[c[k] if k < len(c) else e for c in rows] for rows, e in zip(per_tokenizer, empty)]

@@ -2,6 +2,8 @@
 against the batched CFG pass, and --vae-tiling's blended tiles (exact on a pointwise function, close to the
 untiled VAE on the tiny model, and without seams)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +75,61 @@ def test_split_cfg_from_the_command_line_gives_the_same_image(tmp_path):
     base = ["--prompt", "1girl, smile", "--steps", "3", "--seed", "5", "--width", "128", "--height", "128"]
     assert main(base + ["--out", str(tmp_path / "a")]) == 0
     assert main(base + ["--cfg-mode", "split", "--vae-tiling", "16", "--out", str(tmp_path / "b")]) == 0
+    (a,), (b,) = sorted((tmp_path / "a").glob("*.png")), sorted((tmp_path / "b").glob("*.png"))
+    pa, pb = (np.asarray(Image.open(p), dtype=float) for p in (a, b))
+    assert np.abs(pa - pb).max() <= 1
+
+
+def test_offload_holds_one_part_on_the_device_at_a_time_and_leaves_the_images():
+    """With offload, each part moves to the device just before it runs and back to the CPU after it. Here the
+    device is "cpu:0": the same memory, but a name the moves can be told apart by (in: cpu:0, out: cpu)."""
+    model = tiny_model()
+    pipe = Pipeline(model)
+    s = Settings(prompt="1girl, smile", negative_prompt="lowres", width=64, height=64, steps=3, sampler="euler",
+                 init_image=None, seed=2)
+    img2img = Settings(prompt="1girl", width=64, height=64, steps=4, sampler="euler", seed=2)
+    plain = [pipe(s, progress=False)[0], pipe(replace(img2img, init_image=pipe(s, progress=False)[0]), progress=False)[0]]
+    events = []
+    for name in ("text_encoder_1", "text_encoder_2", "unet", "vae"):
+        part = getattr(model, name)
+        part.to = lambda device, name=name, move=part.to: (events.append((name, str(device))), move(device))[1]
+        part.register_forward_pre_hook(lambda module, args, name=name: events.append((name, "runs")))
+    for method in ("encode", "decode"):  # the VAE runs through these, not forward
+        setattr(model.vae, method, lambda *a, run=getattr(model.vae, method): (events.append(("vae", "runs")), run(*a))[1])
+    pipe.offload = "cpu:0"
+    first = pipe(s, progress=False)[0]
+    offloaded = [first, pipe(replace(img2img, init_image=first), progress=False)[0]]
+    for a, b in zip(plain, offloaded):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    on = set()
+    for name, what in events:
+        if what == "runs":
+            assert name in on, f"the {name} ran before it was moved to the device"
+        else:
+            (on.add if what == "cpu:0" else on.discard)(name)
+        assert on <= {"text_encoder_1", "text_encoder_2"} or len(on) == 1, f"on the device at once: {sorted(on)}"
+    assert not on, f"left on the device: {sorted(on)}"
+    assert {n for n, w in events if w == "runs"} == {"text_encoder_1", "text_encoder_2", "unet", "vae"}
+
+
+def test_offload_on_the_cpu_is_one_line(tmp_path, capsys):
+    assert main(["--prompt", "x", "--offload", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "with --device cpu there is nothing to offload" in err, err
+
+
+def test_compile_compiles_the_unet_and_leaves_the_image(tmp_path, monkeypatch):
+    """--compile calls the UNet's Module.compile. Inductor takes minutes on a CPU, so the test compiles with
+    dynamo's eager backend: the UNet is traced into graphs and run from them, and the image stays the same."""
+    from PIL import Image
+
+    compiled, original = [], torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: (compiled.append(type(self).__name__),
+                                                                   original(self, backend="eager"))[1])
+    base = ["--prompt", "1girl, smile", "--steps", "2", "--seed", "5"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--compile", "--out", str(tmp_path / "b")]) == 0
+    assert compiled == ["UNet"]
     (a,), (b,) = sorted((tmp_path / "a").glob("*.png")), sorted((tmp_path / "b").glob("*.png"))
     pa, pb = (np.asarray(Image.open(p), dtype=float) for p in (a, b))
     assert np.abs(pa - pb).max() <= 1

@@ -3,20 +3,24 @@
     python tests/benchmarks/run.py [--quick] [--json FILE] [--dir CACHE]
 
 Every measurement runs in a fresh process (`--worker SPEC`), plainxl and diffusers alternating, so each
-peak resident memory (VmHWM) is its own; a process does one warm-up call, then `repeats` timed ones, and
-the table gives the median over all rounds. Full-size random weights (seeded, std 1/sqrt(fan_in)) are
+peak resident memory (VmHWM) is its own; a process does one warm-up call, then `repeats` timed ones (more
+for a fast call), and the table gives the median over all rounds. Full-size random weights (seeded, std 1/sqrt(fan_in)) are
 written once in bf16 to the cache folder, in our layout and, through the project's converter, in
 diffusers'; each process reads them one tensor at a time, so loading adds one tensor to the peak.
 Benchmarks are measurements, never asserts. Writes tests/benchmarks/RESULTS.md (machine, torch, the tables).
 
-Workloads: the UNet forward with a classifier-free-guidance batch of 2 (the tiny config; full SDXL at 512²
-in bf16, and in fp32 without --quick), the full-size UNet's outputs compared in fp32 (256² with --quick,
-512² without), the full-size VAE decode to 512² (bf16; fp32 without --quick), and this machine's matmul
-peak with each full-size forward's FLOPs (torch.utils.flop_counter) as a fraction of it.
+Workloads (tests/benchmarks/workers.py builds each): the UNet forward with a classifier-free-guidance batch of
+2 (the tiny config; full SDXL at 512², bf16 and, without --quick, fp32); the full-size VAE decode to 512²; both
+full-size text encoders; the whole text-to-image call (20 steps) on a mid-size model; one DreamBooth step
+(tiny and mid-size UNet, with and without gradient checkpointing); loading a full-size fp16 single file (as
+fp16, and as fp32 without --quick); the full-size UNet's outputs compared in fp32 (256² with --quick, 512²
+without); this machine's matmul peak with each full-size forward's FLOPs (torch.utils.flop_counter) as a
+fraction of it; and, without --quick, plainxl's scaling over resolution and batch with each curve's exponent.
 """
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -36,141 +40,25 @@ def peak_bytes():
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
 
 
-# ----------------------------------------------------------------------------- weights
-
-
-def random_weights(module, seed=0):
-    """A state dict for `module` (built on the meta device): matrices and kernels ~ N(0, 1/fan_in), norm
-    scales 1, biases 0, each tensor from its own seeded generator."""
-    import torch
-
-    out = {}
-    for i, (name, p) in enumerate(module.state_dict().items()):
-        if p.ndim >= 2:
-            g = torch.Generator().manual_seed(seed * 100_003 + i)
-            out[name] = torch.randn(p.shape, generator=g) / (p[0].numel() ** 0.5)
-        else:
-            out[name] = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
-    return out
-
-
-def write_weights(cache):
-    """cache/{unet,vae}_{ours,diffusers}.safetensors in bf16, and the diffusers configs; once."""
-    import torch
-    from safetensors.torch import save_file
-
-    from models.diffusers_layout import unet_config_to_diffusers, vae_config_to_diffusers
-    from models.keys import unet_to_diffusers, vae_to_diffusers
-    from models.unet import SDXL_BASE, UNet
-    from models.vae import SDXL_VAE, AutoencoderKL
-
-    cache.mkdir(parents=True, exist_ok=True)
-    for name, build, config, to_diffusers, config_to_diffusers in [
-        ("unet", lambda: UNet(SDXL_BASE), SDXL_BASE, lambda sd: unet_to_diffusers(sd, SDXL_BASE.num_res_blocks),
-         unet_config_to_diffusers),
-        ("vae", lambda: AutoencoderKL(SDXL_VAE), SDXL_VAE, vae_to_diffusers, vae_config_to_diffusers),
-    ]:
-        if (cache / f"{name}_diffusers.safetensors").exists():
-            continue
-        print(f"writing random full-size {name} weights to {cache} (once)", flush=True)
-        with torch.device("meta"):
-            module = build()
-        sd = {k: v.to(torch.bfloat16).contiguous() for k, v in random_weights(module).items()}
-        save_file(sd, cache / f"{name}_ours.safetensors")
-        save_file({k: v.contiguous() for k, v in to_diffusers(sd).items()}, cache / f"{name}_diffusers.safetensors")
-        (cache / f"{name}_diffusers.json").write_text(json.dumps(config_to_diffusers(config)))
-
-
-def assign(module, path, dtype):
-    """Load a meta-device module's weights from a file, one tensor at a time, cast to dtype."""
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as f:
-        module.load_state_dict({k: f.get_tensor(k).to(dtype) for k in f.keys()}, assign=True)
-    return module.eval()
-
-
-# ----------------------------------------------------------------------------- workers (one per process)
-
-
-def build_unet(spec, dtype):
-    """-> a callable running one forward of the chosen UNet on the spec's inputs."""
-    import torch
-
-    from models.conditioning import vector_condition
-    from models.diffusers_layout import unet_config_to_diffusers
-    from models.keys import unet_to_diffusers
-    from models.unet import SDXL_BASE, TINY, UNet
-
-    cfg = SDXL_BASE if spec["size"] == "full" else TINY
-    cache = Path(spec["cache"])
-    if spec["size"] == "full":
-        with torch.device("meta"):
-            ours = UNet(cfg)
-        state = None
-    else:
-        torch.manual_seed(0)
-        ours = UNet(cfg)
-        state = ours.state_dict()
-    n, r = spec["batch"], spec["resolution"] // 8
-    g = torch.Generator().manual_seed(1)
-    x, t = torch.randn(n, 4, r, r, generator=g).to(dtype), torch.full((n,), 500.0)
-    context = torch.randn(n, 77, cfg.context_dim, generator=g).to(dtype)
-    pooled = torch.randn(n, cfg.adm_in_channels - 6 * cfg.micro_cond_dim, generator=g).to(dtype)
-    time_ids = torch.tensor([[spec["resolution"]] * 2 + [0, 0] + [spec["resolution"]] * 2] * n, dtype=torch.float32)
-    if spec["impl"] == "ours":
-        net = assign(ours, cache / "unet_ours.safetensors", dtype) if state is None else ours.to(dtype).eval()
-        y = vector_condition(pooled, time_ids, cfg.micro_cond_dim).to(dtype)
-        return lambda: net(x, t, context, y)
-    from diffusers import UNet2DConditionModel
-
-    config = {k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")}
-    if state is None:
-        with torch.device("meta"):
-            net = UNet2DConditionModel(**config)
-        net = assign(net, cache / "unet_diffusers.safetensors", dtype)
-    else:
-        del ours
-        net = UNet2DConditionModel(**config)
-        net.load_state_dict(unet_to_diffusers(state, cfg.num_res_blocks))
-        net = net.to(dtype).eval()
-    added = {"text_embeds": pooled, "time_ids": time_ids.to(dtype)}
-    return lambda: net(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
-
-
-def build_vae(spec, dtype):
-    import torch
-
-    from models.vae import SDXL_VAE, AutoencoderKL
-
-    cache = Path(spec["cache"])
-    r = spec["resolution"] // 8
-    z = torch.randn(1, 4, r, r, generator=torch.Generator().manual_seed(1)).to(dtype)
-    if spec["impl"] == "ours":
-        with torch.device("meta"):
-            vae = AutoencoderKL(SDXL_VAE)
-        vae = assign(vae, cache / "vae_ours.safetensors", dtype)
-        return lambda: vae.decode(z)
-    from diffusers import AutoencoderKL as DiffusersVAE
-
-    config = {k: v for k, v in json.loads((cache / "vae_diffusers.json").read_text()).items() if not k.startswith("_")}
-    with torch.device("meta"):
-        vae = DiffusersVAE(**config)
-    vae = assign(vae, cache / "vae_diffusers.safetensors", dtype)
-    return lambda: vae.decode(z).sample
+# ----------------------------------------------------------------------------- one process
 
 
 def worker(spec):
     """Run one spec in this process and print one JSON line: seconds per timed call, peak memory."""
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
+    from workers import BUILDERS
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]]
     if spec["kind"] == "matmul":
         return print(json.dumps(matmul_peak()))
-    call = (build_unet if spec["kind"] == "unet" else build_vae)(spec, dtype)
+    call = BUILDERS[spec["kind"]](spec, dtype)
+    warm_up = spec["kind"] != "load"  # a load is timed once: a second would hold two models
     times = []
-    with torch.inference_mode():
-        for _ in range(1 + spec["repeats"]):
+    with torch.inference_mode(spec["kind"] != "train"):
+        # At least `repeats` timed calls, and for fast calls as many as fill 3 s (up to 50), so that a 0.1 s
+        # workload's median is not three samples of noise.
+        while len(times) < warm_up + spec["repeats"] or (warm_up and sum(times[1:]) < 3 and len(times) < 51):
             start = time.perf_counter()
             out = call()
             times.append(time.perf_counter() - start)
@@ -178,15 +66,22 @@ def worker(spec):
         from safetensors.torch import save_file
 
         save_file({"out": out.float().contiguous()}, spec["save"])
-    print(json.dumps({"seconds": times[1:], "peak": peak_bytes()}))
+    print(json.dumps({"seconds": times[warm_up:], "peak": peak_bytes(), "weights": out if spec["kind"] == "load" else 0}))
 
 
 def matmul_peak(n=4096, repeats=5):
-    """GFLOP/s of the best of `repeats` n x n matmuls, fp32 and bf16: this machine's reachable peak."""
+    """GFLOP/s of the best of `repeats` n x n matmuls, fp32 and bf16: this machine's reachable peak. A CPU
+    without native bf16 (no AVX512-BF16 or AMX) emulates it hundreds of times slower than fp32: a 512² probe
+    finds that in a second, and bf16 is then reported as None (its workloads are skipped)."""
     import torch
 
     out = {}
     for name, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16)]:
+        a, b = torch.randn(512, 512).to(dtype), torch.randn(512, 512).to(dtype)
+        a @ b
+        if name == "bf16" and 2 * 512**3 / timed(lambda: a @ b) / 1e9 < out["fp32"] / 10:
+            out[name] = None
+            continue
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         a @ b
         best = min(timed(lambda: a @ b) for _ in range(repeats))
@@ -229,14 +124,24 @@ def run_worker(spec):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def measure(spec, rounds):
-    """Alternate ours / diffusers in fresh processes -> {impl: (median seconds, peak bytes)}."""
-    runs = {"ours": [], "diffusers": []}
+def measure(spec, rounds, impls=("ours", "diffusers")):
+    """Alternate the implementations in fresh processes -> {impl: (median seconds, peak bytes, weight bytes)}."""
+    runs = {impl: [] for impl in impls}
     for _ in range(rounds):
         for impl in runs:
+            if spec["kind"] == "load":  # each load reads the file from the page cache, none from the disk
+                subprocess.run(["cat", str(Path(spec["cache"]) / "sdxl_fp16.safetensors")], stdout=subprocess.DEVNULL,
+                               check=True)
             runs[impl].append(run_worker(spec | {"impl": impl}))
-    return {impl: (statistics.median(s for r in rs for s in r["seconds"]), max(r["peak"] for r in rs))
-            for impl, rs in runs.items()}
+    return {impl: (statistics.median(s for r in rs for s in r["seconds"]), max(r["peak"] for r in rs),
+                   rs[0]["weights"]) for impl, rs in runs.items()}
+
+
+def exponent(sizes, seconds):
+    """The least-squares slope of log(seconds) on log(size): time grows as size ** exponent."""
+    xs, ys = [math.log(x) for x in sizes], [math.log(y) for y in seconds]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
 def parity(cache, resolution, tmp):
@@ -250,11 +155,66 @@ def parity(cache, resolution, tmp):
     return float((a - b).abs().max()), float((a - b).norm() / b.norm()), float(b.abs().max())
 
 
+def workloads(quick, bf16):
+    """(name, spec) of every side-by-side workload; --quick keeps the cheaper half. Without native bf16 (bf16 False)
+    the bf16 rows are left out, and --quick runs the full-size UNet in fp32 at 256² instead."""
+    unet = dict(kind="unet", size="full", batch=2, resolution=512)
+    rows = [
+        ("UNet, tiny config, 256², batch 2", dict(kind="unet", size="tiny", dtype="fp32", resolution=256, batch=2)),
+        ("UNet, tiny config, 256², batch 2, bf16", dict(kind="unet", size="tiny", dtype="bf16", resolution=256, batch=2)),
+        ("UNet, full SDXL, 512², batch 2, bf16", unet | dict(dtype="bf16")),
+        ("VAE decode, full SDXL, to 512², bf16", dict(kind="vae", dtype="bf16", resolution=512)),
+        ("UNet, full SDXL, 256², batch 2, fp32", unet | dict(dtype="fp32", resolution=256)),
+        ("text encoders, full size, 2 prompts", dict(kind="text", dtype="fp32")),
+        ("text to image, mid-size model, 256², 20 steps, CFG 5", dict(kind="pipeline", dtype="fp32", resolution=256)),
+        ("DreamBooth step, tiny config, 256², 1+1", dict(kind="train", size="tiny", dtype="fp32", resolution=256,
+                                                       checkpointing=False)),
+        ("DreamBooth step, mid-size UNet, 256², 1+1, checkpointing", dict(kind="train", size="mid", dtype="fp32",
+                                                                         resolution=256, checkpointing=True)),
+        ("load the full-size fp16 file as fp16", dict(kind="load", dtype="fp16")),
+    ]
+    if not quick:
+        rows += [
+            ("UNet, tiny config, 256², batch 2, torch.compile", dict(kind="unet", size="tiny", dtype="fp32",
+                                                                    resolution=256, batch=2, compile=True)),
+            ("UNet, full SDXL, 512², batch 2, fp32", unet | dict(dtype="fp32")),
+            ("VAE decode, full SDXL, to 512², fp32", dict(kind="vae", dtype="fp32", resolution=512)),
+            ("text encoders, full size, 2 prompts, bf16", dict(kind="text", dtype="bf16")),
+            ("DreamBooth step, tiny config, 256², 1+1, checkpointing", dict(kind="train", size="tiny", dtype="fp32",
+                                                                           resolution=256, checkpointing=True)),
+            ("DreamBooth step, mid-size UNet, 256², 1+1", dict(kind="train", size="mid", dtype="fp32", resolution=256,
+                                                              checkpointing=False)),
+            ("load the full-size fp16 file as fp32", dict(kind="load", dtype="fp32")),
+        ]
+    if not bf16:
+        rows = [(name, spec) for name, spec in rows if spec["dtype"] != "bf16"]
+    if bf16 or not quick:
+        rows = [(name, spec) for name, spec in rows if not name.startswith("UNet, full SDXL, 256²")]
+    return rows
+
+
+def scaling(cache, repeats, dtype):
+    """plainxl's full-size UNet forward over resolution (batch 1) and batch (512²) -> table rows, exponents."""
+    rows, curves = [], {}
+    for axis, points in [("resolution", [(r, 1) for r in (256, 512, 768, 1024)]), ("batch", [(512, b) for b in (1, 2, 4)])]:
+        seconds = []
+        for resolution, batch in points:
+            spec = dict(kind="unet", size="full", dtype=dtype, resolution=resolution, batch=batch, repeats=repeats,
+                        cache=str(cache))
+            s, peak, _ = measure(spec, 1, impls=("ours",))["ours"]
+            seconds.append(s)
+            rows.append(f"| {resolution}² | {batch} | {s:.2f} | {peak / GiB:.2f} |")
+            print("  " + rows[-1], flush=True)
+        sizes = [r * r if axis == "resolution" else b for r, b in points]
+        curves[axis] = exponent(sizes, seconds)
+    return rows, curves
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer workloads and rounds: under 10 minutes on 2 CPU cores")
     parser.add_argument("--json", help="also write every number here")
-    parser.add_argument("--dir", default=str(Path.home() / ".cache" / "plainxl-bench"), help="random weights (10 GB)")
+    parser.add_argument("--dir", default=str(Path.home() / ".cache" / "plainxl-bench"), help="random weights (24 GB)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -262,30 +222,27 @@ def main():
 
     import torch
 
+    from workers import write_weights
+
     cache = Path(args.dir)
     started = time.time()
     write_weights(cache)
     rounds, repeats = (1, 3) if args.quick else (3, 3)
-    rows, results = [], {}
-    workloads = [
-        ("UNet, tiny config, 256², batch 2", dict(kind="unet", size="tiny", dtype="fp32", resolution=256, batch=2)),
-        ("UNet, tiny config, 256², batch 2, bf16", dict(kind="unet", size="tiny", dtype="bf16", resolution=256, batch=2)),
-        ("UNet, full SDXL, 512², batch 2, bf16", dict(kind="unet", size="full", dtype="bf16", resolution=512, batch=2)),
-        ("VAE decode, full SDXL, to 512², bf16", dict(kind="vae", dtype="bf16", resolution=512)),
-    ]
-    if not args.quick:
-        workloads += [
-            ("UNet, full SDXL, 512², batch 2, fp32", dict(kind="unet", size="full", dtype="fp32", resolution=512, batch=2)),
-            ("VAE decode, full SDXL, to 512², fp32", dict(kind="vae", dtype="fp32", resolution=512)),
-        ]
-    for name, spec in workloads:
+    peak = run_worker({"kind": "matmul", "dtype": "fp32"})
+    rows, loads, results = [], [], {"matmul_gflops": peak}
+    for name, spec in workloads(args.quick, bf16=peak["bf16"] is not None):
         print(f"{name} ...", flush=True)
-        got = measure(spec | {"repeats": repeats, "cache": str(cache)}, rounds)
-        (ours_s, ours_peak), (theirs_s, theirs_peak) = got["ours"], got["diffusers"]
+        got = measure(spec | {"repeats": 1 if spec["kind"] == "load" else repeats, "cache": str(cache)}, rounds)
+        (ours_s, ours_peak, ours_bytes), (theirs_s, theirs_peak, theirs_bytes) = got["ours"], got["diffusers"]
         results[name] = {"ours_s": ours_s, "diffusers_s": theirs_s, "ours_peak": ours_peak, "diffusers_peak": theirs_peak}
         rows.append(f"| {name} | {ours_s:.3f} | {theirs_s:.3f} | **{ours_s / theirs_s:.2f}** | {ours_peak / GiB:.2f} | "
                     f"{theirs_peak / GiB:.2f} | **{ours_peak / theirs_peak:.2f}** |")
         print("  " + rows[-1], flush=True)
+        if spec["kind"] == "load":
+            file = (cache / "sdxl_fp16.safetensors").stat().st_size
+            results[name] |= {"file": file, "ours_weights": ours_bytes, "diffusers_weights": theirs_bytes}
+            loads.append(f"| {name} | {file / GiB:.2f} | {ours_bytes / GiB:.2f} | {ours_peak / file:.2f} | "
+                         f"{ours_peak / ours_bytes:.2f} | {theirs_peak / file:.2f} | {theirs_peak / theirs_bytes:.2f} |")
 
     print("full-size parity and matmul peak ...", flush=True)
     tmp = cache / "outputs"
@@ -293,35 +250,52 @@ def main():
     resolution = 256 if args.quick else 512
     max_diff, rel_l2, scale = parity(cache, resolution, tmp)
     results["parity"] = {"resolution": resolution, "max_abs_diff": max_diff, "relative_l2": rel_l2, "output_max": scale}
-    peak = run_worker({"kind": "matmul", "dtype": "fp32"})
-    results["matmul_gflops"] = peak
-    flops = unet_flops(512)
     fraction = []
-    for name, r in results.items():
-        if name.startswith("UNet, full SDXL, 512²"):
-            dtype = "bf16" if "bf16" in name else "fp32"
+    for name, spec in workloads(args.quick, bf16=peak["bf16"] is not None):
+        if spec["kind"] == "unet" and spec["size"] == "full":
+            r, dtype, flops = results[name], spec["dtype"], unet_flops(spec["resolution"])
             rate = {impl: flops / r[f"{impl}_s"] / 1e9 for impl in ("ours", "diffusers")}
             r["fraction_of_peak"] = {impl: rate[impl] / peak[dtype] for impl in rate}
             fraction.append(f"| {name} | {flops / 1e12:.2f} | {rate['ours']:.0f} ({rate['ours'] / peak[dtype]:.0%}) | "
                             f"{rate['diffusers']:.0f} ({rate['diffusers'] / peak[dtype]:.0%}) |")
+    scale_rows, curves = [], {}
+    if not args.quick:
+        print("scaling ...", flush=True)
+        scale_dtype = "bf16" if peak["bf16"] else "fp32"
+        scale_rows, curves = scaling(cache, repeats, scale_dtype)
+        results["scaling_exponents"] = curves
 
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.machine())
+    machine = f"{cpu}, {os.cpu_count()} cores"
     report = [
         "# Benchmark results", "",
         f"`python tests/benchmarks/run.py{' --quick' if args.quick else ''}` on {date.today()}: {machine}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, diffusers {version('diffusers')}; "
-        f"{rounds} round(s) of fresh processes, {repeats} timed calls each after a warm-up; "
-        f"{(time.time() - started) / 60:.1f} minutes.", "",
+        f"{rounds} round(s) of fresh processes, each one warm-up call, then {repeats} timed calls or as many as "
+        f"fill 3 s (a load: one call); {(time.time() - started) / 60:.1f} minutes.", "",
         "Time is the median seconds per call; peak is the process's VmHWM (weights + what the call allocates). "
         "Ratios are plainxl / diffusers: below 1 is better.", "",
         "| workload | plainxl s | diffusers s | time ratio | plainxl peak GiB | diffusers peak GiB | memory ratio |",
         "|---|---|---|---|---|---|---|", *rows, "",
+        "**Loading** (the whole pipeline from one random full-size single file, every weight read once; the file "
+        "is in the page cache for both):", "",
+        "| load | file GiB | plainxl weights GiB | plainxl peak / file | plainxl peak / weights | diffusers peak / file "
+        "| diffusers peak / weights |", "|---|---|---|---|---|---|---|", *loads, "",
         f"**Full-size UNet parity** (fp32, {resolution}², batch 2, identical random weights): max |diff| "
         f"{max_diff:.2e} on outputs up to {scale:.2f}, relative L2 {rel_l2:.2e}.", "",
-        f"**Matmul peak** (best 4096² matmul): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s.", "",
+        f"**Matmul peak** (best 4096² matmul): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 "
+        + (f"{peak['bf16']:.0f} GFLOP/s." if peak["bf16"] else "not native on this CPU (emulated at under a tenth of "
+           "fp32's rate), so the bf16 workloads are left out."), "",
         "| full-size UNet forward | TFLOP | plainxl GFLOP/s (of peak) | diffusers GFLOP/s (of peak) |",
         "|---|---|---|---|", *fraction, "",
     ]
+    if scale_rows:
+        report += [
+            f"**Scaling** (plainxl's full-size UNet forward, {scale_dtype}): time grows as pixels^"
+            f"{curves['resolution']:.2f} over resolution and as batch^{curves['batch']:.2f} over batch.", "",
+            "| resolution | batch | seconds | peak GiB |", "|---|---|---|---|", *scale_rows, "",
+        ]
     out = ROOT / "tests" / "benchmarks" / "RESULTS.md"
     out.write_text("\n".join(report))
     print("\n".join(report))
