@@ -1,71 +1,11 @@
-"""One DreamBooth training step of the tiny UNet: plainxl vs diffusers' UNet2DConditionModel with the
-same weights, same inputs, same AdamW, on this machine; and the memory a full-size SDXL UNet
-fine-tune needs, measured on the meta device.
+"""The memory a full-size SDXL fine-tune needs per GPU, counted on the meta device (no weights are allocated):
+parameters, gradients and optimizer state by dtype, and the activations autograd saves for backward, with a
+saved-tensor byte counter. Full fine-tuning per optimizer option (train/optim.py) and LoRA.
 
-    python tests/benchmarks/bench_train_step.py [--resolution 128] [--pairs 2] [--steps 10]
+    python tests/benchmarks/bench_train_step.py
 
-Step = UNet forward on a batch of instance + class latents, MSE to the noise, backward, AdamW step
-(text encoders and VAE frozen, as with train=["unet"]). Each implementation runs in its own process
-so that its peak resident memory (VmHWM) is its own.
+The time and memory of one training step against diffusers' UNet is a workload of tests/benchmarks/run.py.
 """
-
-import argparse
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-
-STEP = """
-import time, torch
-torch.manual_seed(0)
-from models.unet import TINY, UNet
-from models.conditioning import vector_condition
-ours = UNet(TINY)
-n, r = 2 * {pairs}, {resolution} // 8
-x, noise = torch.randn(n, 4, r, r), torch.randn(n, 4, r, r)
-t = torch.randint(0, 1000, (n,)).float()
-context, pooled = torch.randn(n, 77, TINY.context_dim), torch.randn(n, 48)
-time_ids = torch.tensor([[{resolution}, {resolution}, 0, 0, {resolution}, {resolution}]] * n, dtype=torch.float32)
-if {diffusers}:
-    from diffusers import UNet2DConditionModel
-    from models.keys import unet_to_diffusers
-    from models.diffusers_layout import unet_config_to_diffusers
-    config = {{k: v for k, v in unet_config_to_diffusers(TINY).items() if not k.startswith("_")}}
-    net = UNet2DConditionModel(**config)
-    net.load_state_dict(unet_to_diffusers(ours.state_dict(), TINY.num_res_blocks))
-    net.enable_gradient_checkpointing() if {checkpointing} else None
-    forward = lambda: net(x, t, encoder_hidden_states=context,
-                          added_cond_kwargs={{"text_embeds": pooled, "time_ids": time_ids}}).sample
-else:
-    net = ours
-    net.gradient_checkpointing = {checkpointing}
-    y = vector_condition(pooled, time_ids, TINY.micro_cond_dim)
-    forward = lambda: net(x, t, context, y)
-net.train()
-opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
-times = []
-for i in range({steps} + 2):
-    start = time.perf_counter()
-    loss = torch.nn.functional.mse_loss(forward(), noise)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    times.append(time.perf_counter() - start)
-times = sorted(times[2:])  # the first two steps pay one-time costs
-peak = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
-print(times[len(times) // 2], peak)
-"""
-
-
-def measure(diffusers, checkpointing, args):
-    code = STEP.format(diffusers=diffusers, checkpointing=checkpointing, pairs=args.pairs,
-                       resolution=args.resolution, steps=args.steps)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    if out.returncode:
-        raise SystemExit(out.stderr)
-    seconds, peak = out.stdout.split()[-2:]
-    return float(seconds), int(peak) / 2**20
 
 
 def saved_bytes(unet, dtype, pairs=1, resolution=1024):
@@ -208,17 +148,6 @@ def full_finetune_budget(pairs=1, resolution=1024):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--pairs", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args()
-    print(f"tiny UNet, {2 * args.pairs} latents of {args.resolution // 8}x{args.resolution // 8}, float32, CPU")
-    for checkpointing in (False, True):
-        (ours_s, ours_mb), (theirs_s, theirs_mb) = measure(False, checkpointing, args), measure(True, checkpointing, args)
-        print(f"  checkpointing={checkpointing}: plainxl {ours_s * 1000:.0f} ms, {ours_mb:.0f} MiB peak RSS; "
-              f"diffusers {theirs_s * 1000:.0f} ms, {theirs_mb:.0f} MiB; time ratio {ours_s / theirs_s:.2f}")
-
     GiB = 2**30
     params, results = full_size_memory()
     print(f"full-size SDXL UNet fine-tune (meta device), 1 instance + 1 class latent at 1024x1024 per GPU:")

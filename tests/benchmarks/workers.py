@@ -92,11 +92,44 @@ def write_weights(cache, loading=True):
             model.vae.decoder.conv_out.weight.mul_(0.3)
         save_diffusers(model, cache / "mid")
     if loading and not (cache / "sdxl_fp16.safetensors").exists():
-        from bench_loading import write_config_folder, write_random_checkpoint
-
         print(f"writing a random full-size fp16 single file to {cache} (once, 6.9 GB)", flush=True)
         write_random_checkpoint(cache / "sdxl_fp16.safetensors")
         write_config_folder(cache / "sdxl_config")
+
+
+def write_random_checkpoint(path):
+    """A random full-size SDXL base single file in fp16 (2515 tensors, 6.9 GB), from the official manifest."""
+    from safetensors.torch import save_file
+
+    shapes = json.loads((Path(__file__).parents[1] / "sdxl-keys" / "sd_xl_base_single_file.json").read_text())
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.endswith("position_ids"):
+            tensors[name] = torch.arange(shape[-1]).reshape(shape)  # int64, as in the official file
+        else:
+            tensors[name] = (torch.randn(shape, generator=g) * 0.02).half()
+    save_file(tensors, path)
+
+
+def write_config_folder(folder):
+    """The configs (no weights) diffusers needs to interpret the single file offline."""
+    from models.diffusers_layout import model_index, text_config_to_hf, unet_config_to_diffusers, vae_config_to_diffusers
+    from models.sdxl import BASE, SDXL_SCHEDULER_CONFIG
+    from models.tokenizer import load_tokenizers, save_tokenizers
+
+    configs = {
+        "unet": unet_config_to_diffusers(BASE.unet), "vae": vae_config_to_diffusers(BASE.vae),
+        "text_encoder": text_config_to_hf(BASE.text_encoder_1, torch.float16),
+        "text_encoder_2": text_config_to_hf(BASE.text_encoder_2, torch.float16),
+    }
+    for name, config in configs.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        (folder / name / "config.json").write_text(json.dumps(config))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(SDXL_SCHEDULER_CONFIG))
+    (folder / "model_index.json").write_text(json.dumps(model_index(BASE)))
+    save_tokenizers(*load_tokenizers(), folder)
 
 
 def assign(module, path, dtype, prefix=""):
