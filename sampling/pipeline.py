@@ -256,8 +256,8 @@ class Pipeline:
     def on_device(self, *names):
         """With offload set, the model's parts `names` ("unet", "vae", "text_encoder_1", ...) move to that device
         for the block and back to the CPU after it (also on an error), so the device holds one part at a time
-        (the two text encoders count as one): the UNet's weights at most, where the whole model would need the text encoders and the VAE too
-        (diffusers' enable_model_cpu_offload). Without offload, nothing moves."""
+        (the two text encoders count as one): the UNet's weights at most, where the whole model would need the
+        text encoders and the VAE too (diffusers' enable_model_cpu_offload). Without offload, nothing moves."""
         parts = [getattr(self.model, n) for n in names if getattr(self.model, n) is not None]
         if self.offload is None:
             yield

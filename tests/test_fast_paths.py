@@ -68,16 +68,20 @@ def test_a_tile_size_below_8_latents_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_split_cfg_from_the_command_line_gives_the_same_image(tmp_path):
-    """--cfg-mode split equals the batched pass; --vae-tiling with a tile as big as the image is one tile."""
+def max_pixel_diff(a, b):
+    """The largest |difference| (of 255) between the one PNG in folder a and the one in folder b."""
     from PIL import Image
 
+    (pa,), (pb,) = (sorted(folder.glob("*.png")) for folder in (a, b))
+    return np.abs(np.asarray(Image.open(pa), dtype=float) - np.asarray(Image.open(pb), dtype=float)).max()
+
+
+def test_split_cfg_from_the_command_line_gives_the_same_image(tmp_path):
+    """--cfg-mode split equals the batched pass; --vae-tiling with a tile as big as the image is one tile."""
     base = ["--prompt", "1girl, smile", "--steps", "3", "--seed", "5", "--width", "128", "--height", "128"]
     assert main(base + ["--out", str(tmp_path / "a")]) == 0
     assert main(base + ["--cfg-mode", "split", "--vae-tiling", "16", "--out", str(tmp_path / "b")]) == 0
-    (a,), (b,) = sorted((tmp_path / "a").glob("*.png")), sorted((tmp_path / "b").glob("*.png"))
-    pa, pb = (np.asarray(Image.open(p), dtype=float) for p in (a, b))
-    assert np.abs(pa - pb).max() <= 1
+    assert max_pixel_diff(tmp_path / "a", tmp_path / "b") <= 1
 
 
 def test_offload_holds_one_part_on_the_device_at_a_time_and_leaves_the_images():
@@ -121,8 +125,6 @@ def test_offload_on_the_cpu_is_one_line(tmp_path, capsys):
 def test_compile_compiles_the_unet_and_leaves_the_image(tmp_path, monkeypatch):
     """--compile calls the UNet's Module.compile. Inductor takes minutes on a CPU, so the test compiles with
     dynamo's eager backend: the UNet is traced into graphs and run from them, and the image stays the same."""
-    from PIL import Image
-
     compiled, original = [], torch.nn.Module.compile
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self: (compiled.append(type(self).__name__),
                                                                    original(self, backend="eager"))[1])
@@ -130,6 +132,4 @@ def test_compile_compiles_the_unet_and_leaves_the_image(tmp_path, monkeypatch):
     assert main(base + ["--out", str(tmp_path / "a")]) == 0
     assert main(base + ["--compile", "--out", str(tmp_path / "b")]) == 0
     assert compiled == ["UNet"]
-    (a,), (b,) = sorted((tmp_path / "a").glob("*.png")), sorted((tmp_path / "b").glob("*.png"))
-    pa, pb = (np.asarray(Image.open(p), dtype=float) for p in (a, b))
-    assert np.abs(pa - pb).max() <= 1
+    assert max_pixel_diff(tmp_path / "a", tmp_path / "b") <= 1

@@ -144,8 +144,18 @@ def assign(module, path, dtype, prefix=""):
     return module.eval()
 
 
+def public(config):
+    """A diffusers config.json's entries without its "_class_name"-style metadata: the constructor's arguments."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
 def diffusers_config(cache, name):
-    return {k: v for k, v in json.loads((cache / f"{name}_diffusers.json").read_text()).items() if not k.startswith("_")}
+    return public(json.loads((cache / f"{name}_diffusers.json").read_text()))
+
+
+def size_ids(resolution, n):
+    """(n, 6) SDXL micro-conditioning for an unscaled, uncropped square image: original, crop, target."""
+    return torch.tensor([[resolution] * 2 + [0, 0] + [resolution] * 2] * n, dtype=torch.float32)
 
 
 # ----------------------------------------------------------------------------- builders
@@ -173,7 +183,7 @@ def build_unet(spec, dtype):
     x, t = torch.randn(n, 4, r, r, generator=g).to(dtype), torch.full((n,), 500.0)
     context = torch.randn(n, 77, cfg.context_dim, generator=g).to(dtype)
     pooled = torch.randn(n, cfg.adm_in_channels - 6 * cfg.micro_cond_dim, generator=g).to(dtype)
-    time_ids = torch.tensor([[spec["resolution"]] * 2 + [0, 0] + [spec["resolution"]] * 2] * n, dtype=torch.float32)
+    time_ids = size_ids(spec["resolution"], n)
     if spec["impl"] == "ours":
         net = assign(ours, cache / "unet_ours.safetensors", dtype) if state is None else ours.to(dtype).eval()
         if spec.get("compile"):
@@ -182,7 +192,7 @@ def build_unet(spec, dtype):
         return lambda: net(x, t, context, y)
     from diffusers import UNet2DConditionModel
 
-    config = {k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")}
+    config = public(unet_config_to_diffusers(cfg))
     if state is None:
         with torch.device("meta"):
             net = UNet2DConditionModel(**config)
@@ -285,11 +295,11 @@ def build_train_step(spec, dtype):
     x, noise = torch.randn(n, 4, r, r), torch.randn(n, 4, r, r)
     t = torch.randint(0, 1000, (n,)).float()
     context, pooled = torch.randn(n, 77, cfg.context_dim), torch.randn(n, cfg.adm_in_channels - 6 * cfg.micro_cond_dim)
-    time_ids = torch.tensor([[spec["resolution"]] * 2 + [0, 0] + [spec["resolution"]] * 2] * n, dtype=torch.float32)
+    time_ids = size_ids(spec["resolution"], n)
     if spec["impl"] == "diffusers":
         from diffusers import UNet2DConditionModel
 
-        net = UNet2DConditionModel(**{k: v for k, v in unet_config_to_diffusers(cfg).items() if not k.startswith("_")})
+        net = UNet2DConditionModel(**public(unet_config_to_diffusers(cfg)))
         net.load_state_dict(unet_to_diffusers(ours.state_dict(), cfg.num_res_blocks))
         del ours
         if spec["checkpointing"]:
