@@ -255,16 +255,18 @@ class Pipeline:
     @contextmanager
     def on_device(self, *names):
         """With offload set, the model's parts `names` ("unet", "vae", "text_encoder_1", ...) move to that device
-        for the block and back to the CPU after it (also on an error), so the device holds one part at a time
-        (the two text encoders count as one): the UNet's weights at most, where the whole model would need the
-        text encoders and the VAE too (diffusers' enable_model_cpu_offload). Without offload, nothing moves."""
+        for the block and back to where they were after it (also on an error). With the model kept on the CPU
+        (--offload) the device holds one part at a time (the two text encoders count as one): the UNet's weights
+        at most, where the whole model would need the text encoders and the VAE too (diffusers'
+        enable_model_cpu_offload); the trainer's validation images bring back only what it parked on the CPU.
+        Without offload, nothing moves."""
         parts = [getattr(self.model, n) for n in names if getattr(self.model, n) is not None]
         if self.offload is None:
             yield
             return
         with ExitStack() as undo:
             for part in parts:
-                undo.callback(part.to, "cpu")  # first: a move that fails half-way is undone too
+                undo.callback(part.to, next(part.parameters()).device)  # first: a failed move is undone too
                 part.to(self.offload)
             yield
 

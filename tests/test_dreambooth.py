@@ -212,7 +212,7 @@ def test_prior_loss_and_pairing_by_hand(setup):
     for B in (1, 3):
         config = TrainConfig(batch_size=B, resolution=32, prior_loss_weight=0.7, center_crop=True, random_flip=False)
         inputs = make_batch(config, data, model, tokenizers, alphas_cumprod(), step=5, j0=0, device="cpu")
-        tokens_1, tokens_2, numbers, noisy, t, target, weight, text_kept = inputs
+        (tokens_1, tokens_2), numbers, noisy, t, target, weight, text_kept = inputs
         assert text_kept.eq(1).all()  # caption_dropout_rate is 0
         assert noisy.shape[0] == 2 * B
         class_ids = tokenizers[0]("1girl", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
@@ -255,7 +255,7 @@ def test_tag_and_caption_dropout(setup):
     data = {"instance": ImageFolder(setup / "instance", "1girl, sks")}
     config = TrainConfig(batch_size=3, resolution=32, prior_loss_weight=0.0, caption_dropout_rate=1.0)
     inputs = make_batch(config, data, model, load_tokenizers(), alphas_cumprod(), step=0, j0=0, device="cpu")
-    tokens_1, tokens_2, numbers, noisy, t, target, weight, text_kept = inputs
+    (tokens_1, tokens_2), numbers, noisy, t, target, weight, text_kept = inputs
     assert text_kept.eq(0).all()
     with torch.no_grad():
         ours = TrainStep(model)(*inputs)
@@ -282,8 +282,60 @@ def test_cached_latents_give_the_same_batch(setup):
     for step in (0, 7):
         want = make_batch(plain, data, model, tokenizers, acp, step, j0=0, device="cpu")
         got = make_batch(cached, encoded, model, tokenizers, acp, step, j0=0, device="cpu")
-        for name, a, b in zip(["tokens_1", "tokens_2", "numbers", "noisy", "t", "target", "weight", "text_kept"], want, got):
+        for name, a, b in zip(["tokens_1", "tokens_2", "numbers", "noisy", "t", "target", "weight", "text_kept"],
+                              [*want[0], *want[1:]], [*got[0], *got[1:]]):
             assert torch.allclose(a.float(), b.float(), rtol=0, atol=1e-5), name
+
+
+@pytest.mark.parametrize("name, precision", [("tiny", "no"), ("tiny", "bf16"), ("plainxl-tiny-refiner", "no")])
+def test_cached_text_embeddings_give_the_same_loss(setup, name, precision):
+    """cache_text_embeddings encodes every prompt once, in batches of its own, under the loop's autocast; each
+    sample's loss equals encoding its prompt inside the step, with caption dropout and prior preservation.
+    A refiner's dropped captions become the encoded empty prompt, which the cache holds too."""
+    from contextlib import nullcontext
+
+    from data.dreambooth import ImageFolder
+    from models.tokenizer import load_tokenizers
+    from sampling.schedule import alphas_cumprod
+    from train.config import TrainConfig
+    from train.dreambooth import TrainStep, encode_prompts, make_batch
+
+    model = load(setup / "tiny.safetensors" if name == "tiny" else name, dtype="fp32")
+    refiner = model.text_encoder_1 is None
+    data = {"instance": ImageFolder(setup / "instance", "1girl, sks"), "class": ImageFolder(setup / "class", "1girl")}
+    tokenizers, acp = load_tokenizers(), alphas_cumprod()
+    config = TrainConfig(batch_size=3, resolution=32, prior_loss_weight=1.0, caption_dropout_rate=0.5,
+                         mixed_precision=precision, cache_text_embeddings=True)
+    autocast = torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else nullcontext()
+    texts = encode_prompts(model, data, tokenizers, autocast, "cpu", chunk=2)
+    assert set(texts) == {"1girl, sks", "1girl, sks, smile", "1girl"} | ({""} if refiner else set())
+    plain, cached = TrainStep(model), TrainStep(model, cached_text=True)
+    assert not any(n.startswith("text_encoder") for n, _ in cached.named_parameters())
+    dropped = 0
+    for step in (0, 7):
+        want = make_batch(config, data, model, tokenizers, acp, step, j0=0, device="cpu")
+        got = make_batch(config, data, model, tokenizers, acp, step, j0=0, device="cpu", texts=texts)
+        dropped += int((want[-1] == 0).sum()) if not refiner else int((want[1][:, 4] != config.aesthetic_score).sum())
+        with torch.no_grad(), autocast:
+            a, b = plain(*want), cached(*got)
+        torch.testing.assert_close(b, a, rtol=1e-5 if precision == "no" else 1e-2, atol=0)
+    assert dropped > 0  # some caption was dropped: the cached path saw the zeroed or empty-prompt case
+
+
+def test_cached_parts_leave_the_device_and_validation_brings_them_back(setup, tmp_path, monkeypatch):
+    """With cache_latents and cache_text_embeddings the VAE and text encoders go to the CPU once they have encoded
+    everything; a validation image moves each to the device while it runs, and back. The device is "cpu:0" (as in
+    test_fast_paths' offload test): the same memory, but a name the moves can be told apart by."""
+    parts = {"AutoencoderKL": "vae", "CLIPTextEncoder": "text_encoder_1", "OpenCLIPTextEncoder": "text_encoder_2"}
+    moves, to = [], torch.nn.Module.to
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: (
+        moves.append((parts[type(self).__name__], str(a[0]))) if type(self).__name__ in parts else None, to(self, *a, **k))[1])
+    assert main(args(setup, tmp_path / "o", max_steps=1, checkpoint_every=1, device="cpu:0", cache_latents=True,
+                     center_crop=True, random_flip=False, cache_text_embeddings=True, validation_prompt="1girl",
+                     validation_every=1, class_steps=2)) == 0
+    for part in parts.values():
+        assert [device for name, device in moves if name == part] == ["cpu", "cpu:0", "cpu"], (part, moves)
+    assert (tmp_path / "o" / "validation" / "step-000001.png").exists()
 
 
 @pytest.mark.slow
@@ -337,6 +389,8 @@ def test_class_images_are_shared_in_contiguous_batches():
     (["--train=unet"], "train must be list"),
     (["--mixed_precision=fp8"], "mixed_precision must be one of no, fp16, bf16"),
     (["--cache_latents=True", "--random_flip=True"], "cache_latents needs center_crop=True and random_flip=False"),
+    (["--cache_text_embeddings=True", "--caption_tag_dropout_rate=0.1"], "cache_text_embeddings needs caption_tag_dropout_rate=0"),
+    (["--cache_text_embeddings=True", "--train=['unet', 'text_encoder_2']"], "cache_text_embeddings needs frozen text encoders"),
     (["--instance_data_dir=/nonexistent/dir"], "instance_data_dir /nonexistent/dir does not exist"),
     (["--config=/nonexistent/config.py"], "config file /nonexistent/config.py does not exist"),
     (["--resume=/nonexistent/step-000002"], "checkpoint /nonexistent/step-000002 does not exist"),

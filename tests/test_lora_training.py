@@ -41,7 +41,7 @@ def adapters_on(model, patterns=lora.KOHYA_TARGETS + lora.CONV_TARGETS, train=EV
 
 def step_inputs(n=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 49407, (n, 77), generator=g), torch.randint(0, 49407, (n, 77), generator=g),
+    return ((torch.randint(0, 49407, (n, 77), generator=g), torch.randint(0, 49407, (n, 77), generator=g)),
             torch.tensor([[64.0, 64, 0, 0, 64, 64]] * n), torch.randn(n, 4, 8, 8, generator=g),
             torch.tensor([10.0, 500.0]), torch.randn(n, 4, 8, 8, generator=g), torch.ones(n), torch.ones(n))
 
@@ -81,7 +81,7 @@ def test_step_zero_equals_the_base_and_adapters_equal_their_merged_export(tmp_pa
     lora.merge_lora(merged, tmp_path / "l.safetensors")
     with torch.no_grad():
         hooked, plain, flat = (TrainStep(m)(*inputs) for m in (model, merged, base))
-        context = [m.text_encoder_2(inputs[1])[0] for m in (model, merged, base)]
+        context = [m.text_encoder_2(inputs[0][1])[0] for m in (model, merged, base)]
     assert (hooked - flat).abs().max() > 1e-2 and (context[0] - context[2]).abs().max() > 1e-2  # they do something
     torch.testing.assert_close(plain, hooked, rtol=0, atol=1e-5)
     torch.testing.assert_close(context[1], context[0], rtol=0, atol=1e-5)  # bigG's q/k/v written apart, exactly

@@ -77,8 +77,8 @@ def test_fused_backward_equals_the_ordinary_step(setup, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fields", [dict(optimizer="adafactor", lr=2e-2, parallel="zero"),
-                                    dict(fused_backward=True, **BF16)], ids=["adafactor-zero", "fused-bf16"])
+@pytest.mark.parametrize("fields", [dict(optimizer="adafactor", lr=2e-2, parallel="zero", cache_text_embeddings=True),
+                                    dict(fused_backward=True, **BF16)], ids=["adafactor-zero-cached-text", "fused-bf16"])
 def test_two_processes_equal_one_for_every_option(setup, tmp_path, fields):
     one, two = tmp_path / "one", tmp_path / "two"
     finish(run(args(setup, one, batch_size=2, train=["unet"], **fields)))
@@ -96,8 +96,8 @@ def test_two_processes_equal_one_for_every_option(setup, tmp_path, fields):
     assert apart <= (0.1 if fields.get("master_dtype") == "bf16" else 0.05)
 
 
-@pytest.mark.parametrize("fields", [dict(optimizer="adafactor", lr=2e-2), dict(fused_backward=True, **BF16)],
-                         ids=["adafactor", "fused-bf16"])
+@pytest.mark.parametrize("fields", [dict(optimizer="adafactor", lr=2e-2, cache_text_embeddings=True),
+                                    dict(fused_backward=True, **BF16)], ids=["adafactor-cached-text", "fused-bf16"])
 def test_resume_is_bit_identical_for_every_option(setup, tmp_path, fields):
     """4 steps in one go against 2 steps, then a resume from that run's step-2 checkpoint to step 4."""
     whole, halves = tmp_path / "whole", tmp_path / "halves"
@@ -136,4 +136,6 @@ def test_full_unet_fine_tuning_is_budgeted_under_22_gib():
     assert lean["UNet weights"] == 2 * 2_567_463_684  # SDXL's UNet in bf16 (sdxl-spec.md's count)
     assert lean["gradients"] < 2**28  # one tensor's, not the UNet's 4.8 GiB
     assert total["adafactor, bf16 weights, fused_backward"] <= 22
+    cached = rows["adafactor, fp32 weights, fused_backward, cached latents + text"]
+    assert cached["text encoders + VAE"] == 0 and total["adafactor, fp32 weights, fused_backward, cached latents + text"] <= 22
     assert total["adamw, fp32 weights"] > 40  # issue 4's budget, for contrast: no 24 GB card holds it

@@ -31,6 +31,10 @@ class TrainConfig:
         resolution, center_crop, random_flip: square crops of this size, re-drawn every step.
         cache_latents: encode every image once before training (needs center_crop and no random_flip,
             so the pixels never change); the latent is still sampled anew from its posterior every step.
+            The VAE then leaves the GPU for the CPU (validation images bring it back for a moment).
+        cache_text_embeddings: encode every prompt once before training, under the loop's autocast (needs frozen
+            text encoders and no caption_tag_dropout_rate, so the prompts never change); the text encoders then
+            leave the GPU as the VAE does with cache_latents (kohya's cache_text_encoder_outputs).
         batch_size: instance images per process per micro-step (each paired with one class image).
         grad_accum, max_steps, lr, lr_schedule (constant/linear/cosine), warmup_steps, max_grad_norm.
         train: name patterns of what trains, over unet.*, text_encoder_1.*, text_encoder_2.* (VAE never).
@@ -85,6 +89,7 @@ class TrainConfig:
     center_crop: bool = False
     random_flip: bool = True
     cache_latents: bool = False
+    cache_text_embeddings: bool = False
     batch_size: int = 1
     grad_accum: int = 1
     max_steps: int = 800
@@ -170,6 +175,9 @@ class TrainConfig:
         if self.cache_latents and (self.random_flip or not self.center_crop or self.task == "vae"):
             raise ConfigError("cache_latents needs center_crop=True and random_flip=False (the pixels must not change"
                               " between steps) and the dreambooth task")
+        if self.cache_text_embeddings and (self.caption_tag_dropout_rate or self.task == "vae"):
+            raise ConfigError("cache_text_embeddings needs caption_tag_dropout_rate=0 (the prompts must not change "
+                              "between steps) and the dreambooth task")
         if not self.train:
             raise ConfigError("train is empty; name what trains, e.g. train=['unet']")
         self.check_lora()

@@ -96,16 +96,19 @@ def lr_factor(config, step):
 class TrainStep(nn.Module):
     """The differentiable part of a step, wrapped in DDP: text encoders + UNet -> per-sample loss. A LoRA
     run's adapters are registered here too, so that DDP all-reduces their gradients; their hooks sit
-    inside the modules they change."""
+    inside the modules they change. With cached_text (cache_text_embeddings) the encoders ran once before
+    training and are not part of the step."""
 
-    def __init__(self, model, adapters=None):
+    def __init__(self, model, adapters=None, cached_text=False):
         super().__init__()
-        self.unet, self.text_encoder_1, self.text_encoder_2 = model.unet, model.text_encoder_1, model.text_encoder_2
-        self.lora = adapters
+        self.unet, self.lora, self.cached_text = model.unet, adapters, cached_text
+        if not cached_text:
+            self.text_encoder_1, self.text_encoder_2 = model.text_encoder_1, model.text_encoder_2
         self.micro_cond_dim = model.config.unet.micro_cond_dim
 
-    def forward(self, tokens_1, tokens_2, numbers, noisy, t, target, weight, text_kept):
-        context, pooled = encode_text(self.text_encoder_1, self.text_encoder_2, tokens_1, tokens_2)  # (N, 77, C), (N, P)
+    def forward(self, text, numbers, noisy, t, target, weight, text_kept):
+        """text: token ids (N, 77) from each tokenizer; with cached_text, the encoders' outputs for them."""
+        context, pooled = text if self.cached_text else encode_text(self.text_encoder_1, self.text_encoder_2, *text)
         # Caption dropout zeroes the text conditioning, as the pipeline's zero negative does at inference.
         context, pooled = context * text_kept[:, None, None], pooled * text_kept[:, None]
         prediction = self.unet(noisy, t, context, vector_condition(pooled, numbers, self.micro_cond_dim))
@@ -168,10 +171,26 @@ def encode_images(model, images, config, device, chunk=64, count=None):
     return EncodedImages(mean, logvar, torch.tensor(numbers, dtype=torch.float32, device=device), images.prompts)
 
 
-def make_batch(config, data, model, tokenizers, acp, step, j0, device):
+@torch.no_grad()
+def encode_prompts(model, data, tokenizers, autocast, device, chunk=64):
+    """cache_text_embeddings: every prompt of the data (and a refiner's dropped-caption "") through the frozen
+    text encoders once, under the loop's autocast -> {prompt: (context (77, C), pooled (P,))}, kept on the CPU."""
+    prompts = sorted({p for folder in data.values() for p in folder.prompts}
+                     | ({""} if model.text_encoder_1 is None else set()))
+    cache = {}
+    for start in range(0, len(prompts), chunk):
+        batch = prompts[start:start + chunk]
+        with autocast:
+            context, pooled = encode_text(model.text_encoder_1, model.text_encoder_2,
+                                          tokenize(tokenizers[0], batch).to(device), tokenize(tokenizers[1], batch).to(device))
+        cache.update({p: (c.cpu(), q.cpu()) for p, c, q in zip(batch, context, pooled)})
+    return cache
+
+
+def make_batch(config, data, model, tokenizers, acp, step, j0, device, texts=None):
     """This process's samples j0 .. j0 + batch_size - 1 of the step: instance images first, then (with
     prior preservation) their paired class images. `data` holds ImageFolders, or EncodedImages with
-    cache_latents. Returns the TrainStep inputs."""
+    cache_latents; `texts` is encode_prompts()' cache with cache_text_embeddings. Returns the TrainStep inputs."""
     G = config.batch_size * config.grad_accum * world_size()  # the global batch of one optimizer step
     keys, picks = [], []  # (global sample index, kind): instance j and class j form pair j; (folder, image)
     for kind, name in [(INSTANCE, "instance"), (CLASS, "class")]:
@@ -218,9 +237,11 @@ def make_batch(config, data, model, tokenizers, acp, step, j0, device):
         scores = torch.where(text_kept > 0, config.aesthetic_score, config.negative_aesthetic_score)
         numbers = torch.cat([numbers[:, :4], scores[:, None]], dim=1)  # orig h, w, crop top, left, score
         text_kept = torch.ones_like(text_kept)
-    tokens_1 = tokenize(tokenizers[0], prompts).to(device)
-    tokens_2 = tokenize(tokenizers[1], prompts).to(device)
-    return tokens_1, tokens_2, numbers, noisy, t.float(), target, weight, text_kept
+    if texts is not None:
+        text = tuple(torch.stack(part).to(device) for part in zip(*(texts[p] for p in prompts)))  # context, pooled
+    else:
+        text = tokenize(tokenizers[0], prompts).to(device), tokenize(tokenizers[1], prompts).to(device)
+    return text, numbers, noisy, t.float(), target, weight, text_kept
 
 
 def drop_tags(prompt, rate, keep, generator):
@@ -269,7 +290,10 @@ def preflight(config):
             raise ConfigError(f"class_sampler={config.class_sampler!r}, class_steps={config.class_steps}: {e}") from None
     with torch.device("meta"):  # weightless: train= and lora_targets are checked before anything loads
         meta = SDXL(info.config)
-        trainable_parameters(meta, config.train, config.task)
+        trained = [name for name, _ in trainable_parameters(meta, config.train, config.task)]
+        if config.cache_text_embeddings and any(name.startswith("text_encoder") for name in trained):
+            raise ConfigError(f"cache_text_embeddings needs frozen text encoders, but train={config.train} trains "
+                              "some; train only unet.* names, or set cache_text_embeddings=False")
         if config.lora_rank:
             lora_adapters(meta, config)
     previous = [name for name in RUN_FILES if (out / name).exists()]
@@ -382,8 +406,16 @@ def train(config, device, resume_from, note):
         print(f"error: {e}", file=sys.stderr)
         return 2
     model.requires_grad_(False)
+    autocast = torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(
+        config.mixed_precision, torch.float32), enabled=config.mixed_precision != "no")
+    tokenizers = load_tokenizers()
+    texts = encode_prompts(model, data, tokenizers, autocast, device) if config.cache_text_embeddings else None
     if config.cache_latents:
         data = {name: encode_images(model, images, config, device) for name, images in data.items()}
+    # What the loop no longer runs leaves the device (validation moves it back while it runs).
+    parked = [model.vae] * config.cache_latents + [model.text_encoder_1, model.text_encoder_2] * config.cache_text_embeddings
+    for part in filter(None, parked):
+        part.to("cpu")
 
     # ---------------------------------------------------------------- trainable parts in DDP
     adapters = lora_adapters(model, config) if config.lora_rank else None  # float32, beside the frozen weights
@@ -396,7 +428,8 @@ def train(config, device, resume_from, note):
         for _, p in named:
             p.requires_grad_(True)
     model.unet.gradient_checkpointing = config.gradient_checkpointing
-    step_module = (VAEStep(model.vae, config.kl_weight) if config.task == "vae" else TrainStep(model, adapters)).train()
+    step_module = (VAEStep(model.vae, config.kl_weight) if config.task == "vae"
+                   else TrainStep(model, adapters, cached_text=config.cache_text_embeddings)).train()
     # Every parameter that requires grad is used in forward (trainable_parameters sees to it, and add_adapters
     # only hooks modules whose weights it picks),
     # so DDP needs no find_unused_parameters and all-reduces exactly the trainable gradients.
@@ -414,8 +447,6 @@ def train(config, device, resume_from, note):
         fuse_into_backward(optimizer, config.max_grad_norm, world)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(config, s))
     scaler = torch.amp.GradScaler(device.type, enabled=config.mixed_precision == "fp16")
-    autocast = torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        config.mixed_precision, torch.float32), enabled=config.mixed_precision != "no")
     step = 0
     if resume_from:
         try:
@@ -441,7 +472,6 @@ def train(config, device, resume_from, note):
         raise KeyboardInterrupt
     stop["looping"] = True
     acp = alphas_cumprod(zero_terminal_snr=model.config.zero_terminal_snr)
-    tokenizers = load_tokenizers()
     G_local = config.batch_size * world  # samples per micro-step, all processes together
 
     # ---------------------------------------------------------------- the loop
@@ -455,7 +485,7 @@ def train(config, device, resume_from, note):
             if config.task == "vae":
                 inputs = make_vae_batch(config, data, model, step, j0, device)
             else:
-                inputs = make_batch(config, data, model, tokenizers, acp, step, j0, device)
+                inputs = make_batch(config, data, model, tokenizers, acp, step, j0, device, texts)
             # Only the last micro-step all-reduces gradients; the others accumulate locally.
             last = micro == config.grad_accum - 1
             with ddp_step.no_sync() if wrap and not last else nullcontext():
@@ -514,7 +544,7 @@ def train(config, device, resume_from, note):
             bar.set_postfix(loss=f"{total_loss:.4f}")
             bar.update(1)
         if config.validation_prompt and step % config.validation_every == 0 and main_process:
-            validate(model, config, step, out, writer)
+            validate(model, config, step, out, writer, device)
         if step % config.checkpoint_every == 0 or stopping or step == config.max_steps:
             save_checkpoint(out / "checkpoints", step, named, optimizer, schedule, scaler, config, rank, world)
         if stopping:
@@ -581,15 +611,18 @@ def set_scaling_factor(model, images, config, device, count=256):
     print(f"VAE scaling_factor: {factor} (1 / std of the latents of {n} images)")
 
 
-def validate(model, config, step, out, writer):
-    """One image of validation_prompt with a fixed seed, to output_dir/validation/ and TensorBoard."""
+def validate(model, config, step, out, writer, device):
+    """One image of validation_prompt with a fixed seed, to output_dir/validation/ and TensorBoard. Parts parked
+    on the CPU (cache_latents, cache_text_embeddings) visit the device while they run, as with --offload."""
     import numpy as np
 
     from sampling.pipeline import Pipeline, Settings
 
     model.eval()
+    pipe = Pipeline(model)
+    pipe.offload = device
     try:
-        image = Pipeline(model)(Settings(prompt=config.validation_prompt, width=config.resolution,
+        image = pipe(Settings(prompt=config.validation_prompt, width=config.resolution,
                                          height=config.resolution, steps=config.class_steps, cfg=config.class_cfg,
                                          sampler=config.class_sampler, seed=config.seed), progress=False)[0]
     except NonFiniteError as e:  # training goes on; the loss check stops it if the weights themselves diverged

@@ -109,7 +109,8 @@ def full_finetune_budget(pairs=1, resolution=1024):
     saved_bytes(). fused_backward holds one tensor's gradient at a time (counted: the largest); bf16 master weights
     add a float32 copy of one tensor while it steps. With float32 weights, autocast keeps a bf16 copy of every
     weight it has cast until the forward ends (counted in full: an upper bound, as gradient checkpointing's
-    recomputation casts again). Text encoders are held in the weights' dtype, the VAE in float32."""
+    recomputation casts again). Text encoders are held in the weights' dtype, the VAE in float32; with cache_latents
+    and cache_text_embeddings both leave the GPU once they have encoded the data."""
     import torch
 
     from models.sdxl import BASE, SDXL
@@ -126,22 +127,24 @@ def full_finetune_budget(pairs=1, resolution=1024):
     adafactor = sum((s[:-1].numel() + s[:-2].numel() * s[-1]) if len(s) >= 2 else s.numel() for s in shapes) * 4
     _, _, activations = saved_bytes(model.unet.to(torch.bfloat16), torch.bfloat16, pairs, resolution)
     rows = {}
-    for optimizer, master, fused, gpus in [("adamw", "fp32", False, 1), ("adamw", "fp32", False, 2),
-                                           ("adamw", "fp32", False, 4), ("adamw", "fp32", False, 8),
-                                           ("adafactor", "fp32", False, 1), ("adafactor", "fp32", True, 1),
-                                           ("adamw", "bf16", True, 1), ("adafactor", "bf16", False, 1),
-                                           ("adafactor", "bf16", True, 1)]:
+    # (optimizer, master_dtype, fused_backward, GPUs under parallel=zero, cache_latents + cache_text_embeddings)
+    for optimizer, master, fused, gpus, cached in [
+            ("adamw", "fp32", False, 1, False), ("adamw", "fp32", False, 2, False), ("adamw", "fp32", False, 4, False),
+            ("adamw", "fp32", False, 8, False), ("adamw", "fp32", False, 1, True), ("adafactor", "fp32", False, 1, False),
+            ("adafactor", "fp32", True, 1, False), ("adafactor", "fp32", True, 1, True), ("adamw", "bf16", True, 1, False),
+            ("adafactor", "bf16", False, 1, False), ("adafactor", "bf16", True, 1, False),
+            ("adafactor", "bf16", True, 1, True)]:
         size = 4 if master == "fp32" else 2
         state = n * 8 if optimizer == "adamw" else adafactor
         name = f"{optimizer}, {master} weights" + (", fused_backward" if fused else "") + (
-            f", parallel=zero on {gpus} GPUs" if gpus > 1 else "")
+            f", parallel=zero on {gpus} GPUs" if gpus > 1 else "") + (", cached latents + text" if cached else "")
         rows[name] = {
             "UNet weights": n * size,
             "gradients": largest * size if fused else n * size,
             "optimizer state": state // gpus,
             "float32 copy of the tensor stepping": largest * 8 if master == "bf16" else 0,
             "autocast's bf16 weight copies": n * 2 if master == "fp32" else 0,
-            "text encoders + VAE": frozen_text * size + vae * 4,
+            "text encoders + VAE": 0 if cached else frozen_text * size + vae * 4,  # cached: parked on the CPU
             "activations (checkpointed, no attention probabilities)": activations,
         }
     return rows
