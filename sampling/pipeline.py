@@ -260,14 +260,18 @@ class Pipeline:
         at most, where the whole model would need the text encoders and the VAE too (diffusers'
         enable_model_cpu_offload); the trainer's validation images bring back only what it parked on the CPU.
         Without offload, nothing moves."""
-        parts = [getattr(self.model, n) for n in names if getattr(self.model, n) is not None]
         if self.offload is None:
             yield
             return
+        device = torch.device(self.offload)
         with ExitStack() as undo:
-            for part in parts:
-                undo.callback(part.to, next(part.parameters()).device)  # first: a failed move is undone too
-                part.to(self.offload)
+            for name in names:
+                part = getattr(self.model, name)
+                home = None if part is None else next(part.parameters()).device
+                if home is None or home == device:  # no such part, or there already (the trainer's UNet)
+                    continue
+                undo.callback(part.to, home)  # first: a failed move is undone too
+                part.to(device)
             yield
 
     @property

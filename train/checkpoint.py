@@ -20,6 +20,7 @@ from safetensors.torch import safe_open, save_file
 
 from models.files import atomic_file
 from train.config import save_config
+from train.optim import gathered, sharded_like
 
 RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "lora.safetensors", "tensorboard", "validation")
 
@@ -32,7 +33,8 @@ def _rng_state(device):
 
 
 def save_checkpoint(folder, step, named, optimizer, schedule, scaler, config, rank, world):
-    """Called by every process (it gathers their RNG states); process 0 writes."""
+    """Called by every process (it gathers their RNG states, and with parallel=fsdp the weights and moments, one
+    tensor at a time); process 0 writes."""
     device = named[0][1].device
     rng = [None] * world
     if world > 1:
@@ -41,12 +43,17 @@ def save_checkpoint(folder, step, named, optimizer, schedule, scaler, config, ra
         rng = [_rng_state(device)]
     if hasattr(optimizer, "consolidate_state_dict"):  # parallel=zero: every process sends its shard to process 0
         optimizer.consolidate_state_dict(to=0)
-    if rank != 0:
+    sharded = hasattr(named[0][1], "full_tensor")  # parallel=fsdp: DTensors, gathered by every process
+    if rank != 0 and not sharded:
         return
-    tensors = {f"param.{name}": p.detach().contiguous() for name, p in named}
+    keep = rank == 0
+    tensors = {f"param.{name}": gathered(p.detach(), keep) for name, p in named}
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
-        tensors.update({f"optimizer.{index}.{k}": v.contiguous() for k, v in state.items()})
+        tensors.update({f"optimizer.{index}.{k}": gathered(v, keep) for k, v in state.items()})
+    if not keep:
+        return
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     tensors.update({f"rng.{r}": state for r, state in enumerate(rng)})
     meta = {"step": step, "param_groups": opt["param_groups"], "schedule": schedule.state_dict(),
             "scaler": scaler.state_dict(), "config": asdict(config), "world_size": world,
@@ -129,12 +136,13 @@ def load_checkpoint(path, model, named, optimizer, schedule, scaler, rank):
             if tensors[f"param.{name}"].shape != p.shape:
                 raise ValueError(f"checkpoint {path} holds {name} as {tuple(tensors[f'param.{name}'].shape)}, this run "
                                  f"as {tuple(p.shape)}; resume with the config it was made with")
-            p.copy_(tensors[f"param.{name}"])
+            p.copy_(sharded_like(tensors[f"param.{name}"], p))
     state = {}
     for key, t in tensors.items():
         if key.startswith("optimizer."):
             _, index, k = key.split(".", 2)
-            state.setdefault(int(index), {})[k] = t
+            p = named[int(index)][1]
+            state.setdefault(int(index), {})[k] = sharded_like(t, p) if t.shape == p.shape else t  # moments, not step
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     schedule.load_state_dict(meta["schedule"])
     if meta["scaler"]:

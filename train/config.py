@@ -71,8 +71,10 @@ class TrainConfig:
         master_dtype: "fp32", or "bf16": the trained weights are bfloat16 (needs mixed_precision=bf16), updated in
             float32 and stochastically rounded back; a full fine-tuning then holds the UNet and text encoders in
             bf16, a LoRA run its adapters.
-        parallel: "ddp" (every process holds the whole optimizer state) or "zero" (each holds 1/N of it:
-            torch's ZeroRedundancyOptimizer; not with fused_backward or master_dtype=bf16).
+        parallel: "ddp" (every process holds the whole optimizer state), "zero" (each holds 1/N of it:
+            torch's ZeroRedundancyOptimizer; not with fused_backward or master_dtype=bf16) or "fsdp" (each holds
+            1/N of the UNet's weights, gradients and AdamW state: FSDP2's fully_shard; a full fine-tuning of
+            the UNet with AdamW).
         class_sampler, class_steps, class_cfg: settings for generating class images;
             class_batch_size: how many are made at once.
         task: "dreambooth" (the diffusion loss) or "vae" (reconstruction + kl_weight * KL, VAE only).
@@ -141,7 +143,7 @@ class TrainConfig:
         choices = {"lr_schedule": ("constant", "linear", "cosine"), "mixed_precision": ("no", "fp16", "bf16"),
                    "task": ("dreambooth", "vae"),
                    "export_dtype": ("fp16", "bf16", "fp32"), "base_dtype": ("fp32", "bf16", "fp16"),
-                   "optimizer": ("adamw", "adafactor"), "master_dtype": ("fp32", "bf16"), "parallel": ("ddp", "zero")}
+                   "optimizer": ("adamw", "adafactor"), "master_dtype": ("fp32", "bf16"), "parallel": ("ddp", "zero", "fsdp")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
@@ -216,6 +218,11 @@ class TrainConfig:
         if self.parallel == "zero" and (self.fused_backward or self.master_dtype == "bf16"):
             raise ConfigError("parallel=zero shards one optimizer over the processes; fused_backward and "
                               "master_dtype=bf16 step tensor by tensor: use parallel=ddp with them")
+        if self.parallel == "fsdp" and (self.optimizer != "adamw" or self.fused_backward or self.master_dtype == "bf16"
+                                        or self.lora_rank):
+            raise ConfigError("parallel=fsdp shards a full fine-tuning of the UNet trained with plain AdamW (torch's "
+                              "Adafactor, fused_backward, master_dtype=bf16 and LoRA do not run on its sharded "
+                              "tensors); use parallel=zero or ddp with them")
 
 
 def default(name):

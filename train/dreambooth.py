@@ -47,7 +47,7 @@ from train.checkpoint import (
     RUN_FILES, find_checkpoint, intact_checkpoint, load_checkpoint, read_meta, save_checkpoint, start_run_folder,
 )
 from train.config import ConfigError, default, load_config
-from train.optim import fuse_into_backward, fused_grad_norm, make_optimizer
+from train.optim import fuse_into_backward, fused_grad_norm, make_optimizer, shard_unet, unsharded_unet
 
 INSTANCE, CLASS = 0, 1  # kinds of sample
 NOISE, TIMESTEP, LATENT, OFFSET, TAGS, CAPTION = 1, 2, 3, 4, 5, 6  # generator streams of a sample (0: augmentation)
@@ -294,6 +294,9 @@ def preflight(config):
         if config.cache_text_embeddings and any(name.startswith("text_encoder") for name in trained):
             raise ConfigError(f"cache_text_embeddings needs frozen text encoders, but train={config.train} trains "
                               "some; train only unet.* names, or set cache_text_embeddings=False")
+        if config.parallel == "fsdp" and any(not name.startswith("unet.") for name in trained):
+            raise ConfigError(f"parallel=fsdp shards the UNet only, but train={config.train} trains text encoder "
+                              "weights; train only unet.* names, or use parallel=zero")
         if config.lora_rank:
             lora_adapters(meta, config)
     previous = [name for name in RUN_FILES if (out / name).exists()]
@@ -418,15 +421,18 @@ def train(config, device, resume_from, note):
         part.to("cpu")
 
     # ---------------------------------------------------------------- trainable parts in DDP
+    fsdp = ddp and config.parallel == "fsdp"  # one process has nothing to shard
     adapters = lora_adapters(model, config) if config.lora_rank else None  # float32, beside the frozen weights
     if adapters is not None and config.master_dtype == "bf16":
         adapters.to(torch.bfloat16)
     if adapters is not None:
         named = [(f"lora.{name}", p) for name, p in adapters.named_parameters()]
     else:
-        named = trainable_parameters(model, config.train, config.task)
-        for _, p in named:
+        for _, p in trainable_parameters(model, config.train, config.task):
             p.requires_grad_(True)
+        if fsdp:
+            shard_unet(model.unet)  # its parameters become this process's shards (DTensors)
+        named = trainable_parameters(model, config.train, config.task)
     model.unet.gradient_checkpointing = config.gradient_checkpointing
     step_module = (VAEStep(model.vae, config.kl_weight) if config.task == "vae"
                    else TrainStep(model, adapters, cached_text=config.cache_text_embeddings)).train()
@@ -435,8 +441,9 @@ def train(config, device, resume_from, note):
     # so DDP needs no find_unused_parameters and all-reduces exactly the trainable gradients.
     # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets instead of beside them (saves
     # one copy of the trainable gradients: 9.6 GiB for the full SDXL UNet in fp32).
-    # fused_backward steps inside backward, before DDP's buckets would all-reduce: its hooks all-reduce instead.
-    wrap = ddp and not config.fused_backward
+    # fused_backward steps inside backward, before DDP's buckets would all-reduce: its hooks all-reduce instead;
+    # FSDP reduce-scatters the gradients itself.
+    wrap = ddp and not config.fused_backward and not fsdp
     ddp_step = DDP(step_module, device_ids=[local_rank] if device.type == "cuda" else None,
                    gradient_as_bucket_view=True) if wrap else step_module
 
@@ -488,6 +495,8 @@ def train(config, device, resume_from, note):
                 inputs = make_batch(config, data, model, tokenizers, acp, step, j0, device, texts)
             # Only the last micro-step all-reduces gradients; the others accumulate locally.
             last = micro == config.grad_accum - 1
+            if fsdp:
+                model.unet.set_requires_gradient_sync(last)
             with ddp_step.no_sync() if wrap and not last else nullcontext():
                 with autocast:
                     per_sample = ddp_step(*inputs)  # (B,) instance [+ (B,) class]
@@ -504,6 +513,8 @@ def train(config, device, resume_from, note):
         else:
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)  # the same on every process
+            if fsdp:
+                grad_norm = grad_norm.full_tensor()  # over every process's shards
         # A NaN/inf loss, or NaN/inf gradients without fp16's scaler (which skips such steps by design), would
         # write non-finite weights: stop before the step, keeping the checkpoints already on disk. (fused_backward
         # stepped every finite tensor already, and none that was not: the weights in memory are never exported.)
@@ -543,8 +554,8 @@ def train(config, device, resume_from, note):
                                       "seconds": round(seconds, 4)}) + "\n")
             bar.set_postfix(loss=f"{total_loss:.4f}")
             bar.update(1)
-        if config.validation_prompt and step % config.validation_every == 0 and main_process:
-            validate(model, config, step, out, writer, device)
+        if config.validation_prompt and step % config.validation_every == 0 and (main_process or fsdp):
+            validate(model, config, step, out, writer if main_process else None, device)  # FSDP: all gather
         if step % config.checkpoint_every == 0 or stopping or step == config.max_steps:
             save_checkpoint(out / "checkpoints", step, named, optimizer, schedule, scaler, config, rank, world)
         if stopping:
@@ -553,6 +564,8 @@ def train(config, device, resume_from, note):
 
     # ---------------------------------------------------------------- export, teardown
     code = 0
+    if fsdp and not stopping:  # every process gathers the shards; process 0 exports the whole UNet
+        model.unet = unsharded_unet(model.unet, keep=main_process)
     if main_process and not stopping:
         try:
             if config.task == "vae":
@@ -612,8 +625,9 @@ def set_scaling_factor(model, images, config, device, count=256):
 
 
 def validate(model, config, step, out, writer, device):
-    """One image of validation_prompt with a fixed seed, to output_dir/validation/ and TensorBoard. Parts parked
-    on the CPU (cache_latents, cache_text_embeddings) visit the device while they run, as with --offload."""
+    """One image of validation_prompt with a fixed seed, to output_dir/validation/ and TensorBoard (writer None:
+    another process of an FSDP run, which takes part in the generation and writes nothing). Parts parked on the
+    CPU (cache_latents, cache_text_embeddings) visit the device while they run, as with --offload."""
     import numpy as np
 
     from sampling.pipeline import Pipeline, Settings
@@ -630,6 +644,8 @@ def validate(model, config, step, out, writer, device):
         return
     finally:
         model.train()
+    if writer is None:
+        return
     (out / "validation").mkdir(exist_ok=True)
     image.save(out / "validation" / f"step-{step:06d}.png")
     writer.add_image("validation", np.asarray(image), step, dataformats="HWC")

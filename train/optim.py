@@ -3,7 +3,9 @@
     optimizer       "adamw" (torch.optim.AdamW) or "adafactor" (torch.optim.Adafactor: factored second moments,
                     no first moment, so its state is a few MB instead of 8 bytes per weight)
     parallel        "ddp": every process holds the whole optimizer state; "zero": each holds 1/N of it
-                    (torch's ZeroRedundancyOptimizer, Rajbhandari et al. 2020), the weights are still all-reduced
+                    (torch's ZeroRedundancyOptimizer, Rajbhandari et al. 2020), the weights are still all-reduced;
+                    "fsdp": each holds 1/N of the UNet's weights, gradients and AdamW moments (FSDP2's fully_shard,
+                    Zhao et al. 2023): a block's weights are gathered just before it runs and dropped after
     fused_backward  step each tensor inside backward as soon as its gradient is ready, then free that gradient,
                     so at most a few tensors' gradients exist at once (kohya's --fused_backward_pass)
     master_dtype    "fp32", or "bf16": the trained weights themselves are bfloat16, 2 bytes each instead of 4
@@ -22,6 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from models.unet import TransformerBlock, UNet
+
 
 def make_optimizer(config, params):
     """The run's optimizer over `params` (a list of tensors), as the four fields above ask."""
@@ -37,6 +41,57 @@ def make_optimizer(config, params):
 
         return ZeroRedundancyOptimizer(params, optimizer_class=kind, **options)
     return kind(params, **options)
+
+
+def fsdp_units(unet):
+    """The modules parallel=fsdp shards one by one, innermost first: every transformer block (~35 M weights at
+    full size), every UNet block (the rest of it: ResBlocks, projections), then the UNet (embeddings, output).
+    Only one unit's weights are whole at a time (and the next one's, prefetched), so the finer the units, the less
+    a process holds beyond its 1/N: the largest full-size block whole would be 413 M weights, 1.5 GiB."""
+    blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
+    layers = [m for block in blocks for m in block.modules() if isinstance(m, TransformerBlock)]
+    return layers + blocks + [unet]
+
+
+def shard_unet(unet):
+    """parallel=fsdp: each of fsdp_units() becomes an FSDP2 unit. The parameters are replaced by DTensors holding
+    this process's 1/N (dim 0); forward and backward gather one unit at a time, and backward reduce-scatters
+    (averages) the gradients, as DDP's all-reduce would."""
+    from torch.distributed.fsdp import fully_shard  # imported here: ~2 s that runs without FSDP need not pay
+
+    for unit in fsdp_units(unet):
+        fully_shard(unit)
+
+
+def gathered(tensor, keep=True):
+    """A tensor whole: an FSDP shard (DTensor) is gathered from every process, so every process must call this
+    in the same order, and is returned on the CPU, or None where keep is False (only process 0 writes files)."""
+    if not hasattr(tensor, "full_tensor"):
+        return tensor
+    whole = tensor.full_tensor()
+    return whole.cpu() if keep else None
+
+
+def sharded_like(tensor, like):
+    """A whole tensor (from a checkpoint) as `like` holds it: this process's shard where `like` is a DTensor."""
+    if not hasattr(like, "device_mesh"):
+        return tensor
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(tensor.to(like.device), like.device_mesh, like.placements)
+
+
+def unsharded_unet(unet, keep):
+    """The trained UNet as a plain module with whole weights on the CPU, for the export (every process takes part
+    in the gathering; where keep is False, None)."""
+    weights = {name: gathered(t.detach(), keep) for name, t in unet.state_dict().items()}
+    if not keep:
+        return None
+    with torch.device("meta"):
+        plain = UNet(unet.config)
+    plain.load_state_dict(weights, assign=True)
+    plain.gradient_checkpointing = unet.gradient_checkpointing
+    return plain
 
 
 class PerTensor(torch.optim.Optimizer):

@@ -110,13 +110,21 @@ def full_finetune_budget(pairs=1, resolution=1024):
     add a float32 copy of one tensor while it steps. With float32 weights, autocast keeps a bf16 copy of every
     weight it has cast until the forward ends (counted in full: an upper bound, as gradient checkpointing's
     recomputation casts again). Text encoders are held in the weights' dtype, the VAE in float32; with cache_latents
-    and cache_text_embeddings both leave the GPU once they have encoded the data."""
+    and cache_text_embeddings both leave the GPU once they have encoded the data. parallel=fsdp holds 1/N of the
+    weights, gradients and moments, plus two units' weights whole (the one running and the one prefetched) and one
+    unit's whole gradient before its reduce-scatter, the largest unit of train/optim.fsdp_units counted."""
     import torch
 
     from models.sdxl import BASE, SDXL
+    from train.optim import fsdp_units
 
     with torch.device("meta"):
         model = SDXL(BASE)
+    seen, unit = set(), 0  # the largest unit's own weights (nested units hold theirs)
+    for module in fsdp_units(model.unet):
+        own = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        unit = max(unit, sum(p.numel() for p in own))
     shapes = [p.shape for p in model.unet.parameters()]
     n = sum(s.numel() for s in shapes)
     largest = max(s.numel() for s in shapes)
@@ -127,20 +135,22 @@ def full_finetune_budget(pairs=1, resolution=1024):
     adafactor = sum((s[:-1].numel() + s[:-2].numel() * s[-1]) if len(s) >= 2 else s.numel() for s in shapes) * 4
     _, _, activations = saved_bytes(model.unet.to(torch.bfloat16), torch.bfloat16, pairs, resolution)
     rows = {}
-    # (optimizer, master_dtype, fused_backward, GPUs under parallel=zero, cache_latents + cache_text_embeddings)
-    for optimizer, master, fused, gpus, cached in [
-            ("adamw", "fp32", False, 1, False), ("adamw", "fp32", False, 2, False), ("adamw", "fp32", False, 4, False),
-            ("adamw", "fp32", False, 8, False), ("adamw", "fp32", False, 1, True), ("adafactor", "fp32", False, 1, False),
-            ("adafactor", "fp32", True, 1, False), ("adafactor", "fp32", True, 1, True), ("adamw", "bf16", True, 1, False),
-            ("adafactor", "bf16", False, 1, False), ("adafactor", "bf16", True, 1, False),
-            ("adafactor", "bf16", True, 1, True)]:
+    # (optimizer, master_dtype, fused_backward, parallel, GPUs, cache_latents + cache_text_embeddings)
+    for optimizer, master, fused, parallel, gpus, cached in [
+            ("adamw", "fp32", False, "ddp", 1, False), *[("adamw", "fp32", False, "zero", k, False) for k in (2, 4, 8)],
+            *[("adamw", "fp32", False, "fsdp", k, False) for k in (2, 4, 8)], ("adamw", "fp32", False, "fsdp", 8, True),
+            ("adamw", "fp32", False, "ddp", 1, True), ("adafactor", "fp32", False, "ddp", 1, False),
+            ("adafactor", "fp32", True, "ddp", 1, False), ("adafactor", "fp32", True, "ddp", 1, True),
+            ("adamw", "bf16", True, "ddp", 1, False), ("adafactor", "bf16", False, "ddp", 1, False),
+            ("adafactor", "bf16", True, "ddp", 1, False), ("adafactor", "bf16", True, "ddp", 1, True)]:
         size = 4 if master == "fp32" else 2
         state = n * 8 if optimizer == "adamw" else adafactor
         name = f"{optimizer}, {master} weights" + (", fused_backward" if fused else "") + (
-            f", parallel=zero on {gpus} GPUs" if gpus > 1 else "") + (", cached latents + text" if cached else "")
+            f", parallel={parallel} on {gpus} GPUs" if gpus > 1 else "") + (", cached latents + text" if cached else "")
+        shards = gpus if parallel == "fsdp" else 1
         rows[name] = {
-            "UNet weights": n * size,
-            "gradients": largest * size if fused else n * size,
+            "UNet weights": n * size // shards + (2 * unit * size if shards > 1 else 0),
+            "gradients": largest * size if fused else n * size // shards + (unit * size if shards > 1 else 0),
             "optimizer state": state // gpus,
             "float32 copy of the tensor stepping": largest * 8 if master == "bf16" else 0,
             "autocast's bf16 weight copies": n * 2 if master == "fp32" else 0,
