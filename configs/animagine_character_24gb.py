@@ -1,7 +1,7 @@
 # Full-UNet DreamBooth of one anime character on animagine-xl-4.0 within one 24 GB GPU: animagine_character.py's
 # run and data with Adafactor, bf16 weights (stochastically rounded updates), fused_backward and cached text
-# embeddings. Budgeted at 10.0 GiB per GPU on the meta device (tests/benchmarks/bench_train_step.py), not yet
-# measured on a GPU.
+# embeddings. Budgeted at 10.0 GiB per GPU on the meta device (tests/benchmarks/bench_train_step.py: 11.5 GiB less
+# the bf16 text encoders' 1.5), not yet measured on a GPU.
 #   python -m train.dreambooth --config configs/animagine_character_24gb.py --instance_data_dir=my_character
 from configs.animagine_character import config as full_fine_tuning
 

@@ -264,6 +264,8 @@ class Pipeline:
             yield
             return
         device = torch.device(self.offload)
+        if device.type == "cuda" and device.index is None:  # "cuda" names the current GPU, as parameters report it
+            device = torch.device("cuda", torch.cuda.current_device())
         with ExitStack() as undo:
             for name in names:
                 part = getattr(self.model, name)

@@ -144,8 +144,9 @@ def test_fsdp_two_processes_equal_one_and_resume_bit_identically(setup, tmp_path
     (["--parallel=zero", "--fused_backward=True"], "use parallel=ddp with them"),
     (["--optimizer=sgd"], "optimizer must be one of adamw, adafactor"),
     (["--parallel=tp"], "parallel must be one of ddp, zero, fsdp"),
-    (["--parallel=fsdp", "--optimizer=adafactor"], "parallel=fsdp shards a full fine-tuning of the UNet trained with plain AdamW"),
-    (["--parallel=fsdp", "--train=['unet', 'text_encoder_1']"], "parallel=fsdp shards the UNet only"),
+    (["--parallel=fsdp", "--optimizer=adafactor"], "parallel=fsdp shards a full fine-tuning of the UNet"),
+    (["--parallel=fsdp", "--train=['unet', 'text_encoder_1']"], "parallel=fsdp shards a full fine-tuning of the UNet"),
+    (["--parallel=fsdp", "--mixed_precision=fp16"], "parallel=fsdp needs mixed_precision=bf16 or no"),
 ])
 def test_bad_optimizer_settings_are_one_line_before_anything_loads(setup, tmp_path, capsys, extra, fragment):
     assert main(args(setup, tmp_path / "o") + extra) == 2

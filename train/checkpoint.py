@@ -141,8 +141,8 @@ def load_checkpoint(path, model, named, optimizer, schedule, scaler, rank):
     for key, t in tensors.items():
         if key.startswith("optimizer."):
             _, index, k = key.split(".", 2)
-            p = named[int(index)][1]
-            state.setdefault(int(index), {})[k] = sharded_like(t, p) if t.shape == p.shape else t  # moments, not step
+            # AdamW's moments are shaped as their weight and sharded like it; its step count is a number.
+            state.setdefault(int(index), {})[k] = t if k == "step" else sharded_like(t, named[int(index)][1])
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     schedule.load_state_dict(meta["schedule"])
     if meta["scaler"]:

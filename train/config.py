@@ -73,8 +73,8 @@ class TrainConfig:
             bf16, a LoRA run its adapters.
         parallel: "ddp" (every process holds the whole optimizer state), "zero" (each holds 1/N of it:
             torch's ZeroRedundancyOptimizer; not with fused_backward or master_dtype=bf16) or "fsdp" (each holds
-            1/N of the UNet's weights, gradients and AdamW state: FSDP2's fully_shard; a full fine-tuning of
-            the UNet with AdamW).
+            1/N of the UNet's weights, gradients and AdamW state: FSDP2's fully_shard; train=["unet"] with AdamW,
+            not fp16).
         class_sampler, class_steps, class_cfg: settings for generating class images;
             class_batch_size: how many are made at once.
         task: "dreambooth" (the diffusion loss) or "vae" (reconstruction + kl_weight * KL, VAE only).
@@ -219,10 +219,14 @@ class TrainConfig:
             raise ConfigError("parallel=zero shards one optimizer over the processes; fused_backward and "
                               "master_dtype=bf16 step tensor by tensor: use parallel=ddp with them")
         if self.parallel == "fsdp" and (self.optimizer != "adamw" or self.fused_backward or self.master_dtype == "bf16"
-                                        or self.lora_rank):
-            raise ConfigError("parallel=fsdp shards a full fine-tuning of the UNet trained with plain AdamW (torch's "
-                              "Adafactor, fused_backward, master_dtype=bf16 and LoRA do not run on its sharded "
-                              "tensors); use parallel=zero or ddp with them")
+                                        or self.lora_rank or self.train != ["unet"]):
+            raise ConfigError("parallel=fsdp shards a full fine-tuning of the UNet (train=['unet']) with plain AdamW; "
+                              "Adafactor, fused_backward, master_dtype=bf16 and LoRA are not supported with it here: "
+                              "use parallel=zero or ddp with them")
+        if self.parallel == "fsdp" and self.mixed_precision == "fp16":
+            # GradScaler's overflow check would see each process's shard only: processes could disagree on a skip.
+            raise ConfigError("parallel=fsdp needs mixed_precision=bf16 or no (fp16's grad scaler would check each "
+                              "process's shard of the gradients alone)")
 
 
 def default(name):

@@ -294,9 +294,6 @@ def preflight(config):
         if config.cache_text_embeddings and any(name.startswith("text_encoder") for name in trained):
             raise ConfigError(f"cache_text_embeddings needs frozen text encoders, but train={config.train} trains "
                               "some; train only unet.* names, or set cache_text_embeddings=False")
-        if config.parallel == "fsdp" and any(not name.startswith("unet.") for name in trained):
-            raise ConfigError(f"parallel=fsdp shards the UNet only, but train={config.train} trains text encoder "
-                              "weights; train only unet.* names, or use parallel=zero")
         if config.lora_rank:
             lora_adapters(meta, config)
     previous = [name for name in RUN_FILES if (out / name).exists()]
@@ -416,9 +413,11 @@ def train(config, device, resume_from, note):
     if config.cache_latents:
         data = {name: encode_images(model, images, config, device) for name, images in data.items()}
     # What the loop no longer runs leaves the device (validation moves it back while it runs).
-    parked = [model.vae] * config.cache_latents + [model.text_encoder_1, model.text_encoder_2] * config.cache_text_embeddings
-    for part in filter(None, parked):
-        part.to("cpu")
+    if config.cache_latents:
+        model.vae.to("cpu")
+    if config.cache_text_embeddings:
+        for part in filter(None, (model.text_encoder_1, model.text_encoder_2)):
+            part.to("cpu")
 
     # ---------------------------------------------------------------- trainable parts in DDP
     fsdp = ddp and config.parallel == "fsdp"  # one process has nothing to shard
@@ -442,7 +441,7 @@ def train(config, device, resume_from, note):
     # gradient_as_bucket_view: gradients live in DDP's all-reduce buckets instead of beside them (saves
     # one copy of the trainable gradients: 9.6 GiB for the full SDXL UNet in fp32).
     # fused_backward steps inside backward, before DDP's buckets would all-reduce: its hooks all-reduce instead;
-    # FSDP reduce-scatters the gradients itself.
+    # FSDP reduce-scatters the gradients itself, after every micro-step: the accumulated gradients stay 1/N.
     wrap = ddp and not config.fused_backward and not fsdp
     ddp_step = DDP(step_module, device_ids=[local_rank] if device.type == "cuda" else None,
                    gradient_as_bucket_view=True) if wrap else step_module
@@ -495,8 +494,6 @@ def train(config, device, resume_from, note):
                 inputs = make_batch(config, data, model, tokenizers, acp, step, j0, device, texts)
             # Only the last micro-step all-reduces gradients; the others accumulate locally.
             last = micro == config.grad_accum - 1
-            if fsdp:
-                model.unet.set_requires_gradient_sync(last)
             with ddp_step.no_sync() if wrap and not last else nullcontext():
                 with autocast:
                     per_sample = ddp_step(*inputs)  # (B,) instance [+ (B,) class]
@@ -555,7 +552,8 @@ def train(config, device, resume_from, note):
             bar.set_postfix(loss=f"{total_loss:.4f}")
             bar.update(1)
         if config.validation_prompt and step % config.validation_every == 0 and (main_process or fsdp):
-            validate(model, config, step, out, writer if main_process else None, device)  # FSDP: all gather
+            # With FSDP every process runs the UNet (its forward gathers the shards); only process 0 writes.
+            validate(model, config, step, out, writer if main_process else None, device)
         if step % config.checkpoint_every == 0 or stopping or step == config.max_steps:
             save_checkpoint(out / "checkpoints", step, named, optimizer, schedule, scaler, config, rank, world)
         if stopping:

@@ -46,8 +46,8 @@ def make_optimizer(config, params):
 def fsdp_units(unet):
     """The modules parallel=fsdp shards one by one, innermost first: every transformer block (~35 M weights at
     full size), every UNet block (the rest of it: ResBlocks, projections), then the UNet (embeddings, output).
-    Only one unit's weights are whole at a time (and the next one's, prefetched), so the finer the units, the less
-    a process holds beyond its 1/N: the largest full-size block whole would be 413 M weights, 1.5 GiB."""
+    Beside its 1/N a process holds the running unit's weights whole, the next one's (prefetched) and the UNet's own
+    few (7 M), so the finer the units, the less: the largest full-size block whole would be 413 M weights, 1.5 GiB."""
     blocks = [*unet.input_blocks, unet.middle_block, *unet.output_blocks]
     layers = [m for block in blocks for m in block.modules() if isinstance(m, TransformerBlock)]
     return layers + blocks + [unet]
