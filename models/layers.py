@@ -11,13 +11,33 @@ import torch.nn.functional as F
 def attention(q, k, v, heads, causal=False):
     """Multi-head scaled dot-product attention: q (B, N, C), k and v (B, M, C) -> (B, N, C).
 
-    Every attention in the project goes through here, so this is the single place to swap
-    in another kernel or to record attention maps for an ablation.
+    Every attention module of the project calls this through its `attend` attribute, so swapping that
+    attribute (sampling/instruments.py does) changes or records one module's attention without a file edit.
     """
     B, N, C = q.shape
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)  # scale 1/sqrt(d)
     return out.transpose(1, 2).reshape(B, N, C)  # (B, N, heads * d)
+
+
+def softmax_attention(q, k, v, heads, causal=False, record=None, chunk=1024):
+    """attention() written out, softmax(q k^T / sqrt(d)) v, for `chunk` queries at a time so that the (B, heads,
+    chunk, M) probabilities bound the memory. The fast kernels never form the probabilities; this does, and
+    hands each chunk of them, averaged over the heads, to record(probs (B, chunk, M), first query index)."""
+    B, N, C = q.shape
+    q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
+    scale, M = q.shape[-1] ** -0.5, k.shape[2]
+    out = []
+    for start in range(0, N, chunk):
+        scores = (q[:, :, start:start + chunk] @ k.transpose(-1, -2)).float() * scale  # (B, heads, n, M)
+        if causal:  # query i sees keys 0..i
+            later = torch.arange(M, device=q.device) > torch.arange(start, start + scores.shape[2], device=q.device)[:, None]
+            scores = scores.masked_fill(later, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        if record is not None:
+            record(probs.mean(dim=1), start)
+        out.append(probs.to(v.dtype) @ v)  # (B, heads, n, d)
+    return torch.cat(out, dim=2).transpose(1, 2).reshape(B, N, C)  # (B, N, heads * d)
 
 
 class GroupNorm32(nn.GroupNorm):

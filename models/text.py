@@ -85,10 +85,11 @@ class CLIPAttention(nn.Module):
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
         self.out_proj = nn.Linear(cfg.width, cfg.width)
+        self.attend = attention  # swappable: see models.layers.attention
 
     def forward(self, x):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.out_proj(attention(q, k, v, self.heads, causal=True))
+        return self.out_proj(self.attend(q, k, v, self.heads, causal=True))
 
 
 class CLIPMLP(nn.Module):
@@ -173,10 +174,11 @@ class OpenCLIPAttention(nn.Module):
         self.in_proj = Projection()
         self.out_proj = nn.Linear(cfg.width, cfg.width)
         nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's init
+        self.attend = attention  # swappable: see models.layers.attention
 
     def forward(self, x):
         q, k, v = self.in_proj(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, W)
-        return self.out_proj(attention(q, k, v, self.heads, causal=True))
+        return self.out_proj(self.attend(q, k, v, self.heads, causal=True))
 
 
 class OpenCLIPMLP(nn.Module):

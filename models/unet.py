@@ -132,10 +132,11 @@ class CrossAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, channels, bias=False)
         self.to_v = nn.Linear(context_dim, channels, bias=False)
         self.to_out = nn.Sequential(nn.Linear(channels, channels), nn.Dropout(0.0))  # .1: dropout slot
+        self.attend = attention  # swappable: see models.layers.attention
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        return self.to_out(attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        return self.to_out(self.attend(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
 class GEGLU(nn.Module):
@@ -222,9 +223,13 @@ class Upsample(nn.Module):
 
 
 class Block(nn.Sequential):
-    """One input, middle or output block: its layers in order, each given what it needs."""
+    """One input, middle or output block: its layers in order, each given what it needs. An output block gets
+    its skip apart from the backbone features h and joins them first, so a forward pre-hook (FreeU, in
+    sampling/instruments.py) sees the two separately."""
 
-    def forward(self, h, emb, context, size=None):
+    def forward(self, h, emb, context, size=None, skip=None):
+        if skip is not None:
+            h = torch.cat([h, skip], dim=1)  # (B, C_h + C_skip, h, w)
         for layer in self:
             if isinstance(layer, ResBlock):
                 h = layer(h, emb)
@@ -303,7 +308,7 @@ class UNet(nn.Module):
             skips.append(h)
         h = run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)  # (B, C_h + C_skip, h, w)
+            skip = skips.pop()
             next_size = skips[-1].shape[-2:] if skips else None  # where an Upsample must land
-            h = run(block, h, emb, context, next_size)
+            h = run(block, h, emb, context, next_size, skip)
         return self.out(h)

@@ -93,6 +93,7 @@ class AttnBlock(nn.Module):
         self.k = nn.Conv2d(c, c, 1)
         self.v = nn.Conv2d(c, c, 1)
         self.proj_out = nn.Conv2d(c, c, 1)
+        self.attend = attention  # swappable: see models.layers.attention
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -101,7 +102,7 @@ class AttnBlock(nn.Module):
         # matrices to the tokens. Same math as calling the convs, but the same rounding as diffusers'
         # Linear layers; with conv rounding the random-weight parity test drifts to ~1e-5.
         q, k, v = (F.linear(h, m.weight.flatten(1), m.bias) for m in (self.q, self.k, self.v))  # (B, HW, C)
-        h = attention(q, k, v, heads=1)  # (B, HW, C), scale 1/sqrt(C)
+        h = self.attend(q, k, v, 1)  # (B, HW, C), one head: scale 1/sqrt(C)
         h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)  # (B, HW, C)
         return x + h.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W)
 

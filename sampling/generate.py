@@ -3,7 +3,7 @@
     python -m sampling.generate --model M --prompt P [--negative-prompt N] --width W --height H --steps S
         --cfg G --sampler {euler,euler_a,dpmpp_2m,ddim,ddpm} [--karras] [--guidance-rescale R] --seed SEED
         --num-images B --dtype {fp32,fp16,bf16} --device D [--vae VAE] [--lora FILE[:SCALE] ...]
-        [--no-prompt-weights] --out DIR
+        [--no-prompt-weights] [--save-attention DIR] --out DIR
       [--refiner R --refiner-start F [--aesthetic-score A] [--negative-aesthetic-score NA]]
       [--init-image IMG --strength S [--mask MASK]]
       [--hires-scale K --hires-strength S [--hires-steps N] [--hires-upscaler latent|lanczos]]
@@ -26,6 +26,7 @@ import re
 import secrets
 import signal
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -120,6 +121,9 @@ def parse_args(argv):
     p.add_argument("--offload", action="store_true",
                    help="keep the model on the CPU and move each part (text encoders, UNet, VAE) to --device only "
                         "while it runs: a GPU too small for the whole model needs room for the UNet alone")
+    p.add_argument("--save-attention", metavar="DIR",
+                   help="also write each image's cross-attention heatmaps, one panel per prompt token (DAAM: "
+                        "summed over the UNet's blocks and steps), as DIR/<the image's name>")
     p.add_argument("--out", default="outputs")
     p.add_argument("--from-png", help="re-run the generation recorded in this PNG (other flags override it)")
     return p.parse_args(argv)
@@ -315,6 +319,20 @@ def save_png(image, path, parameters):
         image.save(tmp, format="PNG", pnginfo=info)
 
 
+def save_attention(maps, image, i, s, tokenizer, path, parameters):
+    """Image i's token heatmaps (sampling/instruments.py) as a labelled grid at `path`; never replaces a file."""
+    from sampling.instruments import heatmap_grid, prompt_tokens, token_heatmaps
+
+    row = s.num_images + i if s.cfg > 1 else i  # a CFG step's rows are [uncond, cond]
+    heat = token_heatmaps(maps, s.height, s.width, rows=slice(row, row + 1))[0]  # (M, H, W)
+    positions, labels = prompt_tokens(tokenizer, s.prompt, s.truncate_prompt, s.prompt_weights)
+    try:
+        save_png(heatmap_grid(image, heat[positions], labels), path, parameters)
+    except FileExistsError:
+        return f"note: {path} exists and was kept; the attention map of {path.name} was not written"
+    return path
+
+
 def save_next(image, out, seed, parameters):
     """Save as the next free NNNNN-SEED.png of `out`; another process taking a number moves us on."""
     index = next_index(out)
@@ -361,6 +379,7 @@ def main(argv=None):
 def generate(args, written, check_interrupt):
     from models.loading import LoadError, check_device, inspect, model_hash, out_of_memory, resolve
     from models.lora import addnet_hash
+    from sampling.instruments import attention_maps
     from sampling.pipeline import NonFiniteError, Pipeline, check, with_output_size
     from sampling.pnginfo import format_parameters
 
@@ -374,6 +393,12 @@ def generate(args, written, check_interrupt):
         if args.vae_tiling is not None and args.vae_tiling < 8:
             raise ValueError(f"--vae-tiling {args.vae_tiling} is too small: it is a tile size in latents, at least 8 "
                              "(128 = 1024 px, the default when the flag is given alone)")
+        attention_dir = Path(args.save_attention) if args.save_attention else None
+        if attention_dir is not None and attention_dir.exists() and not attention_dir.is_dir():
+            raise ValueError(f"--save-attention {attention_dir} is a file; name a folder (it is created if missing)")
+        if attention_dir is not None and opened.hires_scale is not None:
+            raise ValueError("--save-attention maps one pass at one size; drop --hires-scale (or map the first "
+                             "pass alone)")
         if args.offload and device.type == "cpu":
             raise ValueError("--offload moves the model's parts to --device while they run; with --device cpu "
                              "there is nothing to offload: give --device cuda, or drop --offload")
@@ -412,20 +437,26 @@ def generate(args, written, check_interrupt):
         return fail(f"{args.device} has too little memory for {models} in {args.dtype}; {fix}")
     try:
         out.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves no empty folder behind
+        if attention_dir is not None:
+            attention_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        return fail(f"cannot create --out {out} ({e.strerror}); choose a folder you can write to")
+        return fail(f"cannot create {e.filename} ({e.strerror}); choose a folder you can write to")
     check_interrupt()
     if recorded_hash and model_file_hash and recorded_hash != model_file_hash:
         print(f"note: the PNG was made with a model whose hash is {recorded_hash}; {model} has {model_file_hash}",
               file=sys.stderr)
     try:
-        for i, image in enumerate(pipe.images(opened, refiner_pipe, callback=check_interrupt)):  # checked every step
-            seed = settings.seed + i
-            parameters = format_parameters(settings, seed, model, model_hash=model_file_hash, vae=vae,
-                                           refiner=refiner, refiner_hash=refiner_hash, loras=lora_records)
-            written.append(save_next(image, out, seed, parameters))
-            print(written[-1])
-            check_interrupt()  # after the write: a finished image is kept
+        with attention_maps(pipe.model) if attention_dir is not None else nullcontext() as maps:
+            for i, image in enumerate(pipe.images(opened, refiner_pipe, callback=check_interrupt)):  # checked every step
+                seed = settings.seed + i
+                parameters = format_parameters(settings, seed, model, model_hash=model_file_hash, vae=vae,
+                                               refiner=refiner, refiner_hash=refiner_hash, loras=lora_records)
+                written.append(save_next(image, out, seed, parameters))
+                print(written[-1])
+                if maps is not None:
+                    print(save_attention(maps, image, i, opened, pipe.tokenizers[0], attention_dir / written[-1].name,
+                                         parameters))
+                check_interrupt()  # after the write: a finished image is kept
     except (MemoryError, RuntimeError) as e:  # the estimate (check_fits) was short
         if not out_of_memory(e):
             raise

@@ -54,8 +54,8 @@ def saved_bytes(unet, dtype, pairs=1, resolution=1024):
     h, size = count(unet.middle_block, h, emb, context)
     largest, boundaries = max(largest, size), boundaries + h.numel() * h.element_size()
     for block in unet.output_blocks:
-        h = torch.cat([h, skips.pop()], dim=1)
-        h, size = count(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
+        skip = skips.pop()
+        h, size = count(block, h, emb, context, skips[-1].shape[-2:] if skips else None, skip)
         largest, boundaries = max(largest, size), boundaries + h.numel() * h.element_size()
     return whole, attention, boundaries + largest
 
