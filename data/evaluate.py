@@ -28,6 +28,12 @@ def prompt_fidelity(pipe, count=100, seed=1000, steps=20, cfg=5.0, sampler="eule
     return classifier.tag_accuracy(model, images, asked), classifier.tag_accuracy(model, images, others), images
 
 
+def caption_fidelity(images, prompts):
+    """{attribute: share of images read (by the attribute classifier) as their procedural caption says, "mean"};
+    sampling.ablate's score for the bundled model."""
+    return classifier.tag_accuracy(classifier.load(), images, [procedural.parse_caption(p) for p in prompts])
+
+
 def grid(images, columns, side=128):
     """One sheet of images in rows of `columns`, each scaled to side x side (nearest: pixels stay sharp)."""
     sheet = Image.new("RGB", (columns * side, side * -(-len(images) // columns)), "white")

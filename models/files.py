@@ -6,12 +6,14 @@ Nothing here knows what an SDXL model is.
 """
 
 import hashlib
+import importlib.util
 import json
 import mmap
 import os
 import re
 import shutil
 import tempfile
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -244,3 +246,23 @@ def model_hash(path):
     except OSError:
         pass
     return cache[key]
+
+
+def read_config_file(path):
+    """A config file's `config` dict (trainer and ablation configs); ValueError in one sentence for a file
+    that is missing, does not parse, raises, or defines no such dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)  # a config file is Python the user wrote: a plain `config = dict(...)`
+    except SyntaxError as e:
+        raise ValueError(f"config file {path} has a syntax error on line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # anything the user's Python raises: say where, not a traceback
+        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == str(path)), "?")
+        raise ValueError(f"config file {path} raised {type(e).__name__} on line {line}: {e}") from None
+    if not isinstance(getattr(module, "config", None), dict):
+        raise ValueError(f"config file {path} must define `config = dict(field=value, ...)`")
+    return dict(module.config)

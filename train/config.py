@@ -7,15 +7,13 @@ Unknown fields and wrong types fail at once with a message naming the field.
 """
 
 import ast
-import importlib.util
 import json
 import math
-import traceback
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from models.files import atomic_file
+from models.files import atomic_file, read_config_file
 from models.lora import KOHYA_TARGETS
 
 
@@ -272,7 +270,10 @@ def load_config(argv):
         arg = args.pop(0)
         if arg == "--config" or arg.startswith("--config="):
             path = arg.split("=", 1)[1] if "=" in arg else (args.pop(0) if args else "")
-            values.update(read_config_file(path))
+            try:
+                values.update(read_config_file(path))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         elif arg.startswith("--") and "=" in arg:
             name, text = arg[2:].split("=", 1)
             overrides[name] = parse_value(text)
@@ -290,24 +291,6 @@ def load_config(argv):
             raise ConfigError(f"unknown config field {name!r}{hint}")
         values[name] = _check_type(name, values[name], hints[name])
     return TrainConfig(**values)
-
-
-def read_config_file(path):
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)  # a config file is Python the user wrote: a plain `config = dict(...)`
-    except SyntaxError as e:
-        raise ConfigError(f"config file {path} has a syntax error on line {e.lineno}: {e.msg}") from None
-    except Exception as e:  # anything the user's Python raises: say where, not a traceback
-        line = next((f.lineno for f in reversed(traceback.extract_tb(e.__traceback__)) if f.filename == str(path)), "?")
-        raise ConfigError(f"config file {path} raised {type(e).__name__} on line {line}: {e}") from None
-    if not isinstance(getattr(module, "config", None), dict):
-        raise ConfigError(f"config file {path} must define `config = dict(field=value, ...)`")
-    return dict(module.config)
 
 
 def save_config(config, path):

@@ -1,0 +1,186 @@
+"""An ablation grid: sampler x steps x cfg x intervention x seed, every prompt in every cell.
+
+    python -m sampling.ablate --config configs/ablation_<name>.py [--model M] [--out DIR]
+
+A config file defines `config = dict(...)`:
+    model           single file, diffusers folder or Hugging Face repo id (default: the bundled plainxl-tiny)
+    prompts         a list of prompts; a cell makes one image of each (the same negative_prompt for all)
+    grid            dict of axes, each a list: sampler, steps, cfg, intervention (names of `interventions`;
+                    "none" runs the plain model), seed
+    interventions   dict name -> function(model) giving a context manager (sampling/interventions.py's, or yours)
+    score           optional function(images, prompts) -> {metric: number}, e.g. data.evaluate.caption_fidelity
+    width, height, negative_prompt, out (default runs/ablation_<config name>)
+
+Writes out/cells/<sampler>-<steps>-cfg<cfg>-<intervention>-seed<seed>.png (the cell's images side by side, its
+parameters in the PNG), out/contact_sheet.png (one labelled row per cell) and, with a score, out/scores.md (one
+row per setting, its seeds pooled). Cells already written are skipped, so an interrupted run continues where
+it stopped; every check runs before the model loads.
+"""
+
+import argparse
+import itertools
+import sys
+from contextlib import nullcontext
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from models.files import atomic_file, read_config_file
+from models.loading import LoadError, inspect
+from sampling.generate import check_settings, save_png
+from sampling.pipeline import Pipeline, Settings, check
+from sampling.schedule import make_schedule
+
+AXES = ("sampler", "steps", "cfg", "intervention", "seed")
+FIELDS = {"model", "prompts", "grid", "interventions", "score", "width", "height", "negative_prompt", "out"}
+
+
+class AblationError(ValueError):
+    """A config the runner cannot run; the message says what to change."""
+
+
+class ScoreError(Exception):
+    """The config's score function refused the cells' images or prompts."""
+
+
+def read_config(path):
+    """The config file's dict, its fields checked (the cells' settings are checked against the model by
+    check_cells): unknown fields, missing or empty axes, prompts, intervention names."""
+    config = read_config_file(path)
+    unknown = sorted(set(config) - FIELDS)
+    if unknown:
+        raise AblationError(f"{path}: unknown field {unknown[0]!r}; the fields are {', '.join(sorted(FIELDS))}")
+    grid = {"intervention": ["none"], "seed": [0], **config.get("grid", {})}
+    if set(grid) - set(AXES) or any(not isinstance(v, list) or not v for v in grid.values()) or set(AXES) - set(grid):
+        raise AblationError(f"{path}: grid needs the axes {', '.join(AXES)}, each a non-empty list "
+                            f"(intervention and seed may be left out), got {sorted(grid)}")
+    if not config.get("prompts") or not all(isinstance(p, str) for p in config["prompts"]):
+        raise AblationError(f"{path}: prompts must be a non-empty list of strings")
+    for axis, ok, what in [("steps", lambda n: isinstance(n, int) and n > 0, "positive whole numbers"),
+                           ("seed", lambda n: isinstance(n, int) and 0 <= n < 2**64, "whole numbers from 0"),
+                           ("cfg", lambda n: isinstance(n, (int, float)) and n == n, "numbers")]:
+        if not all(ok(value) for value in grid[axis]):
+            raise AblationError(f"{path}: grid {axis} must be {what} (got {grid[axis]})")
+    named = {"none": None, **config.get("interventions", {})}
+    missing = [i for i in grid["intervention"] if i not in named]
+    if missing:
+        raise AblationError(f"{path}: intervention {missing[0]!r} is not in interventions ({', '.join(named)})")
+    return {**config, "grid": grid, "interventions": named}
+
+
+def cells(grid):
+    """Every combination of the axes, in the grid's order: dicts with one value per axis."""
+    return [dict(zip(AXES, values)) for values in itertools.product(*(grid[axis] for axis in AXES))]
+
+
+def settings(config, cell, prompt):
+    return Settings(prompt=prompt, negative_prompt=config.get("negative_prompt"), width=config.get("width", 64),
+                    height=config.get("height", 64), steps=cell["steps"], cfg=cell["cfg"], sampler=cell["sampler"],
+                    seed=cell["seed"])
+
+
+def check_cells(config, info):
+    """Every cell's settings against the model's headers (ModelInfo), before its weights load: ValueError."""
+    for cell in cells(config["grid"]):
+        make_schedule(cell["sampler"], cell["steps"], config=info.scheduler_config)
+        for prompt in config["prompts"]:
+            check(check_settings(settings(config, cell, prompt)), info.config)
+
+
+def cell_name(cell):
+    return f"{cell['sampler']}-{cell['steps']}-cfg{cell['cfg']:g}-{cell['intervention']}-seed{cell['seed']}.png"
+
+
+def run(config, out, progress=True):
+    """Generate the cells not yet on disk, then write the contact sheet and the score table."""
+    pipe = Pipeline.load(config.get("model", "plainxl-tiny"))
+    width, height = config.get("width", 64), config.get("height", 64)
+    todo = [c for c in cells(config["grid"]) if not (out / "cells" / cell_name(c)).exists()]
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(cells(config["grid"])), initial=len(cells(config["grid"])) - len(todo), desc="ablation",
+               disable=not progress)
+    for cell in todo:
+        make = config["interventions"][cell["intervention"]]
+        images = []
+        with make(pipe.model) if make else nullcontext():
+            for prompt in config["prompts"]:
+                images += pipe(settings(config, cell, prompt), progress=False)
+        row = Image.new("RGB", (width * len(images), height))
+        for i, image in enumerate(images):
+            row.paste(image, (i * width, 0))
+        save_png(row, out / "cells" / cell_name(cell), ", ".join(f"{k}: {v}" for k, v in cell.items()))
+        bar.update(1)
+    bar.close()
+    return summarize(config, out, width)
+
+
+def summarize(config, out, width):
+    """contact_sheet.png from the cells on disk and, with a score, scores.md; returns the table's text or None."""
+    rows = [(cell, Image.open(out / "cells" / cell_name(cell)).convert("RGB")) for cell in cells(config["grid"])]
+    label = 160  # px of text on the left of each row
+    W, H = rows[0][1].size
+    sheet = Image.new("RGB", (label + W, H * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (cell, image) in enumerate(rows):
+        sheet.paste(image, (label, i * H))
+        text = f"{cell['sampler']} {cell['steps']} steps cfg {cell['cfg']:g}\n{cell['intervention']}, seed {cell['seed']}"
+        draw.multiline_text((4, i * H + 4), text, fill="black")
+    with atomic_file(out / "contact_sheet.png", overwrite=True) as tmp:  # ours: redrawn from the cells every run
+        sheet.save(tmp, format="PNG")
+    if config.get("score") is None:
+        return None
+    pooled = {}  # (sampler, steps, cfg, intervention) -> the images of all its seeds, and their prompts
+    for cell, image in rows:
+        key = tuple(cell[a] for a in AXES[:-1])
+        images = [image.crop((i * width, 0, (i + 1) * width, H)) for i in range(W // width)]
+        pooled_images, pooled_prompts = pooled.setdefault(key, ([], []))
+        pooled_images.extend(images)
+        pooled_prompts.extend(config["prompts"])
+    table = None
+    for key, (images, prompts) in pooled.items():
+        try:
+            scores = config["score"](images, prompts)
+        except ValueError as e:  # e.g. a prompt the classifier's caption reader does not know
+            raise ScoreError(f"the config's score failed on {key}: {e}; the cells are written and kept") from None
+        if table is None:
+            table = [f"| {' | '.join(AXES[:-1])} | {' | '.join(scores)} |", "|---" * (len(AXES) - 1 + len(scores)) + "|"]
+        table.append(f"| {' | '.join(map(str, key))} | {' | '.join(f'{v:.3f}' for v in scores.values())} |")
+    text = "\n".join(table) + "\n"
+    with atomic_file(out / "scores.md", overwrite=True) as tmp:  # ours: recomputed from the cells every run
+        tmp.write_text(text)
+    return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m sampling.ablate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--model", help="overrides the config's model")
+    parser.add_argument("--out", help="overrides the config's out")
+    args = parser.parse_args(argv)
+    try:
+        config = read_config(args.config)
+        if args.model:
+            config["model"] = args.model
+        out = Path(args.out or config.get("out") or f"runs/ablation_{Path(args.config).stem.removeprefix('ablation_')}")
+        if out.exists() and not out.is_dir():
+            raise AblationError(f"--out {out} is a file; name a folder")
+        check_cells(config, inspect(config.get("model", "plainxl-tiny")))  # headers only: before the big load
+    except (ValueError, LoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        table = run(config, out)
+    except ScoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        done = len(list((out / "cells").glob("*.png")))
+        print(f"error: interrupted; {done} cell(s) are written and kept, and the same command continues", file=sys.stderr)
+        return 130
+    print(f"wrote {out / 'contact_sheet.png'}" + (f" and {out / 'scores.md'}:\n{table}" if table else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
