@@ -150,7 +150,7 @@ def attention_maps(model, patterns="unet.*attn2"):
 def token_heatmaps(maps, height, width, rows=None):
     """DAAM (Tang et al. 2022): each key's (prompt token's) attention summed over blocks and steps, each block's
     (rows, h*w, M) map upsampled bicubically to the latent size first -> (rows, M, height, width) at the image
-    size, each map scaled to [0, 1]. rows picks batch rows (e.g. slice(-n, None): the n conditional ones)."""
+    size, each map scaled to [0, 1] (min to max). rows picks batch rows (e.g. slice(-n, None): the n conditional ones)."""
     H, W = -(-height // 8), -(-width // 8)  # the latent size
     total = None
     for by_step in maps.values():
@@ -160,9 +160,9 @@ def token_heatmaps(maps, height, width, rows=None):
             grid = probs.float().transpose(1, 2).unflatten(2, (h, w))  # (rows, M, h, w)
             grid = F.interpolate(grid, size=(H, W), mode="bicubic", align_corners=False).clamp(min=0)
             total = grid if total is None else total + grid
-    total = F.interpolate(total, size=(height, width), mode="bicubic", align_corners=False).clamp(min=0)
-    peak = total.flatten(2).amax(dim=2)[:, :, None, None]
-    return total / peak.clamp(min=1e-12)
+    total = F.interpolate(total, size=(height, width), mode="bicubic", align_corners=False)
+    low, high = (f(total.flatten(2), dim=2)[:, :, None, None] for f in (torch.amin, torch.amax))
+    return (total - low) / (high - low).clamp(min=1e-12)  # per token, its least-attended pixel 0, its most 1
 
 
 def level_size(H, W, tokens):
