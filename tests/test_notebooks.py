@@ -10,7 +10,8 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def test_every_notebook_is_collected():
-    assert {p.name for p in NOTEBOOKS} == {"unet_anatomy.ipynb", "samplers.ipynb", "dreambooth.ipynb"}
+    assert {p.name for p in NOTEBOOKS} == {"unet_anatomy.ipynb", "samplers.ipynb", "dreambooth.ipynb", "attention.ipynb",
+                                           "conditioning_ablation.ipynb"}
 
 
 @pytest.mark.slow
