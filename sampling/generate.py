@@ -3,7 +3,8 @@
     python -m sampling.generate --model M --prompt P [--negative-prompt N] --width W --height H --steps S
         --cfg G --sampler {euler,euler_a,dpmpp_2m,ddim,ddpm} [--karras] [--guidance-rescale R] --seed SEED
         --num-images B --dtype {fp32,fp16,bf16} --device D [--vae VAE] [--lora FILE[:SCALE] ...]
-        [--no-prompt-weights] [--save-attention DIR] --out DIR
+        [--no-prompt-weights] [--save-attention DIR] [--intervention NAME ...] [--tap PATTERN ... --tap-out FILE]
+        --out DIR
       [--refiner R --refiner-start F [--aesthetic-score A] [--negative-aesthetic-score NA]]
       [--init-image IMG --strength S [--mask MASK]]
       [--hires-scale K --hires-strength S [--hires-steps N] [--hires-upscaler latent|lanczos]]
@@ -26,7 +27,7 @@ import re
 import secrets
 import signal
 import sys
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,6 +73,15 @@ def lora_arg(text):
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r}: the scale {scale!r} is not a number; write FILE:0.8")
     return path, value
+
+
+def intervention_arg(text):
+    from sampling.interventions import NAMED
+
+    if text in NAMED or (text.startswith("skip=") and len(text) > 5):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r} is not an intervention; use {', '.join(NAMED)} or skip=PATTERN "
+                                     "(e.g. skip=unet.output_blocks.4.1.transformer_blocks.0)")
 
 
 def parse_args(argv):
@@ -124,19 +134,28 @@ def parse_args(argv):
     p.add_argument("--save-attention", metavar="DIR",
                    help="also write each image's cross-attention heatmaps, one panel per prompt token (DAAM: "
                         "summed over the UNet's blocks and steps), as DIR/<the image's name>")
+    p.add_argument("--intervention", action="append", type=intervention_arg, metavar="NAME",
+                   help="change the base UNet while it runs (sampling/interventions.py): freeu, classic-attention, "
+                        "zero-micro-conditioning, or skip=PATTERN (modules by official name); repeatable")
+    p.add_argument("--tap", action="append", metavar="PATTERN",
+                   help="record the outputs of the base model's modules matching PATTERN (fnmatch over official "
+                        "names, e.g. 'unet.middle_block') at every step into --tap-out; repeatable")
+    p.add_argument("--tap-out", metavar="FILE", help="the .safetensors file --tap writes (never replaced)")
     p.add_argument("--out", default="outputs")
     p.add_argument("--from-png", help="re-run the generation recorded in this PNG (other flags override it)")
     return p.parse_args(argv)
 
 
 def settings_from(args):
-    """(Settings, model, vae, refiner, recorded model hash) from the PNG (if any) or the defaults, overridden
+    """(Settings, model, vae, refiner, loras, interventions, recorded model hash) from the PNG (if any) or the
+    defaults, overridden
     by every flag. The PNG's VAE and refiner are used only with the PNG's model: a --model of your own
     takes its own VAE, and a refiner only if you name one."""
     from sampling.pipeline import Settings
     from sampling.pnginfo import parse_parameters
 
     model, vae, refiner, loras, recorded = args.model, args.vae, args.refiner, args.lora, {}
+    interventions = args.intervention
     if args.from_png:
         try:
             with Image.open(args.from_png) as png:
@@ -150,6 +169,7 @@ def settings_from(args):
             model, vae = recorded.get("Model"), vae or recorded.get("VAE")
             refiner = refiner or recorded.get("Refiner")
             loras = loras or recorded.get("Loras")
+        interventions = interventions or recorded.get("Interventions")
     else:
         if args.prompt is None:
             raise ValueError("--prompt is required (or --from-png FILE)")
@@ -167,7 +187,7 @@ def settings_from(args):
     if settings.seed == -1:
         settings = replace(settings, seed=secrets.randbelow(2**32))  # A1111's -1; the PNG records the seed drawn
     recorded_hash = recorded.get("Model hash") if model == recorded.get("Model") else None
-    return settings, model or DEFAULT_MODEL, vae, refiner, loras or [], recorded_hash
+    return settings, model or DEFAULT_MODEL, vae, refiner, loras or [], interventions or [], recorded_hash
 
 
 def _multiple_of_8(name, v):
@@ -319,6 +339,38 @@ def save_png(image, path, parameters):
         image.save(tmp, format="PNG", pnginfo=info)
 
 
+def check_instruments(info, interventions, taps, tap_out):
+    """--intervention's and --tap's patterns against the model's module names (built on the meta device, no
+    weights), and --tap-out, before the load: ValueError naming what to fix."""
+    import torch
+
+    from models.sdxl import SDXL
+    from sampling.instruments import matching
+
+    if bool(taps) != bool(tap_out):
+        raise ValueError("--tap and --tap-out go together: --tap PATTERN names what to record, --tap-out FILE where")
+    if tap_out and Path(tap_out).exists():
+        raise ValueError(f"--tap-out {tap_out} exists; name a new file (it is never replaced)")
+    patterns = [name.removeprefix("skip=") for name in interventions if name.startswith("skip=")] + list(taps or [])
+    if patterns:
+        with torch.device("meta"):
+            model = SDXL(info.config)
+        for pattern in patterns:
+            matching(model, pattern)
+
+
+def save_taps(taps, path):
+    """--tap's records as one safetensors file, "<module name>/step<NNN>" -> (rows [uncond, cond], ...)."""
+    from safetensors.torch import save_file
+
+    from models.files import atomic_file
+
+    tensors = {f"{name}/step{step:03d}": t.contiguous() for name, by_step in taps.items() for step, t in by_step.items()}
+    with atomic_file(path) as tmp:
+        save_file(tensors, tmp)
+    return path
+
+
 def save_attention(maps, image, i, s, tokenizer, path, parameters):
     """Image i's token heatmaps (sampling/instruments.py) as a labelled grid at `path`; never replaces a file."""
     from sampling.instruments import heatmap_grid, prompt_tokens, token_heatmaps
@@ -379,13 +431,14 @@ def main(argv=None):
 def generate(args, written, check_interrupt):
     from models.loading import LoadError, check_device, inspect, model_hash, out_of_memory, resolve
     from models.lora import addnet_hash
-    from sampling.instruments import attention_maps
+    from sampling.instruments import attention_maps, tap
+    from sampling.interventions import named
     from sampling.pipeline import NonFiniteError, Pipeline, check, with_output_size
     from sampling.pnginfo import format_parameters
 
     out = Path(args.out)
     try:
-        settings, model, vae, refiner, loras, recorded_hash = settings_from(args)  # the PNG records these (paths)
+        settings, model, vae, refiner, loras, interventions, recorded_hash = settings_from(args)  # the PNG's (paths)
         opened = check_settings(settings)  # the same, its init image and mask read
         if out.exists() and not out.is_dir():
             raise ValueError(f"--out {out} is a file; name a folder (it is created if missing)")
@@ -413,6 +466,7 @@ def generate(args, written, check_interrupt):
         settings = replace(settings, width=opened.width, height=opened.height)
         check_steps(info, refiner_info, opened)
         check_fits(info, opened, args.dtype, device, refiner_info, args.offload)
+        check_instruments(info, interventions, args.tap, args.tap_out)
         home = "cpu" if args.offload else device  # with --offload the weights stay on the CPU between uses
         pipe = Pipeline.load(info.path, dtype=args.dtype, device=home, vae=vae, loras=loras)
         # --vae replaces both stages' VAE: the refiner decodes, and the PNG records one VAE.
@@ -446,17 +500,24 @@ def generate(args, written, check_interrupt):
         print(f"note: the PNG was made with a model whose hash is {recorded_hash}; {model} has {model_file_hash}",
               file=sys.stderr)
     try:
-        with attention_maps(pipe.model) if attention_dir is not None else nullcontext() as maps:
+        with ExitStack() as instruments:  # each undone when the generation ends, however it ends
+            for name in interventions:
+                instruments.enter_context(named(pipe.model, name))
+            taps = instruments.enter_context(tap(pipe.model, args.tap)) if args.tap else None
+            maps = instruments.enter_context(attention_maps(pipe.model)) if attention_dir is not None else None
             for i, image in enumerate(pipe.images(opened, refiner_pipe, callback=check_interrupt)):  # checked every step
                 seed = settings.seed + i
                 parameters = format_parameters(settings, seed, model, model_hash=model_file_hash, vae=vae,
-                                               refiner=refiner, refiner_hash=refiner_hash, loras=lora_records)
+                                               refiner=refiner, refiner_hash=refiner_hash, loras=lora_records,
+                                               interventions=interventions)
                 written.append(save_next(image, out, seed, parameters))
                 print(written[-1])
                 if maps is not None:
                     print(save_attention(maps, image, i, opened, pipe.tokenizers[0], attention_dir / written[-1].name,
                                          parameters))
                 check_interrupt()  # after the write: a finished image is kept
+            if taps is not None:
+                print(save_taps(taps, Path(args.tap_out)))
     except (MemoryError, RuntimeError) as e:  # the estimate (check_fits) was short
         if not out_of_memory(e):
             raise

@@ -58,3 +58,11 @@ def zero_micro_conditioning(model):
         return (y,)
 
     return intervene(model, "unet.label_emb", zeroed, inputs=True)
+
+
+NAMED = {"freeu": freeu, "classic-attention": classic_attention, "zero-micro-conditioning": zero_micro_conditioning}
+
+
+def named(model, text):
+    """The intervention a command line names (sampling.generate --intervention): one of NAMED, or skip=PATTERN."""
+    return skipped(model, text.removeprefix("skip=")) if text.startswith("skip=") else NAMED[text](model)

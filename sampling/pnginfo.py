@@ -43,9 +43,10 @@ DEFAULTS = Settings(prompt="")
 
 
 def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, refiner=None, refiner_hash=None,
-                      loras=()):
+                      loras=(), interventions=()):
     """`loras`: (path, scale, A1111 hash) of each LoRA merged into the model, written as A1111's `Lora hashes`
-    (name: hash) and our `Loras` (the paths and scales, JSON, for --from-png)."""
+    (name: hash) and our `Loras` (the paths and scales, JSON, for --from-png); `interventions`: the names
+    sampling.generate --intervention took, as our `Interventions` (JSON)."""
     lines = [s.prompt]
     if s.negative_prompt is not None:  # absent line = no negative prompt (zero conditioning)
         lines.append(f"{NEGATIVE} {s.negative_prompt}")
@@ -61,6 +62,8 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, 
     if loras:
         fields["Lora hashes"] = ", ".join(f"{Path(path).stem}: {digest}" for path, _, digest in loras)
         fields["Loras"] = json.dumps([[str(path), scale] for path, scale, _ in loras])
+    if interventions:
+        fields["Interventions"] = json.dumps(list(interventions))
     if s.guidance_rescale:
         fields["Guidance rescale"] = s.guidance_rescale
     if s.original_size:
@@ -188,6 +191,11 @@ def parse_parameters(text):
             recorded["Loras"] = [(str(path), float(scale)) for path, scale in loras]
         except (ValueError, TypeError):
             raise ValueError(f"its 'Loras:' value is not a list of [path, scale]") from None
+    if "Interventions" in fields:
+        try:
+            recorded["Interventions"] = [str(name) for name in json.loads(fields["Interventions"])]
+        except (ValueError, TypeError):
+            raise ValueError("its 'Interventions:' value is not a list of names") from None
     if "Refiner" in fields:  # "name [hash]", as A1111 writes it; the name alone without a hash
         recorded["Refiner"] = re.sub(r" \[[0-9a-f]{10}\]$", "", str(fields["Refiner"]))
     return settings, recorded

@@ -10,6 +10,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from models.conditioning import vector_condition
 from models.layers import attention, softmax_attention
@@ -172,8 +173,6 @@ def test_a_pattern_that_matches_nothing_is_one_sentence():
 
 
 def test_save_attention_writes_a_heatmap_grid_per_image(tmp_path, capsys):
-    from PIL import Image
-
     from sampling.generate import main
 
     common = ["--prompt", "1girl, smile", "--steps", "3", "--width", "64", "--height", "64", "--num-images", "2",
@@ -193,3 +192,38 @@ def test_save_attention_writes_a_heatmap_grid_per_image(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --save-attention maps one pass at one size")
     assert not (tmp_path / "m2").exists()
+
+
+def test_interventions_and_taps_from_the_command_line(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from sampling.generate import main
+
+    out = tmp_path / "out"
+    common = ["--prompt", "1girl, smile", "--steps", "3", "--width", "64", "--height", "64", "--seed", "4"]
+    skip = "skip=unet.output_blocks.3.1.transformer_blocks.0"
+    assert main(common + ["--intervention", "freeu", "--intervention", skip, "--tap", "unet.middle_block",
+                          "--tap-out", str(tmp_path / "taps.safetensors"), "--out", str(out)]) == 0
+    png = sorted(out.glob("*.png"))[0]
+    pipe = Pipeline.load("plainxl-tiny")
+    s = Settings(prompt="1girl, smile", steps=3, width=64, height=64, seed=4)
+    with freeu(pipe.model), skipped(pipe.model, skip.removeprefix("skip=")), tap(pipe.model, "unet.middle_block") as taps:
+        want = pixels(pipe, s)[0]
+    assert np.array_equal(np.asarray(Image.open(png)), want)
+    recorded = load_file(tmp_path / "taps.safetensors")
+    assert sorted(recorded) == [f"unet.middle_block/step{i:03d}" for i in range(3)]
+    assert all(torch.equal(recorded[f"unet.middle_block/step{i:03d}"], taps["unet.middle_block"][i]) for i in range(3))
+    # The PNG records the interventions, and --from-png runs them again.
+    assert main(["--from-png", str(png), "--out", str(tmp_path / "again")]) == 0
+    assert np.array_equal(np.asarray(Image.open(sorted((tmp_path / "again").glob("*.png"))[0])), want)
+    for extra, fragment in [(["--intervention", "skip=unet.nothing.*"], "matches no module of the model"),
+                            (["--tap", "unet.out"], "--tap and --tap-out go together"),
+                            (["--intervention", "freeU"], "is not an intervention; use freeu")]:
+        try:
+            code = main(common + extra + ["--out", str(tmp_path / "bad")])
+        except SystemExit as e:  # argparse's errors: one line, exit 2, as main's
+            code = e.code
+        assert code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and fragment in err, err
+        assert not (tmp_path / "bad").exists()
