@@ -6,6 +6,7 @@ against the captions of other, random characters (what chance agreement looks li
 """
 
 import argparse
+import functools
 
 import numpy as np
 from PIL import Image
@@ -31,7 +32,12 @@ def prompt_fidelity(pipe, count=100, seed=1000, steps=20, cfg=5.0, sampler="eule
 def caption_fidelity(images, prompts):
     """{attribute: share of images read (by the attribute classifier) as their procedural caption says, "mean"};
     sampling.ablate's score for the bundled model."""
-    return classifier.tag_accuracy(classifier.load(), images, [procedural.parse_caption(p) for p in prompts])
+    return classifier.tag_accuracy(bundled_classifier(), images, [procedural.parse_caption(p) for p in prompts])
+
+
+@functools.cache
+def bundled_classifier():
+    return classifier.load()
 
 
 def grid(images, columns, side=128):

@@ -27,12 +27,13 @@ def softmax_attention(q, k, v, heads, causal=False, record=None, chunk=1024):
     B, N, C = q.shape
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
     scale, M = q.shape[-1] ** -0.5, k.shape[2]
+    keys = k.float().transpose(-1, -2)  # (B, heads, d, M); float32, so fp16/bf16 logits cannot overflow
     out = []
     for start in range(0, N, chunk):
-        scores = (q[:, :, start:start + chunk] @ k.transpose(-1, -2)).float() * scale  # (B, heads, n, M)
+        scores = q[:, :, start:start + chunk].float() @ keys * scale  # (B, heads, n, M)
         if causal:  # query i sees keys 0..i
-            later = torch.arange(M, device=q.device) > torch.arange(start, start + scores.shape[2], device=q.device)[:, None]
-            scores = scores.masked_fill(later, float("-inf"))
+            rows = torch.arange(start, start + scores.shape[2], device=q.device)[:, None]
+            scores = scores.masked_fill(torch.arange(M, device=q.device) > rows, float("-inf"))
         probs = scores.softmax(dim=-1)
         if record is not None:
             record(probs.mean(dim=1), start)

@@ -1,6 +1,6 @@
 """An ablation grid: sampler x steps x cfg x intervention x seed, every prompt in every cell.
 
-    python -m sampling.ablate --config configs/ablation_<name>.py [--model M] [--out DIR]
+    python -m sampling.ablate --config configs/ablation_<name>.py [--model M] [--out DIR] [--device D] [--dtype T]
 
 A config file defines `config = dict(...)`:
     model           single file, diffusers folder or Hugging Face repo id (default: the bundled plainxl-tiny)
@@ -9,16 +9,18 @@ A config file defines `config = dict(...)`:
                     "none" runs the plain model), seed
     interventions   dict name -> function(model) giving a context manager (sampling/interventions.py's, or yours)
     score           optional function(images, prompts) -> {metric: number}, e.g. data.evaluate.caption_fidelity
-    width, height, negative_prompt, out (default runs/ablation_<config name>)
+    width, height, negative_prompt, out (default runs/<config file name>, e.g. runs/ablation_freeu)
 
 Writes out/cells/<sampler>-<steps>-cfg<cfg>-<intervention>-seed<seed>.png (the cell's images side by side, its
 parameters in the PNG), out/contact_sheet.png (one labelled row per cell) and, with a score, out/scores.md (one
 row per setting, its seeds pooled). Cells already written are skipped, so an interrupted run continues where
-it stopped; every check runs before the model loads.
+it stopped; out/ablation.json records the model, prompts and size, and a folder of another grid is refused.
+Every check runs before the model loads.
 """
 
 import argparse
 import itertools
+import json
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,7 +29,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from models.files import atomic_file, read_config_file
-from models.loading import LoadError, inspect
+from models.loading import LoadError, check_device, inspect
 from sampling.generate import check_settings, save_png
 from sampling.pipeline import Pipeline, Settings, check
 from sampling.schedule import make_schedule
@@ -92,14 +94,33 @@ def cell_name(cell):
     return f"{cell['sampler']}-{cell['steps']}-cfg{cell['cfg']:g}-{cell['intervention']}-seed{cell['seed']}.png"
 
 
-def run(config, out, progress=True):
+def what_is_shared(config):
+    """What every cell of a grid shares, beside its own settings: a folder's cells are of one such grid."""
+    return {"model": str(config.get("model", "plainxl-tiny")), "prompts": config["prompts"],
+            "negative_prompt": config.get("negative_prompt"), "width": config.get("width", 64),
+            "height": config.get("height", 64)}
+
+
+def check_folder(out, config):
+    """A folder holding cells of another grid (other model, prompts or size) is refused: they would be taken as
+    this grid's. ablation.json records what its cells share."""
+    record = out / "ablation.json"
+    if record.exists() and json.loads(record.read_text()) != json.loads(json.dumps(what_is_shared(config))):
+        raise AblationError(f"{out} holds cells of a grid with another model, prompts, negative prompt or size "
+                            f"({record}); use another --out, or delete {out} to start over")
+
+
+def run(config, out, device="cpu", dtype="fp32", progress=True):
     """Generate the cells not yet on disk, then write the contact sheet and the score table."""
-    pipe = Pipeline.load(config.get("model", "plainxl-tiny"))
+    pipe = Pipeline.load(config.get("model", "plainxl-tiny"), dtype=dtype, device=device)
     width, height = config.get("width", 64), config.get("height", 64)
-    todo = [c for c in cells(config["grid"]) if not (out / "cells" / cell_name(c)).exists()]
+    every = cells(config["grid"])
+    todo = [c for c in every if not (out / "cells" / cell_name(c)).exists()]
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(cells(config["grid"])), initial=len(cells(config["grid"])) - len(todo), desc="ablation",
-               disable=not progress)
+    if not (out / "ablation.json").exists():
+        with atomic_file(out / "ablation.json") as tmp:
+            tmp.write_text(json.dumps(what_is_shared(config), indent=2) + "\n")
+    bar = tqdm(total=len(every), initial=len(every) - len(todo), desc="ablation", disable=not progress)
     for cell in todo:
         make = config["interventions"][cell["intervention"]]
         images = []
@@ -124,7 +145,8 @@ def summarize(config, out, width):
     draw = ImageDraw.Draw(sheet)
     for i, (cell, image) in enumerate(rows):
         sheet.paste(image, (label, i * H))
-        text = f"{cell['sampler']} {cell['steps']} steps cfg {cell['cfg']:g}\n{cell['intervention']}, seed {cell['seed']}"
+        text = (f"{cell['sampler']} {cell['steps']} steps cfg {cell['cfg']:g}\n"
+                f"{cell['intervention']}, seed {cell['seed']}")
         draw.multiline_text((4, i * H + 4), text, fill="black")
     with atomic_file(out / "contact_sheet.png", overwrite=True) as tmp:  # ours: redrawn from the cells every run
         sheet.save(tmp, format="PNG")
@@ -144,7 +166,8 @@ def summarize(config, out, width):
         except ValueError as e:  # e.g. a prompt the classifier's caption reader does not know
             raise ScoreError(f"the config's score failed on {key}: {e}; the cells are written and kept") from None
         if table is None:
-            table = [f"| {' | '.join(AXES[:-1])} | {' | '.join(scores)} |", "|---" * (len(AXES) - 1 + len(scores)) + "|"]
+            table = [f"| {' | '.join(AXES[:-1])} | {' | '.join(scores)} |",
+                     "|---" * (len(AXES) - 1 + len(scores)) + "|"]
         table.append(f"| {' | '.join(map(str, key))} | {' | '.join(f'{v:.3f}' for v in scores.values())} |")
     text = "\n".join(table) + "\n"
     with atomic_file(out / "scores.md", overwrite=True) as tmp:  # ours: recomputed from the cells every run
@@ -157,26 +180,31 @@ def main(argv=None):
     parser.add_argument("--config", required=True)
     parser.add_argument("--model", help="overrides the config's model")
     parser.add_argument("--out", help="overrides the config's out")
+    parser.add_argument("--device", default="cpu", help="e.g. cuda")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     args = parser.parse_args(argv)
     try:
         config = read_config(args.config)
         if args.model:
             config["model"] = args.model
-        out = Path(args.out or config.get("out") or f"runs/ablation_{Path(args.config).stem.removeprefix('ablation_')}")
+        out = Path(args.out or config.get("out") or f"runs/{Path(args.config).stem}")
         if out.exists() and not out.is_dir():
             raise AblationError(f"--out {out} is a file; name a folder")
+        check_folder(out, config)
+        device = check_device(args.device)
         check_cells(config, inspect(config.get("model", "plainxl-tiny")))  # headers only: before the big load
     except (ValueError, LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        table = run(config, out)
+        table = run(config, out, device, args.dtype)
     except ScoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         done = len(list((out / "cells").glob("*.png")))
-        print(f"error: interrupted; {done} cell(s) are written and kept, and the same command continues", file=sys.stderr)
+        print(f"error: interrupted; {done} cell(s) are written and kept, and the same command continues",
+              file=sys.stderr)
         return 130
     print(f"wrote {out / 'contact_sheet.png'}" + (f" and {out / 'scores.md'}:\n{table}" if table else ""))
     return 0

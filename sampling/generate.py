@@ -78,7 +78,7 @@ def lora_arg(text):
 def intervention_arg(text):
     from sampling.interventions import NAMED
 
-    if text in NAMED or (text.startswith("skip=") and len(text) > 5):
+    if text in NAMED or (text.startswith("skip=") and text.removeprefix("skip=")):
         return text
     raise argparse.ArgumentTypeError(f"{text!r} is not an intervention; use {', '.join(NAMED)} or skip=PATTERN "
                                      "(e.g. skip=unet.output_blocks.4.1.transformer_blocks.0)")
@@ -148,9 +148,8 @@ def parse_args(argv):
 
 def settings_from(args):
     """(Settings, model, vae, refiner, loras, interventions, recorded model hash) from the PNG (if any) or the
-    defaults, overridden
-    by every flag. The PNG's VAE and refiner are used only with the PNG's model: a --model of your own
-    takes its own VAE, and a refiner only if you name one."""
+    defaults, overridden by every flag. The PNG's VAE and refiner are used only with the PNG's model: a --model
+    of your own takes its own VAE, and a refiner only if you name one."""
     from sampling.pipeline import Settings
     from sampling.pnginfo import parse_parameters
 
@@ -170,6 +169,11 @@ def settings_from(args):
             refiner = refiner or recorded.get("Refiner")
             loras = loras or recorded.get("Loras")
         interventions = interventions or recorded.get("Interventions")
+        try:
+            for name in interventions or []:
+                intervention_arg(name)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"--from-png {args.from_png} records an intervention this version lacks: {e}") from None
     else:
         if args.prompt is None:
             raise ValueError("--prompt is required (or --from-png FILE)")
@@ -351,6 +355,8 @@ def check_instruments(info, interventions, taps, tap_out):
         raise ValueError("--tap and --tap-out go together: --tap PATTERN names what to record, --tap-out FILE where")
     if tap_out and Path(tap_out).exists():
         raise ValueError(f"--tap-out {tap_out} exists; name a new file (it is never replaced)")
+    if tap_out and not Path(tap_out).parent.is_dir():
+        raise ValueError(f"--tap-out {tap_out}: the folder {Path(tap_out).parent} does not exist; create it first")
     patterns = [name.removeprefix("skip=") for name in interventions if name.startswith("skip=")] + list(taps or [])
     if patterns:
         with torch.device("meta"):
@@ -365,7 +371,8 @@ def save_taps(taps, path):
 
     from models.files import atomic_file
 
-    tensors = {f"{name}/step{step:03d}": t.contiguous() for name, by_step in taps.items() for step, t in by_step.items()}
+    tensors = {f"{name}/step{step:03d}": t.contiguous()
+               for name, by_step in taps.items() for step, t in by_step.items()}
     with atomic_file(path) as tmp:
         save_file(tensors, tmp)
     return path
@@ -381,7 +388,8 @@ def save_attention(maps, image, i, s, tokenizer, path, parameters):
     try:
         save_png(heatmap_grid(image, heat[positions], labels), path, parameters)
     except FileExistsError:
-        return f"note: {path} exists and was kept; the attention map of {path.name} was not written"
+        print(f"note: {path} exists and was kept; the attention map of {path.name} was not written", file=sys.stderr)
+        return None
     return path
 
 
@@ -449,9 +457,9 @@ def generate(args, written, check_interrupt):
         attention_dir = Path(args.save_attention) if args.save_attention else None
         if attention_dir is not None and attention_dir.exists() and not attention_dir.is_dir():
             raise ValueError(f"--save-attention {attention_dir} is a file; name a folder (it is created if missing)")
-        if attention_dir is not None and opened.hires_scale is not None:
-            raise ValueError("--save-attention maps one pass at one size; drop --hires-scale (or map the first "
-                             "pass alone)")
+        if attention_dir is not None and (opened.hires_scale is not None or refiner):
+            raise ValueError("--save-attention maps one pass of one model at one size; drop --hires-scale and "
+                             "--refiner (or map the first pass alone)")
         if args.offload and device.type == "cpu":
             raise ValueError("--offload moves the model's parts to --device while they run; with --device cpu "
                              "there is nothing to offload: give --device cuda, or drop --offload")
@@ -505,7 +513,8 @@ def generate(args, written, check_interrupt):
                 instruments.enter_context(named(pipe.model, name))
             taps = instruments.enter_context(tap(pipe.model, args.tap)) if args.tap else None
             maps = instruments.enter_context(attention_maps(pipe.model)) if attention_dir is not None else None
-            for i, image in enumerate(pipe.images(opened, refiner_pipe, callback=check_interrupt)):  # checked every step
+            images = pipe.images(opened, refiner_pipe, callback=check_interrupt)  # Ctrl-C checked every step
+            for i, image in enumerate(images):
                 seed = settings.seed + i
                 parameters = format_parameters(settings, seed, model, model_hash=model_file_hash, vae=vae,
                                                refiner=refiner, refiner_hash=refiner_hash, loras=lora_records,
@@ -513,8 +522,10 @@ def generate(args, written, check_interrupt):
                 written.append(save_next(image, out, seed, parameters))
                 print(written[-1])
                 if maps is not None:
-                    print(save_attention(maps, image, i, opened, pipe.tokenizers[0], attention_dir / written[-1].name,
-                                         parameters))
+                    grid = save_attention(maps, image, i, opened, pipe.tokenizers[0],
+                                          attention_dir / written[-1].name, parameters)
+                    if grid is not None:
+                        print(grid)
                 check_interrupt()  # after the write: a finished image is kept
             if taps is not None:
                 print(save_taps(taps, Path(args.tap_out)))

@@ -14,7 +14,8 @@ it was, and with none active nothing in the forward pass is different.
 
 A step is the denoising step the UNet is at, from 0: a new one starts when the UNet's timestep changes, so the
 two passes of cfg_mode="split" are one step; a module outside the UNet gets the step of the UNet's last call (0
-before its first). What one module gives during a step is concatenated over the batch: rows [uncond, cond] in
+before its first). The count runs on over every generation inside one `with`: enter it per generation to count
+from 0 each time. What one module gives during a step is concatenated over the batch: rows [uncond, cond] in
 both CFG modes. Examples built on these (FreeU, skipping a block, ...) are in sampling/interventions.py.
 """
 
@@ -89,9 +90,11 @@ def intervene(model, patterns, fn, inputs=False):
     with counting_steps(model) as counter, ExitStack() as hooks:
         for name, module in found:
             if inputs:
-                hook = module.register_forward_pre_hook(lambda module, args, name=name: tuple(fn(name, counter.step, args)))
+                change = lambda module, args, name=name: tuple(fn(name, counter.step, args))
+                hook = module.register_forward_pre_hook(change)
             else:
-                hook = module.register_forward_hook(lambda module, args, output, name=name: fn(name, counter.step, output))
+                change = lambda module, args, output, name=name: fn(name, counter.step, output)
+                hook = module.register_forward_hook(change)
             hooks.callback(hook.remove)
         yield
 
@@ -99,15 +102,19 @@ def intervene(model, patterns, fn, inputs=False):
 @contextmanager
 def skipped(model, patterns):
     """The matching modules do not run: each returns its first input as it is. (A transformer block adds to its
-    input, so skipping it removes exactly what it contributes.)"""
+    input, so skipping it removes exactly what it contributes; an output block's input lacks its skip's channels,
+    so skip what is inside it instead.)"""
     found = matching(model, patterns)
+    saved = [module.__dict__.get("forward") for _, module in found]  # an enclosing skipped()'s, if any
     try:
         for _, module in found:
             module.forward = lambda x, *args, **kwargs: x  # an instance attribute, in front of the class's forward
         yield
     finally:
-        for _, module in found:
+        for (_, module), forward in zip(found, saved):
             module.__dict__.pop("forward", None)
+            if forward is not None:
+                module.forward = forward
 
 
 @contextmanager
@@ -132,7 +139,7 @@ def attention_maps(model, patterns="unet.*attn2"):
     per prompt chunk); a self-attention pattern ("unet.*attn1") records (rows, N, N), N = h * w of its level.
     While recording, those modules run softmax_attention (the probabilities written out, in chunks of queries)
     instead of SDPA, which forms none: equal within float noise, slower. At 1024² all 70 cross-attentions of
-    SDXL over 28 steps hold about 0.9 GB."""
+    SDXL over 28 steps hold about 0.9 GB per image."""
     maps = {}
     with counting_steps(model) as counter:
         def recording(name):
@@ -150,8 +157,9 @@ def attention_maps(model, patterns="unet.*attn2"):
 def token_heatmaps(maps, height, width, rows=None):
     """DAAM (Tang et al. 2022): each key's (prompt token's) attention summed over blocks and steps, each block's
     (rows, h*w, M) map upsampled bicubically to the latent size first -> (rows, M, height, width) at the image
-    size, each map scaled to [0, 1] (min to max). rows picks batch rows (e.g. slice(-n, None): the n conditional ones)."""
-    H, W = -(-height // 8), -(-width // 8)  # the latent size
+    size, each map scaled to [0, 1] (min to max). rows picks batch rows (e.g. slice(-n, None): the n conditional
+    ones)."""
+    H, W = height // 8, width // 8  # the latent size, as the pipeline makes it
     total = None
     for by_step in maps.values():
         for probs in by_step.values():

@@ -16,8 +16,9 @@ from sampling.instruments import attention_function, intervene, skipped  # noqa:
 def freeu(model, b1=1.3, b2=1.4, s1=0.9, s2=0.2):
     """FreeU (Si et al. 2023), defaults its published SDXL factors: in the output blocks of the two lowest-resolution
     levels (b1, s1 at the lowest), the first half of the backbone features' channels times b, and the skip's lowest
-    frequencies times s. A forward pre-hook on each of those blocks, which get backbone and skip apart."""
-    per_level = len(model.unet.output_blocks) // len(model.unet.config.channel_mult)  # num_res_blocks + 1
+    frequencies times s (a constant b, as diffusers' enable_freeu; FreeU's later code scales b by the features'
+    mean). A forward pre-hook on each of those blocks, which get backbone and skip apart."""
+    per_level = model.unet.config.num_res_blocks + 1  # output blocks per level
     factors = {f"unet.output_blocks.{level * per_level + i}": bs
                for level, bs in enumerate([(b1, s1), (b2, s2)]) for i in range(per_level)}
 

@@ -13,11 +13,16 @@ from sampling.pipeline import Pipeline, Settings
 PROMPTS = [caption(random_character(np.random.default_rng(seed))) for seed in (1, 2)]  # the classifier reads these
 
 
+GRID = "dict(sampler=['euler', 'dpmpp_2m'], steps=[3], cfg=[5.0], intervention=['none', 'freeu'], seed=[0, 1])"
+
+
 def write_config(path, **fields):
-    grid = fields.pop("grid", "dict(sampler=['euler', 'dpmpp_2m'], steps=[3], cfg=[5.0], intervention=['none', 'freeu'], seed=[0, 1])")
+    """A config file: PROMPTS, a grid (GRID unless given), FreeU, the classifier's score, 64x64, and `fields`
+    (Python source text each)."""
+    fields = dict(prompts=repr(PROMPTS), grid=GRID, interventions="dict(freeu=freeu)", score="caption_fidelity",
+                  width=64, height=64) | fields
     lines = ["from data.evaluate import caption_fidelity", "from sampling.interventions import freeu",
-             f"config = dict(prompts={PROMPTS!r}, grid={grid}, interventions=dict(freeu=freeu),"
-             f" score=caption_fidelity, width=64, height=64, {', '.join(f'{k}={v}' for k, v in fields.items())})"]
+             f"config = dict({', '.join(f'{k}={v}' for k, v in fields.items())})"]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -45,14 +50,14 @@ def test_an_interrupted_grid_continues_without_redoing_a_cell(tmp_path, capsys):
     out = tmp_path / "out"
     # The third cell's intervention raises KeyboardInterrupt, as Ctrl-C would during its generation.
     stop = tmp_path / "ablation_stop.py"
-    write_config(stop, grid="dict(sampler=['euler'], steps=[2], cfg=[5.0], intervention=['none', 'stop'], seed=[0, 1])")
-    stop.write_text(stop.read_text().replace("interventions=dict(freeu=freeu)",
-                                             "interventions=dict(stop=lambda model: (_ for _ in ()).throw(KeyboardInterrupt))"))
+    write_config(stop, grid="dict(sampler=['euler'], steps=[2], cfg=[5.0], intervention=['none', 'stop'], seed=[0, 1])",
+                 interventions="dict(stop=lambda model: (_ for _ in ()).throw(KeyboardInterrupt))")
     assert main(["--config", str(stop), "--out", str(out)]) == 130
     assert "interrupted; 2 cell(s) are written and kept" in capsys.readouterr().err
     done = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.png")}
     assert sorted(done) == ["euler-2-cfg5-none-seed0.png", "euler-2-cfg5-none-seed1.png"]
-    go_on = write_config(tmp_path / "ablation_go.py", grid="dict(sampler=['euler'], steps=[2], cfg=[5.0], intervention=['none', 'freeu'], seed=[0, 1])")
+    go_on = write_config(tmp_path / "ablation_go.py",
+                         grid="dict(sampler=['euler'], steps=[2], cfg=[5.0], intervention=['none', 'freeu'], seed=[0, 1])")
     assert main(["--config", str(go_on), "--out", str(out)]) == 0
     after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.png")}
     assert len(after) == 4 and all(after[name] == t for name, t in done.items())  # the first two were not redone
@@ -62,7 +67,8 @@ def test_an_interrupted_grid_continues_without_redoing_a_cell(tmp_path, capsys):
     (dict(steps_total=3), "unknown field 'steps_total'"),
     (dict(grid="dict(sampler=['euler'], steps=[3])"), "grid needs the axes sampler, steps, cfg, intervention, seed"),
     (dict(grid="dict(sampler=['heun'], steps=[3], cfg=[5.0])"), "sampler 'heun' is unknown"),
-    (dict(grid="dict(sampler=['euler'], steps=[3], cfg=[5.0], intervention=['freeu2'])"), "intervention 'freeu2' is not in"),
+    (dict(grid="dict(sampler=['euler'], steps=[3], cfg=[5.0], intervention=['freeu2'])"),
+     "intervention 'freeu2' is not in"),
     (dict(grid="dict(sampler=['euler'], steps=[0], cfg=[5.0])"), "grid steps must be positive whole numbers"),
     (dict(model="'/nonexistent/model.safetensors'"), "/nonexistent/model.safetensors"),
 ])
@@ -82,9 +88,33 @@ def test_a_config_that_raises_names_its_line(tmp_path, capsys):
 
 
 def test_a_score_that_refuses_the_prompts_is_one_line_and_keeps_the_cells(tmp_path, capsys):
-    path = write_config(tmp_path / "ablation_odd.py", grid="dict(sampler=['euler'], steps=[2], cfg=[5.0])")
-    path.write_text(path.read_text().replace(f"prompts={PROMPTS!r}", "prompts=['1girl, solo, a hat nobody knows']"))
+    path = write_config(tmp_path / "ablation_odd.py", grid="dict(sampler=['euler'], steps=[2], cfg=[5.0])",
+                        prompts="['1girl, solo, a hat nobody knows']")
     assert main(["--config", str(path), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "the config's score failed" in err and "the cells are written and kept" in err
     assert len(list((tmp_path / "out" / "cells").glob("*.png"))) == 1
+
+
+def test_a_folder_of_another_grid_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    grid = "dict(sampler=['euler'], steps=[2], cfg=[5.0])"
+    assert main(["--config", str(write_config(tmp_path / "ablation_a.py", grid=grid)), "--out", str(out)]) == 0
+    capsys.readouterr()
+    other = write_config(tmp_path / "ablation_b.py", grid=grid, width=72)  # same cell names, other pictures
+    assert main(["--config", str(other), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds cells of a grid with another model, prompts, negative prompt or size" in err
+
+
+def test_shipped_ablation_configs_are_valid():
+    from pathlib import Path
+
+    from models.loading import inspect
+    from sampling.ablate import check_cells, read_config
+
+    paths = sorted(Path(__file__).parents[1].glob("configs/ablation_*.py"))
+    assert [p.name for p in paths] == ["ablation_freeu.py", "ablation_samplers.py"]
+    for path in paths:
+        config = read_config(path)
+        check_cells(config, inspect(config["model"]))

@@ -427,7 +427,7 @@ def test_shipped_configs_are_valid():
     from train.config import load_config
 
     for path in sorted(Path(__file__).parents[1].glob("configs/*.py")):
-        if path.name != "__init__.py":
+        if path.name != "__init__.py" and not path.name.startswith("ablation_"):  # those are sampling.ablate's
             config = load_config(["--config", str(path), "--max_steps=7", "--instance_prompt=a photo of sks dog"])
             assert config.max_steps == 7 and config.instance_prompt == "a photo of sks dog"
 

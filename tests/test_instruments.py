@@ -160,7 +160,8 @@ def test_attention_maps_cover_every_cross_attention_and_give_heatmaps():
         level_size(7, 8, probs.shape[1])  # a level of the 56x64 image's 7x8 latent
         torch.testing.assert_close(probs.float().sum(-1), torch.ones(probs.shape[:2]), rtol=0, atol=1e-2)
     heat = token_heatmaps(maps, S.height, S.width, rows=slice(2, 4))
-    assert heat.shape == (2, 77, S.height, S.width) and heat.min() >= 0 and torch.allclose(heat.amax((2, 3)), torch.ones(2, 77)) and heat.amin((2, 3)).eq(0).all()
+    assert heat.shape == (2, 77, S.height, S.width)
+    assert torch.allclose(heat.amax((2, 3)), torch.ones(2, 77)) and heat.amin((2, 3)).eq(0).all()  # each min to max
 
 
 def test_a_pattern_that_matches_nothing_is_one_sentence():
@@ -190,7 +191,7 @@ def test_save_attention_writes_a_heatmap_grid_per_image(tmp_path, capsys):
         assert grid.size == (min(6, 1 + len(labels)) * 128, -(-(1 + len(labels)) // 6) * (128 + 14))
     assert main(common + ["--save-attention", str(tmp_path / "m2"), "--hires-scale", "1.5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: --save-attention maps one pass at one size")
+    assert err[-1].startswith("error: --save-attention maps one pass of one model at one size")
     assert not (tmp_path / "m2").exists()
 
 

@@ -1,6 +1,7 @@
 """What the research instruments (sampling/instruments.py) cost: one UNet forward on a CFG batch of 2, with each
 instrument active, as a ratio against the plain forward timed in the same process (calls interleaved, medians).
-"off" is the forward after every instrument was entered and left: it must cost nothing.
+"off" is the forward of the same UNet after every instrument was entered and left, "plain" that of a copy taken
+before any was: off must cost nothing.
 
     python tests/benchmarks/bench_instruments.py [--repeats 15]
 
@@ -9,8 +10,10 @@ real work. Benchmarks are measurements, never asserts.
 """
 
 import argparse
+import copy
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -31,8 +34,6 @@ class Root(torch.nn.Module):
 
 def case(name, model):
     """The context manager of one benchmark case."""
-    from contextlib import nullcontext
-
     return {
         "plain": nullcontext, "off": nullcontext,
         "tap: every output block": lambda: tap(model, "unet.output_blocks.*"),
@@ -46,6 +47,7 @@ def case(name, model):
 def measure(cfg, resolution, repeats):
     torch.manual_seed(0)
     unet = UNet(cfg).eval()
+    pristine = copy.deepcopy(unet)  # "plain": a copy no instrument ever touched
     model = Root(unet)
     n, r = 2, resolution // 8
     g = torch.Generator().manual_seed(1)
@@ -66,9 +68,10 @@ def measure(cfg, resolution, repeats):
         times = {name: [] for name in names}
         for _ in range(repeats):
             for name in names:
+                net = pristine if name == "plain" else unet
                 with case(name, model)():
                     start = time.perf_counter()
-                    unet(x, t, context, y)
+                    net(x, t, context, y)
                     times[name].append(time.perf_counter() - start)
     plain = statistics.median(times["plain"])
     return plain, {name: statistics.median(v) / plain for name, v in times.items() if name != "plain"}
