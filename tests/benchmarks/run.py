@@ -116,6 +116,9 @@ def unet_flops(resolution, batch=2):
 # ----------------------------------------------------------------------------- the parent
 
 
+KEPT = "<!-- run.py rewrites what is above this line and keeps what is below it -->"
+
+
 def run_worker(spec):
     """One spec in a fresh process -> the JSON line it printed."""
     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
@@ -301,7 +304,9 @@ def main():
             "| resolution | batch | seconds | peak GiB |", "|---|---|---|---|", *scale_rows, "",
         ]
     out = ROOT / "tests" / "benchmarks" / "RESULTS.md"
-    out.write_text("\n".join(report))
+    old = out.read_text() if out.exists() else ""
+    kept = old[old.index(KEPT):] if KEPT in old else ""  # earlier runs and notes, kept by hand below the marker
+    out.write_text("\n".join(report) + ("\n" + kept if kept else ""))
     print("\n".join(report))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
