@@ -36,6 +36,8 @@ from sampling.schedule import make_schedule
 
 AXES = ("sampler", "steps", "cfg", "intervention", "seed")
 FIELDS = {"model", "prompts", "grid", "interventions", "score", "width", "height", "negative_prompt", "out"}
+DEFAULTS = {"model": "plainxl-tiny", "width": 64, "height": 64, "negative_prompt": None, "score": None, "out": None}
+SHARED = ("model", "prompts", "negative_prompt", "width", "height")  # what every cell of one grid has in common
 
 
 class AblationError(ValueError):
@@ -68,7 +70,7 @@ def read_config(path):
     missing = [i for i in grid["intervention"] if i not in named]
     if missing:
         raise AblationError(f"{path}: intervention {missing[0]!r} is not in interventions ({', '.join(named)})")
-    return {**config, "grid": grid, "interventions": named}
+    return {**DEFAULTS, **config, "grid": grid, "interventions": named}
 
 
 def cells(grid):
@@ -77,8 +79,8 @@ def cells(grid):
 
 
 def settings(config, cell, prompt):
-    return Settings(prompt=prompt, negative_prompt=config.get("negative_prompt"), width=config.get("width", 64),
-                    height=config.get("height", 64), steps=cell["steps"], cfg=cell["cfg"], sampler=cell["sampler"],
+    return Settings(prompt=prompt, negative_prompt=config["negative_prompt"], width=config["width"],
+                    height=config["height"], steps=cell["steps"], cfg=cell["cfg"], sampler=cell["sampler"],
                     seed=cell["seed"])
 
 
@@ -96,9 +98,7 @@ def cell_name(cell):
 
 def what_is_shared(config):
     """What every cell of a grid shares, beside its own settings: a folder's cells are of one such grid."""
-    return {"model": str(config.get("model", "plainxl-tiny")), "prompts": config["prompts"],
-            "negative_prompt": config.get("negative_prompt"), "width": config.get("width", 64),
-            "height": config.get("height", 64)}
+    return {key: str(config[key]) if key == "model" else config[key] for key in SHARED}
 
 
 def check_folder(out, config):
@@ -112,8 +112,8 @@ def check_folder(out, config):
 
 def run(config, out, device="cpu", dtype="fp32", progress=True):
     """Generate the cells not yet on disk, then write the contact sheet and the score table."""
-    pipe = Pipeline.load(config.get("model", "plainxl-tiny"), dtype=dtype, device=device)
-    width, height = config.get("width", 64), config.get("height", 64)
+    pipe = Pipeline.load(config["model"], dtype=dtype, device=device)
+    width, height = config["width"], config["height"]
     every = cells(config["grid"])
     todo = [c for c in every if not (out / "cells" / cell_name(c)).exists()]
     (out / "cells").mkdir(parents=True, exist_ok=True)
@@ -150,7 +150,7 @@ def summarize(config, out, width):
         draw.multiline_text((4, i * H + 4), text, fill="black")
     with atomic_file(out / "contact_sheet.png", overwrite=True) as tmp:  # ours: redrawn from the cells every run
         sheet.save(tmp, format="PNG")
-    if config.get("score") is None:
+    if config["score"] is None:
         return None
     pooled = {}  # (sampler, steps, cfg, intervention) -> the images of all its seeds, and their prompts
     for cell, image in rows:
@@ -187,12 +187,12 @@ def main(argv=None):
         config = read_config(args.config)
         if args.model:
             config["model"] = args.model
-        out = Path(args.out or config.get("out") or f"runs/{Path(args.config).stem}")
+        out = Path(args.out or config["out"] or f"runs/{Path(args.config).stem}")
         if out.exists() and not out.is_dir():
             raise AblationError(f"--out {out} is a file; name a folder")
         check_folder(out, config)
         device = check_device(args.device)
-        check_cells(config, inspect(config.get("model", "plainxl-tiny")))  # headers only: before the big load
+        check_cells(config, inspect(config["model"]))  # headers only: before the big load
     except (ValueError, LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -76,12 +76,13 @@ def lora_arg(text):
 
 
 def intervention_arg(text):
-    from sampling.interventions import NAMED
+    from sampling.interventions import check_name
 
-    if text in NAMED or (text.startswith("skip=") and text.removeprefix("skip=")):
-        return text
-    raise argparse.ArgumentTypeError(f"{text!r} is not an intervention; use {', '.join(NAMED)} or skip=PATTERN "
-                                     "(e.g. skip=unet.output_blocks.4.1.transformer_blocks.0)")
+    try:
+        check_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def parse_args(argv):
@@ -150,6 +151,7 @@ def settings_from(args):
     """(Settings, model, vae, refiner, loras, interventions, recorded model hash) from the PNG (if any) or the
     defaults, overridden by every flag. The PNG's VAE and refiner are used only with the PNG's model: a --model
     of your own takes its own VAE, and a refiner only if you name one."""
+    from sampling.interventions import check_name
     from sampling.pipeline import Settings
     from sampling.pnginfo import parse_parameters
 
@@ -171,8 +173,8 @@ def settings_from(args):
         interventions = interventions or recorded.get("Interventions")
         try:
             for name in interventions or []:
-                intervention_arg(name)
-        except argparse.ArgumentTypeError as e:
+                check_name(name)
+        except ValueError as e:
             raise ValueError(f"--from-png {args.from_png} records an intervention this version lacks: {e}") from None
     else:
         if args.prompt is None:

@@ -64,6 +64,13 @@ def zero_micro_conditioning(model):
 NAMED = {"freeu": freeu, "classic-attention": classic_attention, "zero-micro-conditioning": zero_micro_conditioning}
 
 
+def check_name(text):
+    """ValueError unless `text` is a name named() takes (sampling.generate --intervention, a PNG's record)."""
+    if text not in NAMED and not (text.startswith("skip=") and text.removeprefix("skip=")):
+        raise ValueError(f"{text!r} is not an intervention; use {', '.join(NAMED)} or skip=PATTERN "
+                         "(e.g. skip=unet.output_blocks.4.1.transformer_blocks.0)")
+
+
 def named(model, text):
-    """The intervention a command line names (sampling.generate --intervention): one of NAMED, or skip=PATTERN."""
+    """The intervention a command line names: one of NAMED, or skip=PATTERN (see check_name)."""
     return skipped(model, text.removeprefix("skip=")) if text.startswith("skip=") else NAMED[text](model)

@@ -299,7 +299,7 @@ def test_cached_text_embeddings_give_the_same_loss(setup, name, precision):
     from models.tokenizer import load_tokenizers
     from sampling.schedule import alphas_cumprod
     from train.config import TrainConfig
-    from train.dreambooth import TrainStep, encode_prompts, make_batch
+    from train.dreambooth import TrainStep, encode_captions, make_batch
 
     model = load(setup / "tiny.safetensors" if name == "tiny" else name, dtype="fp32")
     refiner = model.text_encoder_1 is None
@@ -308,7 +308,7 @@ def test_cached_text_embeddings_give_the_same_loss(setup, name, precision):
     config = TrainConfig(batch_size=3, resolution=32, prior_loss_weight=1.0, caption_dropout_rate=0.5,
                          mixed_precision=precision, cache_text_embeddings=True)
     autocast = torch.autocast("cpu", torch.bfloat16) if precision == "bf16" else nullcontext()
-    texts = encode_prompts(model, data, tokenizers, autocast, "cpu", chunk=2)
+    texts = encode_captions(model, data, tokenizers, autocast, "cpu", chunk=2)
     assert set(texts) == {"1girl, sks", "1girl, sks, smile", "1girl"} | ({""} if refiner else set())
     plain, cached = TrainStep(model), TrainStep(model, cached_text=True)
     assert not any(n.startswith("text_encoder") for n, _ in cached.named_parameters())

@@ -172,9 +172,10 @@ def encode_images(model, images, config, device, chunk=64, count=None):
 
 
 @torch.no_grad()
-def encode_prompts(model, data, tokenizers, autocast, device, chunk=64):
+def encode_captions(model, data, tokenizers, autocast, device, chunk=64):
     """cache_text_embeddings: every prompt of the data (and a refiner's dropped-caption "") through the frozen
-    text encoders once, under the loop's autocast -> {prompt: (context (77, C), pooled (P,))}, kept on the CPU."""
+    text encoders once, under the loop's autocast -> {prompt: (context (77, C), pooled (P,))}, kept on the CPU.
+    Tokenized as TrainStep's path does (one 77-token chunk, no weights), not as sampling.prompts.encode_prompts."""
     prompts = sorted({p for folder in data.values() for p in folder.prompts}
                      | ({""} if model.text_encoder_1 is None else set()))
     cache = {}
@@ -190,7 +191,7 @@ def encode_prompts(model, data, tokenizers, autocast, device, chunk=64):
 def make_batch(config, data, model, tokenizers, acp, step, j0, device, texts=None):
     """This process's samples j0 .. j0 + batch_size - 1 of the step: instance images first, then (with
     prior preservation) their paired class images. `data` holds ImageFolders, or EncodedImages with
-    cache_latents; `texts` is encode_prompts()' cache with cache_text_embeddings. Returns the TrainStep inputs."""
+    cache_latents; `texts` is encode_captions()' cache with cache_text_embeddings. Returns the TrainStep inputs."""
     G = config.batch_size * config.grad_accum * world_size()  # the global batch of one optimizer step
     keys, picks = [], []  # (global sample index, kind): instance j and class j form pair j; (folder, image)
     for kind, name in [(INSTANCE, "instance"), (CLASS, "class")]:
@@ -409,7 +410,7 @@ def train(config, device, resume_from, note):
     autocast = torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         config.mixed_precision, torch.float32), enabled=config.mixed_precision != "no")
     tokenizers = load_tokenizers()
-    texts = encode_prompts(model, data, tokenizers, autocast, device) if config.cache_text_embeddings else None
+    texts = encode_captions(model, data, tokenizers, autocast, device) if config.cache_text_embeddings else None
     if config.cache_latents:
         data = {name: encode_images(model, images, config, device) for name, images in data.items()}
     # What the loop no longer runs leaves the device (validation moves it back while it runs).
