@@ -36,6 +36,7 @@ from data.procedural import (
     ACCESSORIES, BACKGROUND_RGB, BACKGROUNDS, EXPRESSIONS, EYE_COLOURS, HAIR_COLOURS, HAIR_LENGTHS, Character, draw,
     random_character, sample, widened_character,
 )
+from models.files import LoadError, check_output
 
 DEFAULT_PATH = Path(__file__).with_name("classifier.safetensors")
 
@@ -300,6 +301,10 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--eval-seed", type=int, default=12_345, help="procedural seed of the held-out portraits")
     args = parser.parse_args()
+    try:  # the output before the training (SystemExit with a text: one line, exit 1)
+        check_output(args.out, "--out", folder=False)
+    except LoadError as e:
+        raise SystemExit(f"error: {e}") from None
     torch.set_num_threads(args.threads)
     start = time.time()
     model = train_classifier(args.steps, args.seed)

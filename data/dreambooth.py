@@ -13,8 +13,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.files import LoadError, check_output
 from sampling import images
 
+# A folder's images are its files with these suffixes (any case), decoded by PIL from their content; other
+# files (captions, notes) are passed over, and an image that does not decode stops the run in one line.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -73,9 +76,11 @@ class ImageFolder:
 
 
 def check_folder(folder, what):
-    """A DataError if `folder` exists but is not a folder (a file of the same name)."""
-    if Path(folder).exists() and not Path(folder).is_dir():
-        raise DataError(f"{what} {folder} is a file, not a folder; name a folder of images")
+    """A DataError if `folder`, or a folder above it, is a file (models.files.check_output's rule)."""
+    try:
+        check_output(folder, what)
+    except LoadError as e:
+        raise DataError(str(e)) from None
 
 
 def open_rgb(path):

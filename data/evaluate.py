@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from data import classifier, procedural
+from models.files import LoadError, check_output
 from sampling.pipeline import Pipeline, Settings
 
 
@@ -57,7 +58,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--grid", help="also write the first 16 generations here, 4x4, each 2x (their prompts are printed)")
     args = parser.parse_args(argv)
-    pipe = Pipeline.load(args.model)
+    try:  # the output before the model and the generations (SystemExit with a text: one line, exit 1)
+        if args.grid:
+            check_output(args.grid, "--grid", folder=False)
+        pipe = Pipeline.load(args.model)
+    except LoadError as e:
+        raise SystemExit(f"error: {e}") from None
     own, baseline, images = prompt_fidelity(pipe, args.count, args.seed, args.steps, args.cfg)
     if args.grid:
         rng = np.random.default_rng(args.seed)  # prompt_fidelity's prompts, in its order

@@ -1,6 +1,6 @@
 """Convert an SDXL model between the official single file and the diffusers layout.
 
-    python -m models.convert SRC DST [--dtype fp16] [--overwrite]
+    python -m models.convert SRC DST [--dtype fp16] [--overwrite] [--config FOLDER_OR_CONFIG_JSON]
 
 DST ending in .safetensors: one official file (every tensor of SRC it does not change is kept, marker
 keys included); any other path: a diffusers folder. The name maps are models/keys.py.
@@ -27,13 +27,16 @@ def main(argv=None):
     parser.add_argument("dst", help="DST.safetensors: one official-layout file; any other path: a diffusers folder")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="cast floating tensors (default: keep)")
     parser.add_argument("--overwrite", action="store_true", help="replace dst if it is a model file or folder")
+    parser.add_argument("--config", metavar="FOLDER_OR_CONFIG_JSON",
+                        help="the architecture of a SRC single file that does not store it: its diffusers folder or "
+                             "config JSON")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # imports done: Ctrl-C now cleans up as it goes
     one_file = args.dst.endswith(".safetensors")
     save = save_single_file if one_file else save_diffusers
     try:  # the destination first: a bad one fails before the (slow) load
         check_destination(args.dst, args.overwrite, "file" if one_file else "folder", is_model_folder)
-        model = load(args.src, dtype=args.dtype)
+        model = load(args.src, dtype=args.dtype, config=args.config)
         save(model, args.dst, dtype=args.dtype, overwrite=args.overwrite)
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from models import keys, text, unet, vae
 from models.files import DTYPES, LoadError, atomic_folder, check_destination, open_safetensors, read_tensors
 from models.sdxl import SDXL, SDXLConfig, scheduler_config
-from models.single_file import check_finite, check_tensors, state_dicts
+from models.single_file import assign, check_finite, check_tensors, state_dicts
 from models.tokenizer import load_tokenizers, save_tokenizers
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
@@ -259,7 +259,7 @@ def load_diffusers(path, dtype=None):
             weights = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in weights.items()}
         expected = {k: v.shape for k, v in to_diffusers[component](module.state_dict()).items()}
         check_tensors({k: v.shape for k, v in weights.items()}, expected, str(path / folder))
-        module.load_state_dict(from_diffusers[component](weights, list(module.state_dict())), strict=True, assign=True)
+        assign(module, from_diffusers[component](weights, list(module.state_dict())), path / folder)
     return model
 
 
@@ -333,5 +333,5 @@ def load_vae_folder(path, dtype=None):
     weights = _read_weights(path, dtype)
     expected = {k: v.shape for k, v in keys.vae_to_diffusers(module.state_dict()).items()}
     check_tensors({k: v.shape for k, v in weights.items()}, expected, str(path))
-    module.load_state_dict(keys.vae_from_diffusers(weights, list(module.state_dict())), strict=True, assign=True)
+    assign(module, keys.vae_from_diffusers(weights, list(module.state_dict())), path)
     return module

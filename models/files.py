@@ -1,5 +1,6 @@
-"""The safetensors file layer, at the bottom of models/: refuse pickles, read tensors lazily, write
-files and folders atomically with the user's umask, and hash a file as AUTOMATIC1111 does.
+"""The safetensors file layer, at the bottom of models/: tell safetensors from pickles by structure
+(sniff), read tensors lazily, write files and folders atomically with the user's umask, check output
+paths before any work, and hash a file as AUTOMATIC1111 does.
 
 Every problem with the input becomes a LoadError: one sentence naming the problem and the fix.
 Nothing here knows what an SDXL model is.
@@ -21,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Names pickles go by: only for the message about a damaged file (a valid safetensors file loads whatever its name).
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
@@ -37,25 +39,68 @@ class LoadError(Exception):
 # ----------------------------------------------------------------------------- reading
 
 
-def check_not_pickle(path):
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; safetensors' own reader refuses longer headers
+
+
+def sniff(path):
+    """(kind, why) of a file by its structure, never by its name or one byte: kind is "safetensors", "zip"
+    (torch's zip checkpoints), "pickle" (a raw pickle) or "unknown", why says what failed for a file that is
+    not safetensors. The rules, in this order (a valid safetensors file can start with any byte, also 0x80
+    or "PK", since it starts with its header length):
+      safetensors: the first 8 bytes are a little-endian header length N, 2 <= N <= size - 8, and the N
+        bytes after them parse as a JSON object (safe_open then checks every tensor's offsets);
+      zip: the zip local-file magic PK\x03\x04;
+      pickle: 0x80 (PROTO) followed by a protocol byte 2-5.
+    Only the first 8 + N bytes are read."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else None
+        if n is None:
+            why = f"it is {size} bytes long, shorter than the 8-byte header length"
+        elif not 2 <= n <= size - 8:
+            why = f"its header length {n} does not fit in its {size} bytes"
+        elif n > SAFETENSORS_MAX_HEADER:
+            why = f"its header length {n} is over safetensors' limit of {SAFETENSORS_MAX_HEADER}"
+        else:
+            try:
+                header = json.loads(f.read(n))
+                why = None if isinstance(header, dict) else f"its header is a JSON {type(header).__name__}"
+            except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                why = "its header is not JSON"
+    if why is None:
+        return "safetensors", None
+    if head[:4] == b"PK\x03\x04":
+        return "zip", why
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle", why
+    return "unknown", why
+
+
+def check_safetensors(path):
+    """A LoadError unless `path` is a regular file that sniff() calls safetensors. Pickles (zip or raw, or a
+    damaged file named like one) are refused unopened: unpickling can run arbitrary code."""
+    path = Path(path)
+    if path.is_dir():
+        raise LoadError(f"{path} is a folder, not a .safetensors file; pass the file inside it.")
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise LoadError(f"{path} is not a regular file; pass a .safetensors file.")
     try:
-        with open(path, "rb") as f:
-            head = f.read(2)
+        kind, why = sniff(path)
     except OSError as e:
         raise LoadError(f"cannot read {path} ({e.strerror}); check that it is a file you may read.") from None
-    # Torch's zip checkpoints start with "PK", raw pickles with the protocol byte 0x80.
-    if Path(path).suffix in PICKLE_SUFFIXES or head == b"PK" or head[:1] == b"\x80":
+    if kind in ("zip", "pickle") or kind == "unknown" and path.suffix.lower() in PICKLE_SUFFIXES:
         raise LoadError(
             f"{path} is a pickle checkpoint, which can run arbitrary code when opened, so it is not loaded; "
             "convert it to .safetensors with a tool you trust, or download the .safetensors version."
         )
+    if kind != "safetensors":
+        raise LoadError(f"{path} is truncated or not a valid safetensors file ({why}); download it again.")
 
 
 def open_safetensors(path):
     """safetensors' own reader, for the header: names, shapes, metadata, and its validity checks."""
-    if Path(path).is_dir():
-        raise LoadError(f"{path} is a folder, not a .safetensors file; pass the file inside it.")
-    check_not_pickle(path)
+    check_safetensors(path)
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as e:
@@ -92,6 +137,8 @@ def read_tensors(path, names, dtype=None):
         else:
             t = torch.frombuffer(mm, dtype=stored, count=(end - begin) // stored.itemsize, offset=begin)
             t = t.reshape(info["shape"])
+            if begin % stored.itemsize:  # a header whose length is not padded to 8 (valid; some writers do it):
+                t = t.clone()            # kernels may assume aligned data, so take an aligned copy
         out = cast(t, dtype)
         if out is not t and end - begin > mmap.PAGESIZE and hasattr(mm, "madvise"):  # madvise: not on Windows
             # Release only whole pages inside this tensor; a page shared with a neighbour stays.
@@ -133,6 +180,25 @@ def _remove_stale_temporaries(dst):
             pass  # alive, another user's
 
 
+def check_output(path, what, folder=True):
+    """Path(path), or a LoadError (before any work) if it cannot become the output `what` names: a folder
+    (created if missing), else a file whose folder exists. What is in the way is named: a file where a
+    folder is needed, anywhere along the path (FILE/run), or a folder where a file is to be written."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise LoadError(f"{what} {path} is a folder; name a file to write.")
+    parent = path if folder else path.parent
+    for p in (parent, *parent.parents):
+        if p.is_dir():
+            break
+        if p.exists() or p.is_symlink():  # a file, or a link to nowhere
+            where = "is a file" if p == path else f"is inside {p}, which is a file"
+            raise LoadError(f"{what} {path} {where}, not a folder; choose another path.")
+    if not folder and not parent.is_dir():
+        raise LoadError(f"{what} {path}: the folder {parent} does not exist; create it first.")
+    return path
+
+
 def check_destination(dst, overwrite, kind="file", replaceable=None):
     """dst as a Path, or a LoadError if writing there could destroy something.
 
@@ -151,9 +217,7 @@ def check_destination(dst, overwrite, kind="file", replaceable=None):
             what = "a .safetensors file" if kind == "file" else "a diffusers model folder"
             raise LoadError(f"{dst} exists and is not {what}, so --overwrite will not replace it; "
                             "choose another destination.")
-    if not dst.parent.is_dir():
-        raise LoadError(f"{dst.parent} is not a folder; create it first.")
-    return dst
+    return dst if dst.exists() else check_output(dst, "destination", folder=False)
 
 
 @contextmanager

@@ -6,20 +6,23 @@ writes), models/keys.py (official <-> diffusers names), models/single_file.py, m
 models/hub.py. Every problem with the input becomes a LoadError: one sentence naming the problem and the fix.
 """
 
+import json
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from models.diffusers_layout import load_diffusers, load_vae_folder, read_folder_config, save_diffusers
+from models.diffusers_layout import (
+    load_diffusers, load_vae_folder, read_folder_config, save_diffusers, unet_config_from_diffusers,
+)
 from models.files import DTYPES, LoadError, model_hash
 from models.hub import download
 from models.sdxl import SDXL, SDXLConfig, scheduler_config
-from models.single_file import load_single_file, load_vae_file, read_config, save_single_file
+from models.single_file import config_from_dict, load_single_file, load_vae_file, read_config, save_single_file
 
-__all__ = ["BUNDLED", "DTYPES", "LoadError", "ModelInfo", "check_device", "inspect", "load", "load_vae", "model_hash",
-           "out_of_memory", "read_folder_config", "resolve", "save_diffusers", "save_single_file"]
+__all__ = ["BUNDLED", "DTYPES", "LoadError", "ModelInfo", "architecture", "check_device", "inspect", "load", "load_vae",
+           "model_hash", "out_of_memory", "read_folder_config", "resolve", "save_diffusers", "save_single_file"]
 
 # The project's own tiny model and its refiner, trained by configs/tiny_*.py and shipped in the package (no download).
 BUNDLED = {name: Path(__file__).with_name(f"{name}.safetensors") for name in ("plainxl-tiny", "plainxl-tiny-refiner")}
@@ -35,19 +38,21 @@ class ModelInfo:
     parameters: int  # number of weights (for memory estimates)
 
 
-def inspect(source):
-    """ModelInfo of a model, without reading its weights (a repo id is downloaded, as load would)."""
+def inspect(source, config=None):
+    """ModelInfo of a model, without reading its weights (a repo id is downloaded, as load would); config as
+    load takes it."""
     path = resolve(source)
+    given = architecture(config, path)
     if path.is_dir():
         cfg, scheduler = read_folder_config(path)
     else:
-        (cfg, _), scheduler = read_config(path), None
+        (cfg, _), scheduler = read_config(path, given), None
     with torch.device("meta"):  # shapes only: no memory
         parameters = sum(p.numel() for p in SDXL(cfg).parameters())
     return ModelInfo(path, cfg, scheduler or scheduler_config(cfg), parameters)
 
 
-def load(source, dtype=None, device="cpu", vae=None):
+def load(source, dtype=None, device="cpu", vae=None, config=None):
     """Load an SDXL model.
 
     Args:
@@ -59,12 +64,16 @@ def load(source, dtype=None, device="cpu", vae=None):
         device: where the model ends up; the file is read on the CPU.
         vae: optional VAE to use instead of the model's own: a VAE .safetensors or a diffusers vae/ folder
             (or repo id), e.g. madebyollin/sdxl-vae-fp16-fix.
+        config: the architecture of a single file that does not store it and is too narrow to read from its
+            shapes (diffusers' from_single_file(config=...)): a diffusers model folder, or a JSON file (see
+            `architecture`). Every tensor's shape is checked against it.
     Returns: models.sdxl.SDXL in eval mode. Raises LoadError for any bad input.
     """
     dtype = DTYPES.get(dtype, dtype)
     vae_path = resolve(vae) if vae is not None else None  # a --vae that is not there fails before the big load
     path = resolve(source)
-    model = load_diffusers(path, dtype) if path.is_dir() else load_single_file(path, dtype)
+    given = architecture(config, path)
+    model = load_diffusers(path, dtype) if path.is_dir() else load_single_file(path, dtype, given)
     if vae_path is not None:
         vae_module = load_vae(vae_path, dtype, like=model.config.vae)
         if vae_module.config.z_channels != model.config.vae.z_channels:
@@ -73,6 +82,36 @@ def load(source, dtype=None, device="cpu", vae=None):
         model.vae = vae_module
         model.config = replace(model.config, vae=vae_module.config)
     return model.to(device).eval()
+
+
+def architecture(config, model_path):
+    """--config FOLDER_OR_CONFIG_JSON for the single file at model_path -> an SDXLConfig, or a UNetConfig (the
+    rest is then read from the file's shapes); None -> None. What it may be, by structure:
+      a diffusers model folder (unet/config.json ...; its weights are not read), or a JSON file inside one
+        (model_index.json, unet/config.json, ...): that folder's configs;
+      plainxl's own config (a JSON object with "unet" and "text_encoder_2", as our exports store it);
+      a diffusers UNet config.json on its own (it has "block_out_channels"): the UNet's."""
+    if config is None:
+        return None
+    if model_path.is_dir():
+        raise LoadError(f"--config {config} is for a single file; {model_path} is a diffusers folder, which has "
+                        "its own configs: drop --config.")
+    path = resolve(config)
+    folder = next((p for p in (path, path.parent, path.parent.parent) if (p / "unet" / "config.json").is_file()), None)
+    if folder is not None:
+        return read_folder_config(folder)[0]
+    if path.is_dir():
+        raise LoadError(f"--config {config} is a folder but not a diffusers model (no unet/config.json).")
+    try:
+        d = json.loads(path.read_text())
+        if isinstance(d, dict) and "unet" in d and "text_encoder_2" in d:
+            return config_from_dict(d)
+        if isinstance(d, dict) and "block_out_channels" in d:
+            return unet_config_from_diffusers(d)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, IndexError) as e:
+        raise LoadError(f"--config {config} cannot be read as a model config ({e}).") from None
+    raise LoadError(f"--config {config} is neither a diffusers folder nor a config JSON plainxl reads (plainxl's "
+                    "own, or a diffusers UNet config.json).")
 
 
 def load_vae(source, dtype=None, like=None):

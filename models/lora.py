@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import re
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -91,6 +92,8 @@ def targets(model):
                 out[f"lora_unet_{diffusers}".replace(".", "_")] = out[f"unet.{diffusers}"] = (weight, rows)
             else:
                 out[f"{'text_encoder' if official.startswith('text_encoder_1') else te2}.{path}"] = (weight, rows)
+                # kohya sd-scripts on transformers >= 5 drops text_model. (lora_te1_encoder_layers_0_...)
+                out[kohya_name(official, path.removeprefix("text_model."))] = (weight, rows)
     return out
 
 
@@ -114,6 +117,9 @@ def read_lora(path):
     for module, parts in groups.items():
         if "down" not in parts or "up" not in parts:
             raise LoadError(f"{path}: {module} has no {'up' if 'down' in parts else 'down'} matrix; the file is damaged")
+        if not (parts["down"].is_floating_point() and parts["up"].is_floating_point()):
+            raise LoadError(f"{path}: {module} is stored as {parts['down'].dtype}/{parts['up'].dtype}, not as floating "
+                            "point numbers; the file is damaged")
     return groups
 
 
@@ -129,18 +135,24 @@ def addnet_hash(path):
 
 def merge_lora(model, path, scale=1.0, apply=True):
     """Add scale * (alpha / rank) * up @ down to each weight the file names, in float32, cast back. Raises
-    LoadError before changing anything if a name matches no module or a shape does not fit; apply=False only
-    checks (a model on the meta device will do, so a command line checks its LoRAs before the load)."""
+    LoadError before changing anything if the file is empty, no name matches a module, or a shape does not
+    fit; modules matching none of the model's are left out with one warning line (when applied). apply=False
+    only checks (a model on the meta device will do, so a command line checks its LoRAs before the load)."""
     if not math.isfinite(scale):
         raise LoadError(f"the scale {scale} of {path} is not a number; give e.g. 0.8")
     names = targets(model)
     groups = read_lora(path)
+    if not groups:
+        raise LoadError(f"{path} holds no tensors, so it would change nothing; is the download complete?")
     unmatched = [m for m in groups if m not in names]
-    if unmatched:
-        raise LoadError(f"{path}: {len(unmatched)} of its {len(groups)} modules match none of this model's, e.g. "
-                        f"{', '.join(unmatched[:3])}; is it a LoRA for SDXL?")
+    if len(unmatched) == len(groups):
+        raise LoadError(f"{path}: none of its {len(groups)} modules match this model's (its first keys: "
+                        f"{', '.join(unmatched[:3])}); is it a LoRA for SDXL?")
+    if unmatched and apply:  # (the check before the load stays quiet: one warning per LoRA, not two)
+        print(f"warning: {path}: {len(unmatched)} of its {len(groups)} modules match none of this model's and are "
+              f"left out, e.g. {', '.join(unmatched[:3])}", file=sys.stderr)
     deltas = []
-    for module, parts in groups.items():
+    for module, parts in ((m, p) for m, p in groups.items() if m in names):
         param, rows = names[module]
         down, up = parts["down"], parts["up"]
         rank = down.shape[0]
@@ -155,7 +167,7 @@ def merge_lora(model, path, scale=1.0, apply=True):
         for param, rows, delta in deltas if apply else ():
             view = param[rows] if rows is not None else param
             view.copy_((view.float() + delta.to(param.device)).to(param.dtype))
-    return len(groups)
+    return len(groups) - len(unmatched)
 
 
 # ----------------------------------------------------------------------------- training: adapters and export

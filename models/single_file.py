@@ -72,6 +72,17 @@ def identify(names, path):
         raise LoadError(f"{path} has a UNet but no text encoders (conditioner.embedders.*); pass a full SDXL checkpoint.")
 
 
+def assign(module, state, where):
+    """module.load_state_dict(state, strict=True, assign=True) after the one check shapes cannot make: a
+    weight stored as integers (a damaged dtype field; torch would raise deep inside) is refused."""
+    wanted = module.state_dict()
+    for name, t in state.items():
+        if t.is_floating_point() != wanted[name].is_floating_point():
+            raise LoadError(f"{where}: tensor {name} is stored as {str(t.dtype).removeprefix('torch.')}, not as the "
+                            "model's numbers; the file is damaged or not this model's.")
+    module.load_state_dict(state, strict=True, assign=True)
+
+
 # ----------------------------------------------------------------------------- the architecture
 
 
@@ -103,13 +114,13 @@ def _sdxl_width(width, minimum, multiple, what):
     return width
 
 
-def infer_config(shapes, where="checkpoint"):
-    """An SDXLConfig from the tensor shapes of an official single file.
+def infer_config(shapes, where="checkpoint", unet_config=None):
+    """An SDXLConfig from the tensor shapes of an official single file (the UNet's from unet_config if given).
 
     Shapes give every width and depth; they do not give head counts or GroupNorm groups, for which
     SDXL's conventions hold (64 channels per head, 32 groups). Those conventions are sound only at
     SDXL-family widths, so a narrower file (a tiny model whose metadata was stripped) is refused
-    rather than built wrong. Our own exports store the config instead.
+    rather than built wrong: our own exports store the config, and --config supplies one.
     """
     refiner = not any(n.startswith("conditioner.embedders.1.") for n in shapes)
     part = lambda prefix: {n[len(prefix):]: s for n, s in shapes.items() if n.startswith(prefix)}
@@ -118,12 +129,13 @@ def infer_config(shapes, where="checkpoint"):
         te2 = _infer_openclip(part(g))
         te1 = None if refiner else _infer_clip(part("conditioner.embedders.0.transformer."))
         vae_cfg = _infer_vae(part("first_stage_model."))
-        unet_cfg = _infer_unet(part("model.diffusion_model."), te2.projection_dim, 5 if refiner else 6)
+        unet_cfg = unet_config or _infer_unet(part("model.diffusion_model."), te2.projection_dim, 5 if refiner else 6)
         return SDXLConfig(unet_cfg, vae_cfg, te1, te2)
     except _NotSDXLWidth as e:
         raise LoadError(f"{where} has no {CONFIG_METADATA_KEY} metadata and {e}, so its attention heads and "
-                        "GroupNorm groups cannot be read from the shapes; load the file as plainxl exported it "
-                        "(the metadata holds the architecture).") from None
+                        "GroupNorm groups cannot be read from the shapes; give its architecture, its diffusers folder or "
+                        "config JSON, with --config FOLDER_OR_CONFIG_JSON (model_config= in a training config, "
+                        "config= in Python).") from None
     except (KeyError, ValueError, StopIteration, ZeroDivisionError, IndexError) as e:
         raise LoadError(f"{where} does not have the layout of an SDXL checkpoint ({e}); it is damaged or another model.") from None
 
@@ -188,31 +200,36 @@ def _infer_openclip(s):
 # ----------------------------------------------------------------------------- loading
 
 
-def read_config(path):
-    """The header of an official single file -> (SDXLConfig, {name: shape}), without reading a tensor."""
+def read_config(path, given=None):
+    """The header of an official single file -> (SDXLConfig, {name: shape}), without reading a tensor.
+    The architecture is `given` (an SDXLConfig, or a UNetConfig with the rest read from the shapes), else
+    the file's own metadata, else read from the shapes; load_single_file checks every shape against it."""
     path = Path(path)
     with open_safetensors(path) as f:
         names = list(f.keys())
         identify(names, path)
         shapes = {n: f.get_slice(n).get_shape() for n in names}
         metadata = f.metadata() or {}
-    if CONFIG_METADATA_KEY in metadata:
+    if isinstance(given, SDXLConfig):
+        cfg = given
+    elif CONFIG_METADATA_KEY in metadata and given is None:
         try:
             cfg = config_from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise LoadError(f"{path} has a damaged {CONFIG_METADATA_KEY} metadata entry ({e}); export it again.") from None
     else:
-        cfg = infer_config(shapes, path)
+        cfg = infer_config(shapes, path, unet_config=given)
     # Marker keys say how the UNet was trained (ComfyUI and AUTOMATIC1111 read them the same way).
     if V_PRED_MARKER in shapes:
         cfg = replace(cfg, prediction_type="v_prediction", zero_terminal_snr=ZTSNR_MARKER in shapes)
     return cfg, shapes
 
 
-def load_single_file(path, dtype=None):
-    """Official layout -> SDXL (on the CPU). Raises LoadError for any bad input."""
+def load_single_file(path, dtype=None, given=None):
+    """Official layout -> SDXL (on the CPU), its architecture as read_config finds it. Raises LoadError for
+    any bad input."""
     path = Path(path)
-    cfg, shapes = read_config(path)
+    cfg, shapes = read_config(path, given)
     with torch.device("meta"):
         model = SDXL(cfg)
     prefixes = single_file_prefixes(cfg)
@@ -231,7 +248,7 @@ def load_single_file(path, dtype=None):
         component = next(c for c, prefix in prefixes.items() if name.startswith(prefix))
         state_dicts[component][name[len(prefixes[component]):]] = t
     for component, sd in state_dicts.items():
-        getattr(model, component).load_state_dict(sd, strict=True, assign=True)
+        assign(getattr(model, component), sd, path)
     return model
 
 
@@ -260,7 +277,7 @@ def load_vae_file(path, dtype=None, like=None):
     expected = module.state_dict()
     check_tensors(shapes, {n: t.shape for n, t in expected.items()}, str(path))
     sd = {name[len(prefix):]: t for name, t in read_tensors(path, [prefix + n for n in expected], dtype)}
-    module.load_state_dict(sd, strict=True, assign=True)
+    assign(module, sd, path)
     return module
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from models.files import atomic_file, read_config_file
+from models.files import atomic_file, check_output, read_config_file
 from models.loading import LoadError, check_device, inspect
 from sampling.generate import check_settings, save_png
 from sampling.pipeline import Pipeline, Settings, check
@@ -188,8 +188,7 @@ def main(argv=None):
         if args.model:
             config["model"] = args.model
         out = Path(args.out or config["out"] or f"runs/{Path(args.config).stem}")
-        if out.exists() and not out.is_dir():
-            raise AblationError(f"--out {out} is a file; name a folder")
+        check_output(out, "--out")  # it, or a folder above it, a file
         check_folder(out, config)
         device = check_device(args.device)
         check_cells(config, inspect(config["model"]))  # headers only: before the big load

@@ -2,7 +2,8 @@
 
     python -m sampling.generate --model M --prompt P [--negative-prompt N] --width W --height H --steps S
         --cfg G --sampler {euler,euler_a,dpmpp_2m,ddim,ddpm} [--karras] [--guidance-rescale R] --seed SEED
-        --num-images B --dtype {fp32,fp16,bf16} --device D [--vae VAE] [--lora FILE[:SCALE] ...]
+        --num-images B --dtype {fp32,fp16,bf16} --device D [--config FOLDER_OR_CONFIG_JSON] [--vae VAE]
+        [--lora FILE[:SCALE] ...]
         [--no-prompt-weights] [--save-attention DIR] [--intervention NAME ...] [--tap PATTERN ... --tap-out FILE]
         --out DIR
       [--refiner R --refiner-start F [--aesthetic-score A] [--negative-aesthetic-score NA]]
@@ -88,6 +89,9 @@ def intervention_arg(text):
 def parse_args(argv):
     p = OneLineParser(prog="python -m sampling.generate", description="SDXL text-to-image.")
     p.add_argument("--model", help=f"single file, diffusers folder or Hugging Face repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--config", metavar="FOLDER_OR_CONFIG_JSON",
+                   help="the architecture of a --model single file that does not store it: its diffusers folder or "
+                        "config JSON (as diffusers' from_single_file(config=...))")
     p.add_argument("--vae", help="a VAE to use instead of the model's: a VAE .safetensors or a diffusers vae/ folder")
     p.add_argument("--lora", action="append", type=lora_arg, metavar="FILE[:SCALE]",
                    help="merge a LoRA file into the model (kohya, diffusers/PEFT, LoCon); repeatable; scale 1.0 by default")
@@ -350,6 +354,7 @@ def check_instruments(info, interventions, taps, tap_out):
     weights), and --tap-out, before the load: ValueError naming what to fix."""
     import torch
 
+    from models.files import check_output
     from models.sdxl import SDXL
     from sampling.instruments import matching
 
@@ -357,8 +362,8 @@ def check_instruments(info, interventions, taps, tap_out):
         raise ValueError("--tap and --tap-out go together: --tap PATTERN names what to record, --tap-out FILE where")
     if tap_out and Path(tap_out).exists():
         raise ValueError(f"--tap-out {tap_out} exists; name a new file (it is never replaced)")
-    if tap_out and not Path(tap_out).parent.is_dir():
-        raise ValueError(f"--tap-out {tap_out}: the folder {Path(tap_out).parent} does not exist; create it first")
+    if tap_out:
+        check_output(tap_out, "--tap-out", folder=False)
     patterns = [name.removeprefix("skip=") for name in interventions if name.startswith("skip=")] + list(taps or [])
     if patterns:
         with torch.device("meta"):
@@ -439,6 +444,7 @@ def main(argv=None):
 
 
 def generate(args, written, check_interrupt):
+    from models.files import check_output
     from models.loading import LoadError, check_device, inspect, model_hash, out_of_memory, resolve
     from models.lora import addnet_hash
     from sampling.instruments import attention_maps, tap
@@ -450,22 +456,21 @@ def generate(args, written, check_interrupt):
     try:
         settings, model, vae, refiner, loras, interventions, recorded_hash = settings_from(args)  # the PNG's (paths)
         opened = check_settings(settings)  # the same, its init image and mask read
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} is a file; name a folder (it is created if missing)")
+        check_output(out, "--out")  # it, or a folder above it, a file: refused before any work
         device = check_device(args.device)
         if args.vae_tiling is not None and args.vae_tiling < 8:
             raise ValueError(f"--vae-tiling {args.vae_tiling} is too small: it is a tile size in latents, at least 8 "
                              "(128 = 1024 px, the default when the flag is given alone)")
         attention_dir = Path(args.save_attention) if args.save_attention else None
-        if attention_dir is not None and attention_dir.exists() and not attention_dir.is_dir():
-            raise ValueError(f"--save-attention {attention_dir} is a file; name a folder (it is created if missing)")
+        if attention_dir is not None:
+            check_output(attention_dir, "--save-attention")
         if attention_dir is not None and (opened.hires_scale is not None or refiner):
             raise ValueError("--save-attention maps one pass of one model at one size; drop --hires-scale and "
                              "--refiner (or map the first pass alone)")
         if args.offload and device.type == "cpu":
             raise ValueError("--offload moves the model's parts to --device while they run; with --device cpu "
                              "there is nothing to offload: give --device cuda, or drop --offload")
-        info = inspect(model)  # headers and configs only: the settings are checked before the weights load
+        info = inspect(model, args.config)  # headers and configs only: the settings are checked before the weights load
         refiner_info = inspect(refiner) if refiner else None
         check(opened, info.config, refiner_info.config if refiner_info else None)
         if vae is not None:
@@ -478,7 +483,7 @@ def generate(args, written, check_interrupt):
         check_fits(info, opened, args.dtype, device, refiner_info, args.offload)
         check_instruments(info, interventions, args.tap, args.tap_out)
         home = "cpu" if args.offload else device  # with --offload the weights stay on the CPU between uses
-        pipe = Pipeline.load(info.path, dtype=args.dtype, device=home, vae=vae, loras=loras)
+        pipe = Pipeline.load(info.path, dtype=args.dtype, device=home, vae=vae, loras=loras, config=args.config)
         # --vae replaces both stages' VAE: the refiner decodes, and the PNG records one VAE.
         refiner_pipe = Pipeline.load(refiner_info.path, dtype=args.dtype, device=home, vae=vae) if refiner else None
         for p in filter(None, (pipe, refiner_pipe)):  # ways to run that leave the images as they are

@@ -236,13 +236,14 @@ class Pipeline:
         self.scheduler_config = scheduler_config or models_scheduler_config(model.config)
 
     @classmethod
-    def load(cls, source, dtype="fp32", device="cpu", vae=None, loras=()):
+    def load(cls, source, dtype="fp32", device="cpu", vae=None, loras=(), config=None):
         """A single file, a diffusers folder (its scheduler config is used) or a Hugging Face repo id;
         `vae` optionally replaces the model's VAE (a VAE file or diffusers vae/ folder); `loras`, a list of
-        (file, scale), are merged into the weights in order (models.lora: no cost per step)."""
+        (file, scale), are merged into the weights in order (models.lora: no cost per step); `config`, the
+        architecture of a single file that lacks it (models.loading.load)."""
         path = resolve(source)
         scheduler_config = read_folder_config(path)[1] if path.is_dir() else None
-        model = load(path, dtype=dtype, device=device, vae=vae)
+        model = load(path, dtype=dtype, device=device, vae=vae, config=config)
         for lora, scale in loras:
             merge_lora(model, resolve(lora), scale)
         return cls(model, scheduler_config)

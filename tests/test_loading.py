@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -117,6 +118,120 @@ def test_refiner_layout_round_trip(tmp_path):
     assert not any(n.startswith("conditioner.embedders.1.") for n in names)
     save_diffusers(load(tmp_path / "r.safetensors"), tmp_path / "folder")
     same_weights(model, load(tmp_path / "folder"))
+
+
+# ----------------------------------------------------------------------------- --config: a bare file's architecture
+
+
+@pytest.fixture(scope="module")
+def bare_file(diffusers_folder, tmp_path_factory):
+    """The diffusers folder's (narrow) model as a single file without plainxl.config metadata."""
+    folder, _ = diffusers_folder
+    path = tmp_path_factory.mktemp("bare") / "bare.safetensors"
+    save_single_file(load(folder), path)
+    save_file(load_file(path), path)  # the same tensors, the metadata gone
+    return path
+
+
+def configs_only(folder, dst):
+    """A copy of a diffusers folder's JSON files only: --config reads no weights."""
+    for f in folder.rglob("*.json"):
+        (dst / f.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+        (dst / f.relative_to(folder)).write_text(f.read_text())
+    return dst
+
+
+def test_config_gives_a_bare_single_file_its_architecture(diffusers_folder, bare_file, tmp_path):
+    """As diffusers' from_single_file(config=...): the folder, any of its JSON files, or plainxl's own config;
+    every weight equals the folder's, and diffusers' own reader finds the same ones in the bare file."""
+    from dataclasses import asdict
+
+    from diffusers import StableDiffusionXLPipeline
+
+    folder, pipe = diffusers_folder
+    with pytest.raises(LoadError, match="with --config FOLDER_OR_CONFIG_JSON"):
+        load(bare_file)
+    reference = load(folder)
+    configs = configs_only(folder, tmp_path / "configs")
+    (tmp_path / "plainxl.json").write_text(json.dumps(asdict(reference.config)))
+    for config in (folder, configs, configs / "model_index.json", configs / "unet" / "config.json",
+                   configs / "vae" / "config.json", tmp_path / "plainxl.json"):
+        model = load(bare_file, config=config)
+        assert model.config == reference.config, config
+        same_weights(model, reference)
+    theirs = StableDiffusionXLPipeline.from_single_file(str(bare_file), config=str(folder), local_files_only=True)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):  # the folder's weights, as ours are
+        want, got = getattr(pipe, name).state_dict(), getattr(theirs, name).state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), name
+
+
+def test_a_unet_config_alone_gives_the_unet_and_the_rest_is_read_from_the_shapes(diffusers_folder, bare_file, tmp_path):
+    folder, _ = diffusers_folder
+    (tmp_path / "unet_config.json").write_text((folder / "unet" / "config.json").read_text())
+    with pytest.raises(LoadError) as e:  # this model's text encoders are narrow too: they are named
+        load(bare_file, config=tmp_path / "unet_config.json")
+    assert "its OpenCLIP is 64 wide" in str(e.value) and "\n" not in str(e.value)
+    from models.loading import architecture
+
+    unet = architecture(tmp_path / "unet_config.json", bare_file)
+    assert unet == load(folder).config.unet
+
+
+@pytest.mark.parametrize("config, fragment", [
+    ("other_width.json", "has shape"),
+    ("list.json", "is neither a diffusers folder nor a config JSON"),
+    ("broken.json", "cannot be read as a model config"),
+    ("empty_folder", "is a folder but not a diffusers model"),
+    ("nowhere.json", "does not exist"),
+])
+def test_a_config_that_does_not_describe_the_file_is_one_line(bare_file, diffusers_folder, tmp_path, config, fragment):
+    from dataclasses import asdict, replace
+
+    wide = replace(TINY, unet=replace(TINY.unet, model_channels=64))
+    (tmp_path / "other_width.json").write_text(json.dumps(asdict(wide)))
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text('{"unet": {}, "text_encoder_2": {}}')
+    (tmp_path / "empty_folder").mkdir()
+    with pytest.raises(LoadError) as e:
+        load(bare_file, config=tmp_path / config)
+    assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_config_with_a_folder_model_is_refused(diffusers_folder):
+    folder, _ = diffusers_folder
+    with pytest.raises(LoadError, match="is for a single file; .* is a diffusers folder"):
+        load(folder, config=folder)
+
+
+def test_convert_and_generate_take_config(diffusers_folder, bare_file, tmp_path, capsys):
+    from models.convert import main as convert
+    from sampling.generate import main as generate
+
+    folder, _ = diffusers_folder
+    assert convert([str(bare_file), str(tmp_path / "full.safetensors"), "--config", str(folder)]) == 0
+    same_weights(load(tmp_path / "full.safetensors"), load(folder))
+    quick = ["--prompt", "a", "--steps", "2", "--width", "64", "--height", "64", "--seed", "3"]
+    assert generate(["--model", str(bare_file), "--config", str(folder), "--out", str(tmp_path / "a"), *quick]) == 0
+    assert generate(["--model", str(tmp_path / "full.safetensors"), "--out", str(tmp_path / "b"), *quick]) == 0
+    (a,), (b,) = (list((tmp_path / d).iterdir()) for d in "ab")
+    from PIL import Image
+
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+    assert generate(["--model", str(bare_file), "--out", str(tmp_path / "c"), *quick]) == 2
+    assert "--config FOLDER_OR_CONFIG_JSON" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+def test_init_writes_each_dtype_from_the_same_draw(tmp_path):
+    from models.init import main as init
+
+    for dtype in ("fp32", "fp16", "bf16"):
+        assert init(["tiny", str(tmp_path / f"{dtype}.safetensors"), "--dtype", dtype]) == 0
+    full = load_file(tmp_path / "fp32.safetensors")
+    for dtype, torch_dtype in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        cast = load_file(tmp_path / f"{dtype}.safetensors")
+        assert cast.keys() == full.keys()
+        assert all(cast[k].dtype == torch_dtype and torch.equal(cast[k], full[k].to(torch_dtype))
+                   for k in full if full[k].is_floating_point())
 
 
 # ----------------------------------------------------------------------------- full size, on meta

@@ -127,7 +127,9 @@ def test_bad_lora_files_are_one_clear_error(files, tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cases = {
         "unmatched": ({"lora_unet_nowhere_to_q.lora_down.weight": torch.zeros(4, 8),
-                       "lora_unet_nowhere_to_q.lora_up.weight": torch.zeros(8, 4)}, "match none of this model's"),
+                       "lora_unet_nowhere_to_q.lora_up.weight": torch.zeros(8, 4)},
+                      "none of its 1 modules match this model's (its first keys: lora_unet_nowhere_to_q)"),
+        "empty": ({}, "holds no tensors, so it would change nothing"),
         "sd15 shapes": ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 768),
                          "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(64, 4)},
                         "for another model family"),
@@ -187,3 +189,46 @@ def test_the_diffusers_path_dialect_and_old_diffusers_names_merge_the_same(files
             torch.testing.assert_close(a, b, msg=f"{name}: {k}")
     with pytest.raises(LoadError, match="is not a number"):
         merge_lora(model, tmp_path / "d.safetensors", float("nan"))
+
+
+def test_a_partly_matching_lora_merges_what_matches_and_says_what_it_left_out(files, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    t = load_file(files / "kohya.safetensors")
+    stray = {f"lora_unet_nowhere_{i}.{part}": torch.zeros(4, 8) if part == "lora_down.weight" else torch.zeros(8, 4)
+             for i in range(5) for part in ("lora_down.weight", "lora_up.weight")}
+    save_file(t | stray, tmp_path / "partly.safetensors")
+    reference, model = load(files / "tiny.safetensors"), load(files / "tiny.safetensors")
+    merge_lora(reference, files / "kohya.safetensors", 0.8)
+    capsys.readouterr()
+    merge_lora(model, tmp_path / "partly.safetensors", 0.8, apply=False)  # the check before the load: quiet
+    assert capsys.readouterr().err == ""
+    changed = merge_lora(model, tmp_path / "partly.safetensors", 0.8)
+    err = capsys.readouterr().err
+    modules = len({k.split(".")[0] for k in t})
+    assert changed == modules
+    assert err.count("\n") == 1 and err.startswith(f"warning: {tmp_path / 'partly.safetensors'}: 5 of its "
+                                                    f"{modules + 5} modules match none of this model's"), err
+    assert "lora_unet_nowhere_0, lora_unet_nowhere_1, lora_unet_nowhere_2" in err
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_kohyas_text_encoder_names_without_text_model_merge_the_same(files, tmp_path):
+    """kohya sd-scripts on transformers 5 writes lora_te1_encoder_layers_... (no text_model_): both spellings,
+    built from the same tensors, give the same weights (the classic one equals diffusers above)."""
+    from safetensors.torch import load_file
+
+    t = load_file(files / "kohya_attention.safetensors")
+    new = {k.replace("lora_te1_text_model_", "lora_te1_").replace("lora_te2_text_model_", "lora_te2_"): v
+           for k, v in t.items()}
+    assert sum(k.startswith(("lora_te1_encoder_", "lora_te2_encoder_")) for k in new) == 10  # 5 modules, down + up
+    save_file(new, tmp_path / "new_spelling.safetensors")
+    classic, spelled = load(files / "tiny.safetensors"), load(files / "tiny.safetensors")
+    merge_lora(classic, files / "kohya_attention.safetensors", 0.8)
+    assert merge_lora(spelled, tmp_path / "new_spelling.safetensors", 0.8) == len({k.split(".")[0] for k in t})
+    for (k, a), b in zip(spelled.state_dict().items(), classic.state_dict().values()):
+        assert torch.equal(a, b), k
+    base = load(files / "tiny.safetensors")
+    for part in ("text_encoder_1", "text_encoder_2"):  # both encoders took their adapters
+        assert any(not torch.equal(a, b) for a, b in zip(getattr(spelled, part).state_dict().values(),
+                                                        getattr(base, part).state_dict().values())), part

@@ -125,6 +125,59 @@ def test_out_that_is_a_file(tmp_path, capsys):
     assert (tmp_path / "taken").read_text() == "mine"
 
 
+def command(capsys, module, argv, monkeypatch=None):
+    """(exit code, stderr) of a command's main run in-process: returned codes, argparse's SystemExit, and the
+    research scripts' SystemExit("error: ...") (Python prints that text to stderr and exits 1)."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    try:
+        if module == "data.classifier":  # its main reads sys.argv
+            monkeypatch.setattr(sys, "argv", ["classifier", *argv])
+            code = main()
+        else:
+            code = main(argv)
+    except SystemExit as e:
+        code = e.code
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+            code = 1
+    return code, capsys.readouterr().err
+
+
+BLOCKED = "FILE"  # in the cases below: a regular file that each output path tries to go through
+OUTPUT_PATHS = [
+    ("sampling.generate", ["--prompt", "x", *QUICK, "--out", "FILE/run"], "--out"),
+    ("sampling.generate", ["--prompt", "x", *QUICK, "--save-attention", "FILE/maps", "--out", "OK"], "--save-attention"),
+    ("sampling.generate", ["--prompt", "x", *QUICK, "--tap", "unet.out", "--tap-out", "FILE/t.safetensors",
+                           "--out", "OK"], "--tap-out"),
+    ("sampling.ablate", ["--config", "configs/ablation_samplers.py", "--out", "FILE/grid"], "--out"),
+    ("models.convert", [str(TINY_FILE), "FILE/model.safetensors"], "destination"),
+    ("models.convert", [str(TINY_FILE), "FILE/folder"], "destination"),
+    ("models.init", ["tiny", "FILE/new.safetensors"], "destination"),
+    ("data.evaluate", ["--model", "plainxl-tiny", "--grid", "FILE/grid.png"], "--grid"),
+    ("data.showcase", ["--out", "FILE/figure.png"], "--out"),
+    ("data.classifier", ["--out", "FILE/classifier.safetensors"], "--out"),
+    ("train.demo", ["--out", "FILE/demo"], "--out"),
+]
+
+
+@pytest.mark.parametrize("module, argv, what", OUTPUT_PATHS, ids=[f"{m} {w}" for m, _, w in OUTPUT_PATHS])
+def test_an_output_path_through_a_file_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, module, argv, what):
+    """FILE/x, where FILE is a regular file, for every output path of every command: one line naming both,
+    a non-zero exit, and nothing written anywhere (the file itself untouched)."""
+    blocked = tmp_path / BLOCKED
+    blocked.write_text("mine")
+    monkeypatch.chdir(tmp_path)  # "OK" outputs and anything written by mistake land here
+    argv = [a.replace("FILE", str(blocked)) if a.startswith("FILE") else a for a in argv]
+    if module == "sampling.ablate":
+        argv[1] = str(Path(__file__).parents[1] / argv[1])
+    code, err = command(capsys, module, argv, monkeypatch)
+    one_line_error(err, code, what, f"is inside {blocked}, which is a file, not a folder",
+                   expected_code=1 if module.startswith(("data.", "train.demo")) else 2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BLOCKED] and blocked.read_text() == "mine"
+
+
 # ----------------------------------------------------------------------------- 2. never lose a file
 
 
@@ -527,7 +580,24 @@ def test_trainer_folders_that_are_files(train_setup, tmp_path, capsys):
         code, err = train(capsys, train_args(train_setup, tmp_path / "o", **{field: tmp_path / "a file"},
                                              prior_loss_weight=1.0))
         one_line_error(err, code, f"{field} {tmp_path / 'a file'} is a file, not a folder")
-    assert (tmp_path / "a file").read_text() == "x"
+        code, err = train(capsys, train_args(train_setup, tmp_path / "o", **{field: tmp_path / "a file" / "run"},
+                                             prior_loss_weight=1.0))  # a folder inside the file: not a traceback
+        one_line_error(err, code, f"{field} {tmp_path / 'a file' / 'run'} is inside {tmp_path / 'a file'}, which is "
+                                  "a file, not a folder")
+    assert (tmp_path / "a file").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
+
+
+def test_trainer_model_config_gives_a_bare_file_its_architecture(train_setup, tmp_path, capsys):
+    """A narrow single file without metadata: refused in one line naming model_config=, then trained with it."""
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(train_setup / "tiny.safetensors"), bare)
+    code, err = train(capsys, train_args(train_setup, tmp_path / "o", model=bare))
+    one_line_error(err, code, "model_config= in a training config")
+    save_diffusers(load(train_setup / "tiny.safetensors"), tmp_path / "configs")
+    code, err = train(capsys, train_args(train_setup, tmp_path / "o", model=bare, max_steps=1,
+                                         model_config=tmp_path / "configs"))
+    assert code == 0, err
+    assert load(tmp_path / "o" / "model.safetensors").config == TINY  # the export carries the architecture
 
 
 @pytest.mark.parametrize("source, fragment", [

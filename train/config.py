@@ -23,6 +23,8 @@ class TrainConfig:
 
     Args:
         model: base model (single file, diffusers folder or Hugging Face repo id).
+        model_config: the architecture of a `model` single file that does not store it and is too narrow to be
+            read from its shapes: its diffusers folder or config JSON (sampling.generate's --config).
         instance_data_dir / instance_prompt: the subject's images; a .txt beside an image replaces the prompt.
         class_data_dir / class_prompt: prior-preservation images (generated up to num_class_images if short).
         prior_loss_weight: weight of the class loss; 0 turns prior preservation off.
@@ -79,6 +81,7 @@ class TrainConfig:
     """
 
     model: str = "cagliostrolab/animagine-xl-4.0"
+    model_config: str | None = None  # FOLDER_OR_CONFIG_JSON for a single file without its architecture
     instance_data_dir: str = "instance_images"
     instance_prompt: str = "1girl, sks"
     class_data_dir: str = "class_images"

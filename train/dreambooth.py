@@ -273,10 +273,10 @@ def preflight(config):
     except ValueError as e:
         raise ConfigError(str(e)) from None
     out = Path(config.output_dir)
-    check_folder(out, "output_dir")
+    check_folder(out, "output_dir")  # FILE/run too: nothing is written before every output path is known good
     check_folder(config.class_data_dir, "class_data_dir")
     ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")  # every image decoded
-    info = inspect(config.model)  # the model's headers: a bad --model fails before the load
+    info = inspect(config.model, config.model_config)  # the model's headers: a bad --model fails before the load
     if info.config.unet.in_channels != info.config.vae.z_channels:
         raise ConfigError(f"{config.model} is an inpainting model ({info.config.unet.in_channels} UNet input "
                           "channels); this loop trains text-to-image models")
@@ -387,9 +387,9 @@ def train(config, device, resume_from, note):
         # A LoRA run's frozen base in base_dtype; a full fine-tuning's model in master_dtype, frozen parts too.
         weights_dtype = config.base_dtype if config.lora_rank else config.master_dtype
         if weights_dtype == "fp32":
-            model = load(config.model, dtype="fp32", device=device)
+            model = load(config.model, dtype="fp32", device=device, config=config.model_config)
         else:  # cast on the CPU, so that the device never holds the model in float32
-            model = load(config.model, dtype="fp32")
+            model = load(config.model, dtype="fp32", config=config.model_config)
             for part in filter(None, (model.unet, model.text_encoder_1, model.text_encoder_2)):
                 part.to(DTYPES[weights_dtype])  # the VAE stays float32: SDXL's overflows in fp16
             model.to(device)
@@ -601,7 +601,7 @@ def export_lora(model, adapters, config, out):
     save_lora(adapters, out / "lora.safetensors", DTYPES[config.export_dtype], metadata)
     print(f"wrote {out / 'lora.safetensors'}")
     if config.merge_lora:
-        merged = load(config.model, dtype="fp32")
+        merged = load(config.model, dtype="fp32", config=config.model_config)
         merge_lora(merged, out / "lora.safetensors")
         save_single_file(merged, out / "model.safetensors", dtype=config.export_dtype, overwrite=True)
         print(f"wrote {out / 'model.safetensors'} (the base with the LoRA merged in)")
