@@ -32,7 +32,7 @@ def main(argv=None):
                              "config JSON")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # imports done: Ctrl-C now cleans up as it goes
-    one_file = args.dst.endswith(".safetensors")
+    one_file = args.dst.endswith(".safetensors")  # format rule for what to write: DST's suffix
     save = save_single_file if one_file else save_diffusers
     try:  # the destination first: a bad one fails before the (slow) load
         check_destination(args.dst, args.overwrite, "file" if one_file else "folder", is_model_folder)

@@ -165,7 +165,8 @@ def _read_json(path):
 
 
 def _read_weights(folder, dtype):
-    """All tensors of one component folder, cast to dtype; handles fp16 variants and shard indexes."""
+    """All tensors of one component folder, cast to dtype; handles fp16 variants and shard indexes. Format
+    rule: the file names of WEIGHT_FILES, else a *.safetensors.index.json; only .bin files: pickles, refused."""
     for name in WEIGHT_FILES:
         if (folder / name).exists():
             files = [folder / name]

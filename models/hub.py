@@ -100,6 +100,8 @@ def _download_model(repo_id):
 
 
 def _pick(folder, repo_id):
+    """Format rule: a cached repo is a diffusers folder if it has unet/config.json, else its one top-level
+    .safetensors file (by name; the file itself is then sniffed by models.files like any other)."""
     if (folder / "unet" / "config.json").exists():
         return folder
     top = sorted(folder.glob("*.safetensors"))

@@ -149,7 +149,8 @@ def out_of_memory(e):
 
 
 def resolve(source):
-    """A local path as it is; "plainxl-tiny" the bundled model; a repo id through the Hugging Face cache (models.hub)."""
+    """A local path as it is; "plainxl-tiny" the bundled model; a repo id through the Hugging Face cache (models.hub).
+    Format rule (load, inspect, load_vae): a folder is a diffusers folder, a file an official single file."""
     bundled = BUNDLED.get(str(source))
     if bundled is not None:
         if not bundled.is_file():

@@ -52,7 +52,8 @@ def check_tensors(found, expected, where):
 
 
 def identify(names, path):
-    """Refuse files that are not SDXL checkpoints, saying what they are."""
+    """Refuse files that are not SDXL checkpoints, saying what they are. Format rule: the tensor names
+    (SD 1.x, SD 2.x, a LoRA, a VAE alone, one diffusers component, or SDXL's UNet and conditioner)."""
     names = list(names)
     if any(n.startswith("cond_stage_model.transformer.") for n in names):
         raise LoadError(f"{path} is an SD 1.x checkpoint; this project loads SDXL (base, refiner or a fine-tune).")

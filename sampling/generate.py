@@ -162,7 +162,7 @@ def settings_from(args):
     model, vae, refiner, loras, recorded = args.model, args.vae, args.refiner, args.lora, {}
     interventions = args.intervention
     if args.from_png:
-        try:
+        try:  # format rule: PIL by content; the settings are the 'parameters' text chunk (not JPEG/WebP EXIF)
             with Image.open(args.from_png) as png:
                 text = png.info.get("parameters")
             if text is None:

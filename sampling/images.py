@@ -17,7 +17,8 @@ class ImageError(ValueError):
 def open_rgb(path):
     """An image file decoded in full, as 8-bit RGB (RGBA and palette images lose their alpha, grayscale is
     repeated). 16- and 32-bit grayscale (PIL modes I;16, I) are scaled to 8 bits: PIL's own convert clips
-    them at 255, which turns a 16-bit photo all white."""
+    them at 255, which turns a 16-bit photo all white. Format rule: PIL tells the format from the content
+    (its magic bytes), never from the suffix."""
     try:
         with Image.open(path) as image:
             image.load()
