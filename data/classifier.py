@@ -33,10 +33,20 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from data.procedural import (
-    ACCESSORIES, BACKGROUND_RGB, BACKGROUNDS, EXPRESSIONS, EYE_COLOURS, HAIR_COLOURS, HAIR_LENGTHS, Character, draw,
-    random_character, sample, widened_character,
+    ACCESSORIES,
+    BACKGROUND_RGB,
+    BACKGROUNDS,
+    EXPRESSIONS,
+    EYE_COLOURS,
+    HAIR_COLOURS,
+    HAIR_LENGTHS,
+    Character,
+    draw,
+    random_character,
+    sample,
+    widened_character,
 )
-from models.files import LoadError, check_output
+from models.files import output_or_exit
 
 DEFAULT_PATH = Path(__file__).with_name("classifier.safetensors")
 
@@ -301,10 +311,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--eval-seed", type=int, default=12_345, help="procedural seed of the held-out portraits")
     args = parser.parse_args()
-    try:  # the output before the training (SystemExit with a text: one line, exit 1)
-        check_output(args.out, "--out", folder=False)
-    except LoadError as e:
-        raise SystemExit(f"error: {e}") from None
+    output_or_exit(args.out, "--out", folder=False)  # before the training
     torch.set_num_threads(args.threads)
     start = time.time()
     model = train_classifier(args.steps, args.seed)

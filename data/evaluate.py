@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from data import classifier, procedural
-from models.files import LoadError, check_output
+from models.files import LoadError, output_or_exit
 from sampling.pipeline import Pipeline, Settings
 
 
@@ -52,16 +52,17 @@ def grid(images, columns, side=128):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m data.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True)
+    parser.add_argument("--config", metavar="FOLDER_OR_CONFIG_JSON", help="the architecture of a bare single file")
     parser.add_argument("--count", type=int, default=100)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--grid", help="also write the first 16 generations here, 4x4, each 2x (their prompts are printed)")
     args = parser.parse_args(argv)
-    try:  # the output before the model and the generations (SystemExit with a text: one line, exit 1)
-        if args.grid:
-            check_output(args.grid, "--grid", folder=False)
-        pipe = Pipeline.load(args.model)
+    if args.grid:  # the output before the model and the generations
+        output_or_exit(args.grid, "--grid", folder=False)
+    try:
+        pipe = Pipeline.load(args.model, config=args.config)
     except LoadError as e:
         raise SystemExit(f"error: {e}") from None
     own, baseline, images = prompt_fidelity(pipe, args.count, args.seed, args.steps, args.cfg)

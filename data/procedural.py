@@ -181,34 +181,46 @@ def shade(rgb, factor):
     return tuple(round(v * factor) for v in rgb)
 
 
+class Canvas:
+    """A supersampled square canvas whose coordinates are fractions of the image side, relative to the face
+    centre (y points down), at a portrait's shift and scale. The shapes' coordinates stay inline in the parts
+    below, one shape a line: they are the picture, not settings to tune."""
+
+    def __init__(self, centre, scale, side, background):
+        (self.cx, self.cy), self.scale, self.side = centre, scale, side
+        self.image = Image.new("RGB", (side, side), background)
+        self.draw = ImageDraw.Draw(self.image)
+
+    def pt(self, x, y):
+        return ((self.cx + x * self.scale) * self.side, (self.cy + y * self.scale) * self.side)
+
+    def box(self, x, y, rx, ry):  # the bounding box of an ellipse centred at (x, y)
+        return [self.pt(x - rx, y - ry), self.pt(x + rx, y + ry)]
+
+    def width(self, w):  # a line width, at least one canvas pixel
+        return max(1, round(w * self.scale * self.side))
+
+
 def draw(character, size=64, rng=None):
     """An RGB portrait of `character`, size x size. With `rng` (a numpy Generator) the head is shifted
-    and scaled a little; without it, it sits centred at scale 1."""
+    and scaled a little; without it, it sits centred at scale 1. Drawn back to front: back hair, neck and
+    shoulders, face, front hair, eyes, nose and mouth, accessory."""
     if size < MIN_SIZE:
         raise ValueError(f"size {size} is too small to read the attributes; use {MIN_SIZE} or more")
     c = character
     # Always draw the three jitter numbers, so the random stream does not depend on the character.
     dx, dy, ds = rng.uniform(-1, 1, size=3) if rng is not None else (0.0, 0.0, 0.0)
-    cx, cy = FACE_CENTRE[0] + JITTER_SHIFT * dx, FACE_CENTRE[1] + JITTER_SHIFT * dy
-    scale = ZOOM * (1 + JITTER_SCALE * ds)
-    side = size * SUPERSAMPLE
+    centre = (FACE_CENTRE[0] + JITTER_SHIFT * dx, FACE_CENTRE[1] + JITTER_SHIFT * dy)
+    canvas = Canvas(centre, ZOOM * (1 + JITTER_SCALE * ds), size * SUPERSAMPLE, BACKGROUND_RGB[c.background])
+    hair = HAIR_RGB[c.hair_colour], shade(HAIR_RGB[c.hair_colour], HAIR_SHADE)
+    for part in (draw_back_hair, draw_body, draw_face, draw_front_hair, draw_eyes, draw_mouth, draw_accessory):
+        part(c, canvas, hair)
+    return canvas.image.resize((size, size), Image.Resampling.LANCZOS)
 
-    # Shapes are given in fractions of the image side, relative to the face centre (y points down).
-    # Their coordinates stay inline, one shape a line: they are the picture, not settings to tune.
-    def pt(x, y):
-        return ((cx + x * scale) * side, (cy + y * scale) * side)
 
-    def box(x, y, rx, ry):  # the bounding box of an ellipse centred at (x, y)
-        return [pt(x - rx, y - ry), pt(x + rx, y + ry)]
-
-    def width(w):  # a line width, at least one canvas pixel
-        return max(1, round(w * scale * side))
-
-    image = Image.new("RGB", (side, side), BACKGROUND_RGB[c.background])
-    d = ImageDraw.Draw(image)
-    hair, hair_dark = HAIR_RGB[c.hair_colour], shade(HAIR_RGB[c.hair_colour], HAIR_SHADE)
-
-    # Back hair, behind the head and shoulders.
+def draw_back_hair(c, canvas, hair):
+    """Back hair, behind the head and shoulders."""
+    d, pt, box, width, (hair, hair_dark) = canvas.draw, canvas.pt, canvas.box, canvas.width, hair
     d.ellipse(box(0, -0.05, 0.26, 0.25), fill=hair)
     if c.hair_length == "long hair":  # falls past the shoulders to the bottom edge
         d.polygon([pt(-0.26, -0.05), pt(-0.31, 0.6), pt(0.31, 0.6), pt(0.26, -0.05)], fill=hair)
@@ -220,19 +232,28 @@ def draw(character, size=64, rng=None):
             d.line([pt(sign * 0.33, 0.0), pt(sign * 0.33, 0.4)], fill=hair_dark, width=width(0.01))
             d.ellipse(box(sign * 0.31, -0.04, 0.03, 0.03), fill=hair_dark)  # the tie
 
-    # Neck, shoulders in a sailor-style top with a white collar.
+
+def draw_body(c, canvas, hair):
+    """Neck, shoulders in a sailor-style top with a white collar."""
+    d, pt, box = canvas.draw, canvas.pt, canvas.box
     d.rectangle([pt(-0.06, 0.1), pt(0.06, 0.32)], fill=SKIN_RGB)
     d.ellipse(box(0, 0.58, 0.36, 0.3), fill=CLOTHES_RGB)
     d.polygon([pt(-0.2, 0.31), pt(0, 0.45), pt(0.2, 0.31), pt(0.1, 0.29), pt(0, 0.36), pt(-0.1, 0.29)],
               fill=COLLAR_RGB)
 
-    # Face: an ellipse whose lower half narrows to an anime chin.
+
+def draw_face(c, canvas, hair):
+    """Face: an ellipse whose lower half narrows to an anime chin."""
+    d, pt = canvas.draw, canvas.pt
     face_rx, face_ry = FACE_RADII
     t = np.linspace(0, 2 * np.pi, 64, endpoint=False)  # 64 corners: smooth at 4x supersampling
     taper = 1 - CHIN_TAPER * np.clip(np.sin(t), 0, None) ** 2  # 1 above the centre line, less below
     d.polygon([pt(face_rx * np.cos(a) * k, face_ry * np.sin(a)) for a, k in zip(t, taper)], fill=SKIN_RGB)
 
-    # Front hair: a cap over the forehead, jagged bangs, and locks framing the face.
+
+def draw_front_hair(c, canvas, hair):
+    """Front hair: a cap over the forehead, jagged bangs, and locks framing the face."""
+    d, pt, box, width, (hair, hair_dark) = canvas.draw, canvas.pt, canvas.box, canvas.width, hair
     d.chord(box(0, -0.06, 0.215, 0.2), 180, 360, fill=hair)
     spikes = 5
     for i in range(spikes):
@@ -245,7 +266,10 @@ def draw(character, size=64, rng=None):
                    pt(sign * 0.17, lock_end - 0.04), pt(sign * 0.165, 0.02)], fill=hair)
         d.line([pt(sign * 0.12, -0.2), pt(sign * 0.07, -0.07)], fill=hair_dark, width=width(0.008))  # a strand
 
-    # Eyes: white, iris in the eye colour, darker pupil, a highlight, a thick upper lash.
+
+def draw_eyes(c, canvas, hair):
+    """Eyes: white, iris in the eye colour, darker pupil, a highlight, a thick upper lash."""
+    d, pt, box, width = canvas.draw, canvas.pt, canvas.box, canvas.width
     eye_colours = (c.eye_colour, c.second_eye_colour or c.eye_colour)  # viewer's left, viewer's right
     for sign, colour in zip((-1, 1), eye_colours):
         x, y = sign * EYE_X, EYE_Y
@@ -257,9 +281,11 @@ def draw(character, size=64, rng=None):
         d.line([pt(x - 0.068 * sign, y - 0.047), pt(x, y - 0.078), pt(x + 0.074 * sign, y - 0.061)],
                fill=LINE_RGB, width=width(0.016), joint="curve")
 
-    d.line([pt(0, 0.115), pt(0.006, 0.125)], fill=SKIN_LINE_RGB, width=width(0.008))  # nose
 
-    # Mouth, per expression.
+def draw_mouth(c, canvas, hair):
+    """The nose, and the mouth per expression."""
+    d, pt, box, width = canvas.draw, canvas.pt, canvas.box, canvas.width
+    d.line([pt(0, 0.115), pt(0.006, 0.125)], fill=SKIN_LINE_RGB, width=width(0.008))  # nose
     line = width(0.016)
     if c.expression == "smile":
         d.arc(box(0, 0.135, 0.06, 0.04), 20, 160, fill=LINE_RGB, width=line)
@@ -271,7 +297,10 @@ def draw(character, size=64, rng=None):
     else:  # expressionless: a flat line
         d.line([pt(-0.04, 0.16), pt(0.04, 0.16)], fill=LINE_RGB, width=line)
 
-    # Accessory.
+
+def draw_accessory(c, canvas, hair):
+    """The accessory, on top of everything."""
+    d, pt, box, width = canvas.draw, canvas.pt, canvas.box, canvas.width
     if c.accessory == "hat":  # a brimmed hat with a band
         d.chord(box(0, -0.2, 0.2, 0.17), 180, 360, fill=HAT_RGB)
         d.rectangle([pt(-0.2, -0.28), pt(0.2, -0.235)], fill=HAT_BAND_RGB)
@@ -296,8 +325,6 @@ def draw(character, size=64, rng=None):
         radii = [outer if i % 2 == 0 else inner for i in range(10)]
         d.polygon([pt(x + r * np.cos(a), y + r * np.sin(a)) for a, r in zip(angles, radii)], fill=STAR_RGB,
                   outline=shade(STAR_RGB, HAIR_SHADE), width=width(0.006))
-
-    return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
 def sample(index, seed=0, size=64, widened=False):

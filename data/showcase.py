@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from data import classifier, procedural
-from models.files import LoadError, check_output
+from models.files import output_or_exit
 from sampling.pipeline import Pipeline, Settings
 
 PROMPT = "1girl, blue hair, long hair, red eyes, smile, white background"
@@ -84,10 +84,7 @@ def main(argv=None):
     parser.add_argument("--out", default="notebooks/figures/image_conditioning.png")
     parser.add_argument("--count", type=int, default=32)
     args = parser.parse_args(argv)
-    try:  # the output before the work (SystemExit with a text: one line, exit 1)
-        check_output(args.out, "--out", folder=False)
-    except LoadError as e:
-        raise SystemExit(f"error: {e}") from None
+    output_or_exit(args.out, "--out", folder=False)  # before the work
     base, refiner = Pipeline.load("plainxl-tiny"), Pipeline.load("plainxl-tiny-refiner")
     figure(base, refiner).save(args.out)
     print(f"wrote {args.out}")

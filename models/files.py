@@ -66,8 +66,8 @@ def sniff(path):
             try:
                 header = json.loads(f.read(n))
                 why = None if isinstance(header, dict) else f"its header is a JSON {type(header).__name__}"
-            except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-                why = "its header is not JSON"
+            except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors;
+                why = "its header is not JSON"        # RecursionError: brackets nested thousands deep
     if why is None:
         return "safetensors", None
     if head[:4] == b"PK\x03\x04":
@@ -81,11 +81,13 @@ def check_safetensors(path):
     """A LoadError unless `path` is a regular file that sniff() calls safetensors. Pickles (zip or raw, or a
     damaged file named like one) are refused unopened: unpickling can run arbitrary code."""
     path = Path(path)
-    if path.is_dir():
-        raise LoadError(f"{path} is a folder, not a .safetensors file; pass the file inside it.")
-    if not path.is_file():  # a FIFO or a device would block or never end
-        raise LoadError(f"{path} is not a regular file; pass a .safetensors file.")
     try:
+        if path.is_dir():
+            raise LoadError(f"{path} is a folder, not a .safetensors file; pass the file inside it.")
+        if not path.exists():
+            raise LoadError(f"{path} does not exist; pass a .safetensors file.")
+        if not path.is_file():  # a FIFO or a device would block or never end
+            raise LoadError(f"{path} is not a regular file; pass a .safetensors file.")
         kind, why = sniff(path)
     except OSError as e:
         raise LoadError(f"cannot read {path} ({e.strerror}); check that it is a file you may read.") from None
@@ -185,18 +187,32 @@ def check_output(path, what, folder=True):
     (created if missing), else a file whose folder exists. What is in the way is named: a file where a
     folder is needed, anywhere along the path (FILE/run), or a folder where a file is to be written."""
     path = Path(path)
-    if not folder and path.is_dir():
-        raise LoadError(f"{what} {path} is a folder; name a file to write.")
-    parent = path if folder else path.parent
-    for p in (parent, *parent.parents):
-        if p.is_dir():
-            break
-        if p.exists() or p.is_symlink():  # a file, or a link to nowhere
-            where = "is a file" if p == path else f"is inside {p}, which is a file"
-            raise LoadError(f"{what} {path} {where}, not a folder; choose another path.")
-    if not folder and not parent.is_dir():
-        raise LoadError(f"{what} {path}: the folder {parent} does not exist; create it first.")
+    try:
+        if not folder and path.is_dir():
+            raise LoadError(f"{what} {path} is a folder; name a file to write.")
+        parent = path if folder else path.parent
+        for p in (parent, *parent.parents):
+            if p.is_dir():
+                break
+            if p.exists() or p.is_symlink():  # a file, or a link to nowhere
+                kind = "a file" if p.exists() else "a link to nowhere"
+                where = f"is {kind}" if p == path else f"is inside {p}, which is {kind}"
+                raise LoadError(f"{what} {path} {where}, not a folder; choose another path.")
+        if not folder and not parent.is_dir():
+            raise LoadError(f"{what} {path}: the folder {parent} does not exist; create it first.")
+    except OSError as e:  # a folder on the way we may not look into
+        raise LoadError(f"{what} {path} cannot be checked ({e.strerror}: {e.filename}); choose a path you may "
+                        "write to.") from None
     return path
+
+
+def output_or_exit(path, what, folder=True):
+    """check_output for a script's main: a bad path ends the script with its one line (SystemExit with the
+    text: Python prints it to stderr and exits 1), no traceback."""
+    try:
+        return check_output(path, what, folder)
+    except LoadError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def check_destination(dst, overwrite, kind="file", replaceable=None):

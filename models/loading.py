@@ -14,12 +14,22 @@ from pathlib import Path
 import torch
 
 from models.diffusers_layout import (
-    load_diffusers, load_vae_folder, read_folder_config, save_diffusers, unet_config_from_diffusers,
+    load_diffusers,
+    load_vae_folder,
+    read_folder_config,
+    save_diffusers,
+    unet_config_from_diffusers,
 )
 from models.files import DTYPES, LoadError, model_hash
 from models.hub import download
 from models.sdxl import SDXL, SDXLConfig, scheduler_config
-from models.single_file import config_from_dict, load_single_file, load_vae_file, read_config, save_single_file
+from models.single_file import (
+    config_from_dict,
+    load_single_file,
+    load_vae_file,
+    read_config,
+    save_single_file,
+)
 
 __all__ = ["BUNDLED", "DTYPES", "LoadError", "ModelInfo", "architecture", "check_device", "inspect", "load", "load_vae",
            "model_hash", "out_of_memory", "read_folder_config", "resolve", "save_diffusers", "save_single_file"]
@@ -84,34 +94,49 @@ def load(source, dtype=None, device="cpu", vae=None, config=None):
     return model.to(device).eval()
 
 
+CONFIG_JSON_LIMIT = 1 << 20  # bytes; a config is a few kB, so a larger --config is a model file given by mistake
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer", "tokenizer_2")
+
+
 def architecture(config, model_path):
     """--config FOLDER_OR_CONFIG_JSON for the single file at model_path -> an SDXLConfig, or a UNetConfig (the
-    rest is then read from the file's shapes); None -> None. What it may be, by structure:
-      a diffusers model folder (unet/config.json ...; its weights are not read), or a JSON file inside one
-        (model_index.json, unet/config.json, ...): that folder's configs;
-      plainxl's own config (a JSON object with "unet" and "text_encoder_2", as our exports store it);
-      a diffusers UNet config.json on its own (it has "block_out_channels"): the UNet's."""
+    rest is then read from the file's shapes); None -> None. A local path (no download); what it is, by structure:
+      a diffusers model folder (unet/config.json ...; its weights are not read), or that folder's
+        model_index.json or one of its components' config.json: the folder's configs;
+      plainxl's own config: a JSON object whose "unet" and "text_encoder_2" are objects (as our exports store it);
+      a diffusers UNet config.json on its own ("_class_name": "UNet2DConditionModel"): the UNet's."""
     if config is None:
         return None
     if model_path.is_dir():
         raise LoadError(f"--config {config} is for a single file; {model_path} is a diffusers folder, which has "
                         "its own configs: drop --config.")
-    path = resolve(config)
-    folder = next((p for p in (path, path.parent, path.parent.parent) if (p / "unet" / "config.json").is_file()), None)
-    if folder is not None:
-        return read_folder_config(folder)[0]
-    if path.is_dir():
-        raise LoadError(f"--config {config} is a folder but not a diffusers model (no unet/config.json).")
+    path = Path(config).expanduser()
+    if not path.exists():
+        raise LoadError(f"--config {config} does not exist; give the model's diffusers folder or its config JSON.")
+    inside = path.parent if path.name == "model_index.json" else path.parent.parent
+    if path.is_dir() or (path.name == "model_index.json" or path.name == "config.json" and path.parent.name in
+                         COMPONENTS) and (inside / "unet" / "config.json").is_file():
+        try:
+            return read_folder_config(path if path.is_dir() else inside)[0]
+        except LoadError as e:
+            raise LoadError(f"--config {config}: {e}") from None
+    if path.stat().st_size > CONFIG_JSON_LIMIT:
+        raise LoadError(f"--config {config} is {path.stat().st_size} bytes, not a config JSON; give the model's "
+                        "diffusers folder or its config JSON.")
     try:
         d = json.loads(path.read_text())
-        if isinstance(d, dict) and "unet" in d and "text_encoder_2" in d:
+        if isinstance(d, dict) and isinstance(d.get("unet"), dict) and isinstance(d.get("text_encoder_2"), dict):
             return config_from_dict(d)
-        if isinstance(d, dict) and "block_out_channels" in d:
+        if isinstance(d, dict) and d.get("_class_name") == "UNet2DConditionModel":
             return unet_config_from_diffusers(d)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, IndexError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ZeroDivisionError, IndexError,
+            RecursionError, LoadError) as e:
         raise LoadError(f"--config {config} cannot be read as a model config ({e}).") from None
-    raise LoadError(f"--config {config} is neither a diffusers folder nor a config JSON plainxl reads (plainxl's "
-                    "own, or a diffusers UNet config.json).")
+    name = str(d.get("_class_name", "")) if isinstance(d, dict) else ""
+    kind = ("a VAE's config" if name == "AutoencoderKL" else "a model_index.json away from its folder's "
+            "unet/config.json" if name.startswith("StableDiffusion") else "not a config plainxl reads")
+    raise LoadError(f"--config {config} is {kind}; give the model's diffusers folder, its unet/config.json, or "
+                    "plainxl's own config JSON.")
 
 
 def load_vae(source, dtype=None, like=None):

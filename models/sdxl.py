@@ -9,7 +9,6 @@ import torch.nn as nn
 from models import text, unet, vae
 from models.conditioning import encode_text
 
-
 # The official SDXL scheduler config (spec 5.1): `scheduler/scheduler_config.json` of the base model.
 SDXL_SCHEDULER_CONFIG = {
     "_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000, "beta_schedule": "scaled_linear",

@@ -18,7 +18,15 @@ import torch
 from safetensors.torch import save_file
 
 from models import text, unet, vae
-from models.files import DTYPES, LoadError, atomic_file, cast, check_destination, open_safetensors, read_tensors
+from models.files import (
+    DTYPES,
+    LoadError,
+    atomic_file,
+    cast,
+    check_destination,
+    open_safetensors,
+    read_tensors,
+)
 from models.sdxl import SDXL, V_PRED_MARKER, ZTSNR_MARKER, SDXLConfig, single_file_prefixes
 
 CONFIG_METADATA_KEY = "plainxl.config"  # our exports store the full SDXLConfig as JSON here
@@ -133,10 +141,14 @@ def infer_config(shapes, where="checkpoint", unet_config=None):
         unet_cfg = unet_config or _infer_unet(part("model.diffusion_model."), te2.projection_dim, 5 if refiner else 6)
         return SDXLConfig(unet_cfg, vae_cfg, te1, te2)
     except _NotSDXLWidth as e:
+        if unet_config is not None:
+            raise LoadError(f"{where}: the config gives the UNet only, and {e}, so its attention heads and GroupNorm "
+                            "groups cannot be read from the shapes; give the model's whole diffusers folder (or its "
+                            "model_index.json) as --config.") from None
         raise LoadError(f"{where} has no {CONFIG_METADATA_KEY} metadata and {e}, so its attention heads and "
                         "GroupNorm groups cannot be read from the shapes; give its architecture, its diffusers folder or "
-                        "config JSON, with --config FOLDER_OR_CONFIG_JSON (model_config= in a training config, "
-                        "config= in Python).") from None
+                        "config JSON, with --config FOLDER_OR_CONFIG_JSON (--refiner-config for a refiner; "
+                        "model_config= in a training or ablation config, config= in Python).") from None
     except (KeyError, ValueError, StopIteration, ZeroDivisionError, IndexError) as e:
         raise LoadError(f"{where} does not have the layout of an SDXL checkpoint ({e}); it is damaged or another model.") from None
 
@@ -235,7 +247,7 @@ def load_single_file(path, dtype=None, given=None):
         model = SDXL(cfg)
     prefixes = single_file_prefixes(cfg)
     expected = {prefix + k: v.shape for c, prefix in prefixes.items() for k, v in getattr(model, c).state_dict().items()}
-    check_tensors(shapes, expected, str(path))
+    check_tensors(shapes, expected, str(path) if given is None else f"{path} (with the architecture --config gives)")
     ema = [n for n in shapes if n.startswith(EMA_PREFIX)]
     if ema:
         print(f"note: {path} also holds an EMA copy of the UNet ({len(ema)} {EMA_PREFIX}* tensors); "

@@ -4,6 +4,7 @@
 
 A config file defines `config = dict(...)`:
     model           single file, diffusers folder or Hugging Face repo id (default: the bundled plainxl-tiny)
+    model_config    the architecture of a bare single file (generate's --config): its diffusers folder or config JSON
     prompts         a list of prompts; a cell makes one image of each (the same negative_prompt for all)
     grid            dict of axes, each a list: sampler, steps, cfg, intervention (names of `interventions`;
                     "none" runs the plain model), seed
@@ -30,13 +31,17 @@ from tqdm import tqdm
 
 from models.files import atomic_file, check_output, read_config_file
 from models.loading import LoadError, check_device, inspect
-from sampling.generate import check_settings, save_png
-from sampling.pipeline import Pipeline, Settings, check
+from sampling.arguments import check_settings
+from sampling.outputs import save_png
+from sampling.pipeline import Pipeline
 from sampling.schedule import make_schedule
+from sampling.settings import Settings, check
 
 AXES = ("sampler", "steps", "cfg", "intervention", "seed")
-FIELDS = {"model", "prompts", "grid", "interventions", "score", "width", "height", "negative_prompt", "out"}
-DEFAULTS = {"model": "plainxl-tiny", "width": 64, "height": 64, "negative_prompt": None, "score": None, "out": None}
+FIELDS = {"model", "model_config", "prompts", "grid", "interventions", "score", "width", "height", "negative_prompt",
+          "out"}
+DEFAULTS = {"model": "plainxl-tiny", "model_config": None, "width": 64, "height": 64, "negative_prompt": None,
+            "score": None, "out": None}
 SHARED = ("model", "prompts", "negative_prompt", "width", "height")  # what every cell of one grid has in common
 
 
@@ -112,7 +117,7 @@ def check_folder(out, config):
 
 def run(config, out, device="cpu", dtype="fp32", progress=True):
     """Generate the cells not yet on disk, then write the contact sheet and the score table."""
-    pipe = Pipeline.load(config["model"], dtype=dtype, device=device)
+    pipe = Pipeline.load(config["model"], dtype=dtype, device=device, config=config["model_config"])
     width, height = config["width"], config["height"]
     every = cells(config["grid"])
     todo = [c for c in every if not (out / "cells" / cell_name(c)).exists()]
@@ -188,10 +193,10 @@ def main(argv=None):
         if args.model:
             config["model"] = args.model
         out = Path(args.out or config["out"] or f"runs/{Path(args.config).stem}")
-        check_output(out, "--out")  # it, or a folder above it, a file
+        check_output(out, "--out" if args.out else "out")  # it, or a folder above it, a file
         check_folder(out, config)
         device = check_device(args.device)
-        check_cells(config, inspect(config["model"]))  # headers only: before the big load
+        check_cells(config, inspect(config["model"], config["model_config"]))  # headers only: before the big load
     except (ValueError, LoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

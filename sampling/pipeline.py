@@ -1,12 +1,24 @@
 """Text-to-image with SDXL: prompts -> conditioning -> guided denoiser -> sampler -> VAE -> pixels.
 
 Reproduces diffusers' StableDiffusionXLPipeline image for image on the same weights and seeds
-(tests/test_pipeline_parity.py), and reads top to bottom in `Pipeline.__call__`.
+(tests/test_pipeline_parity.py), and reads top to bottom from `Pipeline.__call__`:
+
+    guided                  classifier-free guidance: a conditional net -> a guided one
+    denoiser                the UNet's eps or v -> a denoiser(x, sigma) -> the denoised x in sigma space
+    Pipeline.load           a model file, folder or repo id (+ VAE, LoRAs) -> a Pipeline
+      .conditioning         prompts -> (context, y) for the positive and the negative
+      .__call__ / .images   settings -> PIL images, each yielded once decoded
+      .latents              every stage: text-to-image / img2img / inpainting, refiner, hi-res pass
+      .stage                one sampler run over the stage's window of the sampling schedule
+      .inpainting, .hires_pass, .encode, .decode
+    NonFiniteError          a NaN or inf, caught before any image is made
+
+What a generation's settings are and what is decided from them (sizes, windows, checks) is
+sampling/settings.py; the samplers are sampling/samplers.py, their sigmas sampling/schedule.py.
 """
 
-import math
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,113 +29,29 @@ from tqdm import tqdm
 from models.conditioning import size_numbers, vector_condition
 from models.loading import load, read_folder_config, resolve
 from models.lora import merge_lora
-from models.sdxl import SDXL_SCHEDULER_CONFIG
 from models.sdxl import scheduler_config as models_scheduler_config
 from models.tokenizer import load_tokenizers
-from sampling.images import (UPSCALERS, as_image, default_size, latent_mask, mask_pixels, pixels, upscale_images,
-                             upscale_latents)
+from sampling.images import (
+    as_image,
+    latent_mask,
+    mask_pixels,
+    pixels,
+    upscale_images,
+    upscale_latents,
+)
 from sampling.prompts import encode_prompts, num_chunks
 from sampling.samplers import SAMPLERS, noise_like
 from sampling.schedule import make_schedule
-
-
-@dataclass
-class Settings:
-    """What a generation depends on (besides the models); written into each PNG by sampling.generate."""
-
-    prompt: str
-    negative_prompt: str | None = None  # None: zero negative conditioning; "": the empty prompt, encoded
-    width: int | None = None  # None: the init image's size, else the model's (1024 for SDXL, 64 for plainxl-tiny)
-    height: int | None = None
-    steps: int = 28
-    cfg: float = 5.0
-    sampler: str = "euler_a"
-    karras: bool = False
-    guidance_rescale: float = 0.0
-    seed: int = 0
-    num_images: int = 1
-    original_size: tuple | None = None  # (height, width); None: the output size
-    crop_top_left: tuple = (0, 0)
-    target_size: tuple | None = None  # (height, width); None: the output size
-    truncate_prompt: bool = False
-    prompt_weights: bool = True  # A1111's (tag:1.2), [tag], BREAK; False reads the prompt literally (diffusers)
-    aesthetic_score: float = 6.0  # refiner only, as diffusers' defaults
-    negative_aesthetic_score: float = 2.5
-    # Image-conditioned generation. init_image: a path or PIL image (img2img; inpainting with `mask`, white
-    # = repaint), a list of one PIL image per output, or latents (1 or num_images, 4, h, w) from a stage.
-    init_image: object = None
-    mask: object = None
-    strength: float = 0.75  # the share of the schedule that runs on the init image, in (0, 1]
-    img2img_steps: str = "diffusers"  # or "exact": see window()
-    # diffusers' two-stage cut, as fractions of the schedule: a base stops at denoising_end and returns its
-    # latents, a refiner given them as init_image starts at denoising_start (no noise added).
-    denoising_start: float | None = None
-    denoising_end: float | None = None
-    refiner_start: float = 0.8  # with a refiner: where the base hands over (both of the above)
-    # AUTOMATIC1111's hi-res fix: a second, img2img pass at hires_scale x the size.
-    hires_scale: float | None = None
-    hires_strength: float = 0.7
-    hires_steps: int | None = None  # None: steps
-    hires_upscaler: str = "latent"  # "latent" (bilinear on the latents) or "lanczos" (on the decoded image)
-
-
-def with_output_size(s: Settings, unet_config):
-    """s with a width and height left at None set: the init image's size (rounded down to multiples of 8),
-    or the latents' where it is latents, else the model's native size (UNet sample_size x 8)."""
-    if s.init_image is None:
-        size = (unet_config.sample_size * 8,) * 2
-    elif is_latents(s.init_image):
-        size = (s.init_image.shape[-1] * 8, s.init_image.shape[-2] * 8)
-    else:
-        size = default_size(s.init_image[0] if isinstance(s.init_image, list) else as_image(s.init_image))
-    return replace(s, width=s.width or size[0], height=s.height or size[1])
-
-
-def is_latents(init_image):
-    return isinstance(init_image, torch.Tensor)
-
-
-def schedule_steps(s: Settings):
-    """How many steps the stage's schedule has: `steps`, or int(steps / strength) for the "exact" rule."""
-    exact = s.init_image is not None and s.img2img_steps == "exact"
-    return int(s.steps / min(s.strength, 0.999)) if exact else s.steps
-
-
-def hires_second_pass(s: Settings, init_image="the first pass, upscaled"):
-    """The hi-res fix's second pass: img2img at hires_scale x the size (rounded down to multiples of 8) that
-    runs exactly hires_steps steps (default: steps). The default init_image only marks it as img2img, for
-    checks before the first pass exists."""
-    return replace(s, width=int(s.width * s.hires_scale) // 8 * 8, height=int(s.height * s.hires_scale) // 8 * 8,
-                   init_image=init_image, strength=s.hires_strength, steps=s.hires_steps or s.steps,
-                   img2img_steps="exact", hires_scale=None)
-
-
-def window(s: Settings, schedule, scheduler_config=None):
-    """The steps of `schedule` a stage runs: sigmas[start] down to sigmas[end] -> (start, end).
-
-    Text-to-image runs them all. img2img follows diffusers' get_timesteps: int(steps * strength) steps, the
-    tail of the `steps`-step schedule; with img2img_steps="exact", exactly `steps` steps, the tail of an
-    int(steps / strength)-step schedule (AUTOMATIC1111's hi-res fix; its img2img tab runs
-    int(steps x min(strength, 0.999)) + 1). A refiner's stage (denoising_start) keeps the timesteps below
-    round(T (1 - start)); a base's stage (denoising_end) stops before the first timestep below
-    round(T (1 - end))."""
-    T = {**SDXL_SCHEDULER_CONFIG, **(scheduler_config or {})}["num_train_timesteps"]
-    n = len(schedule.timesteps)
-    start = 0
-    if s.denoising_start is not None:
-        start = n - int((schedule.timesteps < round(T - s.denoising_start * T)).sum())
-    elif s.init_image is not None:
-        start = n - min(int(n * s.strength), n) if s.img2img_steps == "diffusers" else n - s.steps
-    end = n
-    if s.denoising_end is not None:
-        end = start + int((schedule.timesteps[start:] >= round(T - s.denoising_end * T)).sum())
-    if end <= start and (s.denoising_start is not None or s.denoising_end is not None):
-        raise ValueError(f"with {s.steps} steps, the switch point leaves no step to one stage; move the switch "
-                         "point or raise the steps")
-    if end <= start:
-        raise ValueError(f"{s.steps} steps at strength {s.strength} run no step (img2img runs int(steps x strength), "
-                         "as diffusers); raise the steps or the strength")
-    return start, end
+from sampling.settings import (
+    Settings,
+    check,
+    hires_second_pass,
+    is_latents,
+    schedule_steps,
+    window,
+    with_output_size,
+)
+from sampling.tiling import tiled
 
 
 def guided(net, cond, uncond, scale, rescale=0.0, split=False):
@@ -155,12 +83,12 @@ def guided(net, cond, uncond, scale, rescale=0.0, split=False):
 
 
 def denoiser(net, schedule):
-    """net(x_in, t) -> eps or v, as a denoiser(x, sigma) -> x0 in sigma space (x = x0 + sigma * eps).
+    """net(x_in, t) -> eps or v, as a denoiser(x, sigma) -> the denoised x0 in sigma space (x = x0 + sigma * eps).
 
     The UNet sees x / sqrt(sigma^2 + 1) (unit variance) and the timestep the schedule pairs with sigma.
     """
 
-    def x0(x, sigma):
+    def denoise(x, sigma):
         # sigma is a float32 scalar tensor from schedule.sigmas: float32 arithmetic, as diffusers does it.
         t = torch.full((x.shape[0],), float(schedule.timestep(sigma)), device=x.device)
         sigma = sigma.to(x.device)
@@ -172,50 +100,7 @@ def denoiser(net, schedule):
         raise ValueError(f"prediction_type {schedule.prediction_type!r} is not supported; "
                          "use 'epsilon' or 'v_prediction'.")
 
-    return x0
-
-
-def check(s: Settings, config, refiner_config=None):
-    """ValueError, in one sentence with the fix, for settings the models `config` (and `refiner_config`, a
-    refiner's SDXLConfig) cannot run. sampling.generate calls it before the weights load."""
-    ranges = [("strength", s.strength, "1 repaints the image fully"), ("hi-res strength", s.hires_strength, "e.g. 0.7")]
-    for name, value, hint in ranges:
-        if not (math.isfinite(value) and 0 < value <= 1):
-            raise ValueError(f"{name} {value} is not in (0, 1]; {hint}")
-    if s.hires_scale is not None and not (math.isfinite(s.hires_scale) and s.hires_scale > 1):
-        raise ValueError(f"hi-res scale {s.hires_scale} must be more than 1 (e.g. 1.5 or 2)")
-    if s.hires_upscaler not in UPSCALERS or s.img2img_steps not in ("diffusers", "exact"):
-        raise ValueError(f"hi-res upscaler {s.hires_upscaler!r} / img2img_steps {s.img2img_steps!r}: use one of "
-                         f"{UPSCALERS} / 'diffusers' or 'exact'")
-    if s.mask is not None and (s.init_image is None or is_latents(s.init_image)):
-        raise ValueError("a mask needs an init image (the image to inpaint)")
-    if s.hires_scale is not None and s.init_image is not None:
-        raise ValueError("hi-res fix is a text-to-image pass (as in AUTOMATIC1111); drop the init image, or upscale "
-                         "the image yourself and run img2img on it")
-    if isinstance(s.init_image, list) and len(s.init_image) != s.num_images:
-        raise ValueError(f"{len(s.init_image)} init images for {s.num_images} outputs; give one, or one per output")
-    images = s.init_image if isinstance(s.init_image, list) else [s.init_image]
-    for image in images if isinstance(s.mask, Image.Image) else []:
-        if isinstance(image, Image.Image) and s.mask.size != image.size:
-            (mw, mh), (iw, ih) = s.mask.size, image.size
-            raise ValueError(f"the mask is {mw}x{mh} but the init image is {iw}x{ih}; give a mask of the image's size")
-    if config.unet.in_channels == 9:
-        if refiner_config is not None:
-            raise ValueError("an inpainting model (9 input channels) cannot hand over to a refiner here; drop the refiner")
-        if s.mask is None or is_latents(s.init_image):
-            raise ValueError("this is an inpainting model (9 input channels); give it an init image and a mask")
-    if refiner_config is not None:
-        if config.text_encoder_1 is None:
-            raise ValueError("the model is a refiner (one text encoder); give a base model, and the refiner as the refiner")
-        if refiner_config.text_encoder_1 is not None:
-            raise ValueError("the refiner is a base model (two text encoders); give a refiner (bigG only), "
-                             "or run the base alone")
-        if refiner_config.vae.z_channels != config.vae.z_channels:
-            raise ValueError("the refiner has another latent space than the model; use the base's own refiner")
-        if not (math.isfinite(s.refiner_start) and 0 < s.refiner_start < 1):
-            raise ValueError(f"the refiner switch point {s.refiner_start} is not in (0, 1); e.g. 0.8")
-        if s.mask is not None or s.hires_scale is not None:
-            raise ValueError("a refiner runs after text-to-image and img2img here, not with a mask or the hi-res fix")
+    return denoise
 
 
 class Pipeline:
@@ -395,7 +280,7 @@ class Pipeline:
                 x = latents + noise_like(latents, generators) * sigmas[0].to(self.device)
 
         guided_net = guided(net, cond, uncond, s.cfg, s.guidance_rescale, split=self.cfg_mode == "split")
-        x0 = denoiser(guided_net, schedule)
+        denoise = denoiser(guided_net, schedule)
         sampler = SAMPLERS[s.sampler]
         kwargs = {"after_step": after_step}
         if s.sampler in ("euler_a", "ddpm"):
@@ -405,7 +290,7 @@ class Pipeline:
         # The bar is cleared when done and also on an error or Ctrl-C, so the error line starts a line.
         with self.on_device("unet"), tqdm(total=end - start, disable=not progress, desc=s.sampler, leave=False) as bar:
             kwargs["callback"] = lambda info: (bar.update(1), callback and callback(info))
-            x = sampler(x0, x, sigmas, **kwargs)
+            x = sampler(denoise, x, sigmas, **kwargs)
 
         latents = x / (sigmas[-1].to(x.device) ** 2 + 1) ** 0.5  # VP scale; = x when the last sigma is 0
         if not latents.isfinite().all():
@@ -507,63 +392,7 @@ class Pipeline:
         return "the weights are finite, so the settings drove it there; try a lower --cfg, or another sampler."
 
 
-def tiled(fn, x, tile, factor):
-    """fn over overlapping tile x tile windows of x (B, C, H, W), blended: fn's outputs (one tensor or a tuple,
-    each (B, C', H * factor, W * factor)) as one. Neighbouring tiles overlap by a quarter of a tile and are
-    cross-faded with linear ramps there, so no seam shows (every point's weights sum to 1 whatever the overlap:
-    a pointwise fn comes out exactly as untiled). Not exact: the VAE's mid-block attention sees one
-    tile instead of the whole image, and its GroupNorms take one tile's statistics (as diffusers' tiled VAE):
-    the bigger the tile, the closer to the whole. tests/test_fast_paths.py measures it."""
-    overlap = tile // 4
-    H, W = x.shape[-2:]
-
-    unit = round(1 / factor) if factor < 1 else 1  # an encode's tiles start on whole latents (8 pixels)
-
-    def starts(size):
-        if size <= tile:
-            return [0]
-        return [s - s % unit for s in range(0, size - tile, tile - overlap)] + [size - tile]
-
-    def ramp(start, length, size):  # (length * factor,) weights: rising over an overlap shared with a neighbour
-        n, ov = round(length * factor), round(overlap * factor)
-        w = torch.ones(n)
-        if start > 0:
-            w[:ov] = torch.linspace(1, ov, ov) / (ov + 1)
-        if start + length < size:
-            w[n - ov:] = torch.linspace(ov, 1, ov) / (ov + 1)
-        return w
-
-    total = weight = None
-    for top in starts(H):
-        for left in starts(W):
-            h, w = min(tile, H), min(tile, W)
-            out = fn(x[..., top:top + h, left:left + w])
-            out = out if isinstance(out, tuple) else (out,)
-            mask = (ramp(top, h, H)[:, None] * ramp(left, w, W)[None, :]).to(x.device)  # (h * f, w * f)
-            if total is None:
-                total = [o.new_zeros(*o.shape[:2], round(H * factor), round(W * factor)) for o in out]
-                weight = torch.zeros(round(H * factor), round(W * factor), device=x.device)
-            t, l = round(top * factor), round(left * factor)
-            for acc, o in zip(total, out):
-                acc[..., t:t + o.shape[-2], l:l + o.shape[-1]] += o * mask.to(o.dtype)
-            weight[t:t + mask.shape[0], l:l + mask.shape[1]] += mask
-    blended = tuple(acc / weight.to(acc.dtype) for acc in total)
-    return blended if len(blended) > 1 else blended[0]
-
-
 class NonFiniteError(ValueError):
     """A generation produced NaN or inf; the message names the likely cause. Nothing is written."""
 
 
-def memory_estimate(config, settings, parameters, dtype_bytes):
-    """Bytes a generation needs, roughly: the weights, the UNet's activations for the CFG batch (its skip
-    connections and working set, about 12 model-width feature maps at latent resolution per sample), and
-    one image's float32 VAE decode (about 3 full-resolution maps as wide as the decoder's second level:
-    the upsampled input, the ResBlock's output and a norm). Attention is taken as memory-efficient (linear
-    in tokens), as SDPA's kernels are. SDXL in fp16 at 1024²: 9.7 GiB (published peak: 10.5 GiB)."""
-    latent = (settings.height // 8) * (settings.width // 8)
-    batch = settings.num_images * (2 if settings.cfg > 1 else 1)
-    unet = batch * latent * config.unet.model_channels * 12 * dtype_bytes
-    top = config.vae.ch * max(config.vae.ch_mult[:2])  # the decoder's two full- and half-resolution levels
-    vae = settings.height * settings.width * top * 3 * 4
-    return parameters * dtype_bytes + unet + vae

@@ -19,7 +19,7 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
-from sampling.pipeline import Settings
+from sampling.settings import Settings
 
 SAMPLER_NAMES = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM", "ddpm": "DDPM"}
 # One "Key: value" field; values holding a comma or colon are JSON-quoted (A1111's own regex).
@@ -190,7 +190,7 @@ def parse_parameters(text):
             loras = json.loads(fields["Loras"])
             recorded["Loras"] = [(str(path), float(scale)) for path, scale in loras]
         except (ValueError, TypeError):
-            raise ValueError(f"its 'Loras:' value is not a list of [path, scale]") from None
+            raise ValueError("its 'Loras:' value is not a list of [path, scale]") from None
     if "Interventions" in fields:
         try:
             recorded["Interventions"] = [str(name) for name in json.loads(fields["Interventions"])]

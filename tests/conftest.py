@@ -7,7 +7,6 @@ import torch
 from models.loading import save_single_file
 from models.sdxl import SDXL, TINY
 
-
 # Tests that read the benchmarks' meta-device budgets import them by name (tests/benchmarks is not a package).
 sys.path.insert(0, str(Path(__file__).parent / "benchmarks"))
 

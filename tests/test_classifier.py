@@ -9,8 +9,18 @@ import pytest
 import torch
 
 from data.classifier import (
-    ATTRIBUTES, DEFAULT_PATH, attribute_names, held_out_set, labels, load, predict, probabilities, save,
-    tag_accuracy, to_pixels, train_classifier,
+    ATTRIBUTES,
+    DEFAULT_PATH,
+    attribute_names,
+    held_out_set,
+    labels,
+    load,
+    predict,
+    probabilities,
+    save,
+    tag_accuracy,
+    to_pixels,
+    train_classifier,
 )
 from data.procedural import BACKGROUND_RGB, BACKGROUNDS, Character, caption, draw
 

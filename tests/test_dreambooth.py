@@ -180,7 +180,7 @@ def test_frozen_parameters_are_bit_identical_and_export_generates(setup, tmp_pat
 
 
 def test_trainable_selection():
-    from train.dreambooth import trainable_parameters
+    from train.preflight import trainable_parameters
 
     with torch.device("meta"):
         model = SDXL(TINY)
@@ -203,16 +203,17 @@ def test_prior_loss_and_pairing_by_hand(setup):
     from data.dreambooth import ImageFolder
     from models.tokenizer import load_tokenizers
     from sampling.schedule import alphas_cumprod
+    from train.batches import make_batch
     from train.config import TrainConfig
-    from train.dreambooth import TrainStep, make_batch
+    from train.losses import TrainStep
 
     model = load(setup / "tiny.safetensors")
     data = {"instance": ImageFolder(setup / "instance", "1girl, sks"), "class": ImageFolder(setup / "class", "1girl")}
     tokenizers = load_tokenizers()
     for B in (1, 3):
         config = TrainConfig(batch_size=B, resolution=32, prior_loss_weight=0.7, center_crop=True, random_flip=False)
-        inputs = make_batch(config, data, model, tokenizers, alphas_cumprod(), step=5, j0=0, device="cpu")
-        (tokens_1, tokens_2), numbers, noisy, t, target, weight, text_kept = inputs
+        inputs = make_batch(config, data, model, tokenizers, alphas_cumprod(), step=5, first=0, device="cpu")
+        (tokens_1, tokens_2), numbers, noisy, t, target, weight, text_kept = vars(inputs).values()
         assert text_kept.eq(1).all()  # caption_dropout_rate is 0
         assert noisy.shape[0] == 2 * B
         class_ids = tokenizers[0]("1girl", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
@@ -224,7 +225,7 @@ def test_prior_loss_and_pairing_by_hand(setup):
         assert all(numbers[B + j, :2].tolist() == [48, 72] and numbers[B + j, 2:4].tolist() == [0, 8] for j in range(B))
         assert numbers[:, 4:].eq(32).all()
         with torch.no_grad():
-            per_sample = TrainStep(model)(*inputs)
+            per_sample = TrainStep(model)(**vars(inputs))
             context, pooled = model.encode_text(tokens_1, tokens_2)
             from models.conditioning import vector_condition
 
@@ -241,8 +242,9 @@ def test_tag_and_caption_dropout(setup):
     from models.conditioning import vector_condition
     from models.tokenizer import load_tokenizers
     from sampling.schedule import alphas_cumprod
+    from train.batches import drop_tags, make_batch
     from train.config import TrainConfig
-    from train.dreambooth import TrainStep, drop_tags, make_batch
+    from train.losses import TrainStep
 
     prompt = "1girl, solo, blue hair, red eyes, smile"
     assert drop_tags(prompt, 0.0, 0, sample_generator(0, 0, 0, 5)) == prompt
@@ -254,11 +256,11 @@ def test_tag_and_caption_dropout(setup):
     model = load(setup / "tiny.safetensors")
     data = {"instance": ImageFolder(setup / "instance", "1girl, sks")}
     config = TrainConfig(batch_size=3, resolution=32, prior_loss_weight=0.0, caption_dropout_rate=1.0)
-    inputs = make_batch(config, data, model, load_tokenizers(), alphas_cumprod(), step=0, j0=0, device="cpu")
-    (tokens_1, tokens_2), numbers, noisy, t, target, weight, text_kept = inputs
+    inputs = make_batch(config, data, model, load_tokenizers(), alphas_cumprod(), step=0, first=0, device="cpu")
+    (tokens_1, tokens_2), numbers, noisy, t, target, weight, text_kept = vars(inputs).values()
     assert text_kept.eq(0).all()
     with torch.no_grad():
-        ours = TrainStep(model)(*inputs)
+        ours = TrainStep(model)(**vars(inputs))
         context = torch.zeros(3, 77, TINY.unet.context_dim)
         y = vector_condition(torch.zeros(3, TINY.text_encoder_2.projection_dim), numbers, TINY.unet.micro_cond_dim)
         by_hand = ((model.unet(noisy, t, context, y) - target) ** 2).mean(dim=(1, 2, 3))
@@ -270,8 +272,8 @@ def test_cached_latents_give_the_same_batch(setup):
     from data.dreambooth import ImageFolder
     from models.tokenizer import load_tokenizers
     from sampling.schedule import alphas_cumprod
+    from train.batches import encode_images, make_batch
     from train.config import TrainConfig
-    from train.dreambooth import encode_images, make_batch
 
     model = load(setup / "tiny.safetensors")
     data = {"instance": ImageFolder(setup / "instance", "1girl, sks"), "class": ImageFolder(setup / "class", "1girl")}
@@ -280,10 +282,10 @@ def test_cached_latents_give_the_same_batch(setup):
     cached = TrainConfig(**{**plain.__dict__, "cache_latents": True})
     encoded = {name: encode_images(model, images, cached, "cpu", chunk=2) for name, images in data.items()}
     for step in (0, 7):
-        want = make_batch(plain, data, model, tokenizers, acp, step, j0=0, device="cpu")
-        got = make_batch(cached, encoded, model, tokenizers, acp, step, j0=0, device="cpu")
+        want = make_batch(plain, data, model, tokenizers, acp, step, first=0, device="cpu")
+        got = make_batch(cached, encoded, model, tokenizers, acp, step, first=0, device="cpu")
         for name, a, b in zip(["tokens_1", "tokens_2", "numbers", "noisy", "t", "target", "weight", "text_kept"],
-                              [*want[0], *want[1:]], [*got[0], *got[1:]]):
+                              [*want.text, *list(vars(want).values())[1:]], [*got.text, *list(vars(got).values())[1:]]):
             assert torch.allclose(a.float(), b.float(), rtol=0, atol=1e-5), name
 
 
@@ -298,8 +300,9 @@ def test_cached_text_embeddings_give_the_same_loss(setup, name, precision):
     from data.dreambooth import ImageFolder
     from models.tokenizer import load_tokenizers
     from sampling.schedule import alphas_cumprod
+    from train.batches import encode_captions, make_batch
     from train.config import TrainConfig
-    from train.dreambooth import TrainStep, encode_captions, make_batch
+    from train.losses import TrainStep
 
     model = load(setup / "tiny.safetensors" if name == "tiny" else name, dtype="fp32")
     refiner = model.text_encoder_1 is None
@@ -314,11 +317,11 @@ def test_cached_text_embeddings_give_the_same_loss(setup, name, precision):
     assert not any(n.startswith("text_encoder") for n, _ in cached.named_parameters())
     dropped = 0
     for step in (0, 7):
-        want = make_batch(config, data, model, tokenizers, acp, step, j0=0, device="cpu")
-        got = make_batch(config, data, model, tokenizers, acp, step, j0=0, device="cpu", texts=texts)
-        dropped += int((want[-1] == 0).sum()) if not refiner else int((want[1][:, 4] != config.aesthetic_score).sum())
+        want = make_batch(config, data, model, tokenizers, acp, step, first=0, device="cpu")
+        got = make_batch(config, data, model, tokenizers, acp, step, first=0, device="cpu", texts=texts)
+        dropped += int((want.text_kept == 0).sum()) if not refiner else int((want.numbers[:, 4] != config.aesthetic_score).sum())
         with torch.no_grad(), autocast:
-            a, b = plain(*want), cached(*got)
+            a, b = plain(**vars(want)), cached(**vars(got))
         torch.testing.assert_close(b, a, rtol=1e-5 if precision == "no" else 1e-2, atol=0)
     assert dropped > 0  # some caption was dropped: the cached path saw the zeroed or empty-prompt case
 
@@ -433,7 +436,6 @@ def test_shipped_configs_are_valid():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    from models.conditioning import vector_condition
     from models.unet import UNet
 
     torch.manual_seed(0)
@@ -453,14 +455,15 @@ def test_min_snr_weights_by_hand(setup):
     from data.dreambooth import ImageFolder
     from models.tokenizer import load_tokenizers
     from sampling.schedule import alphas_cumprod
+    from train.batches import make_batch
     from train.config import TrainConfig
-    from train.dreambooth import make_batch
 
     model = load(setup / "tiny.safetensors")
     data = {"instance": ImageFolder(setup / "instance", "1girl, sks"), "class": ImageFolder(setup / "class", "1girl")}
     acp = alphas_cumprod()
     config = TrainConfig(batch_size=3, resolution=32, snr_gamma=5.0)
-    *_, t, _, weight, _ = make_batch(config, data, model, load_tokenizers(), acp, step=1, j0=0, device="cpu")
+    batch = make_batch(config, data, model, load_tokenizers(), acp, step=1, first=0, device="cpu")
+    t, weight = batch.t, batch.weight
     snr = acp[t.long()] / (1 - acp[t.long()])
     assert torch.allclose(weight, torch.clamp(snr, max=5.0) / snr)  # per sample, so per pair at any batch size
     assert weight.shape == (6,) and (weight < 1).any() and (weight == 1).any()
@@ -489,7 +492,7 @@ def test_vae_task_trains_the_vae_only(setup, tmp_path):
 
 
 def test_vae_loss_by_hand(setup):
-    from train.dreambooth import VAEStep
+    from train.losses import VAEStep
 
     model = load(setup / "tiny.safetensors")
     torch.manual_seed(0)

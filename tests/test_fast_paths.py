@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_pipeline_parity import tiny_model
 
 from sampling.generate import main
-from sampling.pipeline import Pipeline, Settings, tiled
-from test_pipeline_parity import tiny_model
+from sampling.pipeline import Pipeline, Settings
+from sampling.tiling import tiled
 
 
 @pytest.fixture(scope="module")

@@ -167,14 +167,11 @@ def test_lora_files_with_every_header_length_load(micro, tmp_path):
     expected = merged(micro / "model.safetensors", micro / "lora.safetensors")
     model = load(micro / "model.safetensors", dtype="fp32")
     base = {k: v.clone() for k, v in model.unet.state_dict().items()}
-    tried = 0
     for n in lengths(header):
         merge_lora(model, rewrite(tmp_path / "lora.safetensors", header, data, n), 0.7)
         got = model.unet.state_dict()
         assert all(torch.equal(got[k], expected[k]) for k in expected), f"header length {n}"
         model.unet.load_state_dict(base)  # back to the base for the next file
-        tried += 1
-    assert tried == 256 + 5
 
 
 def test_vae_files_with_every_header_length_load(micro, tmp_path):
@@ -261,7 +258,7 @@ def damaged_files(draw):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(damaged_files())
-def test_random_damage_is_one_line_or_changes_nothing(tmp_path, case):
+def test_random_damage_is_one_line_or_read_as_safetensors_reads_it(tmp_path, case):
     """Every outcome is one of two: refused in one line, or a file that is still valid (a flip inside a name,
     a metadata value or the padding), read exactly as safetensors' own reader reads it. Never a traceback or
     a hang. (Whether a valid file's names and shapes fit a model is the loaders' check, tested elsewhere.)"""

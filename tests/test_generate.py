@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.sdxl import SDXL, TINY
+from models.sdxl import TINY
 from sampling.generate import main
 from sampling.pipeline import Pipeline, Settings
 from sampling.pnginfo import format_parameters, parse_parameters

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_lora import kohya_file
+from test_robustness import generate, one_line_error
 
 from models.loading import save_single_file
 from models.sdxl import SDXL, TINY, TINY_REFINER
-from test_lora import kohya_file
-from test_robustness import generate, one_line_error
 
 QUICK = ["--steps", "4", "--sampler", "euler_a", "--seed", "3"]
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_pipeline_parity import SCHEDULERS, assert_close_images, tiny_model
 
 from models.diffusers_layout import save_diffusers
 from models.loading import load, save_single_file
@@ -17,7 +18,6 @@ from models.sdxl import SDXL, TINY, TINY_REFINER
 from sampling.images import latent_mask, mask_pixels, pixels, upscale_images, upscale_latents
 from sampling.pipeline import Pipeline, Settings
 from sampling.schedule import make_schedule
-from test_pipeline_parity import SCHEDULERS, assert_close_images, tiny_model
 
 QUICK = dict(prompt="1girl, red eyes", negative_prompt="lowres", steps=10, cfg=5.0)
 
@@ -81,8 +81,11 @@ def reference(cls, folder, **kwargs):
 
 @pytest.fixture(scope="module")
 def theirs(files):
-    from diffusers import (StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline,
-                           StableDiffusionXLPipeline)
+    from diffusers import (
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     base = reference(StableDiffusionXLPipeline, files / "base")
     return {

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_pipeline_parity import assert_close_images, diffusers_images, files, reference, tiny_model  # noqa: F401
 
 from models.conditioning import vector_condition
 from models.layers import attention, softmax_attention
 from sampling.instruments import attention_maps, intervene, level_size, tap, token_heatmaps
 from sampling.interventions import classic_attention, freeu, skipped, zero_micro_conditioning
 from sampling.pipeline import Pipeline, Settings
-from test_pipeline_parity import assert_close_images, diffusers_images, files, reference, tiny_model  # noqa: F401
 
 S = Settings(prompt="1girl, solo, blue hair, smile", negative_prompt="lowres", width=64, height=56, steps=4, cfg=5.0,
              sampler="euler", seed=3, num_images=2)

@@ -14,10 +14,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models import keys
-from models.diffusers_layout import save_diffusers, unet_config_to_diffusers, vae_config_to_diffusers
+from models.diffusers_layout import (
+    save_diffusers,
+    unet_config_to_diffusers,
+    vae_config_to_diffusers,
+)
 from models.loading import LoadError, load, save_single_file
-from models.single_file import infer_config
 from models.sdxl import BASE, REFINER, SDXL, TINY, single_file_prefixes
+from models.single_file import infer_config
 
 MANIFESTS = Path(__file__).parent / "sdxl-keys"
 IGNORED = ("position_ids", "logit_scale")  # in the official file; loaders drop them, exports omit them
@@ -40,7 +44,12 @@ def same_weights(a, b):
 @pytest.fixture(scope="module")
 def diffusers_folder(tmp_path_factory):
     """A tiny SDXL pipeline built and saved by diffusers/transformers themselves (save_pretrained)."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from models.tokenizer import load_tokenizers
@@ -170,7 +179,8 @@ def test_a_unet_config_alone_gives_the_unet_and_the_rest_is_read_from_the_shapes
     (tmp_path / "unet_config.json").write_text((folder / "unet" / "config.json").read_text())
     with pytest.raises(LoadError) as e:  # this model's text encoders are narrow too: they are named
         load(bare_file, config=tmp_path / "unet_config.json")
-    assert "its OpenCLIP is 64 wide" in str(e.value) and "\n" not in str(e.value)
+    assert "the config gives the UNet only, and its OpenCLIP is 64 wide" in str(e.value) and "\n" not in str(e.value)
+    assert "give the model's whole diffusers folder" in str(e.value)
     from models.loading import architecture
 
     unet = architecture(tmp_path / "unet_config.json", bare_file)
@@ -179,22 +189,36 @@ def test_a_unet_config_alone_gives_the_unet_and_the_rest_is_read_from_the_shapes
 
 @pytest.mark.parametrize("config, fragment", [
     ("other_width.json", "has shape"),
-    ("list.json", "is neither a diffusers folder nor a config JSON"),
+    ("list.json", "is not a config plainxl reads"),
     ("broken.json", "cannot be read as a model config"),
     ("empty_folder", "is a folder but not a diffusers model"),
-    ("nowhere.json", "does not exist"),
+    ("nowhere.json", "--config {tmp}/nowhere.json does not exist; give the model's diffusers folder"),
+    ("lone/model_index.json", "is a model_index.json away from its folder's unet/config.json"),
+    ("lone/vae_config.json", "is a VAE's config"),
+    ("huge.safetensors", "bytes, not a config JSON"),
+    ("nested/unet/custom.json", "is not a config plainxl reads"),
 ])
 def test_a_config_that_does_not_describe_the_file_is_one_line(bare_file, diffusers_folder, tmp_path, config, fragment):
+    """Each refused in one line naming --config; a JSON file is read as itself, never as the folder around it
+    (nested/unet/custom.json sits in a model folder whose own configs would fit the file)."""
     from dataclasses import asdict, replace
 
+    folder, _ = diffusers_folder
     wide = replace(TINY, unet=replace(TINY.unet, model_channels=64))
     (tmp_path / "other_width.json").write_text(json.dumps(asdict(wide)))
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "broken.json").write_text('{"unet": {}, "text_encoder_2": {}}')
     (tmp_path / "empty_folder").mkdir()
+    (tmp_path / "lone").mkdir()
+    (tmp_path / "lone" / "model_index.json").write_text((folder / "model_index.json").read_text())
+    (tmp_path / "lone" / "vae_config.json").write_text((folder / "vae" / "config.json").read_text())
+    (tmp_path / "huge.safetensors").write_bytes(bare_file.read_bytes())
+    configs_only(folder, tmp_path / "nested")
+    (tmp_path / "nested" / "unet" / "custom.json").write_text("{}")
     with pytest.raises(LoadError) as e:
         load(bare_file, config=tmp_path / config)
-    assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+    message = str(e.value)
+    assert fragment.format(tmp=tmp_path) in message and "--config" in message and "\n" not in message, message
 
 
 def test_config_with_a_folder_model_is_refused(diffusers_folder):

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from test_pipeline_parity import assert_close_images, diffusers_images, tiny_model
 
 from models.keys import unet_name_to_diffusers
 from models.loading import LoadError, load, save_single_file
 from models.lora import merge_lora
 from models.sdxl import TINY
 from sampling.pipeline import Pipeline, Settings
-from test_pipeline_parity import assert_close_images, diffusers_images, tiny_model
 
 RANK = 4
 UNET_MODULES = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn2.to_k",

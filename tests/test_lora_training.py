@@ -12,14 +12,17 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_dreambooth import args, final_state, finish, losses, run, write_image_folders
+from test_pipeline_parity import assert_close_images, diffusers_images, tiny_model
 
 from models import lora
 from models.loading import load, save_single_file
 from models.sdxl import BASE, SDXL, TINY
 from sampling.pipeline import Pipeline, Settings
-from test_dreambooth import args, final_state, finish, losses, run, write_image_folders
-from test_pipeline_parity import assert_close_images, diffusers_images, tiny_model
-from train.dreambooth import TrainStep, main, trainable_parameters
+from train.batches import Batch
+from train.dreambooth import main
+from train.losses import TrainStep
+from train.preflight import trainable_parameters
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 EVERYTHING = ["unet", "text_encoder_1", "text_encoder_2"]
@@ -41,9 +44,9 @@ def adapters_on(model, patterns=lora.KOHYA_TARGETS + lora.CONV_TARGETS, train=EV
 
 def step_inputs(n=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return ((torch.randint(0, 49407, (n, 77), generator=g), torch.randint(0, 49407, (n, 77), generator=g)),
-            torch.tensor([[64.0, 64, 0, 0, 64, 64]] * n), torch.randn(n, 4, 8, 8, generator=g),
-            torch.tensor([10.0, 500.0]), torch.randn(n, 4, 8, 8, generator=g), torch.ones(n), torch.ones(n))
+    return Batch((torch.randint(0, 49407, (n, 77), generator=g), torch.randint(0, 49407, (n, 77), generator=g)),
+                 torch.tensor([[64.0, 64, 0, 0, 64, 64]] * n), torch.randn(n, 4, 8, 8, generator=g),
+                 torch.tensor([10.0, 500.0]), torch.randn(n, 4, 8, 8, generator=g), torch.ones(n), torch.ones(n))
 
 
 def test_the_default_targets_are_kohyas_sdxl_set():
@@ -72,7 +75,7 @@ def test_step_zero_equals_the_base_and_adapters_equal_their_merged_export(tmp_pa
     model, base = tiny_model(), tiny_model()
     adapters = adapters_on(model)
     inputs = step_inputs()
-    assert torch.equal(TrainStep(model, adapters)(*inputs), TrainStep(base)(*inputs))  # up = 0: exactly the base
+    assert torch.equal(TrainStep(model, adapters)(**vars(inputs)), TrainStep(base)(**vars(inputs)))  # up = 0: exactly the base
     with torch.no_grad():
         for a in adapters.values():
             a.up.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(a.up.weight)))
@@ -80,8 +83,8 @@ def test_step_zero_equals_the_base_and_adapters_equal_their_merged_export(tmp_pa
     merged = copy.deepcopy(base)
     lora.merge_lora(merged, tmp_path / "l.safetensors")
     with torch.no_grad():
-        hooked, plain, flat = (TrainStep(m)(*inputs) for m in (model, merged, base))
-        context = [m.text_encoder_2(inputs[0][1])[0] for m in (model, merged, base)]
+        hooked, plain, flat = (TrainStep(m)(**vars(inputs)) for m in (model, merged, base))
+        context = [m.text_encoder_2(inputs.text[1])[0] for m in (model, merged, base)]
     assert (hooked - flat).abs().max() > 1e-2 and (context[0] - context[2]).abs().max() > 1e-2  # they do something
     torch.testing.assert_close(plain, hooked, rtol=0, atol=1e-5)
     torch.testing.assert_close(context[1], context[0], rtol=0, atol=1e-5)  # bigG's q/k/v written apart, exactly
@@ -159,14 +162,15 @@ def test_text_encoder_adapters_load_in_diffusers_with_the_same_conditioning(tmp_
 def train_in_process(monkeypatch, cli_args):
     """dreambooth.main in this process; returns the model as export_lora saw it, after the last step."""
     from train import dreambooth
+    from train import export as exports
 
-    seen, export = {}, dreambooth.export_lora
+    seen, export = {}, exports.export_lora
 
     def spy(model, adapters, config, out):
         seen["state"] = {k: v.clone() for k, v in model.state_dict().items()}
         export(model, adapters, config, out)
 
-    monkeypatch.setattr(dreambooth, "export_lora", spy)
+    monkeypatch.setattr(exports, "export_lora", spy)
     assert dreambooth.main([str(a) for a in cli_args]) == 0
     return seen["state"]
 

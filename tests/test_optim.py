@@ -5,10 +5,9 @@ line before anything loads."""
 
 import pytest
 import torch
+from test_dreambooth import args, final_state, finish, losses, run, setup, weights_apart  # noqa: F401 (setup is a fixture)
 
 from models.loading import load
-
-from test_dreambooth import args, final_state, finish, losses, run, setup, weights_apart  # noqa: F401 (setup is a fixture)
 from train.dreambooth import main
 from train.optim import rounding_generator, stochastic_round
 

@@ -9,8 +9,24 @@ import numpy as np
 import pytest
 
 from data.procedural import (
-    ACCESSORIES, BACKGROUND_RGB, BACKGROUNDS, DEFAULT_ACCESSORIES, EXPRESSIONS, EYE_COLOURS, EYE_RGB, HAIR_COLOURS,
-    HAIR_LENGTHS, HAIR_RGB, MIN_SIZE, STAR_RGB, Character, caption, draw, parse_caption, random_character, sample,
+    ACCESSORIES,
+    BACKGROUND_RGB,
+    BACKGROUNDS,
+    DEFAULT_ACCESSORIES,
+    EXPRESSIONS,
+    EYE_COLOURS,
+    EYE_RGB,
+    HAIR_COLOURS,
+    HAIR_LENGTHS,
+    HAIR_RGB,
+    MIN_SIZE,
+    STAR_RGB,
+    Character,
+    caption,
+    draw,
+    parse_caption,
+    random_character,
+    sample,
     write_dataset,
 )
 

@@ -27,7 +27,9 @@ from safetensors.torch import load_file, save_file
 
 from models.loading import BUNDLED, LoadError, load, save_diffusers, save_single_file
 from models.sdxl import SDXL, TINY
-from sampling import pipeline  # imported before any test patches models.loading.load (it imports the name)
+
+# sampling.pipeline is imported before any test patches models.loading.load (it imports the name)
+from sampling import pipeline
 
 TINY_FILE = BUNDLED["plainxl-tiny"]
 QUICK = ["--steps", "2", "--width", "64", "--height", "64"]
@@ -194,7 +196,7 @@ def test_numbering_cannot_collide_at_any_width(tmp_path, capsys):
 
 def test_a_file_that_appears_is_never_replaced(tmp_path, monkeypatch):
     """Another process takes our number between listing and writing: we move on, its file stays."""
-    from sampling import generate as g
+    from sampling import outputs as g
 
     (tmp_path / "00000-5.png").write_bytes(b"theirs")
     calls = iter([0, 1])
@@ -592,7 +594,7 @@ def test_trainer_model_config_gives_a_bare_file_its_architecture(train_setup, tm
     bare = tmp_path / "bare.safetensors"
     save_file(load_file(train_setup / "tiny.safetensors"), bare)
     code, err = train(capsys, train_args(train_setup, tmp_path / "o", model=bare))
-    one_line_error(err, code, "model_config= in a training config")
+    one_line_error(err, code, "model_config= in a training or ablation config")
     save_diffusers(load(train_setup / "tiny.safetensors"), tmp_path / "configs")
     code, err = train(capsys, train_args(train_setup, tmp_path / "o", model=bare, max_steps=1,
                                          model_config=tmp_path / "configs"))

@@ -10,14 +10,18 @@ Errors on latents are measured relative to their scale: max|ours - ref| / max(1,
 Euler-family latents live in sigma space (|x| up to ~70 here) where float32 rounding is ~1e-5 absolute.
 """
 
-import itertools
 
 import numpy as np
 import pytest
 import torch
 
 from sampling.samplers import SAMPLERS
-from sampling.schedule import SDXL_SCHEDULER_CONFIG, karras_sigmas, make_schedule, sigma_from_alpha_bar
+from sampling.schedule import (
+    SDXL_SCHEDULER_CONFIG,
+    karras_sigmas,
+    make_schedule,
+    sigma_from_alpha_bar,
+)
 
 # diffusers' own numpy 2 deprecation notice, raised inside its set_timesteps
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from models.conditioning import vector_condition
-from models.keys import unet_from_diffusers
 from models.diffusers_layout import unet_config_to_diffusers
+from models.keys import unet_from_diffusers
 from models.unet import TINY, UNet
 
 TOL = 1e-5

@@ -32,7 +32,7 @@ def _rng_state(device):
     return state
 
 
-def save_checkpoint(folder, step, named, optimizer, schedule, scaler, config, rank, world):
+def save_checkpoint(folder, step, named, optimizer, scheduler, scaler, config, rank, world):
     """Called by every process (it gathers their RNG states, and with parallel=fsdp the weights and moments, one
     tensor at a time); process 0 writes."""
     device = named[0][1].device
@@ -55,7 +55,7 @@ def save_checkpoint(folder, step, named, optimizer, schedule, scaler, config, ra
         return
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     tensors.update({f"rng.{r}": state for r, state in enumerate(rng)})
-    meta = {"step": step, "param_groups": opt["param_groups"], "schedule": schedule.state_dict(),
+    meta = {"step": step, "param_groups": opt["param_groups"], "schedule": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "config": asdict(config), "world_size": world,
             "names": [name for name, _ in named]}
 
@@ -121,7 +121,7 @@ def find_checkpoint(resume, folder):
     return None, f"no checkpoint in {folder} yet: starting from step 0"
 
 
-def load_checkpoint(path, model, named, optimizer, schedule, scaler, rank):
+def load_checkpoint(path, model, named, optimizer, scheduler, scaler, rank):
     """Restore everything save_checkpoint wrote into the live objects; returns the step."""
     path = Path(path) / "state.safetensors" if Path(path).is_dir() else Path(path)
     read_meta(path)
@@ -144,7 +144,7 @@ def load_checkpoint(path, model, named, optimizer, schedule, scaler, rank):
             # AdamW's moments are shaped as their weight and sharded like it; its step count is a number.
             state.setdefault(int(index), {})[k] = t if k == "step" else sharded_like(t, named[int(index)][1])
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    schedule.load_state_dict(meta["schedule"])
+    scheduler.load_state_dict(meta["schedule"])  # the learning-rate scheduler
     if meta["scaler"]:
         scaler.load_state_dict(meta["scaler"])
     if f"rng.{rank}" in tensors:

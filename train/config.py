@@ -11,7 +11,6 @@ import json
 import math
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
 
 from models.files import atomic_file, read_config_file
 from models.lora import KOHYA_TARGETS

@@ -31,7 +31,7 @@ import numpy as np
 
 from data import classifier, evaluate
 from data.procedural import BACKGROUNDS, EXPRESSIONS, Character, draw
-from models.files import LoadError, check_output
+from models.files import output_or_exit
 from sampling.pipeline import Pipeline, Settings
 from train import dreambooth
 
@@ -122,10 +122,7 @@ def main(argv=None):
     parser.add_argument("--model", default="plainxl-tiny")
     parser.add_argument("--count", type=int, default=64, help="generations per measurement")
     args, overrides = parser.parse_known_args(argv)
-    try:  # the output before anything is removed or trained (SystemExit with a text: one line, exit 1)
-        out = check_output(args.out, "--out")
-    except LoadError as e:
-        raise SystemExit(f"error: {e}") from None
+    out = output_or_exit(args.out, "--out")  # before anything is removed or trained
     for name in ["instance", "class"] + [run[0] for run in RUNS.values() if run]:  # nothing from another model or setting
         shutil.rmtree(out / name, ignore_errors=True)
     write_instance_images(out / "instance")

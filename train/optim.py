@@ -1,4 +1,5 @@
-"""The optimizer of a DreamBooth run (train/dreambooth.py), from four config fields:
+"""The optimizer of a DreamBooth run (train/dreambooth.py) and its learning-rate schedule (lr_scheduler:
+warmup, then constant, linear or cosine), the optimizer from four config fields:
 
     optimizer       "adamw" (torch.optim.AdamW) or "adafactor" (torch.optim.Adafactor: factored second moments,
                     no first moment, so its state is a few MB instead of 8 bytes per weight)
@@ -43,6 +44,19 @@ def make_optimizer(config, params):
     return kind(params, **options)
 
 
+def lr_factor(config, step):
+    """Linear warmup over warmup_steps, then constant, linear decay or cosine decay to 0 at max_steps."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    return {"constant": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}[config.lr_schedule]
+
+
+def lr_scheduler(config, optimizer):
+    """The learning rate of every step: lr x lr_factor (stepped once per optimizer step)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step))
+
+
 def fsdp_units(unet):
     """The modules parallel=fsdp shards one by one, innermost first: every transformer block (~35 M weights at
     full size), every UNet block (the rest of it: ResBlocks, projections), then the UNet (embeddings, output).
@@ -57,7 +71,9 @@ def shard_unet(unet):
     """parallel=fsdp: each of fsdp_units() becomes an FSDP2 unit. The parameters are replaced by DTensors holding
     this process's 1/N (dim 0); forward and backward gather one unit at a time, and backward reduce-scatters
     (averages) the gradients, as DDP's all-reduce would."""
-    from torch.distributed.fsdp import fully_shard  # imported here: ~2 s that runs without FSDP need not pay
+    from torch.distributed.fsdp import (
+        fully_shard,  # imported here: ~2 s that runs without FSDP need not pay
+    )
 
     for unit in fsdp_units(unet):
         fully_shard(unit)
@@ -178,6 +194,16 @@ def fuse_into_backward(optimizer, max_grad_norm, world):
 
     for i, w in enumerate(optimizer.weights):
         w.register_post_accumulate_grad_hook(hook(i))
+
+
+def clip_gradients(config, optimizer, scaler, params, fsdp):
+    """Clip the gradients to max_grad_norm (unscaled first under fp16) -> their norm before clipping, the same on
+    every process. fused_backward stepped already, each tensor clipped by its own norm: their norm then."""
+    if config.fused_backward:
+        return fused_grad_norm(optimizer)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    return grad_norm.full_tensor() if fsdp else grad_norm  # FSDP: over every process's shards
 
 
 def fused_grad_norm(optimizer):

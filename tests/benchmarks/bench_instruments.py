@@ -16,12 +16,12 @@ import time
 from contextlib import nullcontext
 
 import torch
+from workers import MID_UNET
 
 from models.conditioning import vector_condition
 from models.unet import TINY, UNet
 from sampling.instruments import attention_maps, intervene, tap
 from sampling.interventions import classic_attention, freeu, skipped
-from workers import MID_UNET
 
 
 class Root(torch.nn.Module):

@@ -163,7 +163,7 @@ def full_finetune_budget(pairs=1, resolution=1024):
 def main():
     GiB = 2**30
     params, results = full_size_memory()
-    print(f"full-size SDXL UNet fine-tune (meta device), 1 instance + 1 class latent at 1024x1024 per GPU:")
+    print("full-size SDXL UNet fine-tune (meta device), 1 instance + 1 class latent at 1024x1024 per GPU:")
     print(f"  weights fp32 {params * 4 / GiB:.1f} GiB + grads {params * 4 / GiB:.1f} + AdamW moments "
           f"{params * 8 / GiB:.1f} = {params * 16 / GiB:.1f} GiB (+ frozen text encoders and VAE in fp16: 1.8 GiB)")
     for dtype, (whole, attention, checkpointed) in results.items():

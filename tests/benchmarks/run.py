@@ -46,7 +46,6 @@ def peak_bytes():
 def worker(spec):
     """Run one spec in this process and print one JSON line: seconds per timed call, peak memory."""
     import torch
-
     from workers import BUILDERS
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]]
@@ -227,7 +226,6 @@ def main():
         return worker(json.loads(args.worker))
 
     import torch
-
     from workers import write_weights
 
     cache = Path(args.dir)

@@ -50,8 +50,12 @@ def write_weights(cache, loading=True):
     diffusers configs, mid/ (a diffusers folder), and with `loading`, sdxl_fp16.safetensors + its config folder."""
     from safetensors.torch import save_file
 
-    from models.diffusers_layout import (save_diffusers, text_config_to_hf, unet_config_to_diffusers,
-                                         vae_config_to_diffusers)
+    from models.diffusers_layout import (
+        save_diffusers,
+        text_config_to_hf,
+        unet_config_to_diffusers,
+        vae_config_to_diffusers,
+    )
     from models.keys import openclip_to_hf, unet_to_diffusers, vae_to_diffusers
     from models.sdxl import SDXL
     from models.text import CLIP_L, OPENCLIP_BIGG, CLIPTextEncoder, OpenCLIPTextEncoder
@@ -114,7 +118,12 @@ def write_random_checkpoint(path):
 
 def write_config_folder(folder):
     """The configs (no weights) diffusers needs to interpret the single file offline."""
-    from models.diffusers_layout import model_index, text_config_to_hf, unet_config_to_diffusers, vae_config_to_diffusers
+    from models.diffusers_layout import (
+        model_index,
+        text_config_to_hf,
+        unet_config_to_diffusers,
+        vae_config_to_diffusers,
+    )
     from models.sdxl import BASE, SDXL_SCHEDULER_CONFIG
     from models.tokenizer import load_tokenizers, save_tokenizers
 

@@ -1,0 +1,253 @@
+"""sampling.generate's command line: the flags, what they ask for (a Request: the settings and the models,
+from the flags and --from-png's PNG), and every check of it that needs no model.
+
+    OneLineParser, fail         argparse's errors and ours as one line on stderr
+    size_pair ... intervention_arg
+                                the flags' value types (WxH, TOP,LEFT, FILE[:SCALE], an intervention name)
+    parse_args                  the flags
+    Request, request_from       what a command line asks for
+    check_settings              the settings alone: sizes, steps, seeds, scales, prompt syntax; images opened
+"""
+
+import argparse
+import math
+import re
+import secrets
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from PIL import Image
+
+DEFAULT_MODEL = "plainxl-tiny"  # bundled; e.g. --model cagliostrolab/animagine-xl-4.0 for the real one
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; we promise one line
+        raise SystemExit(fail(message))
+
+
+def fail(message, code=2):
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def size_pair(text):
+    """'1024x768' (WxH, like AUTOMATIC1111's Size) -> (height, width)."""
+    if not re.fullmatch(r"\d+x\d+", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1024x1024")
+    w, h = text.split("x")
+    return int(h), int(w)
+
+
+def crop_pair(text):
+    if not re.fullmatch(r"\d+,\d+", text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not TOP,LEFT, e.g. 0,0")
+    return tuple(int(n) for n in text.split(","))
+
+
+def lora_arg(text):
+    """'FILE[:SCALE]' -> (FILE, SCALE), scale 1.0 when absent (a colon inside a path is left alone)."""
+    path, colon, scale = text.rpartition(":")
+    if not colon or Path(text).exists() or "/" in scale or "\\" in scale:
+        return text, 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: the scale {scale!r} is not a number; write FILE:0.8")
+    return path, value
+
+
+def intervention_arg(text):
+    from sampling.interventions import check_name
+
+    try:
+        check_name(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def parse_args(argv):
+    p = OneLineParser(prog="python -m sampling.generate", description="SDXL text-to-image.")
+    p.add_argument("--model", help=f"single file, diffusers folder or Hugging Face repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--config", metavar="FOLDER_OR_CONFIG_JSON",
+                   help="the architecture of a --model single file that does not store it: its diffusers folder or "
+                        "config JSON (as diffusers' from_single_file(config=...))")
+    p.add_argument("--vae", help="a VAE to use instead of the model's: a VAE .safetensors or a diffusers vae/ folder")
+    p.add_argument("--lora", action="append", type=lora_arg, metavar="FILE[:SCALE]",
+                   help="merge a LoRA file into the model (kohya, diffusers/PEFT, LoCon); repeatable; scale 1.0 by default")
+    p.add_argument("--prompt")
+    p.add_argument("--negative-prompt", help="omit for zero negative conditioning; '' encodes the empty prompt")
+    p.add_argument("--width", type=int, help="default: the size the model was trained at (1024 for SDXL)")
+    p.add_argument("--height", type=int, help="default: the size the model was trained at (1024 for SDXL)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float)
+    p.add_argument("--sampler", choices=["euler", "euler_a", "dpmpp_2m", "ddim", "ddpm"])
+    p.add_argument("--karras", action="store_true", default=None, help="Karras et al. 2022 sigmas")
+    p.add_argument("--guidance-rescale", type=float)
+    p.add_argument("--seed", type=int, help="0 .. 2**64 - 1; -1 draws one at random (as AUTOMATIC1111)")
+    p.add_argument("--num-images", type=int)
+    p.add_argument("--original-size", type=size_pair, help="WIDTHxHEIGHT micro-conditioning (default: output size)")
+    p.add_argument("--crop-top-left", type=crop_pair, help="TOP,LEFT micro-conditioning (default 0,0)")
+    p.add_argument("--target-size", type=size_pair, help="WIDTHxHEIGHT micro-conditioning (default: output size)")
+    p.add_argument("--truncate-prompt", action="store_true", default=None,
+                   help="cut prompts at 77 tokens as diffusers does (default: 75-token chunks, as A1111/ComfyUI)")
+    p.add_argument("--no-prompt-weights", dest="prompt_weights", action="store_false", default=None,
+                   help="read (, ), [, ] and BREAK literally, as diffusers (default: AUTOMATIC1111's weights)")
+    p.add_argument("--refiner", help="a refiner model that takes over at --refiner-start (two-stage SDXL)")
+    p.add_argument("--refiner-config", metavar="FOLDER_OR_CONFIG_JSON", help="--config for the refiner")
+    p.add_argument("--refiner-start", type=float, help="the share of the schedule the base runs (default 0.8)")
+    p.add_argument("--aesthetic-score", type=float, help="a refiner's conditioning score (default 6.0)")
+    p.add_argument("--negative-aesthetic-score", type=float, help="its negative's score (default 2.5)")
+    p.add_argument("--init-image", help="img2img from this image (the output takes its size unless --width/--height)")
+    p.add_argument("--strength", type=float, help="how much of the init image is repainted, (0, 1] (default 0.75)")
+    p.add_argument("--mask", help="inpaint: white repaints, black keeps (needs --init-image, the same size)")
+    p.add_argument("--hires-scale", type=float, help="hi-res fix: a second pass at this many times the size")
+    p.add_argument("--hires-strength", type=float, help="the hi-res pass's denoising strength (default 0.7)")
+    p.add_argument("--hires-steps", type=int, help="the hi-res pass's steps (default: --steps)")
+    p.add_argument("--hires-upscaler", choices=["latent", "lanczos"], help="latent (default) or lanczos")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    p.add_argument("--cfg-mode", choices=["batch", "split"], default="batch",
+                   help="guidance as one UNet pass of [negative, positive] (batch) or two (split: less memory)")
+    p.add_argument("--vae-tiling", type=int, nargs="?", const=128, metavar="LATENTS",
+                   help="VAE decode/encode of big images in overlapping tiles of this many latents (default 128 = "
+                        "1024 px, as diffusers' SDXL tiles); not exact: each tile normalises and attends on its own")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (the first step compiles it: minutes; later steps run faster)")
+    p.add_argument("--offload", action="store_true",
+                   help="keep the model on the CPU and move each part (text encoders, UNet, VAE) to --device only "
+                        "while it runs: a GPU too small for the whole model needs room for the UNet alone")
+    p.add_argument("--save-attention", metavar="DIR",
+                   help="also write each image's cross-attention heatmaps, one panel per prompt token (DAAM: "
+                        "summed over the UNet's blocks and steps), as DIR/<the image's name>")
+    p.add_argument("--intervention", action="append", type=intervention_arg, metavar="NAME",
+                   help="change the base UNet while it runs (sampling/interventions.py): freeu, classic-attention, "
+                        "zero-micro-conditioning, or skip=PATTERN (modules by official name); repeatable")
+    p.add_argument("--tap", action="append", metavar="PATTERN",
+                   help="record the outputs of the base model's modules matching PATTERN (fnmatch over official "
+                        "names, e.g. 'unet.middle_block') at every step into --tap-out; repeatable")
+    p.add_argument("--tap-out", metavar="FILE", help="the .safetensors file --tap writes (never replaced)")
+    p.add_argument("--out", default="outputs")
+    p.add_argument("--from-png", help="re-run the generation recorded in this PNG (other flags override it)")
+    return p.parse_args(argv)
+
+
+@dataclass
+class Request:
+    """What one command line asks for: the generation's settings and the models that run it."""
+
+    settings: object  # sampling.settings.Settings, with the init image and mask as paths
+    model: str  # --model, or the PNG's
+    vae: str | None
+    refiner: str | None
+    loras: list  # (path, scale) pairs
+    interventions: list  # names, as --intervention takes them
+    recorded_hash: str | None  # the PNG's Model hash, when the model is the PNG's (to say if it differs)
+
+
+def request_from(args):
+    """The Request of the command line: the PNG's (if any) or the defaults, overridden by every flag. The PNG's
+    VAE and refiner are used only with the PNG's model: a --model of your own takes its own VAE, and a refiner
+    only if you name one."""
+    from sampling.interventions import check_name
+    from sampling.pnginfo import parse_parameters
+    from sampling.settings import Settings
+
+    model, vae, refiner, loras, recorded = args.model, args.vae, args.refiner, args.lora, {}
+    interventions = args.intervention
+    if args.from_png:
+        try:  # format rule: PIL by content; the settings are the 'parameters' text chunk (not JPEG/WebP EXIF)
+            with Image.open(args.from_png) as png:
+                text = png.info.get("parameters")
+            if text is None:
+                raise ValueError("it has no 'parameters' text chunk")
+            settings, recorded = parse_parameters(text)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"--from-png {args.from_png} cannot be used: {e}") from None
+        if model is None:
+            model, vae = recorded.get("Model"), vae or recorded.get("VAE")
+            refiner = refiner or recorded.get("Refiner")
+            loras = loras or recorded.get("Loras")
+        interventions = interventions or recorded.get("Interventions")
+        try:
+            for name in interventions or []:
+                check_name(name)
+        except ValueError as e:
+            raise ValueError(f"--from-png {args.from_png} records an intervention this version lacks: {e}") from None
+    else:
+        if args.prompt is None:
+            raise ValueError("--prompt is required (or --from-png FILE)")
+        settings = Settings(prompt=args.prompt)
+    flags = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+                 steps=args.steps, cfg=args.cfg, sampler=args.sampler, karras=args.karras,
+                 guidance_rescale=args.guidance_rescale, seed=args.seed, num_images=args.num_images,
+                 original_size=args.original_size, crop_top_left=args.crop_top_left, target_size=args.target_size,
+                 truncate_prompt=args.truncate_prompt, prompt_weights=args.prompt_weights,
+                 refiner_start=args.refiner_start, aesthetic_score=args.aesthetic_score,
+                 negative_aesthetic_score=args.negative_aesthetic_score, init_image=args.init_image,
+                 strength=args.strength, mask=args.mask, hires_scale=args.hires_scale,
+                 hires_strength=args.hires_strength, hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler)
+    settings = replace(settings, **{k: v for k, v in flags.items() if v is not None})
+    if settings.seed == -1:
+        settings = replace(settings, seed=secrets.randbelow(2**32))  # A1111's -1; the PNG records the seed drawn
+    recorded_hash = recorded.get("Model hash") if model == recorded.get("Model") else None
+    return Request(settings, model or DEFAULT_MODEL, vae, refiner, loras or [], interventions or [], recorded_hash)
+
+
+def _multiple_of_8(name, v):
+    if v % 8 == 0 and v >= 8:
+        return
+    nearest = sorted({n for n in (v - v % 8, v - v % 8 + 8) if n >= 8}) or [8]
+    raise ValueError(f"--{name} {v} is not a positive multiple of 8; use {' or '.join(map(str, nearest))}")
+
+
+def check_settings(s):
+    """Everything that can be checked without the model -> s with its init image and mask opened (the model's
+    own checks, sampling.pipeline.check, take them). Raises ValueError with the fix in the message."""
+    from sampling.images import open_rgb
+    from sampling.prompts import parse_weights
+
+    for name in ("width", "height"):
+        if getattr(s, name) is not None:
+            _multiple_of_8(name, getattr(s, name))
+    if s.steps < 1:
+        raise ValueError(f"--steps must be at least 1 (got {s.steps})")
+    if s.num_images < 1:
+        raise ValueError(f"--num-images must be at least 1 (got {s.num_images})")
+    if not 0 <= s.seed <= MAX_SEED - (s.num_images - 1):
+        batch = f" for {s.num_images} images (they use seed .. seed + {s.num_images - 1})" if s.num_images > 1 else ""
+        raise ValueError(f"--seed {s.seed} is outside 0 .. 2**64 - 1{batch}; use a seed in that range, "
+                         "or -1 for a random one")
+    if not (math.isfinite(s.cfg) and s.cfg >= 0):
+        raise ValueError(f"--cfg {s.cfg} is not a guidance scale; use a finite number >= 0 (1 or less: no guidance)")
+    if not (math.isfinite(s.guidance_rescale) and 0 <= s.guidance_rescale <= 1):
+        raise ValueError(f"--guidance-rescale {s.guidance_rescale} is outside 0 .. 1; use e.g. 0.7, or 0 for none")
+    for name in ("aesthetic_score", "negative_aesthetic_score"):
+        if not math.isfinite(getattr(s, name)):
+            raise ValueError(f"{name} {getattr(s, name)} is not a finite number")
+    if s.karras and s.sampler in ("ddim", "ddpm"):
+        raise ValueError(f"--karras does not apply to {s.sampler}; use euler, euler_a or dpmpp_2m with it")
+    if s.prompt_weights:
+        for flag, prompt in [("--prompt", s.prompt), ("--negative-prompt", s.negative_prompt or "")]:
+            try:
+                parse_weights(prompt)
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}") from None
+    if s.hires_steps is not None and s.hires_steps < 1:
+        raise ValueError(f"--hires-steps must be at least 1 (got {s.hires_steps})")
+    images = {}
+    for flag, path in [("--init-image", s.init_image), ("--mask", s.mask)]:
+        if isinstance(path, str):
+            if not Path(path).is_file():
+                raise ValueError(f"{flag} {path} does not exist; give the path of an image file")
+            images[flag] = open_rgb(path)  # an ImageError (a ValueError) names the file
+    if "--init-image" in images and (s.width is None or s.height is None):  # a missing side is the image's
+        w, h = images["--init-image"].size
+        if (s.width is None and w < 8) or (s.height is None and h < 8):
+            raise ValueError(f"--init-image is {w}x{h}; give an image of at least 8x8 pixels, or --width and --height")
+    return replace(s, init_image=images.get("--init-image", s.init_image), mask=images.get("--mask", s.mask))

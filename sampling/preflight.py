@@ -1,0 +1,108 @@
+"""sampling.generate's checks that need the model's headers, made before its weights load: each stage's steps
+against its sampling schedule, the LoRAs and the instruments' patterns against a weightless (meta-device)
+copy of the model, and whether the generation fits in the device's free memory."""
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+
+def check_steps(info, refiner_info, s):
+    """Each stage's steps against its model's schedule (e.g. 1000 'leading' steps reach past t = 999), and
+    that each stage runs at least one step, before the weights load."""
+    from sampling.schedule import make_schedule
+    from sampling.settings import hires_second_pass, schedule_steps, window
+
+    stages = [("--steps", info, s)]
+    if refiner_info is not None:
+        stages = [("--steps", info, replace(s, denoising_end=s.refiner_start)),
+                  ("--steps", refiner_info, replace(s, denoising_start=s.refiner_start))]
+    if s.hires_scale is not None:
+        stages.append(("--hires-steps", info, hires_second_pass(s)))
+    for flag, model, stage in stages:
+        try:
+            schedule = make_schedule(stage.sampler, schedule_steps(stage), karras=True if stage.karras else None,
+                                     config=model.scheduler_config)
+        except ValueError as e:
+            raise ValueError(f"{flag} {stage.steps} with --sampler {stage.sampler}: {e}") from None
+        window(stage, schedule, model.scheduler_config)
+
+
+def check_loras(info, loras):
+    """Each LoRA against the model's modules and shapes, on a weightless copy of it (meta device), before the load."""
+    import torch
+
+    from models.lora import merge_lora
+    from models.sdxl import SDXL
+
+    with torch.device("meta"):
+        shell = SDXL(info.config)
+    for path, scale in loras:
+        merge_lora(shell, path, scale, apply=False)
+
+
+def check_instruments(info, interventions, taps, tap_out):
+    """--intervention's and --tap's patterns against the model's module names (built on the meta device, no
+    weights), and --tap-out, before the load: ValueError naming what to fix."""
+    import torch
+
+    from models.files import check_output
+    from models.sdxl import SDXL
+    from sampling.instruments import matching
+
+    if bool(taps) != bool(tap_out):
+        raise ValueError("--tap and --tap-out go together: --tap PATTERN names what to record, --tap-out FILE where")
+    if tap_out and Path(tap_out).exists():
+        raise ValueError(f"--tap-out {tap_out} exists; name a new file (it is never replaced)")
+    if tap_out:
+        check_output(tap_out, "--tap-out", folder=False)
+    patterns = [name.removeprefix("skip=") for name in interventions if name.startswith("skip=")] + list(taps or [])
+    if patterns:
+        with torch.device("meta"):
+            model = SDXL(info.config)
+        for pattern in patterns:
+            matching(model, pattern)
+
+
+def available_memory(device):
+    """Bytes free for a generation on `device`, or None where it cannot be told."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        try:
+            meminfo = Path("/proc/meminfo").read_text()
+            return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo)[1]) * 1024
+        except (OSError, TypeError):
+            return None
+    return None
+
+
+def check_fits(info, settings, dtype, device, refiner_info=None, offload=False):
+    """Refuse a generation whose estimated memory exceeds what the device has free (sampling.pipeline.memory_estimate);
+    with the hi-res fix, at its second pass's size; with a refiner, its weights loaded too; with offload, only the
+    UNet's weights (the largest part, and the only one on the device while it runs)."""
+    import torch
+
+    from models.unet import UNet
+    from sampling.settings import hires_second_pass, memory_estimate
+
+    s = settings
+    if s.hires_scale is not None:
+        settings = hires_second_pass(s)  # the largest size of the run
+    dtype_bytes = {"fp32": 4}.get(dtype, 2)
+    parameters = info.parameters
+    if offload:
+        with torch.device("meta"):
+            parameters = sum(p.numel() for p in UNet(info.config.unet).parameters())
+    need = memory_estimate(info.config, settings, parameters, dtype_bytes)
+    if refiner_info is not None and not offload:
+        need += refiner_info.parameters * dtype_bytes
+    free = available_memory(device)
+    if free is not None and need > free:
+        gib = lambda n: f"{n / 2**30:.1f} GiB"
+        raise ValueError(f"{settings.width}x{settings.height} x {settings.num_images} image(s) needs about "
+                         f"{gib(need)} on {device}, which has {gib(free)} free; use a smaller --width/--height"
+                         + (", --hires-scale" if s.hires_scale else "") + " or --num-images"
+                         + (", or --dtype bf16" if dtype == "fp32" else ""))

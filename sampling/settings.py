@@ -1,0 +1,178 @@
+"""What a generation depends on besides the models, and everything decided from it before a sampler runs.
+
+    Settings            the settings of one generation (written into each PNG by sampling.generate)
+    with_output_size    the output size when none is given: the init image's, else the model's
+    schedule_steps      how many steps a stage's sampling schedule has
+    hires_second_pass   the hi-res fix's second pass, as the Settings of an img2img stage
+    window              which steps of the sampling schedule a stage runs (img2img, two-stage handover)
+    check               settings a model cannot run, refused in one sentence before the weights load
+    memory_estimate     roughly how many bytes a generation needs (checked before the load)
+
+Terms: the *noise schedule* is the model's (alpha_bar_t over the 1000 training timesteps, fixed by training);
+a *sampling schedule* (sampling.schedule.Schedule) is the sigmas and timesteps one run steps through.
+"""
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+from PIL import Image
+
+from models.sdxl import SDXL_SCHEDULER_CONFIG
+from sampling.images import UPSCALERS, as_image, default_size
+
+
+@dataclass
+class Settings:
+    """What a generation depends on (besides the models); written into each PNG by sampling.generate."""
+
+    prompt: str
+    negative_prompt: str | None = None  # None: zero negative conditioning; "": the empty prompt, encoded
+    width: int | None = None  # None: the init image's size, else the model's (1024 for SDXL, 64 for plainxl-tiny)
+    height: int | None = None
+    steps: int = 28
+    cfg: float = 5.0
+    sampler: str = "euler_a"
+    karras: bool = False
+    guidance_rescale: float = 0.0
+    seed: int = 0
+    num_images: int = 1
+    original_size: tuple | None = None  # (height, width); None: the output size
+    crop_top_left: tuple = (0, 0)
+    target_size: tuple | None = None  # (height, width); None: the output size
+    truncate_prompt: bool = False
+    prompt_weights: bool = True  # A1111's (tag:1.2), [tag], BREAK; False reads the prompt literally (diffusers)
+    aesthetic_score: float = 6.0  # refiner only, as diffusers' defaults
+    negative_aesthetic_score: float = 2.5
+    # Image-conditioned generation. init_image: a path or PIL image (img2img; inpainting with `mask`, white
+    # = repaint), a list of one PIL image per output, or latents (1 or num_images, 4, h, w) from a stage.
+    init_image: object = None
+    mask: object = None
+    strength: float = 0.75  # the share of the schedule that runs on the init image, in (0, 1]
+    img2img_steps: str = "diffusers"  # or "exact": see window()
+    # diffusers' two-stage cut, as fractions of the schedule: a base stops at denoising_end and returns its
+    # latents, a refiner given them as init_image starts at denoising_start (no noise added).
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    refiner_start: float = 0.8  # with a refiner: where the base hands over (both of the above)
+    # AUTOMATIC1111's hi-res fix: a second, img2img pass at hires_scale x the size.
+    hires_scale: float | None = None
+    hires_strength: float = 0.7
+    hires_steps: int | None = None  # None: steps
+    hires_upscaler: str = "latent"  # "latent" (bilinear on the latents) or "lanczos" (on the decoded image)
+
+
+def with_output_size(s: Settings, unet_config):
+    """s with a width and height left at None set: the init image's size (rounded down to multiples of 8),
+    or the latents' where it is latents, else the model's native size (UNet sample_size x 8)."""
+    if s.init_image is None:
+        size = (unet_config.sample_size * 8,) * 2
+    elif is_latents(s.init_image):
+        size = (s.init_image.shape[-1] * 8, s.init_image.shape[-2] * 8)
+    else:
+        size = default_size(s.init_image[0] if isinstance(s.init_image, list) else as_image(s.init_image))
+    return replace(s, width=s.width or size[0], height=s.height or size[1])
+
+
+def is_latents(init_image):
+    return isinstance(init_image, torch.Tensor)
+
+
+def schedule_steps(s: Settings):
+    """How many steps the stage's schedule has: `steps`, or int(steps / strength) for the "exact" rule."""
+    exact = s.init_image is not None and s.img2img_steps == "exact"
+    return int(s.steps / min(s.strength, 0.999)) if exact else s.steps
+
+
+def hires_second_pass(s: Settings, init_image="the first pass, upscaled"):
+    """The hi-res fix's second pass: img2img at hires_scale x the size (rounded down to multiples of 8) that
+    runs exactly hires_steps steps (default: steps). The default init_image only marks it as img2img, for
+    checks before the first pass exists."""
+    return replace(s, width=int(s.width * s.hires_scale) // 8 * 8, height=int(s.height * s.hires_scale) // 8 * 8,
+                   init_image=init_image, strength=s.hires_strength, steps=s.hires_steps or s.steps,
+                   img2img_steps="exact", hires_scale=None)
+
+
+def window(s: Settings, schedule, scheduler_config=None):
+    """The steps of `schedule` a stage runs: sigmas[start] down to sigmas[end] -> (start, end).
+
+    Text-to-image runs them all. img2img follows diffusers' get_timesteps: int(steps * strength) steps, the
+    tail of the `steps`-step schedule; with img2img_steps="exact", exactly `steps` steps, the tail of an
+    int(steps / strength)-step schedule (AUTOMATIC1111's hi-res fix; its img2img tab runs
+    int(steps x min(strength, 0.999)) + 1). A refiner's stage (denoising_start) keeps the timesteps below
+    round(T (1 - start)); a base's stage (denoising_end) stops before the first timestep below
+    round(T (1 - end))."""
+    T = {**SDXL_SCHEDULER_CONFIG, **(scheduler_config or {})}["num_train_timesteps"]
+    n = len(schedule.timesteps)
+    start = 0
+    if s.denoising_start is not None:
+        start = n - int((schedule.timesteps < round(T - s.denoising_start * T)).sum())
+    elif s.init_image is not None:
+        start = n - min(int(n * s.strength), n) if s.img2img_steps == "diffusers" else n - s.steps
+    end = n
+    if s.denoising_end is not None:
+        end = start + int((schedule.timesteps[start:] >= round(T - s.denoising_end * T)).sum())
+    if end <= start and (s.denoising_start is not None or s.denoising_end is not None):
+        raise ValueError(f"with {s.steps} steps, the switch point leaves no step to one stage; move the switch "
+                         "point or raise the steps")
+    if end <= start:
+        raise ValueError(f"{s.steps} steps at strength {s.strength} run no step (img2img runs int(steps x strength), "
+                         "as diffusers); raise the steps or the strength")
+    return start, end
+
+
+def check(s: Settings, config, refiner_config=None):
+    """ValueError, in one sentence with the fix, for settings the models `config` (and `refiner_config`, a
+    refiner's SDXLConfig) cannot run. sampling.generate calls it before the weights load."""
+    ranges = [("strength", s.strength, "1 repaints the image fully"), ("hi-res strength", s.hires_strength, "e.g. 0.7")]
+    for name, value, hint in ranges:
+        if not (math.isfinite(value) and 0 < value <= 1):
+            raise ValueError(f"{name} {value} is not in (0, 1]; {hint}")
+    if s.hires_scale is not None and not (math.isfinite(s.hires_scale) and s.hires_scale > 1):
+        raise ValueError(f"hi-res scale {s.hires_scale} must be more than 1 (e.g. 1.5 or 2)")
+    if s.hires_upscaler not in UPSCALERS or s.img2img_steps not in ("diffusers", "exact"):
+        raise ValueError(f"hi-res upscaler {s.hires_upscaler!r} / img2img_steps {s.img2img_steps!r}: use one of "
+                         f"{UPSCALERS} / 'diffusers' or 'exact'")
+    if s.mask is not None and (s.init_image is None or is_latents(s.init_image)):
+        raise ValueError("a mask needs an init image (the image to inpaint)")
+    if s.hires_scale is not None and s.init_image is not None:
+        raise ValueError("hi-res fix is a text-to-image pass (as in AUTOMATIC1111); drop the init image, or upscale "
+                         "the image yourself and run img2img on it")
+    if isinstance(s.init_image, list) and len(s.init_image) != s.num_images:
+        raise ValueError(f"{len(s.init_image)} init images for {s.num_images} outputs; give one, or one per output")
+    images = s.init_image if isinstance(s.init_image, list) else [s.init_image]
+    for image in images if isinstance(s.mask, Image.Image) else []:
+        if isinstance(image, Image.Image) and s.mask.size != image.size:
+            (mw, mh), (iw, ih) = s.mask.size, image.size
+            raise ValueError(f"the mask is {mw}x{mh} but the init image is {iw}x{ih}; give a mask of the image's size")
+    if config.unet.in_channels == 9:
+        if refiner_config is not None:
+            raise ValueError("an inpainting model (9 input channels) cannot hand over to a refiner here; drop the refiner")
+        if s.mask is None or is_latents(s.init_image):
+            raise ValueError("this is an inpainting model (9 input channels); give it an init image and a mask")
+    if refiner_config is not None:
+        if config.text_encoder_1 is None:
+            raise ValueError("the model is a refiner (one text encoder); give a base model, and the refiner as the refiner")
+        if refiner_config.text_encoder_1 is not None:
+            raise ValueError("the refiner is a base model (two text encoders); give a refiner (bigG only), "
+                             "or run the base alone")
+        if refiner_config.vae.z_channels != config.vae.z_channels:
+            raise ValueError("the refiner has another latent space than the model; use the base's own refiner")
+        if not (math.isfinite(s.refiner_start) and 0 < s.refiner_start < 1):
+            raise ValueError(f"the refiner switch point {s.refiner_start} is not in (0, 1); e.g. 0.8")
+        if s.mask is not None or s.hires_scale is not None:
+            raise ValueError("a refiner runs after text-to-image and img2img here, not with a mask or the hi-res fix")
+
+
+def memory_estimate(config, settings, parameters, dtype_bytes):
+    """Bytes a generation needs, roughly: the weights, the UNet's activations for the CFG batch (its skip
+    connections and working set, about 12 model-width feature maps at latent resolution per sample), and
+    one image's float32 VAE decode (about 3 full-resolution maps as wide as the decoder's second level:
+    the upsampled input, the ResBlock's output and a norm). Attention is taken as memory-efficient (linear
+    in tokens), as SDPA's kernels are. SDXL in fp16 at 1024²: 9.7 GiB (published peak: 10.5 GiB)."""
+    latent = (settings.height // 8) * (settings.width // 8)
+    batch = settings.num_images * (2 if settings.cfg > 1 else 1)
+    unet = batch * latent * config.unet.model_channels * 12 * dtype_bytes
+    top = config.vae.ch * max(config.vae.ch_mult[:2])  # the decoder's two full- and half-resolution levels
+    vae = settings.height * settings.width * top * 3 * 4
+    return parameters * dtype_bytes + unet + vae

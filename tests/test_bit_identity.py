@@ -1,0 +1,38 @@
+"""The restructuring of issue 21 (the house) changed no behaviour: every output of tests/bit_identity.py (PNG
+bytes of every kind of generation, DreamBooth exports and losses, converter outputs) is byte-identical
+between BASELINE, the last commit before it, and the code now, both run here on the same machine."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from bit_identity import make_inputs
+
+BASELINE = "2e29f5e8e238a8ddd3d38b891ec88feeda8a89f1"  # the last commit before the restructuring
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_outputs_are_byte_identical_to_the_commit_before_the_restructuring(tmp_path):
+    baseline = tmp_path / "baseline"
+    baseline.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", BASELINE], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(baseline)], input=archive, check=True)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    make_inputs(inputs)
+    digests = {}
+    for name, tree in (("baseline", baseline), ("now", ROOT)):
+        work = tmp_path / f"work-{name}"
+        env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+        r = subprocess.run([sys.executable, str(ROOT / "tests" / "bit_identity.py"), str(inputs), str(work),
+                            str(tmp_path / f"{name}.json")], cwd=tree, env=env, capture_output=True, text=True,
+                           timeout=1500)
+        assert r.returncode == 0, f"{name}: {r.stderr[-3000:]}"
+        digests[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert digests["now"].keys() == digests["baseline"].keys()
+    differ = [key for key in digests["now"] if digests["now"][key] != digests["baseline"][key]]
+    assert not differ, f"outputs differ from {BASELINE[:10]}: {differ}"

@@ -1,0 +1,173 @@
+"""A step's inputs from the data: which images a process takes (instance images, each paired with a class
+image under prior preservation), their latents, noise, timesteps and targets, and the captions as token ids.
+
+    INSTANCE, CLASS, streams    the kinds of sample and the generator stream of each random draw
+    Batch, make_batch           one micro-step of one process: TrainStep's inputs (train/losses.py)
+    drop_tags                   caption tag dropout
+    VAEBatch, make_vae_batch    the "vae" task's inputs
+    EncodedImages, encode_images, encode_captions
+                                cache_latents and cache_text_embeddings: the frozen encoders run once
+
+Every random number of a sample (crop, flip, latent sample, noise, timestep, tag and caption dropout) comes
+from a generator seeded by (seed, step, global sample index, stream), so a batch is a function of the global
+batch, not of the number of processes, and a resumed run draws what the uninterrupted one would have.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from data.dreambooth import dataset_index, sample_generator
+from models.conditioning import encode_text
+from models.tokenizer import tokenize
+
+INSTANCE, CLASS = 0, 1  # kinds of sample
+NOISE, TIMESTEP, LATENT, OFFSET, TAGS, CAPTION = 1, 2, 3, 4, 5, 6  # generator streams of a sample (0: augmentation)
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+@dataclass
+class Batch:
+    """TrainStep's inputs for n samples: this process's instance images, then their paired class images."""
+
+    text: tuple  # token ids (n, 77) of each tokenizer; with cache_text_embeddings, (context, pooled) instead
+    numbers: torch.Tensor  # (n, 6) size conditions: original h, w, crop top, left, target h, w (a refiner: 5)
+    noisy: torch.Tensor  # (n, 4, R/8, R/8) the latents noised to timestep t
+    t: torch.Tensor  # (n,) timesteps, as floats
+    target: torch.Tensor  # (n, 4, R/8, R/8) what the UNet should predict: the noise, or v
+    weight: torch.Tensor  # (n,) Min-SNR-gamma weights, else ones
+    text_kept: torch.Tensor  # (n,) 0 where caption dropout drops the caption, else 1
+
+
+def make_batch(config, data, model, tokenizers, alpha_bars, step, first, device, texts=None):
+    """This process's samples first .. first + batch_size - 1 of the step: instance images first, then (with
+    prior preservation) their paired class images. `data` holds ImageFolders, or EncodedImages with
+    cache_latents; `texts` is encode_captions()' cache with cache_text_embeddings. -> Batch"""
+    global_batch = config.batch_size * config.grad_accum * world_size()  # samples of one optimizer step
+    keys, picks = [], []  # (global sample index, kind): instance j and class j form pair j; (folder, image)
+    for kind, name in [(INSTANCE, "instance"), (CLASS, "class")]:
+        if name not in data:
+            continue
+        for j in range(first, first + config.batch_size):
+            picks.append((data[name], dataset_index(config.seed + kind, step * global_batch + j, len(data[name].prompts))))
+            keys.append((j, kind))
+    n = len(keys)
+    gens = lambda stream: [sample_generator(config.seed, step, j, 10 * kind + stream) for j, kind in keys]
+    with torch.no_grad():
+        if config.cache_latents:
+            mean, logvar = (torch.stack([getattr(folder, a)[i] for folder, i in picks]) for a in ("mean", "logvar"))
+            numbers = torch.stack([folder.numbers[i] for folder, i in picks])
+        else:
+            examples = [folder.example(i, config.resolution, config.center_crop, config.random_flip, g)
+                        for (folder, i), g in zip(picks, gens(0))]
+            mean, logvar = model.vae.encode(torch.stack([e.pixels for e in examples]).to(device))  # (n, z, h, w)
+            numbers = torch.tensor([[*e.original_size, *e.crop_top_left, *e.target_size] for e in examples],
+                                   dtype=torch.float32, device=device)
+        eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens(LATENT)]).to(device)
+        latents = (mean + torch.exp(0.5 * logvar) * eps) * model.vae.config.scaling_factor  # (n, 4, R/8, R/8)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens(NOISE)]).to(device)
+    if config.noise_offset:  # per-channel offset noise (Guttenberg 2023): helps very dark / bright images
+        offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g) for g in gens(OFFSET)])
+        noise = noise + config.noise_offset * offset.to(device)
+    t = torch.cat([torch.randint(0, config.max_timestep or len(alpha_bars), (1,), generator=g) for g in gens(TIMESTEP)]).to(device)
+    a = alpha_bars.to(device)[t][:, None, None, None]
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # q(x_t | x_0), variance preserving
+    v_pred = model.config.prediction_type == "v_prediction"  # v_pred marker keys / a folder's scheduler config
+    target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise
+    weight = torch.ones(n, device=device)
+    if config.snr_gamma is not None:  # Min-SNR-gamma (Hang et al. 2023), per sample
+        snr = (a / (1 - a)).flatten().clamp(min=1e-8)  # zero terminal SNR: 0 at t = T-1, and eps weights divide by it
+        weight = torch.minimum(snr, torch.full_like(snr, config.snr_gamma)) / (snr + 1 if v_pred else snr)
+    prompts = [drop_tags(folder.prompts[i], config.caption_tag_dropout_rate, config.keep_tokens, g)
+               for (folder, i), g in zip(picks, gens(TAGS))]
+    text_kept = torch.tensor([float(torch.rand(1, generator=g) >= config.caption_dropout_rate) for g in gens(CAPTION)],
+                             device=device)  # (n,) 0 where the caption is dropped
+    if model.text_encoder_1 is None:
+        # A refiner's negative is the encoded empty prompt with the negative aesthetic score (diffusers'
+        # force_zeros_for_empty_prompt=False): a dropped caption becomes exactly that, not zeros.
+        prompts = [p if kept else "" for p, kept in zip(prompts, text_kept.tolist())]
+        scores = torch.where(text_kept > 0, config.aesthetic_score, config.negative_aesthetic_score)
+        numbers = torch.cat([numbers[:, :4], scores[:, None]], dim=1)  # orig h, w, crop top, left, score
+        text_kept = torch.ones_like(text_kept)
+    if texts is not None:
+        text = tuple(torch.stack(part).to(device) for part in zip(*(texts[p] for p in prompts)))  # context, pooled
+    else:
+        text = tokenize(tokenizers[0], prompts).to(device), tokenize(tokenizers[1], prompts).to(device)
+    return Batch(text, numbers, noisy, t.float(), target, weight, text_kept)
+
+
+def drop_tags(prompt, rate, keep, generator):
+    """The prompt without each of its comma-separated tags, past the first `keep`, with probability `rate`."""
+    if rate == 0:
+        return prompt
+    tags = [tag.strip() for tag in prompt.split(",")]
+    draws = torch.rand(len(tags), generator=generator).tolist()
+    return ", ".join(tag for i, (tag, u) in enumerate(zip(tags, draws)) if i < keep or u >= rate)
+
+
+@dataclass
+class VAEBatch:
+    """VAEStep's inputs: this process's instance images and the noise that samples their latents."""
+
+    pixels: torch.Tensor  # (n, 3, R, R) in [-1, 1]
+    eps: torch.Tensor  # (n, z, R/8, R/8)
+
+
+def make_vae_batch(config, data, model, step, first, device):
+    """The "vae" task's inputs for this process's samples first .. first + batch_size - 1 -> VAEBatch."""
+    global_batch = config.batch_size * config.grad_accum * world_size()
+    pixels, eps = [], []
+    for j in range(first, first + config.batch_size):
+        index = dataset_index(config.seed, step * global_batch + j, len(data["instance"]))
+        g = sample_generator(config.seed, step, j, 0)
+        pixels.append(data["instance"].example(index, config.resolution, config.center_crop, config.random_flip, g).pixels)
+        z_shape = (model.config.vae.z_channels, config.resolution // 8, config.resolution // 8)
+        eps.append(torch.randn(z_shape, generator=sample_generator(config.seed, step, j, LATENT)))
+    return VAEBatch(torch.stack(pixels).to(device), torch.stack(eps).to(device))
+
+
+@dataclass
+class EncodedImages:
+    """A folder's images through the frozen VAE, for cache_latents: posterior mean and logvar
+    (N, z, R/8, R/8), the size conditions (N, 6) and the prompts."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+    numbers: torch.Tensor
+    prompts: list
+
+
+@torch.no_grad()
+def encode_images(model, images, config, device, chunk=64, count=None):
+    """The first `count` (default: every) image of an ImageFolder, center-cropped and unflipped as
+    cache_latents requires, encoded once."""
+    count = len(images) if count is None else min(count, len(images))
+    parts, numbers = [], []
+    for start in range(0, count, chunk):
+        examples = [images.example(i, config.resolution, True, False, torch.Generator())
+                    for i in range(start, min(start + chunk, count))]
+        parts.append(model.vae.encode(torch.stack([e.pixels for e in examples]).to(device)))
+        numbers += [[*e.original_size, *e.crop_top_left, *e.target_size] for e in examples]
+    mean, logvar = (torch.cat(p) for p in zip(*parts))
+    return EncodedImages(mean, logvar, torch.tensor(numbers, dtype=torch.float32, device=device), images.prompts)
+
+
+@torch.no_grad()
+def encode_captions(model, data, tokenizers, autocast, device, chunk=64):
+    """cache_text_embeddings: every prompt of the data (and a refiner's dropped-caption "") through the frozen
+    text encoders once, under the loop's autocast -> {prompt: (context (77, C), pooled (P,))}, kept on the CPU.
+    Tokenized as TrainStep's path does (one 77-token chunk, no weights), not as sampling.prompts.encode_prompts."""
+    prompts = sorted({p for folder in data.values() for p in folder.prompts}
+                     | ({""} if model.text_encoder_1 is None else set()))
+    cache = {}
+    for start in range(0, len(prompts), chunk):
+        batch = prompts[start:start + chunk]
+        with autocast:
+            context, pooled = encode_text(model.text_encoder_1, model.text_encoder_2,
+                                          tokenize(tokenizers[0], batch).to(device), tokenize(tokenizers[1], batch).to(device))
+        cache.update({p: (c.cpu(), q.cpu()) for p, c, q in zip(batch, context, pooled)})
+    return cache

@@ -1,0 +1,90 @@
+"""What a run writes besides its checkpoints: validation images along the way, and at the end the export.
+
+    validate            one image of validation_prompt, to output_dir/validation/ and TensorBoard
+    export              output_dir/model.safetensors (official layout), or the LoRA below
+    export_lora         output_dir/lora.safetensors in kohya's format (and with merge_lora, the merged model)
+    set_scaling_factor  the "vae" task: the trained VAE's latent scaling factor, before its export
+"""
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from data.dreambooth import sample_generator
+from models.files import DTYPES
+from models.loading import load, save_single_file
+from models.lora import kohya_metadata, merge_lora, save_lora
+from sampling.pipeline import NonFiniteError
+from train.batches import LATENT, encode_images
+
+
+def validate(model, config, step, out, writer, device):
+    """One image of validation_prompt with a fixed seed, to output_dir/validation/ and TensorBoard (writer None:
+    another process of an FSDP run, which takes part in the generation and writes nothing). Parts parked on the
+    CPU (cache_latents, cache_text_embeddings) visit the device while they run, as with --offload."""
+    import numpy as np
+
+    from sampling.pipeline import Pipeline, Settings
+
+    model.eval()
+    pipe = Pipeline(model)
+    pipe.offload = device
+    try:
+        image = pipe(Settings(prompt=config.validation_prompt, width=config.resolution,
+                                         height=config.resolution, steps=config.class_steps, cfg=config.class_cfg,
+                                         sampler=config.class_sampler, seed=config.seed), progress=False)[0]
+    except NonFiniteError as e:  # training goes on; the loss check stops it if the weights themselves diverged
+        print(f"note: no validation image at step {step}: {e}", file=sys.stderr)
+        return
+    finally:
+        model.train()
+    if writer is None:
+        return
+    (out / "validation").mkdir(exist_ok=True)
+    image.save(out / "validation" / f"step-{step:06d}.png")
+    writer.add_image("validation", np.asarray(image), step, dataformats="HWC")
+
+
+def export(model, adapters, config, out, data, device):
+    """The end of a finished run, on the main process: the trained model or its adapters (train/export.py)."""
+    if config.task == "vae":
+        set_scaling_factor(model, data["instance"], config, device)
+    if adapters is None:
+        save_single_file(model, out / "model.safetensors", dtype=config.export_dtype, overwrite=True)
+        print(f"wrote {out / 'model.safetensors'}")
+    else:
+        export_lora(model, adapters, config, out)
+
+
+def export_lora(model, adapters, config, out):
+    """output_dir/lora.safetensors in kohya's format; with merge_lora, also the base (read again from its file,
+    in float32) with that very file merged in by models.lora, as --lora does at generation."""
+    base_version = "sdxl_base_v1-0" if model.text_encoder_1 is not None else "sdxl_refiner_v1-0"
+    metadata = kohya_metadata(adapters, base_version, Path(config.output_dir).name, steps=config.max_steps,
+                              learning_rate=config.lr, resolution=f"({config.resolution}, {config.resolution})",
+                              seed=config.seed)
+    save_lora(adapters, out / "lora.safetensors", DTYPES[config.export_dtype], metadata)
+    print(f"wrote {out / 'lora.safetensors'}")
+    if config.merge_lora:
+        merged = load(config.model, dtype="fp32", config=config.model_config)
+        merge_lora(merged, out / "lora.safetensors")
+        save_single_file(merged, out / "model.safetensors", dtype=config.export_dtype, overwrite=True)
+        print(f"wrote {out / 'model.safetensors'} (the base with the LoRA merged in)")
+
+
+@torch.no_grad()
+def set_scaling_factor(model, images, config, device, count=256):
+    """Give the trained VAE the scaling_factor that makes its latents unit-variance for the UNet:
+    1 / std of latents sampled from the first `count` images (how Rombach et al. got SD's 0.18215)."""
+    model.vae.eval()
+    encoded = encode_images(model, images, config, device, chunk=64, count=count)
+    n, step = len(encoded.mean), config.max_steps  # noise from generators of a step the run never reached
+    eps = torch.cat([torch.randn(encoded.mean[start:start + 64].shape,
+                                 generator=sample_generator(config.seed, step, start, LATENT)) for start in range(0, n, 64)])
+    latents = encoded.mean + torch.exp(0.5 * encoded.logvar) * eps.to(device)
+    factor = round(1 / latents.std().item(), 5)
+    model.config = replace(model.config, vae=replace(model.config.vae, scaling_factor=factor))
+    model.vae.config = model.config.vae
+    print(f"VAE scaling_factor: {factor} (1 / std of the latents of {n} images)")
