@@ -39,7 +39,15 @@ TRAININGS = {  # name: (fields, processes)
 
 
 def digest(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """sha256 of a file's bytes; of a .safetensors file with several metadata entries (a LoRA's kohya fields),
+    of its sorted metadata and its tensors' bytes: safetensors writes such entries in a random order."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if path.suffix != ".safetensors":
+        return hashlib.sha256(raw).hexdigest()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    return hashlib.sha256(json.dumps(header, sort_keys=True).encode() + raw[8 + n:]).hexdigest()
 
 
 def make_inputs(folder):
