@@ -12,14 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from models import keys, text, unet, vae
-from models.files import (
-    DTYPES,
-    LoadError,
-    atomic_folder,
-    check_destination,
-    open_safetensors,
-    read_tensors,
-)
+from models.files import DTYPES, LoadError, atomic_folder, check_destination, open_safetensors, read_tensors
 from models.sdxl import SDXL, SDXLConfig, scheduler_config
 from models.single_file import assign, check_finite, check_tensors, state_dicts
 from models.tokenizer import load_tokenizers, save_tokenizers

@@ -23,13 +23,7 @@ from models.diffusers_layout import (
 from models.files import DTYPES, LoadError, model_hash
 from models.hub import download
 from models.sdxl import SDXL, SDXLConfig, scheduler_config
-from models.single_file import (
-    config_from_dict,
-    load_single_file,
-    load_vae_file,
-    read_config,
-    save_single_file,
-)
+from models.single_file import config_from_dict, load_single_file, load_vae_file, read_config, save_single_file
 
 __all__ = ["BUNDLED", "DTYPES", "LoadError", "ModelInfo", "architecture", "check_device", "inspect", "load", "load_vae",
            "model_hash", "out_of_memory", "read_folder_config", "resolve", "save_diffusers", "save_single_file"]

@@ -18,15 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from models import text, unet, vae
-from models.files import (
-    DTYPES,
-    LoadError,
-    atomic_file,
-    cast,
-    check_destination,
-    open_safetensors,
-    read_tensors,
-)
+from models.files import DTYPES, LoadError, atomic_file, cast, check_destination, open_safetensors, read_tensors
 from models.sdxl import SDXL, V_PRED_MARKER, ZTSNR_MARKER, SDXLConfig, single_file_prefixes
 
 CONFIG_METADATA_KEY = "plainxl.config"  # our exports store the full SDXLConfig as JSON here

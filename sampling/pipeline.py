@@ -31,26 +31,11 @@ from models.loading import load, read_folder_config, resolve
 from models.lora import merge_lora
 from models.sdxl import scheduler_config as models_scheduler_config
 from models.tokenizer import load_tokenizers
-from sampling.images import (
-    as_image,
-    latent_mask,
-    mask_pixels,
-    pixels,
-    upscale_images,
-    upscale_latents,
-)
+from sampling.images import as_image, latent_mask, mask_pixels, pixels, upscale_images, upscale_latents
 from sampling.prompts import encode_prompts, num_chunks
 from sampling.samplers import SAMPLERS, noise_like
 from sampling.schedule import make_schedule
-from sampling.settings import (
-    Settings,
-    check,
-    hires_second_pass,
-    is_latents,
-    schedule_steps,
-    window,
-    with_output_size,
-)
+from sampling.settings import Settings, check, hires_second_pass, is_latents, schedule_steps, window, with_output_size
 from sampling.tiling import tiled
 
 

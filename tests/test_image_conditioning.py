@@ -81,11 +81,7 @@ def reference(cls, folder, **kwargs):
 
 @pytest.fixture(scope="module")
 def theirs(files):
-    from diffusers import (
-        StableDiffusionXLImg2ImgPipeline,
-        StableDiffusionXLInpaintPipeline,
-        StableDiffusionXLPipeline,
-    )
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
 
     base = reference(StableDiffusionXLPipeline, files / "base")
     return {

@@ -14,11 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models import keys
-from models.diffusers_layout import (
-    save_diffusers,
-    unet_config_to_diffusers,
-    vae_config_to_diffusers,
-)
+from models.diffusers_layout import save_diffusers, unet_config_to_diffusers, vae_config_to_diffusers
 from models.loading import LoadError, load, save_single_file
 from models.sdxl import BASE, REFINER, SDXL, TINY, single_file_prefixes
 from models.single_file import infer_config
@@ -44,12 +40,7 @@ def same_weights(a, b):
 @pytest.fixture(scope="module")
 def diffusers_folder(tmp_path_factory):
     """A tiny SDXL pipeline built and saved by diffusers/transformers themselves (save_pretrained)."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from models.tokenizer import load_tokenizers

@@ -16,12 +16,7 @@ import pytest
 import torch
 
 from sampling.samplers import SAMPLERS
-from sampling.schedule import (
-    SDXL_SCHEDULER_CONFIG,
-    karras_sigmas,
-    make_schedule,
-    sigma_from_alpha_bar,
-)
+from sampling.schedule import SDXL_SCHEDULER_CONFIG, karras_sigmas, make_schedule, sigma_from_alpha_bar
 
 # diffusers' own numpy 2 deprecation notice, raised inside its set_timesteps
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -13,14 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from models.keys import openclip_from_hf, openclip_to_hf
-from models.text import (
-    CLIP_L,
-    OPENCLIP_BIGG,
-    TINY_CLIP_L,
-    TINY_OPENCLIP_BIGG,
-    CLIPTextEncoder,
-    OpenCLIPTextEncoder,
-)
+from models.text import CLIP_L, OPENCLIP_BIGG, TINY_CLIP_L, TINY_OPENCLIP_BIGG, CLIPTextEncoder, OpenCLIPTextEncoder
 
 BOS, EOS = 49406, 49407
 TOL = 1e-5

@@ -50,14 +50,7 @@ from train.config import ConfigError, load_config
 from train.export import export, validate
 from train.log import divergence, log_step, start_logging
 from train.losses import TrainStep, VAEStep
-from train.optim import (
-    clip_gradients,
-    fuse_into_backward,
-    lr_scheduler,
-    make_optimizer,
-    shard_unet,
-    unsharded_unet,
-)
+from train.optim import clip_gradients, fuse_into_backward, lr_scheduler, make_optimizer, shard_unet, unsharded_unet
 from train.preflight import lora_adapters, preflight, trainable_parameters
 
 INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit codes as a shell reports a signal: 128 + number

@@ -71,9 +71,7 @@ def shard_unet(unet):
     """parallel=fsdp: each of fsdp_units() becomes an FSDP2 unit. The parameters are replaced by DTensors holding
     this process's 1/N (dim 0); forward and backward gather one unit at a time, and backward reduce-scatters
     (averages) the gradients, as DDP's all-reduce would."""
-    from torch.distributed.fsdp import (
-        fully_shard,  # imported here: ~2 s that runs without FSDP need not pay
-    )
+    from torch.distributed.fsdp import fully_shard  # imported here: ~2 s that runs without FSDP need not pay
 
     for unit in fsdp_units(unet):
         fully_shard(unit)
