@@ -20,7 +20,7 @@ setup(
     ],
     extras_require={
         # diffusers (and peft, for its LoRA loading) are the test oracles only: project code never imports them.
-        # nbclient, nbformat and ipykernel execute the notebooks in the test suite; hypothesis draws damaged files.
-        "test": ["pytest", "hypothesis", "diffusers==0.42.1", "peft", "accelerate", "nbclient", "nbformat", "ipykernel"],
+        # nbclient, nbformat and ipykernel execute the notebooks in the test suite; hypothesis draws damaged files; ruff is the linter .ci/run runs.
+        "test": ["pytest", "hypothesis", "ruff", "diffusers==0.42.1", "peft", "accelerate", "nbclient", "nbformat", "ipykernel"],
     },
 )
