@@ -20,12 +20,12 @@ from models.layers import attention
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
-    vocab_size: int
+    vocab_size: int  # token embeddings (49408 for CLIP's tokenizer)
     context_length: int  # number of positions; prompts are padded / truncated to this
-    width: int
-    layers: int
-    heads: int
-    mlp_dim: int
+    width: int  # channels of the residual stream
+    layers: int  # transformer layers (SDXL reads the penultimate one's output)
+    heads: int  # attention heads per layer
+    mlp_dim: int  # hidden width of each layer's MLP
     act: str  # MLP activation: "quick_gelu" (CLIP-L) or "gelu" (exact erf GELU, bigG)
     projection_dim: int | None  # size of the pooled embedding; None = no text_projection
     eps: float = 1e-5  # LayerNorm epsilon

@@ -36,11 +36,11 @@ from models.layers import GroupNorm32, attention, timestep_embedding
 
 @dataclass(frozen=True)
 class UNetConfig:
-    in_channels: int = 4
+    in_channels: int = 4  # latent channels in (9 for an inpainting UNet: latents, mask, masked-image latents)
     out_channels: int = 4
-    model_channels: int = 320
-    channel_mult: tuple = (1, 2, 4)
-    num_res_blocks: int = 2
+    model_channels: int = 320  # channels of the first level
+    channel_mult: tuple = (1, 2, 4)  # channels of level i = model_channels * channel_mult[i]; 2x down between
+    num_res_blocks: int = 2  # ResBlocks per input level (the output side has one more per level)
     transformer_depth: tuple = (0, 2, 10)  # per level, for the input blocks; 0 = no attention
     transformer_depth_middle: int = 10
     # Per output block (len(channel_mult) * (num_res_blocks + 1), in execution order). None means

@@ -1,8 +1,12 @@
-"""Noise schedules in sigma space, reproducing diffusers' five schedulers' `set_timesteps` exactly.
+"""Sampling schedules in sigma space, reproducing diffusers' five schedulers' `set_timesteps` exactly.
+
+Two words, one meaning each: the *noise schedule* is the model's, alpha_bar_t over the training timesteps
+(`alphas_cumprod`, fixed by training); a *sampling schedule* (`Schedule`, made by `make_schedule`) is the
+sigmas and timesteps one run steps through, picked from the noise schedule.
 
 Everything here lives in sigma space (k-diffusion's convention): x = x0 + sigma * eps, with
 sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t). A VP-space latent (what diffusers' DDIM, DDPM and
-DPM-Solver step on) is x / sqrt(sigma^2 + 1). A schedule is a few tensors handed to a pure sampler
+DPM-Solver step on) is x / sqrt(sigma^2 + 1). A sampling schedule is a few tensors handed to a pure sampler
 (sampling/samplers.py); `make_schedule` builds them the way each diffusers scheduler does (spec section 5),
 down to its float32/float64 choices, so sigmas and timesteps match diffusers to float32 rounding.
 

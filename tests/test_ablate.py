@@ -27,6 +27,7 @@ def write_config(path, **fields):
     return path
 
 
+@pytest.mark.slow
 def test_cells_equal_the_pipeline_and_the_table_pools_seeds(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--config", str(write_config(tmp_path / "ablation_x.py")), "--out", str(out)]) == 0
@@ -46,6 +47,7 @@ def test_cells_equal_the_pipeline_and_the_table_pools_seeds(tmp_path, capsys):
         assert sheet.size == (160 + 2 * 64, 8 * 64)
 
 
+@pytest.mark.slow
 def test_an_interrupted_grid_continues_without_redoing_a_cell(tmp_path, capsys):
     out = tmp_path / "out"
     # The third cell's intervention raises KeyboardInterrupt, as Ctrl-C would during its generation.

@@ -164,6 +164,7 @@ def test_sigterm_saves_a_checkpoint_then_exits(setup, tmp_path):
 # ----------------------------------------------------------------------------- what trains
 
 
+@pytest.mark.slow
 def test_frozen_parameters_are_bit_identical_and_export_generates(setup, tmp_path):
     out = tmp_path / "frozen"
     finish(run(args(setup, out, max_steps=2, train=["unet.*attn2*"])))
@@ -407,6 +408,7 @@ def test_bad_config(setup, tmp_path, capsys, extra, fragment):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_bad_config_from_the_command_line_exits_2_in_one_line(setup, tmp_path):
     """The cases above call main(); the real command gives the same line and exit status, and no traceback."""
     proc = run(args(setup, tmp_path / "o") + ["--lr=fast"])
@@ -479,6 +481,7 @@ def test_bf16_mixed_precision_and_gradient_checkpointing_run(setup, tmp_path):
 # ----------------------------------------------------------------------------- the "vae" task
 
 
+@pytest.mark.slow
 def test_vae_task_trains_the_vae_only(setup, tmp_path):
     out = tmp_path / "vae"
     finish(run(args(setup, out, task="vae", train=["vae"], prior_loss_weight=0.0, max_steps=3, resolution=32)))

@@ -123,6 +123,7 @@ def test_offload_on_the_cpu_is_one_line(tmp_path, capsys):
     assert err.strip().count("\n") == 0 and "with --device cpu there is nothing to offload" in err, err
 
 
+@pytest.mark.slow
 def test_compile_compiles_the_unet_and_leaves_the_image(tmp_path, monkeypatch):
     """--compile calls the UNet's Module.compile. Inductor takes minutes on a CPU, so the test compiles with
     dynamo's eager backend: the UNet is traced into graphs and run from them, and the image stays the same."""

@@ -162,6 +162,7 @@ def test_a_fifo_is_refused_not_waited_on(tmp_path):
 # ----------------------------------------------------------------------------- every valid header length loads
 
 
+@pytest.mark.slow
 def test_lora_files_with_every_header_length_load(micro, tmp_path):
     header, data = split(micro / "lora.safetensors")
     expected = merged(micro / "model.safetensors", micro / "lora.safetensors")
@@ -174,6 +175,7 @@ def test_lora_files_with_every_header_length_load(micro, tmp_path):
         model.unet.load_state_dict(base)  # back to the base for the next file
 
 
+@pytest.mark.slow
 def test_vae_files_with_every_header_length_load(micro, tmp_path):
     header, data = split(micro / "vae.safetensors")
     expected = load_vae(micro / "vae.safetensors", like=MICRO.vae).state_dict()
@@ -210,6 +212,7 @@ def check_lora(model, path):
     return merge_lora(model, path, 1.0, apply=False)
 
 
+@pytest.mark.slow
 def test_a_lora_truncated_at_every_byte_is_one_line(micro, tmp_path):
     raw = (micro / "lora.safetensors").read_bytes()
     with torch.device("meta"):
@@ -223,6 +226,7 @@ def test_a_lora_truncated_at_every_byte_is_one_line(micro, tmp_path):
     assert len(raw) > 1000  # every offset of a file with a header and data
 
 
+@pytest.mark.slow
 def test_a_lora_with_any_header_byte_flipped_is_one_line(micro, tmp_path):
     raw = (micro / "lora.safetensors").read_bytes()
     n = int.from_bytes(raw[:8], "little")
@@ -294,6 +298,7 @@ def damage(raw, cut, where, mask):
     return raw
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(cut=st.booleans(), where=st.integers(0, 10**9), mask=st.integers(1, 255))
 def test_a_damaged_model_or_vae_file_is_one_line_or_loads(micro, tmp_path, cut, where, mask):
@@ -314,6 +319,7 @@ def test_a_damaged_model_or_vae_file_is_one_line_or_loads(micro, tmp_path, cut, 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(which=st.sampled_from(["--model", "--lora", "--vae"]), cut=st.booleans(), where=st.integers(0, 10**9),
        mask=st.integers(1, 255))
+@pytest.mark.slow
 def test_the_command_line_refuses_damaged_files_in_one_line(micro, tmp_path, capsys, which, cut, where, mask):
     """sampling.generate (in-process: the same main) on the bundled model with a damaged model, LoRA or VAE:
     exit 2 and one line, or (damage that leaves a valid file) an image."""
@@ -336,6 +342,7 @@ def test_the_command_line_refuses_damaged_files_in_one_line(micro, tmp_path, cap
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_damaged_file_through_a_real_process_is_one_line(micro, tmp_path):
     """One case through a real interpreter: what a user sees, exit code and all."""
     import subprocess

@@ -128,6 +128,7 @@ def test_bad_settings(model_file, tmp_path, capsys, args, fragment):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_missing_model_one_line_no_traceback(tmp_path):
     r = run_cli(["--model", str(tmp_path / "nope.safetensors"), "--prompt", "x", "--out", str(tmp_path / "o")])
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr, r.stderr
@@ -149,6 +150,7 @@ def test_unreadable_from_png(tmp_path, capsys, content):
 # ----------------------------------------------------------------------------- the bundled model
 
 
+@pytest.mark.slow
 def test_readme_first_command_uses_the_bundled_model_offline(tmp_path):
     """No --model, no size, no network: the bundled plainxl-tiny at its own 64x64."""
     import os
@@ -199,6 +201,7 @@ def test_bundled_refiner_file_shares_the_base_vae_and_reads_its_prompts():
     assert refiner.config.vae == base.config.vae
 
 
+@pytest.mark.slow
 def test_the_two_stage_command_runs_offline_on_the_bundled_pair(tmp_path):
     import hashlib
 

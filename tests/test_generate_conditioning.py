@@ -47,6 +47,7 @@ KINDS = {  # what each kind adds to QUICK
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_each_kind_reruns_from_its_png(capsys, tmp_path, tiny_file, inputs, kind):
     args = [a.format(root=inputs) for a in KINDS[kind]]

@@ -99,6 +99,7 @@ def ours(files):
             for name in ("base", "refiner", "inpainting") for layout, suffix in [("file", ".safetensors"), ("folder", "")]}
 
 
+@pytest.mark.slow
 def test_the_refiner_and_inpainting_files_are_what_diffusers_reads_back(files, theirs):
     """diffusers' own single-file reader, an independent converter, finds the folder's weights in our files."""
     from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline

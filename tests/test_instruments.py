@@ -195,6 +195,7 @@ def test_save_attention_writes_a_heatmap_grid_per_image(tmp_path, capsys):
     assert not (tmp_path / "m2").exists()
 
 
+@pytest.mark.slow
 def test_interventions_and_taps_from_the_command_line(tmp_path, capsys):
     from safetensors.torch import load_file
 

@@ -68,6 +68,7 @@ def diffusers_folder(tmp_path_factory):
     return folder, pipe
 
 
+@pytest.mark.slow
 def test_diffusers_folder_and_single_file_load_identical_models(diffusers_folder, tmp_path):
     folder, pipe = diffusers_folder
     from_folder = load(folder)
@@ -85,6 +86,7 @@ def test_diffusers_folder_and_single_file_load_identical_models(diffusers_folder
         assert all(torch.equal(want[k], got[k]) for k in want), f"{name}: diffusers reads other weights from our file"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [None, torch.float16])
 def test_single_file_to_folder_to_single_file_is_bit_exact(tmp_path, dtype):
     torch.manual_seed(0)
@@ -96,6 +98,7 @@ def test_single_file_to_folder_to_single_file_is_bit_exact(tmp_path, dtype):
     assert first.read_bytes() == second.read_bytes()
 
 
+@pytest.mark.slow
 def test_load_casts_to_the_requested_dtype(tmp_path):
     torch.manual_seed(0)
     model = SDXL(TINY)
@@ -141,6 +144,7 @@ def configs_only(folder, dst):
     return dst
 
 
+@pytest.mark.slow
 def test_config_gives_a_bare_single_file_its_architecture(diffusers_folder, bare_file, tmp_path):
     """As diffusers' from_single_file(config=...): the folder, any of its JSON files, or plainxl's own config;
     every weight equals the folder's, and diffusers' own reader finds the same ones in the bare file."""
@@ -218,6 +222,7 @@ def test_config_with_a_folder_model_is_refused(diffusers_folder):
         load(folder, config=folder)
 
 
+@pytest.mark.slow
 def test_convert_and_generate_take_config(diffusers_folder, bare_file, tmp_path, capsys):
     from models.convert import main as convert
     from sampling.generate import main as generate
@@ -411,6 +416,7 @@ def test_path_that_does_not_exist(tmp_path):
     expect_error(tmp_path / "nope.safetensors", "does not exist")
 
 
+@pytest.mark.slow
 def test_cli_bad_input_one_line_no_traceback_nothing_written(tmp_path):
     (tmp_path / "model.ckpt").write_bytes(pickle.dumps({}))
     dst = tmp_path / "out.safetensors"
@@ -421,6 +427,7 @@ def test_cli_bad_input_one_line_no_traceback_nothing_written(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.ckpt"]
 
 
+@pytest.mark.slow
 def test_cli_refuses_to_overwrite(tiny_file, tmp_path):
     dst = tmp_path / "taken.safetensors"
     dst.write_bytes(b"precious")
@@ -439,11 +446,13 @@ def run_offline(source, hf_home):
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env).stdout
 
 
+@pytest.mark.slow
 def test_repo_id_offline_and_not_cached_says_so(tmp_path):
     out = run_offline("cagliostrolab/animagine-xl-4.0", tmp_path)
     assert out.startswith("ERROR") and "nor in the Hugging Face cache" in out and "HF_HUB_OFFLINE" in out, out
 
 
+@pytest.mark.slow
 def test_repo_id_offline_from_the_cache(tiny_file, tmp_path):
     """A file already in huggingface_hub's cache loads with the hub unreachable (the default file of the repo)."""
     repo = tmp_path / "hub" / "models--cagliostrolab--animagine-xl-4.0"

@@ -94,6 +94,7 @@ def diffusers_with(files, loras):
 @pytest.mark.parametrize("loras", [[("kohya.safetensors", 0.8)], [("peft.safetensors", 1.0)],
                                    [("kohya.safetensors", 0.7), ("peft.safetensors", -0.5)]],
                          ids=["kohya 0.8", "peft 1.0", "both 0.7 -0.5"])
+@pytest.mark.slow
 def test_merged_loras_equal_diffusers(files, loras):
     s = Settings(prompt="1girl, red eyes", negative_prompt="lowres", width=64, height=64, steps=8, sampler="euler",
                  seed=2, num_images=2)
@@ -146,6 +147,7 @@ def test_bad_lora_files_are_one_clear_error(files, tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing was changed
 
 
+@pytest.mark.slow
 def test_text_encoder_loras_equal_diffusers_embeddings(files):
     """The images of a random tiny model hardly depend on the prompt: compare the conditioning itself."""
     pipe = diffusers_with(files, [("kohya.safetensors", 0.8)])

@@ -103,6 +103,7 @@ def trained_lora(setup, out, **overrides):
     return out / "lora.safetensors"
 
 
+@pytest.mark.slow
 def test_a_lora_trained_here_loaded_by_diffusers_gives_our_images(setup, tmp_path):
     """The export (UNet with LoCon convs): diffusers' load_lora_weights places every module, and its images
     equal ours with --lora and with the merged model.safetensors."""
@@ -175,6 +176,7 @@ def train_in_process(monkeypatch, cli_args):
     return seen["state"]
 
 
+@pytest.mark.slow
 def test_a_lora_run_keeps_the_base_bit_identical(setup, tmp_path, monkeypatch, capsys):
     """Prior preservation on, adapters in the UNet and both text encoders: after the last step every base
     weight in memory is the file's, bit for bit; only adapters are in the checkpoint; the merged export is
@@ -207,6 +209,7 @@ def test_a_lora_run_keeps_the_base_bit_identical(setup, tmp_path, monkeypatch, c
     assert err.count("\n") == 1 and "was made with lora_rank=4, this run has 8" in err, err
 
 
+@pytest.mark.slow
 def test_a_bf16_base_trains_float32_adapters(setup, tmp_path, monkeypatch):
     """The frozen UNet and text encoders in bf16 (class images made with them too), the VAE and adapters float32."""
     import shutil
@@ -227,6 +230,7 @@ def test_a_bf16_base_trains_float32_adapters(setup, tmp_path, monkeypatch):
     assert all(np.isfinite(r["loss"]) for r in losses(out)) and (out / "validation" / "step-000002.png").exists()
 
 
+@pytest.mark.slow
 def test_a_refiner_trains_a_lora_of_its_unet_and_bigg(setup, tmp_path):
     """A refiner has no CLIP-L: kohya's CLIP-L patterns are passed over, bigG's adapters are lora_te2_."""
     from models.loading import resolve
@@ -307,6 +311,7 @@ def test_bad_lora_settings_are_one_line_before_anything_loads(setup, tmp_path, c
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_the_full_size_lora_step_is_budgeted_under_16_gib():
     """Issue 4's way, on the meta device with a saved-tensor byte counter (tests/benchmarks/bench_train_step.py):
     rank 32 on kohya's UNet set, bf16 base, 1024², 1 instance + 1 class latent, gradient checkpointing."""

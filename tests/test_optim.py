@@ -37,6 +37,7 @@ def test_stochastic_rounding_keeps_updates_smaller_than_half_an_ulp():
     assert abs(stochastic.float().mean().item() - 1.1) < 2e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
 def test_bf16_master_weights_track_float32_training(setup, tmp_path, optimizer):
     """The same 8 steps with float32 and with stochastically rounded bf16 weights (both under bf16 autocast)."""
@@ -61,6 +62,7 @@ def test_bf16_master_weights_track_float32_training(setup, tmp_path, optimizer):
     assert 0.85 <= projection <= 1.15 and cosine >= 0.85
 
 
+@pytest.mark.slow
 def test_fused_backward_equals_the_ordinary_step(setup, tmp_path):
     """With clipping out of the way (a per-tensor clip differs from a global one by design), stepping each
     tensor inside backward is the same AdamW update."""
@@ -78,6 +80,7 @@ def test_fused_backward_equals_the_ordinary_step(setup, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("fields", [dict(optimizer="adafactor", lr=2e-2, parallel="zero", cache_text_embeddings=True),
                                     dict(fused_backward=True, **BF16)], ids=["adafactor-zero-cached-text", "fused-bf16"])
+@pytest.mark.slow
 def test_two_processes_equal_one_for_every_option(setup, tmp_path, fields):
     one, two = tmp_path / "one", tmp_path / "two"
     finish(run(args(setup, one, batch_size=2, train=["unet"], **fields)))
@@ -97,6 +100,7 @@ def test_two_processes_equal_one_for_every_option(setup, tmp_path, fields):
 
 @pytest.mark.parametrize("fields", [dict(optimizer="adafactor", lr=2e-2, cache_text_embeddings=True),
                                     dict(fused_backward=True, **BF16)], ids=["adafactor-cached-text", "fused-bf16"])
+@pytest.mark.slow
 def test_resume_is_bit_identical_for_every_option(setup, tmp_path, fields):
     """4 steps in one go against 2 steps, then a resume from that run's step-2 checkpoint to step 4."""
     whole, halves = tmp_path / "whole", tmp_path / "halves"
@@ -154,6 +158,7 @@ def test_bad_optimizer_settings_are_one_line_before_anything_loads(setup, tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_full_unet_fine_tuning_is_budgeted_under_22_gib():
     """Issue 4's way (tests/benchmarks/bench_train_step.py): full-size SDXL UNet at 1024², 1 instance + 1 class
     latent, gradient checkpointing. Adafactor with bf16 weights and fused_backward fits a 24 GB card."""

@@ -152,6 +152,7 @@ def test_fp16_decode_is_upcast_so_overflow_cannot_blacken_images(files):
     assert np.asarray(half).std() > 10 and diff.mean() < 2, f"fp16 pipeline image differs: mean {diff.mean():.2f}"
 
 
+@pytest.mark.slow
 def test_a_folders_scheduler_config_is_used(files, tmp_path):
     """A diffusers folder whose scheduler config differs from SDXL's (trailing spacing, no offset):
     our pipeline reads it, and still equals diffusers reading the same folder."""
@@ -196,6 +197,7 @@ def vpred_files(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m"])
 def test_v_prediction_zero_snr_images_equal_diffusers(vpred_files, sampler):
     from diffusers import StableDiffusionXLPipeline

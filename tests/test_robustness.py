@@ -110,6 +110,7 @@ def test_generate_settings_refused_before_the_model_loads(tmp_path, capsys, monk
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_repo_id_without_network_is_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env["HF_HOME"] = str(tmp_path / "hf")
@@ -206,6 +207,7 @@ def test_a_file_that_appears_is_never_replaced(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*"))  # no temporary left behind
 
 
+@pytest.mark.slow
 def test_convert_overwrite_deletes_only_the_destination(tmp_path):
     parent = tmp_path / "work"
     (parent / "DST").mkdir(parents=True)
@@ -260,6 +262,7 @@ def test_ctrl_c_keeps_the_images_already_written(tmp_path, capsys, monkeypatch):
     Image.open(out / "00000-4.png").load()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [2.5, 6])  # during torch's imports and the load; in the sampler
 def test_sigint_while_generating_exits_130_without_traceback(tmp_path, delay):
     # 999 steps at 512x512 take minutes. A Ctrl-C raised inside torch's imports once surfaced as a RuntimeError
@@ -354,6 +357,7 @@ def test_stripped_bundled_model_is_refused_not_built_wrong(tmp_path):
     (lambda c: c.update(attention_head_dim=0), "attention"),
     (lambda c: c.update(block_out_channels=[], down_block_types=[], up_block_types=[]), "at least one level"),
 ])
+@pytest.mark.slow
 def test_converter_validates_the_configs_it_reads(tmp_path, edit, fragment):
     save_diffusers(load(TINY_FILE), tmp_path / "src")
     config = json.loads((tmp_path / "src" / "unet" / "config.json").read_text())
@@ -389,6 +393,7 @@ def wild_file(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_markers_and_extra_tensors_load_and_survive_export(wild_file, tmp_path, capsys):
     model = load(wild_file / "wild.safetensors")
     assert model.config.prediction_type == "v_prediction" and model.config.zero_terminal_snr
@@ -589,6 +594,7 @@ def test_trainer_folders_that_are_files(train_setup, tmp_path, capsys):
     assert (tmp_path / "a file").read_text() == "x" and sorted(p.name for p in tmp_path.iterdir()) == ["a file"]
 
 
+@pytest.mark.slow
 def test_trainer_model_config_gives_a_bare_file_its_architecture(train_setup, tmp_path, capsys):
     """A narrow single file without metadata: refused in one line naming model_config=, then trained with it."""
     bare = tmp_path / "bare.safetensors"
@@ -639,6 +645,7 @@ def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
     assert rgb.shape == (16, 16, 3) and np.array_equal(rgb[..., 0], np.arange(256).reshape(16, 16))
 
 
+@pytest.mark.slow
 def test_output_dir_of_another_run_is_refused_then_overwritten_on_request(train_setup, trained_run, tmp_path, capsys):
     import shutil
 
@@ -656,6 +663,7 @@ def test_output_dir_of_another_run_is_refused_then_overwritten_on_request(train_
     assert (out / "notes.txt").read_text() == "my notes"  # only a run's own files are replaced
 
 
+@pytest.mark.slow
 def test_resume_from_a_model_file_is_one_line(train_setup, trained_run, tmp_path, capsys):
     import shutil
 
@@ -665,6 +673,7 @@ def test_resume_from_a_model_file_is_one_line(train_setup, trained_run, tmp_path
     one_line_error(err, code, "is a model file, not a training checkpoint")
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_and_says_so(train_setup, trained_run, tmp_path, capsys):
     import shutil
 
@@ -690,6 +699,7 @@ def test_diverging_run_stops_and_never_exports_nan(train_setup, tmp_path, capsys
                    if t.is_floating_point()), checkpoint
 
 
+@pytest.mark.slow
 def test_sigint_saves_a_checkpoint_says_how_to_resume_and_exits_130(train_setup, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -710,6 +720,7 @@ def test_sigint_saves_a_checkpoint_says_how_to_resume_and_exits_130(train_setup,
 # ----------------------------------------------------------------------------- found in review
 
 
+@pytest.mark.slow
 def test_overwrite_never_deletes_what_the_run_reads(train_setup, trained_run, tmp_path, capsys):
     import shutil
 
@@ -721,6 +732,7 @@ def test_overwrite_never_deletes_what_the_run_reads(train_setup, trained_run, tm
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_resume_latest_without_a_checkpoint_does_not_start_over_on_a_run(train_setup, trained_run, tmp_path, capsys):
     import shutil
 
@@ -733,6 +745,7 @@ def test_resume_latest_without_a_checkpoint_does_not_start_over_on_a_run(train_s
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_resuming_an_older_checkpoint_keeps_the_newer_ones_aside(train_setup, trained_run, tmp_path, capsys):
     import shutil
 
@@ -748,6 +761,7 @@ def test_resuming_an_older_checkpoint_keeps_the_newer_ones_aside(train_setup, tr
     assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_only_a_folder_of_model_files(tmp_path):
     """A training output_dir with a model_index.json beside checkpoints and logs is not ours to replace."""
     folder = tmp_path / "diffusers-run"
@@ -789,6 +803,7 @@ def test_weights_that_overflow_the_export_dtype_are_not_written(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_invalid_repo_id_and_bad_adam_betas_are_one_line(train_setup, tmp_path, capsys):
     r = subprocess.run([sys.executable, "-m", "models.convert", "a--b/c", str(tmp_path / "o.safetensors")],
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -804,6 +819,7 @@ def test_prompt_starting_with_a_newline_round_trips():
     assert parse_parameters(format_parameters(s, 0, "m"))[0] == s
 
 
+@pytest.mark.slow
 def test_sigint_during_the_trainers_load_exits_130_without_traceback(train_setup, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "train.dreambooth", *train_args(train_setup, out, max_steps=10000)],

@@ -18,125 +18,112 @@ from models.lora import KOHYA_TARGETS
 
 @dataclass
 class TrainConfig:
-    """Every field of a run.
+    """Every field of a run, each explained where it is declared (kohya's names where kohya has the field)."""
 
-    Args:
-        model: base model (single file, diffusers folder or Hugging Face repo id).
-        model_config: the architecture of a `model` single file that does not store it and is too narrow to be
-            read from its shapes: its diffusers folder or config JSON (sampling.generate's --config).
-        instance_data_dir / instance_prompt: the subject's images; a .txt beside an image replaces the prompt.
-        class_data_dir / class_prompt: prior-preservation images (generated up to num_class_images if short).
-        prior_loss_weight: weight of the class loss; 0 turns prior preservation off.
-        resolution, center_crop, random_flip: square crops of this size, re-drawn every step.
-        cache_latents: encode every image once before training (needs center_crop and no random_flip,
-            so the pixels never change); the latent is still sampled anew from its posterior every step.
-            The VAE then leaves the GPU for the CPU (validation images bring it back for a moment).
-        cache_text_embeddings: encode every prompt once before training, under the loop's autocast (needs frozen
-            text encoders and no caption_tag_dropout_rate, so the prompts never change); the text encoders then
-            leave the GPU as the VAE does with cache_latents (kohya's cache_text_encoder_outputs).
-        batch_size: instance images per process per micro-step (each paired with one class image).
-        grad_accum, max_steps, lr, lr_schedule (constant/linear/cosine), warmup_steps, max_grad_norm.
-        train: name patterns of what trains, over unet.*, text_encoder_1.*, text_encoder_2.* (VAE never).
-        mixed_precision: no / fp16 (grad scaler) / bf16 autocast; trained weights stay float32.
-        gradient_checkpointing: recompute UNet blocks in backward to save activation memory.
-        checkpoint_every, keep_checkpoints, resume ("latest" or a checkpoint path).
-        overwrite: replace the run already in output_dir (without it, such a folder is refused unless resume= is given).
-        validation_prompt, validation_every: images on the main process, to TensorBoard and output_dir.
-        caption_dropout_rate: share of samples trained with zeroed text conditioning (context and pooled),
-            the unconditional prediction that classifier-free guidance's zero negative asks for (kohya's name).
-        caption_tag_dropout_rate, keep_tokens: drop each comma-separated tag of a prompt with this probability,
-            except the first keep_tokens tags (kohya's names; "tokens" are tags there too).
-        snr_gamma: Min-SNR weighting (Hang et al. 2023); None turns it off. noise_offset: per-channel offset noise.
-        max_timestep: train on timesteps t < max_timestep only (SDXL's refiner was trained on the low-noise end,
-            t < 200); None: all of them.
-        aesthetic_score: a refiner's fifth conditioning number for every captioned sample; a caption-dropped
-            sample gets negative_aesthetic_score and the empty prompt, the refiner pipeline's negative.
-        export_dtype: dtype of output_dir/model.safetensors (and lora.safetensors).
-        lora_rank: 0 trains the chosen weights themselves; more adds LoRA adapters of this rank to them instead
-            (the base stays frozen) and exports output_dir/lora.safetensors in kohya's format.
-        lora_alpha: the adapters' alpha (output scale alpha / rank); None: the rank.
-        lora_targets: fnmatch patterns over official module names that get adapters, among what train= names;
-            the default is kohya's SDXL set (models.lora.KOHYA_TARGETS).
-        lora_conv_rank: 0: no convolution adapters; more: ResBlocks', down- and upsamplers' convolutions get
-            them too (LoCon, kohya's conv_dim), at this rank for 3x3 kernels.
-        base_dtype: a LoRA run's frozen UNet and text encoders in fp32, bf16 or fp16 (the adapters stay float32;
-            the VAE stays float32, as SDXL's overflows in fp16); needs mixed_precision bf16 or fp16.
-        merge_lora: a LoRA run also writes the base with the adapters merged in as output_dir/model.safetensors.
-        optimizer: "adamw", or "adafactor" (torch's; factored second moments, a few MB of state; its step is
-            relative, lr * RMS of the weight, so its lr is about 1 / RMS(w) ~ 30-50 times AdamW's).
-        fused_backward: step each tensor inside backward as soon as its gradient is ready and free that gradient
-            (kohya's --fused_backward_pass); max_grad_norm then clips each tensor's gradient by its own norm.
-            Needs grad_accum=1 and no fp16 grad scaler.
-        master_dtype: "fp32", or "bf16": the trained weights are bfloat16 (needs mixed_precision=bf16), updated in
-            float32 and stochastically rounded back; a full fine-tuning then holds the UNet and text encoders in
-            bf16, a LoRA run its adapters.
-        parallel: "ddp" (every process holds the whole optimizer state), "zero" (each holds 1/N of it:
-            torch's ZeroRedundancyOptimizer; not with fused_backward or master_dtype=bf16) or "fsdp" (each holds
-            1/N of the UNet's weights, gradients and AdamW state: FSDP2's fully_shard; train=["unet"] with AdamW,
-            not fp16).
-        class_sampler, class_steps, class_cfg: settings for generating class images;
-            class_batch_size: how many are made at once.
-        task: "dreambooth" (the diffusion loss) or "vae" (reconstruction + kl_weight * KL, VAE only).
-    """
-
-    model: str = "cagliostrolab/animagine-xl-4.0"
-    model_config: str | None = None  # FOLDER_OR_CONFIG_JSON for a single file without its architecture
-    instance_data_dir: str = "instance_images"
+    # ---- the model and the data
+    model: str = "cagliostrolab/animagine-xl-4.0"  # a single file, diffusers folder or Hugging Face repo id
+    # The architecture of a `model` single file that does not store it and is too narrow to be read from its
+    # shapes: its diffusers folder or config JSON (sampling.generate's --config).
+    model_config: str | None = None
+    instance_data_dir: str = "instance_images"  # the subject's images; a .txt beside an image replaces the prompt
     instance_prompt: str = "1girl, sks"
-    class_data_dir: str = "class_images"
+    class_data_dir: str = "class_images"  # prior-preservation images, generated up to num_class_images if short
     class_prompt: str = "1girl"
-    prior_loss_weight: float = 1.0
+    prior_loss_weight: float = 1.0  # weight of the class loss; 0 turns prior preservation off
     num_class_images: int = 100
-    resolution: int = 1024
+    resolution: int = 1024  # square crops of this size, re-drawn every step (with center_crop, random_flip)
     center_crop: bool = False
     random_flip: bool = True
+    # Encode every image once before training (needs center_crop and no random_flip, so the pixels never
+    # change); the latent is still sampled anew from its posterior every step. The VAE then leaves the GPU for
+    # the CPU (validation images bring it back for a moment).
     cache_latents: bool = False
+    # Encode every prompt once before training, under the loop's autocast (needs frozen text encoders and no
+    # caption_tag_dropout_rate, so the prompts never change); the text encoders then leave the GPU as the VAE
+    # does with cache_latents (kohya's cache_text_encoder_outputs).
     cache_text_embeddings: bool = False
-    batch_size: int = 1
-    grad_accum: int = 1
+
+    # ---- the optimization
+    batch_size: int = 1  # instance images per process per micro-step (each paired with one class image)
+    grad_accum: int = 1  # micro-steps per optimizer step
     max_steps: int = 800
     lr: float = 2e-6
-    lr_schedule: str = "constant"
+    lr_schedule: str = "constant"  # constant, linear or cosine (decay to 0 at max_steps), after warmup_steps
     warmup_steps: int = 0
     max_grad_norm: float = 1.0
     adam_betas: tuple = (0.9, 0.999)
     weight_decay: float = 1e-2
-    train: list = field(default_factory=lambda: ["unet"])
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
+    train: list = field(default_factory=lambda: ["unet"])  # name patterns over unet.*, text_encoder_1/2.*
+    mixed_precision: str = "no"  # no, fp16 (grad scaler) or bf16 autocast; trained weights stay float32
+    gradient_checkpointing: bool = False  # recompute UNet blocks in backward to save activation memory
     seed: int = 0
+
+    # ---- outputs, checkpoints, validation
     output_dir: str = "runs/dreambooth"
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
-    resume: str | None = None
-    overwrite: bool = False
-    validation_prompt: str | None = None
+    resume: str | None = None  # "latest" or a checkpoint path
+    overwrite: bool = False  # replace the run already in output_dir (else refused unless resume= is given)
+    validation_prompt: str | None = None  # images on the main process, to TensorBoard and output_dir
     validation_every: int = 200
+
+    # ---- regularisers and conditioning
+    # Share of samples trained with zeroed text conditioning (context and pooled): the unconditional
+    # prediction that classifier-free guidance's zero negative asks for.
     caption_dropout_rate: float = 0.0
+    # Drop each comma-separated tag of a prompt with this probability, except the first keep_tokens tags
+    # ("tokens" are tags in kohya's names too).
     caption_tag_dropout_rate: float = 0.0
     keep_tokens: int = 0
-    snr_gamma: float | None = None
-    noise_offset: float = 0.0
+    snr_gamma: float | None = None  # Min-SNR weighting (Hang et al. 2023); None turns it off
+    noise_offset: float = 0.0  # per-channel offset noise (Guttenberg 2023)
+    # Train on timesteps t < max_timestep only (SDXL's refiner was trained on the low-noise end, t < 200);
+    # None: all of them.
     max_timestep: int | None = None
-    aesthetic_score: float = 6.0  # refiners only, as diffusers' defaults
+    # A refiner's fifth conditioning number for every captioned sample; a caption-dropped sample gets
+    # negative_aesthetic_score and the empty prompt, the refiner pipeline's negative (diffusers' defaults).
+    aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
-    export_dtype: str = "fp16"
-    class_sampler: str = "euler_a"
+    export_dtype: str = "fp16"  # of output_dir/model.safetensors (and lora.safetensors)
+    class_sampler: str = "euler_a"  # class and validation images: sampler, steps, guidance scale
     class_steps: int = 28
     class_cfg: float = 5.0
-    class_batch_size: int = 4
+    class_batch_size: int = 4  # class images made at once
     device: str | None = None  # None: cuda if available, else cpu
-    task: str = "dreambooth"  # "vae": train the VAE alone on the instance images (pretraining a tiny model)
+    task: str = "dreambooth"  # "vae": train the VAE alone on the instance images (reconstruction + kl_weight * KL)
     kl_weight: float = 1e-6  # task="vae": weight of the KL term
+
+    # ---- LoRA
+    # 0 trains the chosen weights themselves; more adds LoRA adapters of this rank to them instead (the base
+    # stays frozen) and exports output_dir/lora.safetensors in kohya's format.
     lora_rank: int = 0
-    lora_alpha: float | None = None  # None: lora_rank
+    lora_alpha: float | None = None  # the adapters' output scale is alpha / rank; None: lora_rank
+    # fnmatch patterns over official module names that get adapters, among what train= names; the default is
+    # kohya's SDXL set (models.lora.KOHYA_TARGETS).
     lora_targets: list = field(default_factory=lambda: list(KOHYA_TARGETS))
+    # 0: no convolution adapters; more: ResBlocks', down- and upsamplers' convolutions get them too (LoCon,
+    # kohya's conv_dim), at this rank for 3x3 kernels.
     lora_conv_rank: int = 0
+    # A LoRA run's frozen UNet and text encoders in fp32, bf16 or fp16 (the adapters and the VAE stay float32:
+    # SDXL's VAE overflows in fp16); needs mixed_precision bf16 or fp16.
     base_dtype: str = "fp32"
-    merge_lora: bool = False
+    merge_lora: bool = False  # also write the base with the adapters merged in as output_dir/model.safetensors
+
+    # ---- memory: optimizer, precision, sharding (train/optim.py)
+    # "adamw", or "adafactor" (torch's; factored second moments, a few MB of state; its step is relative,
+    # lr * RMS of the weight, so its lr is about 1 / RMS(w) ~ 30-50 times AdamW's).
     optimizer: str = "adamw"
+    # Step each tensor inside backward as soon as its gradient is ready and free that gradient (kohya's
+    # --fused_backward_pass); max_grad_norm then clips each tensor's gradient by its own norm. Needs
+    # grad_accum=1 and no fp16 grad scaler.
     fused_backward: bool = False
+    # "fp32", or "bf16": the trained weights are bfloat16 (needs mixed_precision=bf16), updated in float32 and
+    # stochastically rounded back; a full fine-tuning then holds the UNet and text encoders in bf16, a LoRA
+    # run its adapters.
     master_dtype: str = "fp32"
+    # "ddp" (every process holds the whole optimizer state), "zero" (each holds 1/N of it: torch's
+    # ZeroRedundancyOptimizer; not with fused_backward or master_dtype=bf16) or "fsdp" (each holds 1/N of the
+    # UNet's weights, gradients and AdamW state: FSDP2's fully_shard; train=["unet"] with AdamW, not fp16).
     parallel: str = "ddp"
 
     def __post_init__(self):
