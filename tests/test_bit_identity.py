@@ -1,6 +1,9 @@
 """The restructuring of issue 21 (the house) changed no behaviour: every output of tests/bit_identity.py (PNG
 bytes of every kind of generation, DreamBooth exports and losses, converter outputs) is byte-identical
-between BASELINE, the last commit before it, and the code now, both run here on the same machine."""
+between BASELINE, the last commit before it, and the code now, both run here on the same machine.
+
+A change that alters outputs on purpose is followed by a commit that moves BASELINE to it (and says why); a
+restructuring never moves it."""
 
 import json
 import os
