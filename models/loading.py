@@ -108,12 +108,15 @@ def architecture(config, model_path):
     if not path.exists():
         raise LoadError(f"--config {config} does not exist; give the model's diffusers folder or its config JSON.")
     inside = path.parent if path.name == "model_index.json" else path.parent.parent
-    if path.is_dir() or (path.name == "model_index.json" or path.name == "config.json" and path.parent.name in
-                         COMPONENTS) and (inside / "unet" / "config.json").is_file():
+    in_a_folder = (path.name == "model_index.json" or (path.name == "config.json" and path.parent.name in COMPONENTS))
+    if path.is_dir() or (in_a_folder and (inside / "unet" / "config.json").is_file()
+                         and (inside / "vae" / "config.json").is_file()):
         try:
             return read_folder_config(path if path.is_dir() else inside)[0]
         except LoadError as e:
             raise LoadError(f"--config {config}: {e}") from None
+    if not path.is_file():  # a FIFO or a device would block or never end
+        raise LoadError(f"--config {config} is not a regular file; give the model's diffusers folder or its config JSON.")
     if path.stat().st_size > CONFIG_JSON_LIMIT:
         raise LoadError(f"--config {config} is {path.stat().st_size} bytes, not a config JSON; give the model's "
                         "diffusers folder or its config JSON.")

@@ -208,7 +208,7 @@ def _multiple_of_8(name, v):
 
 def check_settings(s):
     """Everything that can be checked without the model -> s with its init image and mask opened (the model's
-    own checks, sampling.pipeline.check, take them). Raises ValueError with the fix in the message."""
+    own checks, sampling.settings.check, take them). Raises ValueError with the fix in the message."""
     from sampling.images import open_rgb
     from sampling.prompts import parse_weights
 

@@ -152,6 +152,8 @@ def prepare(args):
     if args.offload and device.type == "cpu":
         raise ValueError("--offload moves the model's parts to --device while they run; with --device cpu "
                          "there is nothing to offload: give --device cuda, or drop --offload")
+    if args.refiner_config and not refiner:
+        raise ValueError("--refiner-config gives a refiner's architecture; name the refiner with --refiner too")
     info = inspect(model, args.config)  # headers and configs only: the settings are checked before the weights load
     refiner_info = inspect(refiner, args.refiner_config) if refiner else None
     check(opened, info.config, refiner_info.config if refiner_info else None)
@@ -175,7 +177,7 @@ def prepare(args):
     model_file_hash = model_hash(info.path) if info.path.is_file() else None
     refiner_hash = model_hash(refiner_info.path) if refiner and refiner_info.path.is_file() else None
     lora_records = [(path, scale, addnet_hash(path)) for path, scale in loras]
-    parameters = lambda seed: format_parameters(  # noqa: E731
+    parameters = lambda seed: format_parameters(
         settings, seed, model, model_hash=model_file_hash, vae=vae, refiner=refiner, refiner_hash=refiner_hash,
         loras=lora_records, interventions=request.interventions)
     return Job(settings, opened, pipe, refiner_pipe, device, attention_dir, request.interventions, parameters, model,

@@ -80,7 +80,7 @@ def available_memory(device):
 
 
 def check_fits(info, settings, dtype, device, refiner_info=None, offload=False):
-    """Refuse a generation whose estimated memory exceeds what the device has free (sampling.pipeline.memory_estimate);
+    """Refuse a generation whose estimated memory exceeds what the device has free (sampling.settings.memory_estimate);
     with the hi-res fix, at its second pass's size; with a refiner, its weights loaded too; with offload, only the
     UNet's weights (the largest part, and the only one on the device while it runs)."""
     import torch

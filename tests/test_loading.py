@@ -216,6 +216,12 @@ def test_a_config_that_does_not_describe_the_file_is_one_line(bare_file, diffuse
     assert fragment.format(tmp=tmp_path) in message and "--config" in message and "\n" not in message, message
 
 
+def test_a_config_that_is_a_fifo_is_refused_not_waited_on(bare_file, tmp_path):
+    os.mkfifo(tmp_path / "config.json")
+    with pytest.raises(LoadError, match="is not a regular file"):
+        load(bare_file, config=tmp_path / "config.json")
+
+
 def test_config_with_a_folder_model_is_refused(diffusers_folder):
     folder, _ = diffusers_folder
     with pytest.raises(LoadError, match="is for a single file; .* is a diffusers folder"):

@@ -85,6 +85,7 @@ def with_metadata(src, dst, edit):
     (["--steps", "5000"], ["between 1 and num_train_timesteps (1000)"]),
     (["--seed", str(2**64)], ["outside 0 .. 2**64 - 1"]),
     (["--seed", "-5"], ["--seed -5 is outside"]),
+    (["--refiner-config", "cfg"], ["--refiner-config gives a refiner's architecture; name the refiner with --refiner"]),
     (["--seed", str(2**64 - 1), "--num-images", "2"], ["for 2 images (they use seed .. seed + 1)"]),
     (["--cfg", "nan"], ["--cfg nan is not a guidance scale"]),
     (["--cfg", "inf"], ["--cfg inf is not a guidance scale"]),

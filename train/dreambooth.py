@@ -48,7 +48,7 @@ from train.batches import encode_captions, encode_images, make_batch, make_vae_b
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import ConfigError, load_config
 from train.export import export, validate
-from train.log import divergence, log_step, start_logging
+from train.log import divergence, log_step, start_run
 from train.losses import TrainStep, VAEStep
 from train.optim import clip_gradients, fuse_into_backward, lr_scheduler, make_optimizer, shard_unet, unsharded_unet
 from train.preflight import lora_adapters, preflight, trainable_parameters
@@ -179,10 +179,9 @@ def cache_inputs(config, model, data, tokenizers, autocast, device):
     return data, texts
 
 
-def make_trainable(config, model, process):
+def make_trainable(config, model, process, fsdp):
     """What trains, in DDP (or sharded by FSDP) -> (LoRA adapters or None, [(name, parameter)], the step
     module: train/losses.py's, wrapped in DDP where DDP all-reduces the gradients)."""
-    fsdp = process.ddp and config.parallel == "fsdp"  # one process has nothing to shard
     adapters = lora_adapters(model, config) if config.lora_rank else None  # float32, beside the frozen weights
     if adapters is not None and config.master_dtype == "bf16":
         adapters.to(torch.bfloat16)
@@ -234,16 +233,16 @@ def train(config, device, resume_from, note):
     data, texts = cache_inputs(config, model, data, tokenizers, autocast, device)
 
     # ---------------------------------------------------------------- trainable parts, optimizer, schedule
-    adapters, named, ddp_step = make_trainable(config, model, process)
-    wrap, fsdp = isinstance(ddp_step, DDP), process.ddp and config.parallel == "fsdp"
-    params = [p for _, p in named]
+    fsdp = process.ddp and config.parallel == "fsdp"  # one process has nothing to shard
+    adapters, named, ddp_step = make_trainable(config, model, process, fsdp)
+    wrap, params = isinstance(ddp_step, DDP), [p for _, p in named]
     optimizer, scheduler, scaler = make_optimization(config, params, process)
     try:
         step = load_checkpoint(resume_from, model, named, optimizer, scheduler, scaler, rank) if resume_from else 0
     except ValueError as e:  # a checkpoint of other parameters
         print(f"error: {e}", file=sys.stderr)
         return 2
-    writer = start_logging(config, process, model, params, step, resume_from, note)  # then every process waits
+    writer = start_run(config, process, model, params, step, resume_from, note)  # then every process waits
     if stop.signal:  # asked during the load or the class images: nothing trained, nothing to save
         raise KeyboardInterrupt
     stop.looping = True
@@ -297,13 +296,13 @@ def train(config, device, resume_from, note):
         if stopping:
             break
     bar.close()
-    return finish(config, process, model, adapters, data, writer, step, stopping)
+    return finish(config, process, model, adapters, data, writer, step, stopping, fsdp)
 
 
-def finish(config, process, model, adapters, data, writer, step, stopping):
+def finish(config, process, model, adapters, data, writer, step, stopping, fsdp):
     """Export a finished run (train/export.py), say how to resume an interrupted one, and tear down. -> exit code."""
     out, code = Path(config.output_dir), 0
-    if process.ddp and config.parallel == "fsdp" and not stopping:  # every process gathers; process 0 exports
+    if fsdp and not stopping:  # every process gathers the shards; process 0 exports
         model.unet = unsharded_unet(model.unet, keep=process.main)
     if process.main and not stopping:
         try:

@@ -10,13 +10,14 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from data.dreambooth import sample_generator
 from models.files import DTYPES
 from models.loading import load, save_single_file
 from models.lora import kohya_metadata, merge_lora, save_lora
-from sampling.pipeline import NonFiniteError
+from sampling.pipeline import NonFiniteError, Pipeline, Settings
 from train.batches import LATENT, encode_images
 
 
@@ -24,10 +25,6 @@ def validate(model, config, step, out, writer, device):
     """One image of validation_prompt with a fixed seed, to output_dir/validation/ and TensorBoard (writer None:
     another process of an FSDP run, which takes part in the generation and writes nothing). Parts parked on the
     CPU (cache_latents, cache_text_embeddings) visit the device while they run, as with --offload."""
-    import numpy as np
-
-    from sampling.pipeline import Pipeline, Settings
-
     model.eval()
     pipe = Pipeline(model)
     pipe.offload = device
@@ -48,7 +45,7 @@ def validate(model, config, step, out, writer, device):
 
 
 def export(model, adapters, config, out, data, device):
-    """The end of a finished run, on the main process: the trained model or its adapters (train/export.py)."""
+    """The end of a finished run, on the main process: the trained model or its adapters."""
     if config.task == "vae":
         set_scaling_factor(model, data["instance"], config, device)
     if adapters is None:

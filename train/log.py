@@ -1,4 +1,4 @@
-"""A run's rank-0 I/O besides checkpoints and the export: the run folder's TensorBoard, output_dir/log.jsonl
+"""A run's rank-0 I/O besides checkpoints and the export: the run folder and its TensorBoard, output_dir/log.jsonl
 (one JSON line per step, machine-readable: the tests read it), and the message of a run that diverged."""
 
 import json
@@ -11,8 +11,10 @@ import torch.distributed as dist
 from train.checkpoint import intact_checkpoint, start_run_folder
 
 
-def start_logging(config, process, model, params, step, resume_from, note):
-    """The run folder and TensorBoard on the main process (None elsewhere); every process waits for them."""
+def start_run(config, process, model, params, step, resume_from, note):
+    """On the main process, the run folder (train/checkpoint.py's start_run_folder: the config, and with
+    overwrite the old run's files gone) and TensorBoard -> the writer (None elsewhere). Every process calls
+    it: all wait at its barrier until the folder is ready."""
     writer = None
     if process.main and note:
         print(f"note: {note}", file=sys.stderr)
