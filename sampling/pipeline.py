@@ -32,8 +32,9 @@ from models.lora import merge_lora
 from models.sdxl import scheduler_config as models_scheduler_config
 from models.tokenizer import load_tokenizers
 from sampling.images import as_image, latent_mask, mask_pixels, pixels, upscale_images, upscale_latents
+from sampling.noise import brownian_noise, generator_noise, noise_like
 from sampling.prompts import encode_prompts, num_chunks
-from sampling.samplers import SAMPLERS, noise_like
+from sampling.samplers import ALIASES, NOISY, SAMPLERS, SDE, WITH_ETA
 from sampling.schedule import make_schedule
 from sampling.settings import Settings, check, hires_second_pass, is_latents, schedule_steps, window, with_output_size
 from sampling.tiling import tiled
@@ -238,8 +239,9 @@ class Pipeline:
     def stage(self, s: Settings, generators, progress=True, callback=None):
         """One sampler run on this model: text-to-image, img2img or inpainting, or one part of a two-stage
         run. -> latents (B, 4, h, w) in VP scale (x / sqrt(sigma^2 + 1) at the last level reached)."""
-        # --karras turns Karras sigmas on; without it, a folder's scheduler config may still ask for them.
-        schedule = make_schedule(s.sampler, schedule_steps(s), karras=True if s.karras else None,
+        name = ALIASES.get(s.sampler, s.sampler)
+        # --karras turns diffusers' Karras sigmas on; without it, a folder's scheduler config may still ask for them.
+        schedule = make_schedule(name, schedule_steps(s), schedule=s.schedule, karras=True if s.karras else None,
                                  config=self.scheduler_config)
         start, end = window(s, schedule, self.scheduler_config)
         sigmas = schedule.sigmas[start:end + 1]  # (n + 1,) the levels this stage runs through
@@ -266,16 +268,19 @@ class Pipeline:
 
         guided_net = guided(net, cond, uncond, s.cfg, s.guidance_rescale, split=self.cfg_mode == "split")
         denoise = denoiser(guided_net, schedule)
-        sampler = SAMPLERS[s.sampler]
         kwargs = {"after_step": after_step}
-        if s.sampler in ("euler_a", "ddpm"):
-            kwargs["generator"] = generators  # the ancestral noise continues each image's generator
+        if name in NOISY:  # fresh noise continues each image's generator
+            kwargs["noise"] = generator_noise(x, generators)
+        elif name in SDE:  # one Brownian motion per image, seeded with its seed, over this stage's levels
+            kwargs["noise"] = brownian_noise(x, sigmas, [s.seed + i for i in range(B)])
+        if name in WITH_ETA:
+            kwargs |= {"eta": s.eta, "s_noise": s.s_noise}
         if schedule.sigmas_to is not None:
             kwargs["sigmas_to"] = schedule.sigmas_to[start:end]
         # The bar is cleared when done and also on an error or Ctrl-C, so the error line starts a line.
-        with self.on_device("unet"), tqdm(total=end - start, disable=not progress, desc=s.sampler, leave=False) as bar:
+        with self.on_device("unet"), tqdm(total=end - start, disable=not progress, desc=name, leave=False) as bar:
             kwargs["callback"] = lambda info: (bar.update(1), callback and callback(info))
-            x = sampler(denoise, x, sigmas, **kwargs)
+            x = SAMPLERS[name](denoise, x, sigmas, **kwargs)
 
         latents = x / (sigmas[-1].to(x.device) ** 2 + 1) ** 0.5  # VP scale; = x when the last sigma is 0
         if not latents.isfinite().all():

@@ -1,4 +1,5 @@
-"""Sampling schedules in sigma space, reproducing diffusers' five schedulers' `set_timesteps` exactly.
+"""Sampling schedules in sigma space: diffusers' five schedulers' `set_timesteps` reproduced exactly (the
+"default" schedule), and ComfyUI's named schedules (sampling/sigmas.py) with a timestep for every level.
 
 Two words, one meaning each: the *noise schedule* is the model's, alpha_bar_t over the training timesteps
 (`alphas_cumprod`, fixed by training); a *sampling schedule* (`Schedule`, made by `make_schedule`) is the
@@ -18,6 +19,8 @@ Per scheduler (the differences that change images):
   ddim            DDIMScheduler: integer timesteps; each step goes to t - T // N (`sigmas_to`), and the final
                   level is alpha_bar[0] unless set_alpha_to_one, so sigmas[-1] may be > 0.
   ddpm            DDPMScheduler: integer timesteps, each step to the next one, final sigma 0.
+Named schedules (named_schedule) pair each level with its timestep interpolated in log sigma on the model's
+table, as the denoiser does for levels between steps; the first latent is noise * sqrt(1 + sigmas[0]^2).
 """
 
 import math
@@ -27,8 +30,9 @@ import numpy as np
 import torch
 
 from models.sdxl import SDXL_SCHEDULER_CONFIG  # re-exported: the schedule's defaults
+from sampling.sigmas import SCHEDULES
 
-SAMPLER_NAMES = ("euler", "euler_a", "dpmpp_2m", "ddim", "ddpm")
+DIFFUSERS_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "ddim", "ddpm")  # samplers with diffusers' own schedule
 SPACINGS = ("leading", "trailing", "linspace")
 
 # Config values that would change outputs in ways not implemented here, per sampler that reads them:
@@ -125,36 +129,65 @@ class Schedule:
     init_noise_sigma: float  # std of the initial noise in sigma space
     sigmas_to: torch.Tensor | None = None  # (N,) DDIM only: the level each step lands on (see make_schedule)
     prediction_type: str = "epsilon"  # "epsilon" or "v_prediction": how the denoiser reads the UNet output
+    table: torch.Tensor | None = None  # (T,) float32: the model's sigma per training timestep (sigma_table)
 
     def timestep(self, sigma):
-        """The UNet timestep paired with sigma, a value taken from self.sigmas[:-1] (exact match)."""
+        """The UNet timestep for sigma: the one paired with it if sigma is a level of self.sigmas[:-1] (diffusers'
+        own timesteps, for the default schedules), else interpolated in log sigma on the table (the levels
+        between steps that second-order samplers visit)."""
         hits = (self.sigmas[:-1] == float(sigma)).nonzero()
-        if len(hits) == 0:
+        if len(hits) > 0:
+            return self.timesteps[hits[0, 0]]  # make_schedule's sigmas[:-1] never repeat
+        if self.table is None:
             raise ValueError(f"sigma {float(sigma)} is not a step of this schedule; pass a value of sigmas[:-1].")
-        return self.timesteps[hits[0, 0]]  # make_schedule's sigmas[:-1] never repeat
+        return torch.tensor(_sigma_to_t(np.array([float(sigma)]), np.log(self.table.double().numpy()))[0],
+                            dtype=torch.float32)
 
 
-def make_schedule(sampler, steps, *, spacing=None, karras=None, config=None):
-    """The schedule diffusers' scheduler for `sampler` sets for `steps` steps, in sigma space.
+def sigma_table(config=None):
+    """The model's noise schedule -> (alpha_bar, sigma), each (T,) float32 over the training timesteps.
+
+    Zero terminal SNR makes the last timestep pure noise, sigma = inf; as diffusers' Euler and DPM-Solver,
+    its alpha_bar moves from 0 to 2**-24 (sigma ~ 4096) so that every level is finite."""
+    cfg = {**SDXL_SCHEDULER_CONFIG, **(config or {})}
+    zero_snr = bool(cfg.get("rescale_betas_zero_snr", False))
+    ac = alphas_cumprod(cfg["num_train_timesteps"], cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"], zero_snr)
+    if zero_snr:
+        ac[-1] = 2**-24
+    return ac, sigma_from_alpha_bar(ac)
+
+
+def make_schedule(sampler, steps, *, schedule="default", spacing=None, karras=None, config=None):
+    """The sampling schedule of `steps` steps for `sampler`, in sigma space.
 
     Args:
-        sampler: one of "euler", "euler_a", "dpmpp_2m", "ddim", "ddpm".
-        steps: number of denoising steps (UNet calls), 1..num_train_timesteps.
-        spacing: "leading", "trailing" or "linspace"; None takes config["timestep_spacing"].
-        karras: Karras sigmas (euler, euler_a, dpmpp_2m); None takes config["use_karras_sigmas"].
+        sampler: a name of sampling.samplers.SAMPLERS (or "euler_a").
+        steps: number of steps, 1..num_train_timesteps.
+        schedule: "default", or a name of sampling.sigmas.SCHEDULES (ComfyUI's schedules). "default" is the
+            schedule of diffusers' scheduler for euler, euler_a / euler_ancestral, dpmpp_2m, ddim and ddpm
+            (below), and "normal" for the other samplers.
+        spacing: "leading", "trailing" or "linspace"; None takes config["timestep_spacing"] (default only).
+        karras: Karras sigmas (euler, euler_a, dpmpp_2m); None takes config["use_karras_sigmas"] (default only).
             diffusers 0.42.1's EulerAncestral has no Karras option (and ignores the config key): for
             euler_a we use Euler's Karras table.
         config: a diffusers scheduler_config.json dict; missing keys take SDXL's values
             (SDXL_SCHEDULER_CONFIG), not the per-class defaults of diffusers.
     """
     cfg = {**SDXL_SCHEDULER_CONFIG, **(config or {})}
+    sampler = "euler_a" if sampler == "euler_ancestral" else sampler
+    T = cfg["num_train_timesteps"]
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be between 1 and num_train_timesteps ({T}); got {steps}.")
+    if cfg.get("trained_betas") is not None:
+        raise ValueError("config sets trained_betas, which is not implemented here; use trained_betas=None.")
+    if schedule != "default" or sampler not in DIFFUSERS_SAMPLERS:
+        if karras:
+            raise ValueError("karras=True is diffusers' Karras schedule, for euler, euler_a and dpmpp_2m; "
+                             "use schedule='karras' with other samplers or schedules.")
+        return named_schedule(sampler, steps, "normal" if schedule == "default" else schedule, cfg)
     spacing = cfg["timestep_spacing"] if spacing is None else spacing
     karras = bool(cfg.get("use_karras_sigmas", False)) if karras is None else karras
-    if sampler not in SAMPLER_NAMES:
-        raise ValueError(f"sampler {sampler!r} is unknown; use one of {SAMPLER_NAMES}.")
-    # Zero terminal SNR makes the last training timestep pure noise: sigma = inf. The sigma-space samplers
-    # here follow diffusers' Euler and DPM-Solver, which move alpha_bar[-1] from 0 to 2**-24 (sigma ~ 4096);
-    # diffusers' DDIM and DDPM step on alpha_bar = 0 itself, which sigma space cannot represent.
+    # diffusers' DDIM and DDPM step on alpha_bar[-1] = 0 itself under zero terminal SNR: sigma = inf.
     if cfg.get("rescale_betas_zero_snr") and sampler in ("ddim", "ddpm"):
         raise ValueError(f"this model has zero terminal SNR (rescale_betas_zero_snr), which {sampler} here cannot "
                          "sample (its first step is at sigma = inf); use euler, euler_a or dpmpp_2m.")
@@ -164,15 +197,9 @@ def make_schedule(sampler, steps, *, spacing=None, karras=None, config=None):
                              f"use {key}={value!r}.")
     if karras and sampler in ("ddim", "ddpm"):
         raise ValueError(f"{sampler} has no Karras sigmas in diffusers; use karras=False or euler/dpmpp_2m.")
-    T = cfg["num_train_timesteps"]
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be between 1 and num_train_timesteps ({T}); got {steps}.")
 
-    zero_snr = bool(cfg.get("rescale_betas_zero_snr", False))
-    ac = alphas_cumprod(T, cfg["beta_start"], cfg["beta_end"], cfg["beta_schedule"], zero_snr)  # (T,) float32
-    if zero_snr:
-        ac[-1] = 2**-24  # diffusers' Euler and DPM-Solver: close to 0, so the first sigma (~4096) is finite
-    table = sigma_from_alpha_bar(ac).numpy()  # (T,) float32, sigma of each training timestep
+    ac, table = sigma_table(cfg)  # (T,) float32 each: alpha_bar and sigma of each training timestep
+    table = table.numpy()
     log_table = np.log(table)
     sigmas_to = None
 
@@ -209,4 +236,28 @@ def make_schedule(sampler, steps, *, spacing=None, karras=None, config=None):
         raise ValueError(f"{steps} steps with {spacing!r} spacing repeat a noise level; use fewer steps.")
     return Schedule(sigmas=sigmas, timesteps=torch.as_tensor(t, dtype=torch.float32),
                     init_noise_sigma=float(init), sigmas_to=sigmas_to,
-                    prediction_type=cfg["prediction_type"])
+                    prediction_type=cfg["prediction_type"], table=torch.from_numpy(table))
+
+
+# ComfyUI makes these samplers' schedules for steps + 1 and drops the second-to-last level: their last step,
+# to 0, is a first-order one, and this keeps the step before it second order (comfy/samplers.py).
+DISCARD_PENULTIMATE = ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2")
+
+
+def named_schedule(sampler, steps, name, config):
+    """One of ComfyUI's schedules (sampling.sigmas.SCHEDULES) for `sampler`: the levels, each level's timestep
+    interpolated in log sigma on the model's table, and the first latent's scale sqrt(1 + sigmas[0]^2) (noise
+    of std 1 in the VP space the UNet sees)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule {name!r} is unknown; use default or one of {', '.join(SCHEDULES)}.")
+    _, table = sigma_table(config)
+    discard = sampler in DISCARD_PENULTIMATE
+    sigmas = SCHEDULES[name](table, steps + 1 if discard else steps)
+    if discard:
+        sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+    if not (sigmas[1:-1] < sigmas[:-2]).all():
+        raise ValueError(f"the {name} schedule repeats a noise level at {steps} steps; use fewer steps.")
+    timesteps = _sigma_to_t(sigmas[:-1].double().numpy(), np.log(table.double().numpy()))
+    return Schedule(sigmas=sigmas, timesteps=torch.tensor(timesteps, dtype=torch.float32),
+                    init_noise_sigma=float((sigmas[0] ** 2 + 1) ** 0.5), prediction_type=config["prediction_type"],
+                    table=table)

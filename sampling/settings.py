@@ -32,8 +32,11 @@ class Settings:
     height: int | None = None
     steps: int = 28
     cfg: float = 5.0
-    sampler: str = "euler_a"
-    karras: bool = False
+    sampler: str = "euler_ancestral"  # a name of sampling.samplers.SAMPLERS (ComfyUI's), or "euler_a"
+    schedule: str = "default"  # "default" (diffusers' scheduler's, or normal) or a name of sampling.sigmas.SCHEDULES
+    karras: bool = False  # diffusers' Karras sigmas (timesteps rounded as diffusers): the default schedule only
+    eta: float = 1.0  # ancestral and SDE samplers: the share of fresh noise per step
+    s_noise: float = 1.0  # ancestral and SDE samplers: a scale on the fresh noise
     guidance_rescale: float = 0.0
     seed: int = 0
     num_images: int = 1

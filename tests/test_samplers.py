@@ -10,23 +10,27 @@ Errors on latents are measured relative to their scale: max|ours - ref| / max(1,
 Euler-family latents live in sigma space (|x| up to ~70 here) where float32 rounding is ~1e-5 absolute.
 """
 
+import inspect
 
 import numpy as np
 import pytest
 import torch
 
-from sampling.samplers import SAMPLERS
+from sampling.noise import generator_noise
+from sampling.samplers import ALIASES
+from sampling.samplers import SAMPLERS as NAMED
 from sampling.schedule import SDXL_SCHEDULER_CONFIG, karras_sigmas, make_schedule, sigma_from_alpha_bar
 
 # diffusers' own numpy 2 deprecation notice, raised inside its set_timesteps
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
+SAMPLERS = {**NAMED, **{alias: NAMED[name] for alias, name in ALIASES.items()}}  # euler_a: diffusers' name here
 SPACINGS = ("leading", "trailing", "linspace")
 VP = ("dpmpp_2m", "ddim", "ddpm")  # diffusers steps these in VP space: latent = x / sqrt(sigma^2 + 1)
 ANCESTRAL = ("euler_a", "ddpm")
 KARRAS = {"euler": (False, True), "euler_a": (False, True), "dpmpp_2m": (False, True), "ddim": (False,),
           "ddpm": (False,)}
-CASES = [(n, sp, k) for n in SAMPLERS for sp in SPACINGS for k in KARRAS[n]]
+CASES = [(n, sp, k) for n in KARRAS for sp in SPACINGS for k in KARRAS[n]]
 
 
 def diffusers_scheduler(sampler, steps, spacing, karras, config=SDXL_SCHEDULER_CONFIG):
@@ -122,7 +126,9 @@ def test_schedule_errors():
     ref.set_timesteps(61)
     assert len(ref.timesteps) == 62 and ref.timesteps[-1] == -1, "diffusers fixed trailing spacing: drop our error"
     bad = [dict(sampler="euler", steps=61, spacing="trailing"), dict(sampler="ddim", steps=10, karras=True),
-           dict(sampler="ddpm", steps=10, karras=True), dict(sampler="heun", steps=10),
+           dict(sampler="ddpm", steps=10, karras=True), dict(sampler="heun", steps=10, karras=True),
+           dict(sampler="euler", steps=10, schedule="karras", karras=True), dict(sampler="euler", steps=10, schedule="x"),
+           dict(sampler="euler", steps=10, schedule="simple", config={"trained_betas": [0.1] * 1000}),
            dict(sampler="euler", steps=0), dict(sampler="euler", steps=1000),  # leading + offset: t = 1000
            dict(sampler="euler", steps=10, spacing="even"),
            dict(sampler="ddim", steps=10, config={"clip_sample": True}),
@@ -169,10 +175,11 @@ def run_diffusers(sampler, ref, noise):
 def run_ours(sampler, schedule, noise, sigmas_to=True):
     """Our sampler; the latent after every step, in diffusers' space (VP for DPM/DDIM/DDPM)."""
     xs = []
-    kwargs = {"generator": generators()} if sampler in ANCESTRAL else {}
+    start = noise * schedule.init_noise_sigma
+    kwargs = {"noise": generator_noise(start, generators())} if sampler in ANCESTRAL else {}
     if sampler == "ddim" and sigmas_to:
         kwargs["sigmas_to"] = schedule.sigmas_to
-    SAMPLERS[sampler](make_denoiser(fake_model, schedule), noise * schedule.init_noise_sigma, schedule.sigmas,
+    SAMPLERS[sampler](make_denoiser(fake_model, schedule), start, schedule.sigmas,
                       callback=lambda d: xs.append(d["x"]), **kwargs)
     if sampler in VP:
         xs = [x / (schedule.sigmas[i + 1] ** 2 + 1) ** 0.5 for i, x in enumerate(xs)]
@@ -241,12 +248,12 @@ def test_noise_is_per_image(sampler):
     schedule = make_schedule(sampler, 10)
     denoiser = make_denoiser(fake_model, schedule)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * schedule.init_noise_sigma
-    both = SAMPLERS[sampler](denoiser, noise, schedule.sigmas, generator=generators())
-    alone = SAMPLERS[sampler](denoiser, noise[1:], schedule.sigmas, generator=generators()[1])
+    both = SAMPLERS[sampler](denoiser, noise, schedule.sigmas, noise=generator_noise(noise, generators()))
+    alone = SAMPLERS[sampler](denoiser, noise[1:], schedule.sigmas, noise=generator_noise(noise[1:], generators()[1]))
     torch.testing.assert_close(both[1:], alone, rtol=0, atol=0, msg=lambda m: f"{sampler}: {m}")
     assert not torch.equal(both[0], both[1]), f"{sampler}: the two images got the same noise"
     with pytest.raises(ValueError):
-        SAMPLERS[sampler](denoiser, noise, schedule.sigmas, generator=generators()[:1])
+        SAMPLERS[sampler](denoiser, noise, schedule.sigmas, noise=generator_noise(noise, generators()[:1]))
 
 
 # ----------------------------------------------------------------------------- 3. analytic
@@ -271,13 +278,23 @@ def gaussian_start(sigma, n=20000, seed=0):
     return MU + (S**2 + sigma**2) ** 0.5 * (z - z.mean()) / z.std()
 
 
-@pytest.mark.parametrize("sampler,order", [("euler", 1), ("ddim", 1), ("dpmpp_2m", 2)])
+ORDERS = [("euler", 1), ("ddim", 1), ("dpmpp_2m", 2), ("heun", 2), ("dpm_2", 2), ("lms", 3), ("uni_pc", 3),
+          ("uni_pc_bh2", 3), ("dpmpp_2s_ancestral", 2), ("dpmpp_sde", 2), ("dpmpp_2m_sde", 2),
+          ("dpmpp_2m_sde_heun", 2), ("dpmpp_3m_sde", 2)]  # the stochastic ones with eta = 0: their ODE solver
+# 3M's first step is first order and its second second order: their local errors cap the global order at 2.
+
+
+@pytest.mark.parametrize("sampler,order", ORDERS)
 def test_ode_error_falls_at_solver_order(sampler, order):
     steps, errors = [8, 16, 32, 64], []
+    no_noise = lambda sigma, sigma_next: torch.zeros(())  # noqa: E731 (drawn with weight 0 when eta = 0)
+    kwargs = {"eta": 0.0, "noise": no_noise} if "eta" in inspect.signature(SAMPLERS[sampler]).parameters else {}
+    if sampler.startswith("uni_pc"):  # its last step is first order (lower_order_final), here not at 0
+        kwargs = {}
     for n in steps:  # Karras levels from 10 to 0.05, no final 0 (whose last jump would dominate the error)
         sigmas = torch.from_numpy(karras_sigmas(0.05, 10.0, n + 1))
         x_start = gaussian_start(sigmas[0])
-        x = SAMPLERS[sampler](gaussian_denoiser, x_start, sigmas)
+        x = SAMPLERS[sampler](gaussian_denoiser, x_start, sigmas, **kwargs)
         errors.append((x - exact_ode(x_start, sigmas[0], sigmas[-1])).abs().max().item())
     slope = -np.polyfit(np.log(steps), np.log(errors), 1)[0]
     assert slope > order - 0.2, f"{sampler}: error falls with slope {slope:.2f}, expected ~{order}; {errors}"
@@ -301,8 +318,8 @@ def test_ancestral_samplers_reach_data_distribution(sampler):
     steps = 250
     schedule = make_schedule(sampler, steps)
     sigmas = schedule.sigmas.double()
-    x = SAMPLERS[sampler](gaussian_denoiser, gaussian_start(sigmas[0]), sigmas,
-                          generator=torch.Generator().manual_seed(1))
+    start = gaussian_start(sigmas[0])
+    x = SAMPLERS[sampler](gaussian_denoiser, start, sigmas, noise=generator_noise(start, torch.Generator().manual_seed(1)))
     # The chain's exact law is Gaussian: each step maps the variance v to a^2 v + sigma_up^2.
     var = S**2 + sigmas[0] ** 2
     for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):

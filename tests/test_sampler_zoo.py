@@ -1,0 +1,163 @@
+"""Every sampler on every schedule against the reference implementations (imported only here):
+
+1. Sampler level: each sampler, run on the pipeline's denoiser around a smooth stand-in for the UNet, equals
+   k-diffusion's function of the same name on the same denoiser, sigmas and noise (image i's generator, or
+   k-diffusion's own BrownianTreeNoiseSampler with image i's seed); uni_pc equals diffusers' UniPC
+   multistep scheduler (order 3, bh1/bh2) stepped on the same levels; lcm equals diffusers' LCMScheduler.
+2. Image level (slow): the pipeline on a small random model, with the reference sampler swapped in for ours,
+   gives the same images within mean 0.5 / max 4 of 255, for every sampler x schedule pair.
+"""
+
+import numpy as np
+import pytest
+import torch
+from k_diffusion_oracle import k_diffusion_sampling
+
+from sampling.noise import brownian_noise, generator_noise
+from sampling.pipeline import denoiser
+from sampling.samplers import SAMPLERS, SDE, WITH_ETA
+from sampling.schedule import make_schedule
+from sampling.sigmas import SCHEDULES
+
+SEEDS = (10, 11)  # a batch of two images, image i seeded SEEDS[i]
+KD = {  # our sampler -> k-diffusion's function and arguments (DDIM is an Euler step, DDPM Euler ancestral's)
+    "euler": ("sample_euler", {}), "euler_ancestral": ("sample_euler_ancestral", {}), "heun": ("sample_heun", {}),
+    "dpm_2": ("sample_dpm_2", {}), "dpm_2_ancestral": ("sample_dpm_2_ancestral", {}), "lms": ("sample_lms", {}),
+    "dpmpp_2s_ancestral": ("sample_dpmpp_2s_ancestral", {}), "dpmpp_sde": ("sample_dpmpp_sde", {}),
+    "dpmpp_2m": ("sample_dpmpp_2m", {}), "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {}),
+    "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
+    "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {}), "ddim": ("sample_euler", {}), "ddpm": ("sample_euler_ancestral", {}),
+}
+NEEDS_NOISE = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm", "lcm"}
+ALL_SCHEDULES = ("default", *SCHEDULES)
+
+
+def fake_net(x_in, t):
+    """A smooth stand-in for the UNet's eps: depends on the input and (through t) on the timestep."""
+    return 0.3 * torch.tanh(x_in) + 0.0005 * t.view(-1, 1, 1, 1) * torch.ones_like(x_in)
+
+
+def generators():
+    return [torch.Generator().manual_seed(seed) for seed in SEEDS]
+
+
+def ours_noise(name, x, sigmas):
+    if name in SDE:
+        return brownian_noise(x, sigmas, SEEDS)
+    return generator_noise(x, generators()) if name in NEEDS_NOISE else None
+
+
+def reference_noise(name, x, sigmas):
+    """The oracle's noise: the same generators' draws in call order, or k-diffusion's own Brownian trees."""
+    if name in SDE:
+        kd = k_diffusion_sampling()
+        return kd.BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(), seed=list(SEEDS))
+    return generator_noise(x, generators()) if name in NEEDS_NOISE else None
+
+
+def run_reference(name, denoise, x, sigmas, noise, eta=1.0, s_noise=1.0):
+    """The reference sampler for `name` on our denoiser: k-diffusion's, or diffusers' scheduler for uni_pc/lcm."""
+    if name.startswith("uni_pc"):
+        return run_diffusers_unipc(denoise, x, sigmas, "bh2" if name == "uni_pc_bh2" else "bh1")
+    function, kwargs = KD[name]
+    if name in WITH_ETA:
+        kwargs = {**kwargs, "eta": eta, "s_noise": s_noise}
+    if noise is not None:
+        kwargs = {**kwargs, "noise_sampler": noise}
+    model = lambda x, sigma: denoise(x, sigma[0])  # noqa: E731 (k-diffusion passes sigma per image)
+    return getattr(k_diffusion_sampling(), function)(model, x, sigmas, disable=True, **kwargs)
+
+
+def run_diffusers_unipc(denoise, x, sigmas, variant):
+    """diffusers' UniPCMultistepScheduler (order 3, data prediction, lower_order_final) stepped on our levels,
+    the last 0 replaced by 0.001 as ComfyUI does; VP latents in, sigma-space x out."""
+    from diffusers import UniPCMultistepScheduler
+
+    levels = sigmas.clone()
+    levels[-1] = 0.001 if levels[-1] == 0 else levels[-1]
+    n = len(levels) - 1
+    scheduler = UniPCMultistepScheduler(solver_order=max(1, min(3, n - 1)), solver_type=variant, predict_x0=True)
+    scheduler.set_timesteps(n)
+    scheduler.sigmas, scheduler.timesteps = levels, torch.arange(n, 0, -1)  # our levels; unique stand-in timesteps
+    sample = x / (levels[0] ** 2 + 1) ** 0.5  # VP
+    for i, t in enumerate(scheduler.timesteps):
+        sigma = levels[i]
+        eps = (sample * (sigma**2 + 1) ** 0.5 - denoise(sample * (sigma**2 + 1) ** 0.5, sigma)) / sigma
+        sample = scheduler.step(eps, t, sample).prev_sample
+    return sample * (levels[-1] ** 2 + 1) ** 0.5
+
+
+def relative_error(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1)).item()
+
+
+CASES = [(name, schedule) for name in [*KD, "uni_pc", "uni_pc_bh2"] for schedule in ALL_SCHEDULES
+         if not (schedule == "default" and name in ("ddim", "ddpm"))]  # those are diffusers' (test_samplers.py)
+
+
+@pytest.mark.parametrize("name,schedule", CASES)
+def test_sampler_equals_reference(name, schedule):
+    # k-diffusion's 2M/3M SDE fail at 1 step (h unbound on the step to 0); ours return x0_hat there.
+    for steps in (2, 7) if name in ("dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde") else (1, 2, 7):
+        where = f"{name} on {schedule}, {steps} steps"
+        plan = make_schedule(name, steps, schedule=schedule)
+        denoise = denoiser(fake_net, plan)
+        x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * plan.init_noise_sigma
+        kwargs = {"noise": ours_noise(name, x, plan.sigmas)} if name in NEEDS_NOISE | SDE else {}
+        ours = SAMPLERS[name](denoise, x, plan.sigmas, **kwargs)
+        reference = run_reference(name, denoise, x, plan.sigmas, reference_noise(name, x, plan.sigmas))
+        assert relative_error(ours, reference) < 1e-5, f"{where}: {relative_error(ours, reference):.2e}"
+
+
+@pytest.mark.parametrize("name", sorted(WITH_ETA))
+def test_eta_and_s_noise_equal_reference(name):
+    plan = make_schedule(name, 6, schedule="karras")
+    denoise = denoiser(fake_net, plan)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)) * plan.init_noise_sigma
+    for eta, s_noise in [(0.0, 1.0), (0.5, 1.0), (1.0, 0.7)]:
+        ours = SAMPLERS[name](denoise, x, plan.sigmas, noise=ours_noise(name, x, plan.sigmas), eta=eta,
+                              s_noise=s_noise)
+        reference = run_reference(name, denoise, x, plan.sigmas, reference_noise(name, x, plan.sigmas), eta, s_noise)
+        assert relative_error(ours, reference) < 1e-5, f"{name} eta={eta} s_noise={s_noise}"
+    plain = SAMPLERS[name](denoise, x, plan.sigmas, noise=ours_noise(name, x, plan.sigmas))
+    assert relative_error(ours, plain) > 1e-3, f"{name}: s_noise changed nothing"
+
+
+def test_lcm_equals_diffusers_lcm_scheduler():
+    """LCM on diffusers' LCMScheduler's own timesteps (4 of the 50 LCM steps): the same latents, drawing the
+    same noise from the same generators (its consistency boundary terms are ~1e-8 at these timesteps)."""
+    from diffusers import LCMScheduler
+
+    from sampling.schedule import sigma_table
+
+    scheduler = LCMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    scheduler.set_timesteps(4)
+    _, table = sigma_table()
+    sigmas = torch.cat([table[scheduler.timesteps], torch.zeros(1)])
+    plan = make_schedule("lcm", 4)
+    plan = type(plan)(sigmas=sigmas, timesteps=scheduler.timesteps.float(), init_noise_sigma=1.0, table=table)
+    denoise = denoiser(fake_net, plan)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    ours = SAMPLERS["lcm"](denoise, noise * (sigmas[0] ** 2 + 1) ** 0.5, sigmas,
+                           noise=generator_noise(noise, generators()))
+    sample, gens = noise, generators()
+    for t in scheduler.timesteps:
+        sample = scheduler.step(fake_net(sample, t.expand(2)), t, sample, generator=gens).prev_sample
+    assert relative_error(ours, sample) < 1e-5, f"{relative_error(ours, sample):.2e}"
+
+
+def test_schedules_against_k_diffusion_and_scipy():
+    """karras and exponential equal k-diffusion's get_sigmas_*; beta's quantiles equal scipy.stats.beta.ppf."""
+    import scipy.stats
+
+    from sampling.schedule import sigma_table
+    from sampling.sigmas import beta_quantile
+
+    kd, (_, table) = k_diffusion_sampling(), sigma_table()
+    for steps in (1, 4, 28):
+        sigma_min, sigma_max = float(table[0]), float(table[-1])
+        torch.testing.assert_close(SCHEDULES["karras"](table, steps), kd.get_sigmas_karras(steps, sigma_min, sigma_max))
+        torch.testing.assert_close(SCHEDULES["exponential"](table, steps),
+                                   kd.get_sigmas_exponential(steps, sigma_min, sigma_max))
+    q = np.linspace(0, 1, 401)
+    np.testing.assert_allclose(beta_quantile(q, 0.6, 0.6), scipy.stats.beta.ppf(q, 0.6, 0.6), atol=1e-12)
