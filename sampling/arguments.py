@@ -19,6 +19,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from sampling.names import ALIASES, SAMPLER_NAMES, SCHEDULE_NAMES
+
 DEFAULT_MODEL = "plainxl-tiny"  # bundled; e.g. --model cagliostrolab/animagine-xl-4.0 for the real one
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 
@@ -86,8 +88,16 @@ def parse_args(argv):
     p.add_argument("--height", type=int, help="default: the size the model was trained at (1024 for SDXL)")
     p.add_argument("--steps", type=int)
     p.add_argument("--cfg", type=float)
-    p.add_argument("--sampler", choices=["euler", "euler_a", "dpmpp_2m", "ddim", "ddpm"])
-    p.add_argument("--karras", action="store_true", default=None, help="Karras et al. 2022 sigmas")
+    p.add_argument("--sampler", choices=[*SAMPLER_NAMES, *ALIASES], metavar="SAMPLER",
+                   help="ComfyUI's names (docs/samplers.md): " + ", ".join(SAMPLER_NAMES) + " (default euler_ancestral)")
+    p.add_argument("--schedule", choices=["default", *SCHEDULE_NAMES], metavar="SCHEDULE",
+                   help="the sampling schedule, ComfyUI's names: default (diffusers' scheduler's for euler, "
+                        "euler_ancestral, dpmpp_2m, ddim, ddpm; normal for the rest), " + ", ".join(SCHEDULE_NAMES))
+    p.add_argument("--karras", action="store_true", default=None,
+                   help="diffusers' Karras sigmas (timesteps rounded as diffusers) with the default schedule of euler, "
+                        "euler_ancestral or dpmpp_2m; --schedule karras is k-diffusion's and ComfyUI's")
+    p.add_argument("--eta", type=float, help="ancestral and SDE samplers: the share of fresh noise per step (default 1)")
+    p.add_argument("--s-noise", type=float, help="ancestral and SDE samplers: a scale on the fresh noise (default 1)")
     p.add_argument("--guidance-rescale", type=float)
     p.add_argument("--seed", type=int, help="0 .. 2**64 - 1; -1 draws one at random (as AUTOMATIC1111)")
     p.add_argument("--num-images", type=int)
@@ -184,7 +194,8 @@ def request_from(args):
             raise ValueError("--prompt is required (or --from-png FILE)")
         settings = Settings(prompt=args.prompt)
     flags = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-                 steps=args.steps, cfg=args.cfg, sampler=args.sampler, karras=args.karras,
+                 steps=args.steps, cfg=args.cfg, sampler=args.sampler, schedule=args.schedule, karras=args.karras,
+                 eta=args.eta, s_noise=args.s_noise,
                  guidance_rescale=args.guidance_rescale, seed=args.seed, num_images=args.num_images,
                  original_size=args.original_size, crop_top_left=args.crop_top_left, target_size=args.target_size,
                  truncate_prompt=args.truncate_prompt, prompt_weights=args.prompt_weights,
@@ -230,8 +241,6 @@ def check_settings(s):
     for name in ("aesthetic_score", "negative_aesthetic_score"):
         if not math.isfinite(getattr(s, name)):
             raise ValueError(f"{name} {getattr(s, name)} is not a finite number")
-    if s.karras and s.sampler in ("ddim", "ddpm"):
-        raise ValueError(f"--karras does not apply to {s.sampler}; use euler, euler_a or dpmpp_2m with it")
     if s.prompt_weights:
         for flag, prompt in [("--prompt", s.prompt), ("--negative-prompt", s.negative_prompt or "")]:
             try:

@@ -12,6 +12,12 @@ image and mask are recorded by path, as given: --from-png reads them from there 
 Sizes are written WxH like A1111's Size; the crop is written TOPxLEFT. `Model hash` is A1111's (sha256
 of the file, 10 hex digits), the one key it switches checkpoints on. A prompt with a line that starts
 with "Negative prompt:" gets `Prompt lines: N`, so that it reads back as the same prompt.
+
+Samplers and schedules carry A1111's labels (`Sampler: DPM++ 2M, Schedule type: Karras`; sampling/names.py);
+on input its k_ aliases, ComfyUI's names, the pre-1.9 combined names ("DPM++ 2M Karras") and "Automatic" (the
+sampler's own schedule in A1111) are read too. `Timesteps: diffusers` is ours: the run used diffusers'
+scheduler's schedule (--schedule default, --karras), which A1111 has no label for. A1111's ENSD (a reseed
+of its GPU generators) has no meaning with plainxl's per-image CPU generators and is not read.
 """
 
 import json
@@ -19,9 +25,9 @@ import re
 from dataclasses import replace
 from pathlib import Path
 
+from sampling.names import SCHEDULE_LABELS, canonical_sampler, read_sampler, resolved_schedule, sampler_label
 from sampling.settings import Settings
 
-SAMPLER_NAMES = {"euler": "Euler", "euler_a": "Euler a", "dpmpp_2m": "DPM++ 2M", "ddim": "DDIM", "ddpm": "DDPM"}
 # One "Key: value" field; values holding a comma or colon are JSON-quoted (A1111's own regex).
 FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
@@ -50,10 +56,21 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, 
     lines = [s.prompt]
     if s.negative_prompt is not None:  # absent line = no negative prompt (zero conditioning)
         lines.append(f"{NEGATIVE} {s.negative_prompt}")
-    fields = {"Steps": s.steps, "Sampler": SAMPLER_NAMES[s.sampler]}
-    if s.karras:
+    fields = {"Steps": s.steps, "Sampler": sampler_label(s.sampler)}
+    schedule = resolved_schedule(s.sampler, s.schedule)
+    if schedule != "default":
+        fields["Schedule type"] = SCHEDULE_LABELS[schedule]
+    elif s.karras:
         fields["Schedule type"] = "Karras"
     fields |= {"CFG scale": s.cfg, "Seed": seed, "Size": f"{s.width}x{s.height}"}
+    if schedule == "default":  # ours: diffusers' scheduler's timesteps (A1111 would read its own for the label)
+        fields["Timesteps"] = "diffusers"
+    if canonical_sampler(s.sampler) == "uni_pc_bh2":
+        fields["UniPC variant"] = "bh2"
+    if s.eta != 1.0:
+        fields["Eta"] = s.eta
+    if s.s_noise != 1.0:
+        fields["Sigma noise"] = s.s_noise
     if model_hash:
         fields["Model hash"] = model_hash
     fields["Model"] = model_name
@@ -151,17 +168,22 @@ def parse_parameters(text):
         if not rest[0].startswith(NEGATIVE):
             raise ValueError(f"the line after its prompt does not start with '{NEGATIVE}'")
         negative = "\n".join([rest[0][len(NEGATIVE):].removeprefix(" ")] + rest[1:])  # the one space we write
-    sampler_name = str(fields.get("Sampler", "")).removesuffix(" Karras")
-    samplers = {v: k for k, v in SAMPLER_NAMES.items()}
-    if sampler_name not in samplers:
-        raise ValueError(f"its sampler {fields.get('Sampler')!r} is not one of {', '.join(SAMPLER_NAMES.values())}")
+    sampler, schedule = read_sampler(str(fields.get("Sampler", "Euler a")), fields.get("Schedule type"),
+                                     fields.get("UniPC variant"))
+    for key, value in [("Hires sampler", fields.get("Sampler")), ("Hires schedule type", fields.get("Schedule type"))]:
+        if fields.get(key, value) != value:
+            raise ValueError(f"its '{key}: {fields[key]}' differs from the first pass's, which the hi-res pass "
+                             "here always uses; re-run it with one sampler and schedule")
+    karras = False
+    if fields.get("Timesteps") == "diffusers":  # written by plainxl: diffusers' schedule, maybe with its Karras
+        karras, schedule = schedule == "karras", "default"
     hw = lambda key: tuple(reversed(_numbers(fields, key, 2, "x"))) if key in fields else None  # "WxH" -> (H, W)
     width, height = _numbers(fields, "Size", 2, "x")
     settings = Settings(
         prompt="\n".join(prompt_lines), negative_prompt=negative, width=width, height=height,
         steps=_numbers(fields, "Steps", 1, None), cfg=_numbers(fields, "CFG scale", 1, None, float, 5.0),
-        sampler=samplers[sampler_name],
-        karras=fields.get("Schedule type") == "Karras" or str(fields["Sampler"]).endswith(" Karras"),
+        sampler=sampler, schedule=schedule, karras=karras,
+        eta=_numbers(fields, "Eta", 1, None, float, 1.0), s_noise=_numbers(fields, "Sigma noise", 1, None, float, 1.0),
         guidance_rescale=_numbers(fields, "Guidance rescale", 1, None, float, 0.0),
         seed=_numbers(fields, "Seed", 1, None), original_size=hw("Original size"),
         crop_top_left=_numbers(fields, "Crop top left", 2, "x", default=(0, 0)), target_size=hw("Target size"),

@@ -25,6 +25,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from sampling.names import ALIASES, NOISY, SAMPLER_NAMES, SDE, WITH_ETA  # noqa: F401 (re-exported beside SAMPLERS)
 from sampling.unipc import sample_uni_pc
 
 
@@ -354,7 +355,4 @@ SAMPLERS = {
     "ddim": sample_ddim,
     "ddpm": sample_ddpm,  # noise
 }
-ALIASES = {"euler_a": "euler_ancestral"}  # plainxl's earlier name, still accepted
-NOISY = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm"}  # noise from the generators
-SDE = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}  # noise from Brownian trees
-WITH_ETA = (NOISY | SDE) - {"lcm", "ddpm"}  # the samplers that take eta and s_noise
+assert tuple(SAMPLERS) == SAMPLER_NAMES, "sampling/names.py lists the samplers for the command line"

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from models.sdxl import SDXL_SCHEDULER_CONFIG  # re-exported: the schedule's defaults
+from sampling.names import ALIASES, SAMPLER_NAMES
 from sampling.sigmas import SCHEDULES
 
 DIFFUSERS_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "ddim", "ddpm")  # samplers with diffusers' own schedule
@@ -174,6 +175,8 @@ def make_schedule(sampler, steps, *, schedule="default", spacing=None, karras=No
             (SDXL_SCHEDULER_CONFIG), not the per-class defaults of diffusers.
     """
     cfg = {**SDXL_SCHEDULER_CONFIG, **(config or {})}
+    if sampler not in (*SAMPLER_NAMES, *ALIASES):
+        raise ValueError(f"sampler {sampler!r} is unknown; use one of {', '.join(SAMPLER_NAMES)}.")
     sampler = "euler_a" if sampler == "euler_ancestral" else sampler
     T = cfg["num_train_timesteps"]
     if not 1 <= steps <= T:

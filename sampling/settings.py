@@ -5,6 +5,7 @@
     schedule_steps      how many steps a stage's sampling schedule has
     hires_second_pass   the hi-res fix's second pass, as the Settings of an img2img stage
     window              which steps of the sampling schedule a stage runs (img2img, two-stage handover)
+    check_sampler       the sampler, schedule, eta and s_noise fit together
     check               settings a model cannot run, refused in one sentence before the weights load
     memory_estimate     roughly how many bytes a generation needs (checked before the load)
 
@@ -20,6 +21,7 @@ from PIL import Image
 
 from models.sdxl import SDXL_SCHEDULER_CONFIG
 from sampling.images import UPSCALERS, as_image, default_size
+from sampling.names import SAMPLER_NAMES, SCHEDULE_NAMES, WITH_ETA, canonical_sampler
 
 
 @dataclass
@@ -124,9 +126,27 @@ def window(s: Settings, schedule, scheduler_config=None):
     return start, end
 
 
+def check_sampler(s):
+    """The sampler, schedule, eta and s_noise of Settings s fit together, or ValueError with the fix."""
+    sampler = canonical_sampler(s.sampler)
+    if sampler not in SAMPLER_NAMES or s.schedule not in ("default", *SCHEDULE_NAMES):
+        raise ValueError(f"sampler {s.sampler!r} / schedule {s.schedule!r}: use one of {', '.join(SAMPLER_NAMES)} / "
+                         f"default, {', '.join(SCHEDULE_NAMES)}")
+    if s.karras and (s.schedule != "default" or sampler not in ("euler", "euler_ancestral", "dpmpp_2m")):
+        raise ValueError(f"--karras is diffusers' Karras schedule for euler, euler_ancestral and dpmpp_2m; with "
+                         f"{s.sampler} use --schedule karras (k-diffusion's and ComfyUI's) instead")
+    for flag, value in [("--eta", s.eta), ("--s-noise", s.s_noise)]:
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag} {value} is not a number >= 0; e.g. 1 (the default)")
+        if value != 1.0 and sampler not in WITH_ETA:
+            raise ValueError(f"{flag} applies to the ancestral and SDE samplers ({', '.join(sorted(WITH_ETA))}), "
+                             f"not {s.sampler}; drop it or pick one of those")
+
+
 def check(s: Settings, config, refiner_config=None):
     """ValueError, in one sentence with the fix, for settings the models `config` (and `refiner_config`, a
     refiner's SDXLConfig) cannot run. sampling.generate calls it before the weights load."""
+    check_sampler(s)
     ranges = [("strength", s.strength, "1 repaints the image fully"), ("hi-res strength", s.hires_strength, "e.g. 0.7")]
     for name, value, hint in ranges:
         if not (math.isfinite(value) and 0 < value <= 1):

@@ -75,8 +75,8 @@ def test_a1111_written_parameters_parse():
     text = "masterpiece, 1girl\nNegative prompt: lowres\nSteps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7, " \
            "Seed: 1234, Size: 512x768, Model hash: abcdef, Model: animagine-xl-4.0, Version: v1.10.0"
     s, recorded = parse_parameters(text)
-    assert (s.prompt, s.negative_prompt, s.steps, s.sampler, s.karras, s.cfg, s.seed, s.width, s.height) == \
-        ("masterpiece, 1girl", "lowres", 20, "dpmpp_2m", True, 7.0, 1234, 512, 768)
+    assert (s.prompt, s.negative_prompt, s.steps, s.sampler, s.schedule, s.karras, s.cfg, s.seed, s.width, s.height) == \
+        ("masterpiece, 1girl", "lowres", 20, "dpmpp_2m", "karras", False, 7.0, 1234, 512, 768)  # k-diffusion's Karras
     assert recorded == {"Model": "animagine-xl-4.0", "Model hash": "abcdef"}
 
 
@@ -112,9 +112,13 @@ def run_cli(args):
     (["--width", "100"], "--width 100 is not a positive multiple of 8; use 96 or 104"),
     (["--height", "0"], "--height 0 is not a positive multiple of 8; use 8"),
     (["--height", "-64"], "--height -64 is not a positive multiple of 8; use 8"),
-    (["--sampler", "heun"], "invalid choice: 'heun'"),
+    (["--sampler", "dpm_fast"], "invalid choice: 'dpm_fast'"),
+    (["--schedule", "turbo"], "invalid choice: 'turbo'"),
+    (["--sampler", "euler", "--eta", "0.5"], "--eta applies to the ancestral and SDE samplers"),
+    (["--sampler", "euler_ancestral", "--s-noise", "-1"], "--s-noise -1.0 is not a number >= 0"),
+    (["--sampler", "heun", "--karras"], "with heun use --schedule karras"),
     (["--steps", "0"], "--steps must be at least 1"),
-    (["--sampler", "ddim", "--karras"], "--karras does not apply to ddim"),
+    (["--sampler", "ddim", "--karras"], "--karras is diffusers' Karras schedule for euler, euler_ancestral and dpmpp_2m"),
 ])
 def test_bad_settings(model_file, tmp_path, capsys, args, fragment):
     out = tmp_path / "out"

@@ -81,7 +81,7 @@ def with_metadata(src, dst, edit):
     (["--width", "0"], ["--width 0 is not a positive multiple of 8; use 8"]),
     (["--height", "-64"], ["--height -64 is not a positive multiple of 8; use 8"]),
     (["--width", "100"], ["use 96 or 104"]),
-    (["--steps", "1000"], ["--steps 1000 with --sampler euler_a", "past the last training timestep 999"]),
+    (["--steps", "1000"], ["--steps 1000 with --sampler euler_ancestral", "past the last training timestep 999"]),
     (["--steps", "5000"], ["between 1 and num_train_timesteps (1000)"]),
     (["--seed", str(2**64)], ["outside 0 .. 2**64 - 1"]),
     (["--seed", "-5"], ["--seed -5 is outside"]),
@@ -94,7 +94,8 @@ def with_metadata(src, dst, edit):
     (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "cuda:99"], ["device cuda"]),
     (["--device", "banana"], ["'banana' is not a device name"]),
     (["--num-images", "0"], ["--num-images must be at least 1"]),
-    (["--sampler", "ddim", "--karras"], ["--karras does not apply to ddim"]),
+    (["--sampler", "ddim", "--karras"], ["--karras is diffusers' Karras schedule", "with ddim use --schedule karras"]),
+    (["--sampler", "lcm", "--eta", "0.3"], ["--eta applies to the ancestral and SDE samplers", "not lcm"]),
     (["--vae", "/nonexistent/vae.safetensors"], ["/nonexistent/vae.safetensors does not exist"]),
 ])
 def test_generate_settings_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, args, fragments):
@@ -314,7 +315,11 @@ def test_fp16_overflow_is_named(tmp_path, capsys, monkeypatch):
      "'Crop top left: 1x2x3' is not NxN"),
     ("x\nSteps: two, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64", "'Steps: two' is not a whole number"),
     ("x\nSteps: 2, Sampler: Euler, CFG scale: high, Seed: 1, Size: 64x64", "'CFG scale: high' is not a number"),
-    ("x\nSteps: 2, Sampler: Heun, CFG scale: 5, Seed: 1, Size: 64x64", "sampler 'Heun' is not one of"),
+    ("x\nSteps: 2, Sampler: DPM fast, CFG scale: 5, Seed: 1, Size: 64x64", "sampler 'DPM fast' is not one of"),
+    ("x\nSteps: 2, Sampler: Euler, Schedule type: Turbo, CFG scale: 5, Seed: 1, Size: 64x64",
+     "schedule type 'Turbo' is not implemented here"),
+    ("x\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64, Hires upscale: 2, Hires sampler: DDIM",
+     "'Hires sampler: DDIM' differs from the first pass's"),
     ("x\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x", "'Size: 64x' is not NxN"),
     ("x\nSteps: 0, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 64x64", "--steps must be at least 1"),
     ("x\nSteps: 2, Sampler: Euler, CFG scale: 5, Seed: 1, Size: 60x64", "--width 60 is not a positive multiple of 8"),
@@ -573,7 +578,7 @@ def trained_run(train_setup, tmp_path_factory):
     (dict(model="/nonexistent/model.safetensors"), "/nonexistent/model.safetensors does not exist"),
     (dict(resume="/nonexistent/step-000001"), "checkpoint /nonexistent/step-000001 does not exist"),
     (dict(prior_loss_weight=1.0, class_steps=1000), "class_steps=1000: 'leading' spacing with 1000 steps"),
-    (dict(validation_prompt="1girl", class_sampler="heun"), "class_sampler='heun', class_steps=28: sampler 'heun' is unknown"),
+    (dict(validation_prompt="1girl", class_sampler="dpm_fast"), "class_sampler='dpm_fast', class_steps=28: sampler 'dpm_fast' is unknown"),
 ])
 def test_trainer_fields_refused_before_anything(train_setup, tmp_path, capsys, overrides, fragment):
     before = snapshot(train_setup)
