@@ -164,6 +164,7 @@ def request_from(args):
     """The Request of the command line: the PNG's (if any) or the defaults, overridden by every flag. The PNG's
     VAE and refiner are used only with the PNG's model: a --model of your own takes its own VAE, and a refiner
     only if you name one."""
+    from sampling.comfyui import parse_comfyui
     from sampling.interventions import check_name
     from sampling.pnginfo import parse_parameters
     from sampling.settings import Settings
@@ -171,12 +172,12 @@ def request_from(args):
     model, vae, refiner, loras, recorded = args.model, args.vae, args.refiner, args.lora, {}
     interventions = args.intervention
     if args.from_png:
-        try:  # format rule: PIL by content; the settings are the 'parameters' text chunk (not JPEG/WebP EXIF)
+        try:  # format rule: PIL by content; the settings are A1111's 'parameters' text chunk or ComfyUI's 'prompt'
             with Image.open(args.from_png) as png:
-                text = png.info.get("parameters")
-            if text is None:
-                raise ValueError("it has no 'parameters' text chunk")
-            settings, recorded = parse_parameters(text)
+                text, graph = png.info.get("parameters"), png.info.get("prompt")
+            if text is None and graph is None:
+                raise ValueError("it has no 'parameters' (AUTOMATIC1111, Forge, plainxl) or 'prompt' (ComfyUI) text chunk")
+            settings, recorded = parse_parameters(text) if text is not None else parse_comfyui(graph)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"--from-png {args.from_png} cannot be used: {e}") from None
         if model is None:

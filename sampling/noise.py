@@ -9,6 +9,8 @@ generators):
                       so the noise between two levels is the same whatever steps the run takes between them
 """
 
+import warnings
+
 import torch
 
 
@@ -48,7 +50,9 @@ def brownian_noise(x, sigmas, seeds):
         sigma, sigma_next = torch.as_tensor(sigma).cpu(), torch.as_tensor(sigma_next).cpu()
         # torchsde wants t0 < t1; sampling runs downwards, so W(sigma_next) - W(sigma) = -tree(sigma_next, sigma)
         lower, upper, sign = (sigma, sigma_next, 1) if sigma < sigma_next else (sigma_next, sigma, -1)
-        increment = torch.stack([tree(lower, upper) for tree in trees]) * sign  # (B, ...)
+        with warnings.catch_warnings():  # a level computed as exp(-log sigma) may pass the span's end by a float32
+            warnings.filterwarnings("ignore", "Should have", UserWarning)  # ulp; torchsde warns, and answers as for
+            increment = torch.stack([tree(lower, upper) for tree in trees]) * sign  # k-diffusion's: (B, ...)
         return (increment / (sigma_next - sigma).abs().sqrt()).to(x)
 
     return noise

@@ -174,6 +174,9 @@ def parse_parameters(text):
         if fields.get(key, value) != value:
             raise ValueError(f"its '{key}: {fields[key]}' differs from the first pass's, which the hi-res pass "
                              "here always uses; re-run it with one sampler and schedule")
+    for key in ("Beta schedule alpha", "Beta schedule beta"):  # A1111's Beta options; ComfyUI's and ours: 0.6
+        if _numbers(fields, key, 1, None, float, 0.6) != 0.6:
+            raise ValueError(f"its '{key}: {fields[key]}' is not implemented here (the beta schedule uses 0.6, 0.6)")
     karras = False
     if fields.get("Timesteps") == "diffusers":  # written by plainxl: diffusers' schedule, maybe with its Karras
         karras, schedule = schedule == "karras", "default"

@@ -161,3 +161,46 @@ def test_schedules_against_k_diffusion_and_scipy():
                                    kd.get_sigmas_exponential(steps, sigma_min, sigma_max))
     q = np.linspace(0, 1, 401)
     np.testing.assert_allclose(beta_quantile(q, 0.6, 0.6), scipy.stats.beta.ppf(q, 0.6, 0.6), atol=1e-12)
+
+
+IMAGE_CASES = [(name, schedule) for name in [*KD, "uni_pc", "uni_pc_bh2"] for schedule in ALL_SCHEDULES
+               if not (schedule == "default" and name in ("ddim", "ddpm"))]  # lcm: no k-diffusion oracle (above)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline():
+    from test_pipeline_parity import tiny_model
+
+    from sampling.pipeline import Pipeline
+
+    return Pipeline(tiny_model())
+
+
+def reference_sampler(name, seeds):
+    """The reference sampler for `name`, called as the pipeline calls ours."""
+    def run(denoise, x, sigmas, *, noise=None, eta=1.0, s_noise=1.0, callback=None, after_step=None):
+        assert after_step is None, "text-to-image only"
+        if name in SDE:  # k-diffusion's own trees, one per image seeded with its seed
+            noise = k_diffusion_sampling().BrownianTreeNoiseSampler(x, sigmas[sigmas > 0].min(), sigmas.max(),
+                                                                    seed=list(seeds))
+        return run_reference(name, denoise, x, sigmas, noise, eta, s_noise)
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,schedule", IMAGE_CASES)
+def test_images_equal_reference_sampler(tiny_pipeline, monkeypatch, name, schedule):
+    """The whole pipeline (guidance, the UNet as denoiser, the VAE), with the reference sampler in place of ours:
+    per image mean |diff| <= 0.5 and max <= 4 of 255, batch of 2 (each image its own seed)."""
+    from test_pipeline_parity import assert_close_images
+
+    import sampling.pipeline
+    from sampling.settings import Settings
+
+    eta = 0.7 if name in WITH_ETA else 1.0
+    s = Settings(prompt="1girl, green hair", negative_prompt="lowres", width=64, height=64, steps=6, cfg=5.0,
+                 sampler=name, schedule=schedule, eta=eta, seed=21, num_images=2)
+    ours = tiny_pipeline(s, progress=False)
+    monkeypatch.setitem(sampling.pipeline.SAMPLERS, name, reference_sampler(name, (21, 22)))
+    theirs = tiny_pipeline(s, progress=False)
+    assert_close_images(ours, [np.asarray(image) for image in theirs], f"{name} on {schedule}")
