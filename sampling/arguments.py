@@ -222,6 +222,7 @@ def check_settings(s):
     """Everything that can be checked without the model -> s with its init image and mask opened (the model's
     own checks, sampling.settings.check, take them). Raises ValueError with the fix in the message."""
     from sampling.images import open_rgb
+    from sampling.prompt_editing import prompt_schedule
     from sampling.prompts import parse_weights
 
     for name in ("width", "height"):
@@ -242,10 +243,11 @@ def check_settings(s):
     for name in ("aesthetic_score", "negative_aesthetic_score"):
         if not math.isfinite(getattr(s, name)):
             raise ValueError(f"{name} {getattr(s, name)} is not a finite number")
-    if s.prompt_weights:
+    if s.prompt_weights:  # each text prompt editing gives, over the most calls a run can make (two a step)
         for flag, prompt in [("--prompt", s.prompt), ("--negative-prompt", s.negative_prompt or "")]:
             try:
-                parse_weights(prompt)
+                for _, text in prompt_schedule(prompt, 2 * max(s.steps, 1)):
+                    parse_weights(text)
             except ValueError as e:
                 raise ValueError(f"{flag}: {e}") from None
     if s.hires_steps is not None and s.hires_steps < 1:

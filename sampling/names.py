@@ -17,6 +17,7 @@ DIFFUSERS_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "ddim", "ddpm")  #
 NOISY = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm"}  # noise from each image's generator
 SDE = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}  # noise from each image's Brownian tree
 WITH_ETA = (NOISY | SDE) - {"lcm", "ddpm"}  # the samplers that take eta and s_noise
+SECOND_ORDER = {"heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"}  # two denoiser calls a step
 
 # AUTOMATIC1111 1.10's labels (Forge adds DDPM); uni_pc_bh2 is "UniPC" with "UniPC variant: bh2".
 SAMPLER_LABELS = {

@@ -33,8 +33,9 @@ from models.sdxl import scheduler_config as models_scheduler_config
 from models.tokenizer import load_tokenizers
 from sampling.images import as_image, latent_mask, mask_pixels, pixels, upscale_images, upscale_latents
 from sampling.noise import brownian_noise, generator_noise, noise_like
+from sampling.prompt_editing import at_call, prompt_schedule, text_at
 from sampling.prompts import encode_prompts, num_chunks
-from sampling.samplers import ALIASES, NOISY, SAMPLERS, SDE, WITH_ETA
+from sampling.samplers import ALIASES, NOISY, SAMPLERS, SDE, SECOND_ORDER, WITH_ETA
 from sampling.schedule import make_schedule
 from sampling.settings import Settings, check, hires_second_pass, is_latents, schedule_steps, window, with_output_size
 from sampling.tiling import tiled
@@ -166,6 +167,21 @@ class Pipeline:
         with self.on_device("text_encoder_1", "text_encoder_2"):
             return self.encode_conditioning(s)
 
+    def edited_conditioning(self, s: Settings, calls, first_pass_steps=None):
+        """[(last denoiser call, cond, uncond)]: the conditioning while the call counter is <= its last call, for
+        AUTOMATIC1111's prompt editing over `calls` calls (one entry without editing; each text encoded once)."""
+        edit = lambda prompt: (prompt_schedule(prompt, calls, first_pass_steps) if s.prompt_weights  # noqa: E731
+                               else [(calls, prompt)])
+        positive = edit(s.prompt)
+        negative = edit(s.negative_prompt) if s.negative_prompt is not None else [(calls, None)]
+        encoded, edits = {}, []
+        for last in sorted({end for end, _ in positive} | {end for end, _ in negative}):
+            texts = (text_at(positive, last), text_at(negative, last))
+            if texts not in encoded:
+                encoded[texts] = self.conditioning(replace(s, prompt=texts[0], negative_prompt=texts[1]))
+            edits.append((last, *encoded[texts]))
+        return edits
+
     def encode_conditioning(self, s: Settings):
         B, refiner, weighted = s.num_images, self.is_refiner, s.prompt_weights
         chunks = max(num_chunks(self.tokenizers, p, s.truncate_prompt, weighted) for p in [s.prompt, s.negative_prompt or ""])
@@ -236,16 +252,18 @@ class Pipeline:
         return latents
 
     @torch.no_grad()
-    def stage(self, s: Settings, generators, progress=True, callback=None):
+    def stage(self, s: Settings, generators, progress=True, callback=None, first_pass_steps=None):
         """One sampler run on this model: text-to-image, img2img or inpainting, or one part of a two-stage
-        run. -> latents (B, 4, h, w) in VP scale (x / sqrt(sigma^2 + 1) at the last level reached)."""
+        run. -> latents (B, 4, h, w) in VP scale (x / sqrt(sigma^2 + 1) at the last level reached).
+        first_pass_steps: in the hi-res pass, the first pass's steps (prompt editing counts from its start)."""
         name = ALIASES.get(s.sampler, s.sampler)
         # --karras turns diffusers' Karras sigmas on; without it, a folder's scheduler config may still ask for them.
         schedule = make_schedule(name, schedule_steps(s), schedule=s.schedule, karras=True if s.karras else None,
                                  config=self.scheduler_config)
         start, end = window(s, schedule, self.scheduler_config)
         sigmas = schedule.sigmas[start:end + 1]  # (n + 1,) the levels this stage runs through
-        cond, uncond = self.conditioning(s)
+        calls_per_step = 2 if name in SECOND_ORDER else 1  # prompt editing counts denoiser calls, as A1111
+        edits = self.edited_conditioning(s, s.steps * calls_per_step, first_pass_steps)
         B, channels = s.num_images, self.model.config.vae.z_channels
         shape = (channels, s.height // 8, s.width // 8)
 
@@ -266,8 +284,10 @@ class Pipeline:
             else:
                 x = latents + noise_like(latents, generators) * sigmas[0].to(self.device)
 
-        guided_net = guided(net, cond, uncond, s.cfg, s.guidance_rescale, split=self.cfg_mode == "split")
-        denoise = denoiser(guided_net, schedule)
+        guided_nets = [guided(net, cond, uncond, s.cfg, s.guidance_rescale, split=self.cfg_mode == "split")
+                       for _, cond, uncond in edits]
+        first_call = start * calls_per_step if s.denoising_start is not None else 0  # a refiner continues the count
+        denoise = denoiser(at_call(guided_nets, [last for last, _, _ in edits], first_call), schedule)
         kwargs = {"after_step": after_step}
         if name in NOISY:  # fresh noise continues each image's generator
             kwargs["noise"] = generator_noise(x, generators)
@@ -341,7 +361,7 @@ class Pipeline:
             init = upscale_images(images, second.width, second.height)
         second = replace(second, init_image=init)
         generators = [torch.Generator().manual_seed(s.seed + i) for i in range(s.num_images)]
-        return self.stage(second, generators, progress, callback)
+        return self.stage(second, generators, progress, callback, first_pass_steps=s.steps)
 
     @torch.no_grad()
     def encode(self, pixel_batch, generators):

@@ -15,8 +15,8 @@ so its mean equals the unweighted mean (A1111's "Original" emphasis). The pooled
 it is bigG's pooled output of the first chunk, whose tokens are the prompt with the syntax removed.
 Malformed input reads as A1111 reads it (an unclosed bracket weights the rest of the prompt, a stray
 closing one and a colon in brackets, `(artist:name)`, are text), except where A1111 would silently read
-a broken weight as text: `(tag:1.2`, `(tag:1,2)`, `(tag:1.2.3)`, `tag:1.2)` are errors, and so is
-`[a:b:0.5]` (A1111's prompt editing, not implemented here).
+a broken weight as text: `(tag:1.2`, `(tag:1,2)`, `(tag:1.2.3)`, `tag:1.2)` are errors. Prompt editing
+(`[a:b:0.5]`, `[a|b]`) is resolved before this (sampling/prompt_editing.py): each step's text is weighted here.
 """
 
 import math
@@ -83,7 +83,8 @@ def parse_weights(prompt):
             rest = _NUMBER_LIKE.match(prompt, m.end())[0]
             if kinds[-1] == "[":
                 raise PromptError(f"'[...:{rest.strip()}]' at character {m.start() + 1} is AUTOMATIC1111's prompt "
-                                  "editing, which is not supported here" + fix)
+                                  "editing, which reads only when the whole prompt does (a stray '|', or a bracket "
+                                  "left open around it, stops it)" + fix)
             closed = prompt[m.end() + len(rest):].startswith(")")
             raise PromptError(f"the weight ':{rest.strip()}' at character {m.start() + 1} "
                               + ("is not a number" if closed else "is never closed by ')'") + fix)

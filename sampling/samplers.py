@@ -25,7 +25,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from sampling.names import ALIASES, NOISY, SAMPLER_NAMES, SDE, WITH_ETA  # noqa: F401 (re-exported beside SAMPLERS)
+from sampling.names import ALIASES, NOISY, SAMPLER_NAMES, SDE, SECOND_ORDER, WITH_ETA  # noqa: F401 (re-exported)
 from sampling.unipc import sample_uni_pc
 
 

@@ -60,7 +60,7 @@ def test_nesting_escapes_and_break(prompt, expected):
     ("(tag:" + "9" * 400 + ")", "is not a number"),  # float() gives inf
     ("(a [cat:dog:0.5] b:1.2)", "'[...:0.5]' at character 12 is AUTOMATIC1111's prompt editing"),
     ("tag:1.2)", "closes no '('"),
-    ("[cat:dog:0.5]", "prompt editing, which is not supported"),
+    ("[cat:dog:0.5]", "prompt editing, which reads only when the whole prompt does"),
 ])
 def test_malformed_weights_are_one_clear_error(prompt, message):
     with pytest.raises(PromptError, match=re.escape(message)) as e:
