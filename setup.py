@@ -17,10 +17,13 @@ setup(
         "tensorboard",
         "Pillow",
         "tqdm",
+        "torchsde",  # Brownian noise for the SDE samplers (sampling/noise.py)
     ],
     extras_require={
         # diffusers (and peft, for its LoRA loading) are the test oracles only: project code never imports them.
         # nbclient, nbformat and ipykernel execute the notebooks in the test suite; hypothesis draws damaged files; ruff is the linter .ci/run runs.
-        "test": ["pytest", "hypothesis", "ruff", "diffusers==0.42.1", "peft", "accelerate", "nbclient", "nbformat", "ipykernel"],
+        # k-diffusion (the samplers' oracle) is installed by .ci/run with --no-deps: its own dependencies pull torchvision.
+        "test": ["pytest", "hypothesis", "ruff", "diffusers==0.42.1", "peft", "accelerate", "nbclient", "nbformat", "ipykernel",
+                 "torchdiffeq", "scipy"],  # k-diffusion's sampling.py imports them (it is installed with --no-deps)
     },
 )
