@@ -49,6 +49,15 @@ def crop_pair(text):
     return tuple(int(n) for n in text.split(","))
 
 
+def float_pair(text):
+    """'0.28,5.42' -> (0.28, 5.42)."""
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LOW,HIGH, e.g. 0.28,5.42") from None
+    return low, high
+
+
 def lora_arg(text):
     """'FILE[:SCALE]' -> (FILE, SCALE), scale 1.0 when absent (a colon inside a path is left alone)."""
     path, colon, scale = text.rpartition(":")
@@ -99,6 +108,17 @@ def parse_args(argv):
     p.add_argument("--eta", type=float, help="ancestral and SDE samplers: the share of fresh noise per step (default 1)")
     p.add_argument("--s-noise", type=float, help="ancestral and SDE samplers: a scale on the fresh noise (default 1)")
     p.add_argument("--guidance-rescale", type=float)
+    p.add_argument("--pag-scale", type=float, help="perturbed-attention guidance's scale (Ahn et al. 2024; e.g. 3)")
+    p.add_argument("--pag-layers", nargs="+", metavar="LAYER",
+                   help="where PAG perturbs self-attention: mid (the default, diffusers') or official block names "
+                        "with wildcards, e.g. middle_block.1 output_blocks.[0-2].1")
+    p.add_argument("--apg", action="store_true", default=None,
+                   help="adaptive projected guidance (Sadat et al. 2024) instead of plain CFG at high --cfg")
+    p.add_argument("--apg-eta", type=float, help="APG: the weight of the guidance parallel to the prediction (0)")
+    p.add_argument("--apg-norm-threshold", type=float, help="APG: the cap on the guidance's norm (2.5; 0: none)")
+    p.add_argument("--apg-momentum", type=float, help="APG: the momentum of its running average (-0.75; 0: none)")
+    p.add_argument("--cfg-interval", type=float_pair, metavar="LOW,HIGH",
+                   help="guidance only for sigma in (LOW, HIGH] (Kynkaanniemi et al. 2024; 0.28,5.42 for SDXL)")
     p.add_argument("--seed", type=int, help="0 .. 2**64 - 1; -1 draws one at random (as AUTOMATIC1111)")
     p.add_argument("--num-images", type=int)
     p.add_argument("--original-size", type=size_pair, help="WIDTHxHEIGHT micro-conditioning (default: output size)")
@@ -196,7 +216,10 @@ def request_from(args):
         settings = Settings(prompt=args.prompt)
     flags = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
                  steps=args.steps, cfg=args.cfg, sampler=args.sampler, schedule=args.schedule, karras=args.karras,
-                 eta=args.eta, s_noise=args.s_noise,
+                 eta=args.eta, s_noise=args.s_noise, pag_scale=args.pag_scale,
+                 pag_layers=tuple(args.pag_layers) if args.pag_layers else None, apg=args.apg, apg_eta=args.apg_eta,
+                 apg_norm_threshold=args.apg_norm_threshold, apg_momentum=args.apg_momentum,
+                 cfg_interval=args.cfg_interval,
                  guidance_rescale=args.guidance_rescale, seed=args.seed, num_images=args.num_images,
                  original_size=args.original_size, crop_top_left=args.crop_top_left, target_size=args.target_size,
                  truncate_prompt=args.truncate_prompt, prompt_weights=args.prompt_weights,

@@ -7,21 +7,25 @@ parameters say), and the way from one to the other. No torch here: the command l
                                     ("DPM++ 2M Karras") and "Automatic" included
 """
 
-SAMPLER_NAMES = ("euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
+SAMPLER_NAMES = ("euler", "euler_ancestral", "euler_cfg_pp", "euler_ancestral_cfg_pp", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
                  "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "uni_pc", "uni_pc_bh2",
                  "lcm", "ddim", "ddpm")
 ALIASES = {"euler_a": "euler_ancestral"}  # plainxl's earlier name, still accepted
 SCHEDULE_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta", "kl_optimal",
                   "align_your_steps")
 DIFFUSERS_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "ddim", "ddpm")  # "default" = diffusers' schedule
-NOISY = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm"}  # noise from each image's generator
+NOISY = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm"}  # noise
+# from each image's generator
 SDE = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}  # noise from each image's Brownian tree
 WITH_ETA = (NOISY | SDE) - {"lcm", "ddpm"}  # the samplers that take eta and s_noise
+CFG_PP = {"euler_cfg_pp", "euler_ancestral_cfg_pp"}  # they step with the unconditional prediction too
 SECOND_ORDER = {"heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"}  # two denoiser calls a step
 
-# AUTOMATIC1111 1.10's labels (Forge adds DDPM); uni_pc_bh2 is "UniPC" with "UniPC variant: bh2".
+# AUTOMATIC1111 1.10's labels (Forge adds DDPM; the CFG++ ones are reForge's); uni_pc_bh2 is "UniPC" with
+# "UniPC variant: bh2".
 SAMPLER_LABELS = {
-    "euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a",
+    "euler": "Euler", "euler_ancestral": "Euler a", "euler_cfg_pp": "Euler CFG++",
+    "euler_ancestral_cfg_pp": "Euler a CFG++", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a",
     "lms": "LMS", "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "dpmpp_3m_sde": "DPM++ 3M SDE",
     "uni_pc": "UniPC", "uni_pc_bh2": "UniPC", "lcm": "LCM", "ddim": "DDIM", "ddpm": "DDPM",

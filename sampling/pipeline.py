@@ -3,8 +3,8 @@
 Reproduces diffusers' StableDiffusionXLPipeline image for image on the same weights and seeds
 (tests/test_pipeline_parity.py), and reads top to bottom from `Pipeline.__call__`:
 
-    guided                  classifier-free guidance: a conditional net -> a guided one
-    denoiser                the UNet's eps or v -> a denoiser(x, sigma) -> the denoised x in sigma space
+    denoiser                the guided UNet's eps or v -> a denoiser(x, sigma) -> the denoised x in sigma space
+                            (the guidance itself, CFG and PAG/APG/intervals, is sampling/guidance.py)
     Pipeline.load           a model file, folder or repo id (+ VAE, LoRAs) -> a Pipeline
       .conditioning         prompts -> (context, y) for the positive and the negative
       .__call__ / .images   settings -> PIL images, each yielded once decoded
@@ -31,7 +31,9 @@ from models.loading import load, read_folder_config, resolve
 from models.lora import merge_lora
 from models.sdxl import scheduler_config as models_scheduler_config
 from models.tokenizer import load_tokenizers
+from sampling.guidance import guided, output_from_x0, pag_modules, x0_from_output
 from sampling.images import as_image, latent_mask, mask_pixels, pixels, upscale_images, upscale_latents
+from sampling.names import CFG_PP, canonical_sampler
 from sampling.noise import brownian_noise, generator_noise, noise_like
 from sampling.prompt_editing import at_call, prompt_schedule, text_at
 from sampling.prompts import encode_prompts, num_chunks
@@ -41,51 +43,22 @@ from sampling.settings import Settings, check, hires_second_pass, is_latents, sc
 from sampling.tiling import tiled
 
 
-def guided(net, cond, uncond, scale, rescale=0.0, split=False):
-    """Classifier-free guidance (Ho & Salimans 2022) around net(x, t, context, y) -> model output.
-
-    cond/uncond are (context, y) pairs. A scale <= 1 runs the conditional pass only (as diffusers).
-    `rescale` is Lin et al. 2023's guidance rescale: match the per-sample std of the conditional output.
-    split: two passes of batch B instead of one of 2B (half the activation memory, a little slower).
-    """
-    if scale <= 1:
-        return lambda x, t: net(x, t, *cond)
-
-    context = torch.cat([uncond[0], cond[0]])  # CFG batch order [uncond, cond], as diffusers
-    y = torch.cat([uncond[1], cond[1]])
-
-    def guided_net(x, t):
-        if split:
-            out_uncond, out_cond = net(x, t, *uncond), net(x, t, *cond)
-        else:
-            out_uncond, out_cond = net(torch.cat([x, x]), torch.cat([t, t]), context, y).chunk(2)
-        out = out_uncond + scale * (out_cond - out_uncond)
-        if rescale > 0:
-            dims = list(range(1, out.ndim))
-            rescaled = out * (out_cond.std(dim=dims, keepdim=True) / out.std(dim=dims, keepdim=True))
-            out = rescale * rescaled + (1 - rescale) * out
-        return out
-
-    return guided_net
-
-
 def denoiser(net, schedule):
-    """net(x_in, t) -> eps or v, as a denoiser(x, sigma) -> the denoised x0 in sigma space (x = x0 + sigma * eps).
+    """A guided net(x_in, t, sigma) -> eps or v, as a denoiser(x, sigma) -> the denoised x0 in sigma space
+    (x = x0 + sigma * eps); denoiser(x, sigma, with_uncond=True) -> (x0, the unconditional x0), for CFG++.
 
     The UNet sees x / sqrt(sigma^2 + 1) (unit variance) and the timestep the schedule pairs with sigma.
     """
 
-    def denoise(x, sigma):
+    def denoise(x, sigma, with_uncond=False):
         # sigma is a float32 scalar tensor from schedule.sigmas: float32 arithmetic, as diffusers does it.
         t = torch.full((x.shape[0],), float(schedule.timestep(sigma)), device=x.device)
         sigma = sigma.to(x.device)
-        out = net(x / (sigma**2 + 1) ** 0.5, t).float()
-        if schedule.prediction_type == "epsilon":
-            return x - sigma * out
-        if schedule.prediction_type == "v_prediction":  # v = alpha * eps - s * x0 in VP space
-            return out * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-        raise ValueError(f"prediction_type {schedule.prediction_type!r} is not supported; "
-                         "use 'epsilon' or 'v_prediction'.")
+        x_in = x / (sigma**2 + 1) ** 0.5
+        if with_uncond:
+            return tuple(x0_from_output(out.float(), x, sigma, schedule.prediction_type)
+                         for out in net(x_in, t, sigma, with_uncond=True))
+        return x0_from_output(net(x_in, t, sigma).float(), x, sigma, schedule.prediction_type)
 
     return denoise
 
@@ -193,7 +166,7 @@ class Pipeline:
                                s.aesthetic_score if refiner else None)
         dim = self.model.config.unet.micro_cond_dim
         cond = (context, vector_condition(pooled, numbers, dim))
-        if s.cfg <= 1:
+        if s.cfg <= 1 and canonical_sampler(s.sampler) not in CFG_PP:  # CFG++ steps with the negative at cfg 1 too
             return cond, None
         if s.negative_prompt is None and not refiner:
             # SDXL's force_zeros_for_empty_prompt: no negative prompt means zero conditioning,
@@ -284,7 +257,11 @@ class Pipeline:
             else:
                 x = latents + noise_like(latents, generators) * sigmas[0].to(self.device)
 
-        guided_nets = [guided(net, cond, uncond, s.cfg, s.guidance_rescale, split=self.cfg_mode == "split")
+        prediction = schedule.prediction_type
+        convert = (lambda out, x_in, sigma: x0_from_output(out, x_in * (sigma**2 + 1) ** 0.5, sigma, prediction),
+                   lambda x0, x_in, sigma: output_from_x0(x0, x_in * (sigma**2 + 1) ** 0.5, sigma, prediction))
+        perturbed = pag_modules(self.model.unet, s.pag_layers) if s.pag_scale else ()
+        guided_nets = [guided(net, cond, uncond, s, self.cfg_mode == "split", perturbed, *convert)
                        for _, cond, uncond in edits]
         first_call = start * calls_per_step if s.denoising_start is not None else 0  # a refiner continues the count
         denoise = denoiser(at_call(guided_nets, [last for last, _, _ in edits], first_call), schedule)

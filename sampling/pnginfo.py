@@ -83,6 +83,12 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, 
         fields["Interventions"] = json.dumps(list(interventions))
     if s.guidance_rescale:
         fields["Guidance rescale"] = s.guidance_rescale
+    if s.pag_scale:
+        fields |= {"PAG scale": s.pag_scale, "PAG layers": " ".join(s.pag_layers)}
+    if s.apg:
+        fields |= {"APG eta": s.apg_eta, "APG norm threshold": s.apg_norm_threshold, "APG momentum": s.apg_momentum}
+    if s.cfg_interval:
+        fields["CFG interval"] = ",".join(map(str, s.cfg_interval))
     if s.original_size:
         fields["Original size"] = _wxh(s.original_size)
     if tuple(s.crop_top_left) != (0, 0):
@@ -198,6 +204,12 @@ def parse_parameters(text):
         init_image=fields.get("Init image"), mask=fields.get("Mask"),
         refiner_start=_numbers(fields, "Refiner switch at", 1, None, float, DEFAULTS.refiner_start),
     )
+    settings = replace(settings, pag_scale=_numbers(fields, "PAG scale", 1, None, float, 0.0),
+                       pag_layers=tuple(str(fields.get("PAG layers", "mid")).split()), apg="APG eta" in fields,
+                       cfg_interval=_numbers(fields, "CFG interval", 2, ",", float) if "CFG interval" in fields else None)
+    for key in ("apg_eta", "apg_norm_threshold", "apg_momentum"):
+        label = "APG " + key[4:].replace("_", " ")
+        settings = replace(settings, **{key: _numbers(fields, label, 1, None, float, getattr(DEFAULTS, key))})
     strength = _numbers(fields, "Denoising strength", 1, None, float, DEFAULTS.strength)
     if "Hires upscale" in fields:
         upscalers = {v: k for k, v in UPSCALER_NAMES.items()}

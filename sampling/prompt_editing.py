@@ -152,13 +152,13 @@ def text_at(schedule, call):
 
 
 def at_call(nets, lasts, first_call=0):
-    """One net(x, t) that runs nets[j] while its call counter (from first_call) is <= lasts[j], then the next."""
+    """One net that runs nets[j] while its call counter (from first_call) is <= lasts[j], then the next."""
     if len(nets) == 1:
         return nets[0]
     calls = itertools.count(first_call)
 
-    def net(x, t):
+    def net(*args, **kwargs):
         call = next(calls)
-        return nets[next((j for j, last in enumerate(lasts) if call <= last), len(nets) - 1)](x, t)
+        return nets[next((j for j, last in enumerate(lasts) if call <= last), len(nets) - 1)](*args, **kwargs)
 
     return net

@@ -76,6 +76,33 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, noise, eta=1.0, s_noise=1.0, 
     return x
 
 
+def sample_euler_cfg_pp(denoiser, x, sigmas, *, callback=None, after_step=None):
+    """CFG++ Euler: the guided x0_hat, renoised along the unconditional eps estimate, x0 + sigma_next (x - x0_uncond)
+    / sigma (ComfyUI's euler_cfg_pp). Chung et al. 2024: https://arxiv.org/abs/2406.08070"""
+    x = _upcast(x)
+    for i in range(len(sigmas) - 1):
+        denoised, uncond = denoiser(x, sigmas[i], with_uncond=True)
+        x = denoised + sigmas[i + 1] * (x - uncond) / sigmas[i]
+        x = _finish(i, x, sigmas[i], denoised, after_step, callback)
+    return x
+
+
+def sample_euler_ancestral_cfg_pp(denoiser, x, sigmas, *, noise, eta=1.0, s_noise=1.0, callback=None,
+                                  after_step=None):
+    """CFG++ Euler ancestral: as sample_euler_cfg_pp down to sigma_down, then fresh noise up to sigma_next.
+    Chung et al. 2024: https://arxiv.org/abs/2406.08070"""
+    x = _upcast(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised, uncond = denoiser(x, sigma, with_uncond=True)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = denoised + sigma_down * (x - uncond) / sigma
+        if sigma_next > 0:
+            x = x + noise(sigma, sigma_next) * s_noise * sigma_up
+        x = _finish(i, x, sigma, denoised, after_step, callback)
+    return x
+
+
 def sample_heun(denoiser, x, sigmas, *, callback=None, after_step=None):
     """Heun's second-order steps (an Euler step, then the mean of both slopes); Euler for the step to 0.
     Karras et al. 2022, Algorithm 1: https://arxiv.org/abs/2206.00364"""
@@ -339,6 +366,8 @@ def sample_ddpm(denoiser, x, sigmas, *, noise, callback=None, after_step=None):
 SAMPLERS = {
     "euler": sample_euler,
     "euler_ancestral": sample_euler_ancestral,  # noise, eta, s_noise
+    "euler_cfg_pp": sample_euler_cfg_pp,  # a denoiser that also gives the unconditional x0
+    "euler_ancestral_cfg_pp": sample_euler_ancestral_cfg_pp,  # the same; noise, eta, s_noise
     "heun": sample_heun,
     "dpm_2": sample_dpm_2,
     "dpm_2_ancestral": sample_dpm_2_ancestral,  # noise, eta, s_noise

@@ -40,6 +40,16 @@ class Settings:
     eta: float = 1.0  # ancestral and SDE samplers: the share of fresh noise per step
     s_noise: float = 1.0  # ancestral and SDE samplers: a scale on the fresh noise
     guidance_rescale: float = 0.0
+    # Guidance beyond CFG (sampling/guidance.py): perturbed-attention guidance on the self-attention of pag_layers,
+    # adaptive projected guidance (APG: its eta, norm threshold and momentum), guidance only for sigma in
+    # (cfg_interval[0], cfg_interval[1]].
+    pag_scale: float = 0.0
+    pag_layers: tuple = ("mid",)
+    apg: bool = False
+    apg_eta: float = 0.0
+    apg_norm_threshold: float = 2.5
+    apg_momentum: float = -0.75
+    cfg_interval: tuple | None = None
     seed: int = 0
     num_images: int = 1
     original_size: tuple | None = None  # (height, width); None: the output size
@@ -135,6 +145,14 @@ def check_sampler(s):
     if s.karras and (s.schedule != "default" or sampler not in ("euler", "euler_ancestral", "dpmpp_2m")):
         raise ValueError(f"--karras is diffusers' Karras schedule for euler, euler_ancestral and dpmpp_2m; with "
                          f"{s.sampler} use --schedule karras (k-diffusion's and ComfyUI's) instead")
+    if not (math.isfinite(s.pag_scale) and s.pag_scale >= 0):
+        raise ValueError(f"--pag-scale {s.pag_scale} is not a number >= 0; e.g. 3 (0 turns PAG off)")
+    if s.cfg_interval is not None and not (0 <= s.cfg_interval[0] < s.cfg_interval[1]):
+        raise ValueError(f"--cfg-interval {s.cfg_interval[0]},{s.cfg_interval[1]} is not LOW,HIGH with 0 <= LOW < "
+                         "HIGH (sigmas); e.g. 0.28,5.42, the paper's for SDXL")
+    for name in ("apg_eta", "apg_norm_threshold", "apg_momentum"):
+        if not math.isfinite(getattr(s, name)):
+            raise ValueError(f"{name} {getattr(s, name)} is not a finite number")
     for flag, value in [("--eta", s.eta), ("--s-noise", s.s_noise)]:
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"{flag} {value} is not a number >= 0; e.g. 1 (the default)")

@@ -32,8 +32,8 @@ NEEDS_NOISE = {"euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral", "ddpm
 ALL_SCHEDULES = ("default", *SCHEDULES)
 
 
-def fake_net(x_in, t):
-    """A smooth stand-in for the UNet's eps: depends on the input and (through t) on the timestep."""
+def fake_net(x_in, t, sigma=None):
+    """A smooth stand-in for the guided UNet's eps: depends on the input and (through t) on the timestep."""
     return 0.3 * torch.tanh(x_in) + 0.0005 * t.view(-1, 1, 1, 1) * torch.ones_like(x_in)
 
 
