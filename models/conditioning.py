@@ -43,3 +43,13 @@ def vector_condition(pooled, numbers, micro_cond_dim):
     emb = timestep_embedding(numbers.flatten(), micro_cond_dim)  # (B * n, micro_cond_dim)
     emb = emb.reshape(pooled.shape[0], -1)  # (B, n * micro_cond_dim), number-major
     return torch.cat([pooled, emb.to(pooled.dtype)], dim=-1)
+
+
+def guidance_embedding(scale, dim):
+    """An LCM-distilled UNet's guidance-scale input (Luo et al. 2023, https://arxiv.org/abs/2310.04378): sinusoids
+    of 1000 w for w = scale - 1, sin then cos, as diffusers' get_guidance_scale_embedding -> (1, dim) float32."""
+    w = torch.tensor([scale - 1.0]) * 1000.0
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    angles = w[:, None] * frequencies[None, :]  # (1, half)
+    return torch.nn.functional.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, dim % 2))

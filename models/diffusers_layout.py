@@ -58,6 +58,7 @@ def unet_config_from_diffusers(d):
         adm_in_channels=d["projection_class_embeddings_input_dim"], micro_cond_dim=d["addition_time_embed_dim"],
         head_channels=_uniform([c // h for c, h, a in zip(channels, heads, attn_down) if a], "head widths"),
         norm_groups=d.get("norm_num_groups", 32), sample_size=d.get("sample_size", 128),
+        time_cond_proj_dim=d.get("time_cond_proj_dim"),
     )
 
 
@@ -87,6 +88,7 @@ def unet_config_to_diffusers(c):
         "projection_class_embeddings_input_dim": c.adm_in_channels,
         "norm_num_groups": c.norm_groups, "norm_eps": 1e-5, "act_fn": "silu",
         "flip_sin_to_cos": True, "freq_shift": 0, "downsample_padding": 1, "upcast_attention": False,
+        "time_cond_proj_dim": c.time_cond_proj_dim,
     }
 
 

@@ -26,6 +26,7 @@ def unet_name_to_diffusers(name, num_res_blocks):
     for old, new in _RESBLOCK_TO_DIFFUSERS.items():
         name = name.replace(f".{old}.", f".{new}.")
     fixed = {"time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
+             "time_cond_proj.": "time_embedding.cond_proj.",
              "label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2.",
              "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
              "middle_block.0.": "mid_block.resnets.0.", "middle_block.1.": "mid_block.attentions.0.",

@@ -169,6 +169,7 @@ def _infer_unet(s, pooled_dim, num_numbers):
         transformer_depth=tuple(level[0][1] for level in levels),
         transformer_depth_middle=depth("middle_block.1"), transformer_depth_output=out_depths,
         context_dim=context, adm_in_channels=adm, micro_cond_dim=(adm - pooled_dim) // num_numbers,
+        time_cond_proj_dim=s["time_cond_proj.weight"][1] if "time_cond_proj.weight" in s else None,
     )
 
 

@@ -52,6 +52,9 @@ class UNetConfig:
     head_channels: int = 64  # channels per attention head (SDXL's convention; shapes do not store it)
     norm_groups: int = 32
     sample_size: int = 128  # latent side it was trained at (x 8 = 1024 px): the default output size
+    # LCM-distilled UNets (latent-consistency/lcm-sdxl): the width of the guidance-scale embedding added to the
+    # timestep's (diffusers' time_embedding.cond_proj; the sgm layout has no name for it: time_cond_proj here).
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self):
         # Keep explicit output depths only where they differ from the per-level default, so that
@@ -250,6 +253,8 @@ class UNet(nn.Module):
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_dim = 4 * mc
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        if cfg.time_cond_proj_dim:
+            self.time_cond_proj = nn.Linear(cfg.time_cond_proj_dim, mc, bias=False)
         self.label_emb = nn.Sequential(
             nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         )
@@ -290,10 +295,13 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x, t, context, y):
+    def forward(self, x, t, context, y, timestep_cond=None):
         """Noise (or v) prediction. x (B, 4, h, w) latents, t (B,) timesteps, context (B, 77, context_dim),
-        y (B, adm_in_channels) pooled text + size embeddings (models.conditioning builds it)."""
+        y (B, adm_in_channels) pooled text + size embeddings (models.conditioning builds it); timestep_cond
+        (B, time_cond_proj_dim): an LCM UNet's guidance-scale embedding."""
         t_emb = timestep_embedding(t, self.config.model_channels).to(x.dtype)
+        if timestep_cond is not None:
+            t_emb = t_emb + self.time_cond_proj(timestep_cond.to(x.dtype))
         emb = self.time_embed(t_emb) + self.label_emb(y)  # (B, 4 * model_channels), fed to every ResBlock
 
         def run(block, *args):

@@ -105,6 +105,10 @@ def parse_args(argv):
     p.add_argument("--karras", action="store_true", default=None,
                    help="diffusers' Karras sigmas (timesteps rounded as diffusers) with the default schedule of euler, "
                         "euler_ancestral or dpmpp_2m; --schedule karras is k-diffusion's and ComfyUI's")
+    p.add_argument("--spacing", choices=["leading", "trailing", "linspace"],
+                   help="the default schedule's timestep spacing (diffusers' timestep_spacing; SDXL's is leading, "
+                        "Lightning, Hyper-SD and Turbo want trailing)")
+    p.add_argument("--gamma", type=float, help="TCD's gamma: the share of each step renoised (default 0.3)")
     p.add_argument("--eta", type=float, help="ancestral and SDE samplers: the share of fresh noise per step (default 1)")
     p.add_argument("--s-noise", type=float, help="ancestral and SDE samplers: a scale on the fresh noise (default 1)")
     p.add_argument("--guidance-rescale", type=float)
@@ -216,7 +220,7 @@ def request_from(args):
         settings = Settings(prompt=args.prompt)
     flags = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
                  steps=args.steps, cfg=args.cfg, sampler=args.sampler, schedule=args.schedule, karras=args.karras,
-                 eta=args.eta, s_noise=args.s_noise, pag_scale=args.pag_scale,
+                 eta=args.eta, s_noise=args.s_noise, gamma=args.gamma, spacing=args.spacing, pag_scale=args.pag_scale,
                  pag_layers=tuple(args.pag_layers) if args.pag_layers else None, apg=args.apg, apg_eta=args.apg_eta,
                  apg_norm_threshold=args.apg_norm_threshold, apg_momentum=args.apg_momentum,
                  cfg_interval=args.cfg_interval,

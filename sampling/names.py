@@ -9,15 +9,16 @@ parameters say), and the way from one to the other. No torch here: the command l
 
 SAMPLER_NAMES = ("euler", "euler_ancestral", "euler_cfg_pp", "euler_ancestral_cfg_pp", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral",
                  "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "uni_pc", "uni_pc_bh2",
-                 "lcm", "ddim", "ddpm")
+                 "lcm", "tcd", "ddim", "ddpm")
 ALIASES = {"euler_a": "euler_ancestral"}  # plainxl's earlier name, still accepted
 SCHEDULE_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta", "kl_optimal",
                   "align_your_steps")
-DIFFUSERS_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "ddim", "ddpm")  # "default" = diffusers' schedule
-NOISY = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "ddpm"}  # noise
+DIFFUSERS_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "ddim", "ddpm", "lcm", "tcd")  # "default": diffusers'
+# scheduler's own schedule (LCMScheduler's and TCDScheduler's for lcm and tcd)
+NOISY = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "tcd", "ddpm"}  # noise
 # from each image's generator
 SDE = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}  # noise from each image's Brownian tree
-WITH_ETA = (NOISY | SDE) - {"lcm", "ddpm"}  # the samplers that take eta and s_noise
+WITH_ETA = (NOISY | SDE) - {"lcm", "tcd", "ddpm"}  # the samplers that take eta and s_noise
 CFG_PP = {"euler_cfg_pp", "euler_ancestral_cfg_pp"}  # they step with the unconditional prediction too
 SECOND_ORDER = {"heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"}  # two denoiser calls a step
 
@@ -28,7 +29,7 @@ SAMPLER_LABELS = {
     "euler_ancestral_cfg_pp": "Euler a CFG++", "heun": "Heun", "dpm_2": "DPM2", "dpm_2_ancestral": "DPM2 a",
     "lms": "LMS", "dpmpp_2s_ancestral": "DPM++ 2S a", "dpmpp_sde": "DPM++ SDE", "dpmpp_2m": "DPM++ 2M",
     "dpmpp_2m_sde": "DPM++ 2M SDE", "dpmpp_2m_sde_heun": "DPM++ 2M SDE Heun", "dpmpp_3m_sde": "DPM++ 3M SDE",
-    "uni_pc": "UniPC", "uni_pc_bh2": "UniPC", "lcm": "LCM", "ddim": "DDIM", "ddpm": "DDPM",
+    "uni_pc": "UniPC", "uni_pc_bh2": "UniPC", "lcm": "LCM", "tcd": "TCD", "ddim": "DDIM", "ddpm": "DDPM",
 }
 # AUTOMATIC1111's own aliases (its k_ names), read on input as its samplers_map does.
 A1111_ALIASES = {"k_euler": "euler", "k_euler_a": "euler_ancestral", "k_euler_ancestral": "euler_ancestral",
@@ -51,7 +52,7 @@ UNSUPPORTED_SCHEDULES = ("Polyexponential", "polyexponential", "Turbo", "turbo",
 # own discretisation (normal). DDIM and DDPM run on their own timesteps there: diffusers' schedule here.
 A1111_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2s_ancestral": "karras", "dpm_2": "karras",
                    "dpm_2_ancestral": "karras", "dpmpp_2m_sde": "exponential", "dpmpp_2m_sde_heun": "exponential",
-                   "dpmpp_3m_sde": "exponential", "ddim": "default", "ddpm": "default"}
+                   "dpmpp_3m_sde": "exponential", "ddim": "default", "ddpm": "default", "tcd": "default"}
 
 
 def canonical_sampler(name):

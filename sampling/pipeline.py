@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models.conditioning import size_numbers, vector_condition
+from models.conditioning import guidance_embedding, size_numbers, vector_condition
 from models.loading import load, read_folder_config, resolve
 from models.lora import merge_lora
 from models.sdxl import scheduler_config as models_scheduler_config
@@ -37,8 +37,8 @@ from sampling.names import CFG_PP, canonical_sampler
 from sampling.noise import brownian_noise, generator_noise, noise_like
 from sampling.prompt_editing import at_call, prompt_schedule, text_at
 from sampling.prompts import encode_prompts, num_chunks
-from sampling.samplers import ALIASES, NOISY, SAMPLERS, SDE, SECOND_ORDER, WITH_ETA
-from sampling.schedule import make_schedule
+from sampling.samplers import ALIASES, NOISY, SAMPLERS, SDE, SECOND_ORDER, WITH_ETA, consistency_boundary
+from sampling.schedule import make_schedule, tcd_levels
 from sampling.settings import Settings, check, hires_second_pass, is_latents, schedule_steps, window, with_output_size
 from sampling.tiling import tiled
 
@@ -230,9 +230,12 @@ class Pipeline:
         run. -> latents (B, 4, h, w) in VP scale (x / sqrt(sigma^2 + 1) at the last level reached).
         first_pass_steps: in the hi-res pass, the first pass's steps (prompt editing counts from its start)."""
         name = ALIASES.get(s.sampler, s.sampler)
+        lcm_width, w = self.model.config.unet.time_cond_proj_dim, None
+        if lcm_width:  # an LCM-distilled UNet takes the guidance scale as an input: no CFG pass (as diffusers)
+            w, s = guidance_embedding(s.cfg, lcm_width).to(self.device), replace(s, cfg=1.0)
         # --karras turns diffusers' Karras sigmas on; without it, a folder's scheduler config may still ask for them.
-        schedule = make_schedule(name, schedule_steps(s), schedule=s.schedule, karras=True if s.karras else None,
-                                 config=self.scheduler_config)
+        schedule = make_schedule(name, schedule_steps(s), schedule=s.schedule, spacing=s.spacing,
+                                 karras=True if s.karras else None, config=self.scheduler_config)
         start, end = window(s, schedule, self.scheduler_config)
         sigmas = schedule.sigmas[start:end + 1]  # (n + 1,) the levels this stage runs through
         calls_per_step = 2 if name in SECOND_ORDER else 1  # prompt editing counts denoiser calls, as A1111
@@ -240,7 +243,8 @@ class Pipeline:
         B, channels = s.num_images, self.model.config.vae.z_channels
         shape = (channels, s.height // 8, s.width // 8)
 
-        net = lambda x_in, t, context, y: self.model.unet(x_in.to(self.dtype), t, context, y)
+        net = lambda x_in, t, context, y: self.model.unet(x_in.to(self.dtype), t, context, y,
+                                                          None if w is None else w.expand(len(x_in), -1))
         after_step = None
         if s.init_image is None:  # text-to-image: noise at the first level (sigma space)
             noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
@@ -274,6 +278,10 @@ class Pipeline:
             kwargs |= {"eta": s.eta, "s_noise": s.s_noise}
         if schedule.sigmas_to is not None:
             kwargs["sigmas_to"] = schedule.sigmas_to[start:end]
+        if name == "tcd":
+            kwargs["sigmas_s"] = tcd_levels(schedule, s.gamma)[start:end]
+        if name == "lcm" and s.schedule == "default":  # diffusers' LCMScheduler: the consistency boundary condition
+            denoise = consistency_boundary(denoise, schedule.timestep)
         # The bar is cleared when done and also on an error or Ctrl-C, so the error line starts a line.
         with self.on_device("unet"), tqdm(total=end - start, disable=not progress, desc=name, leave=False) as bar:
             kwargs["callback"] = lambda info: (bar.update(1), callback and callback(info))

@@ -71,6 +71,10 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, 
         fields["Eta"] = s.eta
     if s.s_noise != 1.0:
         fields["Sigma noise"] = s.s_noise
+    if canonical_sampler(s.sampler) == "tcd":
+        fields["TCD gamma"] = s.gamma
+    if s.spacing:
+        fields["Timestep spacing"] = s.spacing
     if model_hash:
         fields["Model hash"] = model_hash
     fields["Model"] = model_name
@@ -206,6 +210,7 @@ def parse_parameters(text):
     )
     settings = replace(settings, pag_scale=_numbers(fields, "PAG scale", 1, None, float, 0.0),
                        pag_layers=tuple(str(fields.get("PAG layers", "mid")).split()), apg="APG eta" in fields,
+                       gamma=_numbers(fields, "TCD gamma", 1, None, float, 0.3), spacing=fields.get("Timestep spacing"),
                        cfg_interval=_numbers(fields, "CFG interval", 2, ",", float) if "CFG interval" in fields else None)
     for key in ("apg_eta", "apg_norm_threshold", "apg_momentum"):
         label = "APG " + key[4:].replace("_", " ")

@@ -21,7 +21,7 @@ def check_steps(info, refiner_info, s):
         stages.append(("--hires-steps", info, hires_second_pass(s)))
     for flag, model, stage in stages:
         try:
-            schedule = make_schedule(stage.sampler, schedule_steps(stage), schedule=stage.schedule,
+            schedule = make_schedule(stage.sampler, schedule_steps(stage), schedule=stage.schedule, spacing=stage.spacing,
                                      karras=True if stage.karras else None, config=model.scheduler_config)
         except ValueError as e:
             raise ValueError(f"{flag} {stage.steps} with --sampler {stage.sampler}: {e}") from None

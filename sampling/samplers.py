@@ -326,6 +326,31 @@ def sample_lcm(denoiser, x, sigmas, *, noise, callback=None, after_step=None):
     return x
 
 
+def consistency_boundary(denoiser, timestep_of, sigma_data=0.5, timestep_scaling=10.0):
+    """LCM's boundary condition, as diffusers' LCMScheduler applies it: c_out(t) x0_hat + c_skip(t) x_vp, with
+    t scaled by 10, so the model is the identity at t = 0 (c_skip is ~1e-7 at the timesteps LCM samples)."""
+    def denoise(x, sigma):
+        t = float(timestep_of(sigma)) * timestep_scaling
+        c_skip, c_out = sigma_data**2 / (t**2 + sigma_data**2), t / (t**2 + sigma_data**2) ** 0.5
+        return c_out * denoiser(x, sigma) + c_skip * x / (sigma**2 + 1) ** 0.5
+    return denoise
+
+
+def sample_tcd(denoiser, x, sigmas, *, noise, sigmas_s, callback=None, after_step=None):
+    """Trajectory consistency: along the predicted eps down to sigmas_s[i] <= sigma_next, then fresh noise up to
+    sigma_next (sampling.schedule.tcd_levels: gamma 0 is deterministic). Zheng et al. 2024,
+    https://arxiv.org/abs/2402.19159; as diffusers' TCDScheduler."""
+    x = _upcast(x)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next, sigma_s = sigmas[i], sigmas[i + 1], sigmas_s[i]
+        denoised = denoiser(x, sigma)
+        x = denoised + sigma_s * (x - denoised) / sigma
+        if sigma_s < sigma_next:
+            x = x + noise(sigma, sigma_next) * (sigma_next**2 - sigma_s**2) ** 0.5
+        x = _finish(i, x, sigma, denoised, after_step, callback)
+    return x
+
+
 def sample_ddim(denoiser, x, sigmas, *, sigmas_to=None, callback=None, after_step=None):
     """Deterministic DDIM (eta 0): in sigma space exactly an Euler step, x0_hat + sigma_to * eps.
     Song et al. 2021: https://arxiv.org/abs/2010.02502. sigmas_to: (N,) the level each step lands on
@@ -380,7 +405,8 @@ SAMPLERS = {
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,  # Brownian noise, eta, s_noise
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": partial(sample_uni_pc, variant="bh2"),
-    "lcm": sample_lcm,  # noise
+    "lcm": sample_lcm,  # noise (on its default schedule, consistency_boundary on the denoiser)
+    "tcd": sample_tcd,  # noise, sigmas_s (sampling.schedule.tcd_levels)
     "ddim": sample_ddim,
     "ddpm": sample_ddpm,  # noise
 }

@@ -183,11 +183,19 @@ def make_schedule(sampler, steps, *, schedule="default", spacing=None, karras=No
         raise ValueError(f"steps must be between 1 and num_train_timesteps ({T}); got {steps}.")
     if cfg.get("trained_betas") is not None:
         raise ValueError("config sets trained_betas, which is not implemented here; use trained_betas=None.")
+    if karras and (schedule != "default" or sampler not in ("euler", "euler_a", "dpmpp_2m")):
+        raise ValueError("karras=True is diffusers' Karras schedule, for euler, euler_a and dpmpp_2m; "
+                         "use schedule='karras' with other samplers or schedules.")
+    if schedule == "default" and sampler in ("lcm", "tcd"):
+        return consistency_schedule(sampler, steps, cfg)
     if schedule != "default" or sampler not in DIFFUSERS_SAMPLERS:
-        if karras:
-            raise ValueError("karras=True is diffusers' Karras schedule, for euler, euler_a and dpmpp_2m; "
-                             "use schedule='karras' with other samplers or schedules.")
         return named_schedule(sampler, steps, "normal" if schedule == "default" else schedule, cfg)
+    return diffusers_schedule(sampler, steps, spacing, karras, cfg)
+
+
+def diffusers_schedule(sampler, steps, spacing, karras, cfg):
+    """The schedule diffusers' scheduler for `sampler` (euler, euler_a, dpmpp_2m, ddim, ddpm) sets, exactly."""
+    T = cfg["num_train_timesteps"]
     spacing = cfg["timestep_spacing"] if spacing is None else spacing
     karras = bool(cfg.get("use_karras_sigmas", False)) if karras is None else karras
     # diffusers' DDIM and DDPM step on alpha_bar[-1] = 0 itself under zero terminal SNR: sigma = inf.
@@ -198,8 +206,6 @@ def make_schedule(sampler, steps, *, schedule="default", spacing=None, karras=No
         if cfg.get(key, value) != value:
             raise ValueError(f"config sets {key}={cfg[key]!r}, which {sampler} here does not implement; "
                              f"use {key}={value!r}.")
-    if karras and sampler in ("ddim", "ddpm"):
-        raise ValueError(f"{sampler} has no Karras sigmas in diffusers; use karras=False or euler/dpmpp_2m.")
 
     ac, table = sigma_table(cfg)  # (T,) float32 each: alpha_bar and sigma of each training timestep
     table = table.numpy()
@@ -245,6 +251,36 @@ def make_schedule(sampler, steps, *, schedule="default", spacing=None, karras=No
 # ComfyUI makes these samplers' schedules for steps + 1 and drops the second-to-last level: their last step,
 # to 0, is a first-order one, and this keeps the step before it second order (comfy/samplers.py).
 DISCARD_PENULTIMATE = ("dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2")
+
+
+def consistency_timesteps(steps, T=1000, original_steps=50):
+    """LCM's and TCD's timesteps (diffusers' LCMScheduler / TCDScheduler): `steps` of the `original_steps` evenly
+    spaced training timesteps the model was distilled on (T/50 - 1, 2T/50 - 1, ..., T - 1), highest first."""
+    if steps > original_steps:
+        raise ValueError(f"{steps} steps is more than the {original_steps} timesteps LCM and TCD models are "
+                         "distilled on; use at most that, or another schedule")
+    distilled = (np.arange(1, original_steps + 1) * (T // original_steps) - 1)[::-1]
+    return distilled[np.floor(np.linspace(0, original_steps, steps, endpoint=False)).astype(np.int64)]
+
+
+def consistency_schedule(sampler, steps, config):
+    """The default schedule of lcm and tcd: diffusers' LCMScheduler's and TCDScheduler's timesteps, their levels
+    read off the table. TCD's last step lands on sigma(t = 0), not 0 (its final alpha_bar is alpha_bar[0])."""
+    _, table = sigma_table(config)
+    t = torch.from_numpy(consistency_timesteps(steps, config["num_train_timesteps"]).copy())
+    final = table[:1] if sampler == "tcd" else torch.zeros(1)
+    sigmas = torch.cat([table[t], final])
+    return Schedule(sigmas=sigmas, timesteps=t.float(), init_noise_sigma=float((sigmas[0] ** 2 + 1) ** 0.5),
+                    prediction_type=config["prediction_type"], table=table)
+
+
+def tcd_levels(schedule, gamma):
+    """(N,) the level each TCD step jumps to before it renoises: sigma at timestep floor((1 - gamma) t_next), as
+    diffusers' TCDScheduler (t_next = 0 after the last step); the last step ends where the schedule does."""
+    t_next = torch.cat([schedule.timesteps[1:], torch.zeros(1)])
+    levels = schedule.table[torch.floor((1 - gamma) * t_next).long()]
+    levels[-1] = schedule.sigmas[-1]
+    return torch.minimum(levels, schedule.sigmas[1:])
 
 
 def named_schedule(sampler, steps, name, config):

@@ -68,7 +68,7 @@ def test_an_interrupted_grid_continues_without_redoing_a_cell(tmp_path, capsys):
 @pytest.mark.parametrize("fields, fragment", [
     (dict(steps_total=3), "unknown field 'steps_total'"),
     (dict(grid="dict(sampler=['euler'], steps=[3])"), "grid needs the axes sampler, steps, cfg, intervention, seed"),
-    (dict(grid="dict(sampler=['heun'], steps=[3], cfg=[5.0])"), "sampler 'heun' is unknown"),
+    (dict(grid="dict(sampler=['dpm_fast'], steps=[3], cfg=[5.0])"), "sampler 'dpm_fast' is unknown"),
     (dict(grid="dict(sampler=['euler'], steps=[3], cfg=[5.0], intervention=['freeu2'])"),
      "intervention 'freeu2' is not in"),
     (dict(grid="dict(sampler=['euler'], steps=[0], cfg=[5.0])"), "grid steps must be positive whole numbers"),

@@ -11,7 +11,7 @@ from PIL import Image, PngImagePlugin
 
 from sampling.comfyui import parse_comfyui
 from sampling.generate import main
-from sampling.names import SAMPLER_NAMES, SCHEDULE_NAMES, read_sampler
+from sampling.names import DIFFUSERS_SAMPLERS, SAMPLER_NAMES, SCHEDULE_NAMES, read_sampler
 from sampling.pnginfo import format_parameters, parse_parameters
 from sampling.settings import Settings
 
@@ -75,8 +75,7 @@ def test_every_pair_round_trips_through_a1111_labels(sampler, schedule):
     s = Settings(prompt="x", width=64, height=64, sampler=sampler, schedule=schedule,
                  eta=0.5 if sampler in ("euler_ancestral", "dpmpp_3m_sde") else 1.0)
     parsed, _ = parse_parameters(format_parameters(s, 0, "m"))
-    expected = schedule if schedule != "default" or sampler in ("euler", "euler_ancestral", "dpmpp_2m", "ddim",
-                                                                 "ddpm") else "normal"
+    expected = schedule if schedule != "default" or sampler in DIFFUSERS_SAMPLERS else "normal"
     assert (parsed.sampler, parsed.schedule, parsed.eta) == (sampler, expected, s.eta)
 
 
