@@ -82,21 +82,8 @@ def intervention_arg(text):
     return text
 
 
-def parse_args(argv):
-    p = OneLineParser(prog="python -m sampling.generate", description="SDXL text-to-image.")
-    p.add_argument("--model", help=f"single file, diffusers folder or Hugging Face repo id (default {DEFAULT_MODEL})")
-    p.add_argument("--config", metavar="FOLDER_OR_CONFIG_JSON",
-                   help="the architecture of a --model single file that does not store it: its diffusers folder or "
-                        "config JSON (as diffusers' from_single_file(config=...))")
-    p.add_argument("--vae", help="a VAE to use instead of the model's: a VAE .safetensors or a diffusers vae/ folder")
-    p.add_argument("--lora", action="append", type=lora_arg, metavar="FILE[:SCALE]",
-                   help="merge a LoRA file into the model (kohya, diffusers/PEFT, LoCon); repeatable; scale 1.0 by default")
-    p.add_argument("--prompt")
-    p.add_argument("--negative-prompt", help="omit for zero negative conditioning; '' encodes the empty prompt")
-    p.add_argument("--width", type=int, help="default: the size the model was trained at (1024 for SDXL)")
-    p.add_argument("--height", type=int, help="default: the size the model was trained at (1024 for SDXL)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--cfg", type=float)
+def add_sampling_flags(p):
+    """The sampler, its schedule and the guidance (docs/samplers.md, docs/guidance.md)."""
     p.add_argument("--sampler", choices=[*SAMPLER_NAMES, *ALIASES], metavar="SAMPLER",
                    help="ComfyUI's names (docs/samplers.md): " + ", ".join(SAMPLER_NAMES) + " (default euler_ancestral)")
     p.add_argument("--schedule", choices=["default", *SCHEDULE_NAMES], metavar="SCHEDULE",
@@ -123,6 +110,24 @@ def parse_args(argv):
     p.add_argument("--apg-momentum", type=float, help="APG: the momentum of its running average (-0.75; 0: none)")
     p.add_argument("--cfg-interval", type=float_pair, metavar="LOW,HIGH",
                    help="guidance only for sigma in (LOW, HIGH] (Kynkaanniemi et al. 2024; 0.28,5.42 for SDXL)")
+
+
+def parse_args(argv):
+    p = OneLineParser(prog="python -m sampling.generate", description="SDXL text-to-image.")
+    p.add_argument("--model", help=f"single file, diffusers folder or Hugging Face repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--config", metavar="FOLDER_OR_CONFIG_JSON",
+                   help="the architecture of a --model single file that does not store it: its diffusers folder or "
+                        "config JSON (as diffusers' from_single_file(config=...))")
+    p.add_argument("--vae", help="a VAE to use instead of the model's: a VAE .safetensors or a diffusers vae/ folder")
+    p.add_argument("--lora", action="append", type=lora_arg, metavar="FILE[:SCALE]",
+                   help="merge a LoRA file into the model (kohya, diffusers/PEFT, LoCon); repeatable; scale 1.0 by default")
+    p.add_argument("--prompt")
+    p.add_argument("--negative-prompt", help="omit for zero negative conditioning; '' encodes the empty prompt")
+    p.add_argument("--width", type=int, help="default: the size the model was trained at (1024 for SDXL)")
+    p.add_argument("--height", type=int, help="default: the size the model was trained at (1024 for SDXL)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--cfg", type=float)
+    add_sampling_flags(p)
     p.add_argument("--seed", type=int, help="0 .. 2**64 - 1; -1 draws one at random (as AUTOMATIC1111)")
     p.add_argument("--num-images", type=int)
     p.add_argument("--original-size", type=size_pair, help="WIDTHxHEIGHT micro-conditioning (default: output size)")

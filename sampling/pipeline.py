@@ -37,8 +37,8 @@ from sampling.names import CFG_PP, canonical_sampler
 from sampling.noise import brownian_noise, generator_noise, noise_like
 from sampling.prompt_editing import at_call, prompt_schedule, text_at
 from sampling.prompts import encode_prompts, num_chunks
-from sampling.samplers import ALIASES, NOISY, SAMPLERS, SDE, SECOND_ORDER, WITH_ETA, consistency_boundary
-from sampling.schedule import make_schedule, tcd_levels
+from sampling.samplers import ALIASES, NOISY, SAMPLERS, SDE, SECOND_ORDER, WITH_ETA
+from sampling.schedule import consistency_boundary, make_schedule, tcd_levels
 from sampling.settings import Settings, check, hires_second_pass, is_latents, schedule_steps, window, with_output_size
 from sampling.tiling import tiled
 

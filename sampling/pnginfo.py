@@ -48,6 +48,32 @@ UPSCALER_NAMES = {"latent": "Latent", "lanczos": "Lanczos"}
 DEFAULTS = Settings(prompt="")
 
 
+def _sampler_fields(s, schedule):
+    """The sampler's settings beyond its label and schedule type, in A1111's keys where it has them."""
+    fields = {"Timesteps": "diffusers"} if schedule == "default" else {}  # ours: diffusers' scheduler's own timesteps
+    sampler = canonical_sampler(s.sampler)
+    if sampler == "uni_pc_bh2":
+        fields["UniPC variant"] = "bh2"
+    if s.eta != 1.0:
+        fields["Eta"] = s.eta
+    if s.s_noise != 1.0:
+        fields["Sigma noise"] = s.s_noise
+    if sampler == "tcd":
+        fields["TCD gamma"] = s.gamma
+    if s.spacing:
+        fields["Timestep spacing"] = s.spacing
+    return fields
+
+
+def _guidance_fields(s):
+    fields = {"PAG scale": s.pag_scale, "PAG layers": " ".join(s.pag_layers)} if s.pag_scale else {}
+    if s.apg:
+        fields |= {"APG eta": s.apg_eta, "APG norm threshold": s.apg_norm_threshold, "APG momentum": s.apg_momentum}
+    if s.cfg_interval:
+        fields["CFG interval"] = ",".join(map(str, s.cfg_interval))
+    return fields
+
+
 def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, refiner=None, refiner_hash=None,
                       loras=(), interventions=()):
     """`loras`: (path, scale, A1111 hash) of each LoRA merged into the model, written as A1111's `Lora hashes`
@@ -58,23 +84,9 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, 
         lines.append(f"{NEGATIVE} {s.negative_prompt}")
     fields = {"Steps": s.steps, "Sampler": sampler_label(s.sampler)}
     schedule = resolved_schedule(s.sampler, s.schedule)
-    if schedule != "default":
-        fields["Schedule type"] = SCHEDULE_LABELS[schedule]
-    elif s.karras:
-        fields["Schedule type"] = "Karras"
-    fields |= {"CFG scale": s.cfg, "Seed": seed, "Size": f"{s.width}x{s.height}"}
-    if schedule == "default":  # ours: diffusers' scheduler's timesteps (A1111 would read its own for the label)
-        fields["Timesteps"] = "diffusers"
-    if canonical_sampler(s.sampler) == "uni_pc_bh2":
-        fields["UniPC variant"] = "bh2"
-    if s.eta != 1.0:
-        fields["Eta"] = s.eta
-    if s.s_noise != 1.0:
-        fields["Sigma noise"] = s.s_noise
-    if canonical_sampler(s.sampler) == "tcd":
-        fields["TCD gamma"] = s.gamma
-    if s.spacing:
-        fields["Timestep spacing"] = s.spacing
+    if schedule != "default" or s.karras:
+        fields["Schedule type"] = "Karras" if schedule == "default" else SCHEDULE_LABELS[schedule]
+    fields |= {"CFG scale": s.cfg, "Seed": seed, "Size": f"{s.width}x{s.height}"} | _sampler_fields(s, schedule)
     if model_hash:
         fields["Model hash"] = model_hash
     fields["Model"] = model_name
@@ -87,12 +99,7 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, 
         fields["Interventions"] = json.dumps(list(interventions))
     if s.guidance_rescale:
         fields["Guidance rescale"] = s.guidance_rescale
-    if s.pag_scale:
-        fields |= {"PAG scale": s.pag_scale, "PAG layers": " ".join(s.pag_layers)}
-    if s.apg:
-        fields |= {"APG eta": s.apg_eta, "APG norm threshold": s.apg_norm_threshold, "APG momentum": s.apg_momentum}
-    if s.cfg_interval:
-        fields["CFG interval"] = ",".join(map(str, s.cfg_interval))
+    fields |= _guidance_fields(s)
     if s.original_size:
         fields["Original size"] = _wxh(s.original_size)
     if tuple(s.crop_top_left) != (0, 0):
@@ -152,6 +159,30 @@ def _emphasis(fields):
     return value == "Original"
 
 
+def _sampling_settings(fields):
+    """The sampler, schedule and guidance Settings fields a parameters line gives (A1111's, Forge's or ours)."""
+    sampler, schedule = read_sampler(str(fields.get("Sampler", "Euler a")), fields.get("Schedule type"),
+                                     fields.get("UniPC variant"))
+    for key, value in [("Hires sampler", fields.get("Sampler")), ("Hires schedule type", fields.get("Schedule type"))]:
+        if fields.get(key, value) != value:
+            raise ValueError(f"its '{key}: {fields[key]}' differs from the first pass's, which the hi-res pass "
+                             "here always uses; re-run it with one sampler and schedule")
+    for key in ("Beta schedule alpha", "Beta schedule beta"):  # A1111's Beta options; ComfyUI's and ours: 0.6
+        if _numbers(fields, key, 1, None, float, 0.6) != 0.6:
+            raise ValueError(f"its '{key}: {fields[key]}' is not implemented here (the beta schedule uses 0.6, 0.6)")
+    karras = False
+    if fields.get("Timesteps") == "diffusers":  # written by plainxl: diffusers' schedule, maybe with its Karras
+        karras, schedule = schedule == "karras", "default"
+    number = lambda key, default: _numbers(fields, key, 1, None, float, default)  # noqa: E731
+    return dict(sampler=sampler, schedule=schedule, karras=karras, eta=number("Eta", 1.0),
+                s_noise=number("Sigma noise", 1.0), gamma=number("TCD gamma", 0.3), spacing=fields.get("Timestep spacing"),
+                pag_scale=number("PAG scale", 0.0), pag_layers=tuple(str(fields.get("PAG layers", "mid")).split()),
+                apg="APG eta" in fields, apg_eta=number("APG eta", DEFAULTS.apg_eta),
+                apg_norm_threshold=number("APG norm threshold", DEFAULTS.apg_norm_threshold),
+                apg_momentum=number("APG momentum", DEFAULTS.apg_momentum),
+                cfg_interval=_numbers(fields, "CFG interval", 2, ",", float) if "CFG interval" in fields else None)
+
+
 def parse_parameters(text):
     """The inverse of format_parameters -> (Settings with num_images 1, {recorded key: value}).
 
@@ -178,26 +209,12 @@ def parse_parameters(text):
         if not rest[0].startswith(NEGATIVE):
             raise ValueError(f"the line after its prompt does not start with '{NEGATIVE}'")
         negative = "\n".join([rest[0][len(NEGATIVE):].removeprefix(" ")] + rest[1:])  # the one space we write
-    sampler, schedule = read_sampler(str(fields.get("Sampler", "Euler a")), fields.get("Schedule type"),
-                                     fields.get("UniPC variant"))
-    for key, value in [("Hires sampler", fields.get("Sampler")), ("Hires schedule type", fields.get("Schedule type"))]:
-        if fields.get(key, value) != value:
-            raise ValueError(f"its '{key}: {fields[key]}' differs from the first pass's, which the hi-res pass "
-                             "here always uses; re-run it with one sampler and schedule")
-    for key in ("Beta schedule alpha", "Beta schedule beta"):  # A1111's Beta options; ComfyUI's and ours: 0.6
-        if _numbers(fields, key, 1, None, float, 0.6) != 0.6:
-            raise ValueError(f"its '{key}: {fields[key]}' is not implemented here (the beta schedule uses 0.6, 0.6)")
-    karras = False
-    if fields.get("Timesteps") == "diffusers":  # written by plainxl: diffusers' schedule, maybe with its Karras
-        karras, schedule = schedule == "karras", "default"
     hw = lambda key: tuple(reversed(_numbers(fields, key, 2, "x"))) if key in fields else None  # "WxH" -> (H, W)
     width, height = _numbers(fields, "Size", 2, "x")
     settings = Settings(
         prompt="\n".join(prompt_lines), negative_prompt=negative, width=width, height=height,
         steps=_numbers(fields, "Steps", 1, None), cfg=_numbers(fields, "CFG scale", 1, None, float, 5.0),
-        sampler=sampler, schedule=schedule, karras=karras,
-        eta=_numbers(fields, "Eta", 1, None, float, 1.0), s_noise=_numbers(fields, "Sigma noise", 1, None, float, 1.0),
-        guidance_rescale=_numbers(fields, "Guidance rescale", 1, None, float, 0.0),
+        **_sampling_settings(fields), guidance_rescale=_numbers(fields, "Guidance rescale", 1, None, float, 0.0),
         seed=_numbers(fields, "Seed", 1, None), original_size=hw("Original size"),
         crop_top_left=_numbers(fields, "Crop top left", 2, "x", default=(0, 0)), target_size=hw("Target size"),
         truncate_prompt=fields.get("Prompt truncation") == "true",
@@ -208,13 +225,6 @@ def parse_parameters(text):
         init_image=fields.get("Init image"), mask=fields.get("Mask"),
         refiner_start=_numbers(fields, "Refiner switch at", 1, None, float, DEFAULTS.refiner_start),
     )
-    settings = replace(settings, pag_scale=_numbers(fields, "PAG scale", 1, None, float, 0.0),
-                       pag_layers=tuple(str(fields.get("PAG layers", "mid")).split()), apg="APG eta" in fields,
-                       gamma=_numbers(fields, "TCD gamma", 1, None, float, 0.3), spacing=fields.get("Timestep spacing"),
-                       cfg_interval=_numbers(fields, "CFG interval", 2, ",", float) if "CFG interval" in fields else None)
-    for key in ("apg_eta", "apg_norm_threshold", "apg_momentum"):
-        label = "APG " + key[4:].replace("_", " ")
-        settings = replace(settings, **{key: _numbers(fields, label, 1, None, float, getattr(DEFAULTS, key))})
     strength = _numbers(fields, "Denoising strength", 1, None, float, DEFAULTS.strength)
     if "Hires upscale" in fields:
         upscalers = {v: k for k, v in UPSCALER_NAMES.items()}

@@ -1,23 +1,22 @@
 """Samplers: pure functions over a denoiser, in sigma space (after k-diffusion's sampling.py).
 
 x = x0 + sigma * eps. Every sampler is `sample_x(denoiser, x, sigmas, *, ...) -> x at sigmas[-1]`:
-    denoiser    callable (x, sigma) -> x0_hat, sigma a 0-dim float32 tensor; the pipeline builds it around the
-                UNet (sampling.pipeline.denoiser: input x / sqrt(sigma^2 + 1), the timestep of sigma, eps or v -> x0)
-    x           (B, ...) the first latent in sigma space: N(0, I) * schedule.init_noise_sigma
-    sigmas      (N+1,) the level before each step, then the final one (sampling.schedule.make_schedule)
-    noise       stochastic samplers: callable (sigma, sigma_next) -> N(0, I) like x (sampling/noise.py)
-    eta         ancestral and SDE samplers: the share of each step's noise that is fresh (0 = the ODE)
-    s_noise     ancestral and SDE samplers: a scale on the fresh noise (1 = as derived)
+    denoiser    (x, sigma) -> x0_hat, sigma a 0-dim float32 tensor (sampling.pipeline.denoiser wraps the UNet);
+                CFG++ samplers call denoiser(x, sigma, with_uncond=True) -> (x0_hat, the unconditional x0_hat)
+    x, sigmas   (B, ...) the first latent, N(0, I) * schedule.init_noise_sigma; (N+1,) the level before each
+                step, then the final one (sampling.schedule.make_schedule)
+    noise       stochastic samplers: (sigma, sigma_next) -> N(0, I) like x (sampling/noise.py)
+    eta, s_noise  ancestral and SDE samplers: the share of each step's noise that is fresh (0: the ODE), and a
+                scale on it
     callback    called after each step with {"i", "x" (after the step), "sigma", "denoised"}
-    after_step  maps (i, x) -> x after each step, before the callback: inpainting puts the known region back
-                there, as diffusers' inpainting pipeline blends the latents after each scheduler step
-The VAE's latent is x / sqrt(sigmas[-1]^2 + 1): x itself unless the final level is not 0 (DDIM).
+    after_step  (i, x) -> x after each step, before the callback (inpainting puts the known region back there)
+The VAE's latent is x / sqrt(sigmas[-1]^2 + 1): x itself unless the final level is not 0 (DDIM, TCD).
 Step math runs in at least float32: fp16/bf16 latents are upcast on entry; the result is float32.
 
-Each sampler equals k-diffusion's function of the same name on the same denoiser, sigmas and noise
-(tests/test_sampler_zoo.py); euler, euler_ancestral, dpmpp_2m, ddim and ddpm also step as diffusers'
-Euler, EulerAncestral, DPMSolverMultistep (dpmsolver++, midpoint), DDIM (eta 0) and DDPM (fixed_small)
-schedulers on their own schedules (tests/test_samplers.py). uni_pc is in sampling/unipc.py.
+Each sampler equals its reference on the same denoiser, sigmas and noise: k-diffusion's function of the same
+name (tests/test_sampler_zoo.py), diffusers' LCM and TCD schedulers (tests/test_distilled.py); euler,
+euler_ancestral, dpmpp_2m, ddim and ddpm also step as diffusers' schedulers on their own schedules
+(tests/test_samplers.py). uni_pc is in sampling/unipc.py.
 """
 
 from functools import partial
@@ -43,8 +42,8 @@ def _finish(i, x, sigma, denoised, after_step, callback):
 
 
 def ancestral_step(sigma, sigma_next, eta=1.0):
-    """(sigma_down, sigma_up): step deterministically down to sigma_down, then add noise of std sigma_up, so that
-    sigma_down^2 + sigma_up^2 = sigma_next^2; with eta = 1 this is DDPM's posterior q(x_next | x, x0_hat)."""
+    """(sigma_down, sigma_up): down to sigma_down, then noise of std sigma_up, sigma_down^2 + sigma_up^2 =
+    sigma_next^2; with eta = 1 DDPM's posterior q(x_next | x, x0_hat)."""
     sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
     return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
 
@@ -211,8 +210,7 @@ def sample_dpmpp_sde(denoiser, x, sigmas, *, noise, eta=1.0, s_noise=1.0, r=0.5,
     """DPM-Solver++ SDE: two stochastic first-order substeps (to lambda + r h, then to lambda + h), the second
     with the midpoint's x0_hat mixed in. Lu et al. 2022: https://arxiv.org/abs/2211.01095"""
     x = _upcast(x)
-    # Steps are taken in t = lambda = -log sigma and mapped back, as k-diffusion computes them: Brownian noise
-    # is not smooth in sigma, so its levels must be these very floats (a 1e-7 change moves it by ~3e-4).
+    # Steps in t = -log sigma, mapped back as k-diffusion does: Brownian noise is rough, so its levels must be these floats.
     t_of, sigma_of = (lambda sigma: -sigma.log()), (lambda t: (-t).exp())  # noqa: E731
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -326,16 +324,6 @@ def sample_lcm(denoiser, x, sigmas, *, noise, callback=None, after_step=None):
     return x
 
 
-def consistency_boundary(denoiser, timestep_of, sigma_data=0.5, timestep_scaling=10.0):
-    """LCM's boundary condition, as diffusers' LCMScheduler applies it: c_out(t) x0_hat + c_skip(t) x_vp, with
-    t scaled by 10, so the model is the identity at t = 0 (c_skip is ~1e-7 at the timesteps LCM samples)."""
-    def denoise(x, sigma):
-        t = float(timestep_of(sigma)) * timestep_scaling
-        c_skip, c_out = sigma_data**2 / (t**2 + sigma_data**2), t / (t**2 + sigma_data**2) ** 0.5
-        return c_out * denoiser(x, sigma) + c_skip * x / (sigma**2 + 1) ** 0.5
-    return denoise
-
-
 def sample_tcd(denoiser, x, sigmas, *, noise, sigmas_s, callback=None, after_step=None):
     """Trajectory consistency: along the predicted eps down to sigmas_s[i] <= sigma_next, then fresh noise up to
     sigma_next (sampling.schedule.tcd_levels: gamma 0 is deterministic). Zheng et al. 2024,
@@ -371,9 +359,8 @@ def sample_ddim(denoiser, x, sigmas, *, sigmas_to=None, callback=None, after_ste
 
 
 def sample_ddpm(denoiser, x, sigmas, *, noise, callback=None, after_step=None):
-    """DDPM ancestral sampling (fixed_small variance) in sigma space. Ho et al. 2020, eq. 7:
-    https://arxiv.org/abs/2006.11239. With x_vp = x / sqrt(sigma^2 + 1), the posterior q(x_next | x, x0_hat)
-    divided by sqrt(alpha_bar_next) has mean x0_hat + (sigma_next^2 / sigma^2)(x - x0_hat) and variance
+    """DDPM ancestral sampling (fixed_small variance), Ho et al. 2020, eq. 7: https://arxiv.org/abs/2006.11239.
+    In sigma space the posterior has mean x0_hat + (sigma_next^2 / sigma^2)(x - x0_hat) and variance
     sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2: Euler ancestral's step, in the form diffusers computes it."""
     x = _upcast(x)
     for i in range(len(sigmas) - 1):
@@ -405,7 +392,7 @@ SAMPLERS = {
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,  # Brownian noise, eta, s_noise
     "uni_pc": sample_uni_pc,
     "uni_pc_bh2": partial(sample_uni_pc, variant="bh2"),
-    "lcm": sample_lcm,  # noise (on its default schedule, consistency_boundary on the denoiser)
+    "lcm": sample_lcm,  # noise (on its default schedule, sampling.schedule.consistency_boundary on the denoiser)
     "tcd": sample_tcd,  # noise, sigmas_s (sampling.schedule.tcd_levels)
     "ddim": sample_ddim,
     "ddpm": sample_ddpm,  # noise

@@ -274,6 +274,16 @@ def consistency_schedule(sampler, steps, config):
                     prediction_type=config["prediction_type"], table=table)
 
 
+def consistency_boundary(denoiser, timestep_of, sigma_data=0.5, timestep_scaling=10.0):
+    """LCM's boundary condition, as diffusers' LCMScheduler applies it: c_out(t) x0_hat + c_skip(t) x_vp, with
+    t scaled by 10, so the model is the identity at t = 0 (c_skip is ~1e-7 at the timesteps LCM samples)."""
+    def denoise(x, sigma):
+        t = float(timestep_of(sigma)) * timestep_scaling
+        c_skip, c_out = sigma_data**2 / (t**2 + sigma_data**2), t / (t**2 + sigma_data**2) ** 0.5
+        return c_out * denoiser(x, sigma) + c_skip * x / (sigma**2 + 1) ** 0.5
+    return denoise
+
+
 def tcd_levels(schedule, gamma):
     """(N,) the level each TCD step jumps to before it renoises: sigma at timestep floor((1 - gamma) t_next), as
     diffusers' TCDScheduler (t_next = 0 after the last step); the last step ends where the schedule does."""

@@ -19,8 +19,8 @@ from models.diffusers_layout import save_diffusers
 from models.sdxl import SDXL, TINY
 from sampling.noise import generator_noise
 from sampling.pipeline import Pipeline, Settings, denoiser
-from sampling.samplers import SAMPLERS, consistency_boundary
-from sampling.schedule import make_schedule, sigma_table, tcd_levels
+from sampling.samplers import SAMPLERS
+from sampling.schedule import consistency_boundary, make_schedule, sigma_table, tcd_levels
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 6, 8, 50])
