@@ -176,9 +176,53 @@ def test_images_equal_reference_sampler(tiny_pipeline, monkeypatch, name, schedu
     from sampling.settings import Settings
 
     eta = 0.7 if name in WITH_ETA else 1.0
-    s = Settings(prompt="1girl, green hair", negative_prompt="lowres", width=64, height=64, steps=6, cfg=5.0,
+    s = Settings(prompt="1girl, green hair", negative_prompt="lowres", width=64, height=64, steps=5, cfg=5.0,
                  sampler=name, schedule=schedule, eta=eta, seed=21, num_images=2)
     ours = tiny_pipeline(s, progress=False)
     monkeypatch.setitem(sampling.pipeline.SAMPLERS, name, reference_sampler(name, (21, 22)))
     theirs = tiny_pipeline(s, progress=False)
     assert_close_images(ours, [np.asarray(image) for image in theirs], f"{name} on {schedule}")
+
+
+@pytest.mark.slow
+def test_every_sampler_and_schedule_runs_from_the_cli_as_from_python(tmp_path, tiny_pipeline):
+    """Every sampler from the command line (the bundled model), the schedules taken in turn so that each appears
+    twice: the PNG records the pair, and its pixels equal the Python API's for the same settings. (Every pair
+    runs through the pipeline in test_images_equal_reference_sampler; a command line costs a second a run.)"""
+    from PIL import Image
+
+    from sampling.generate import main
+    from sampling.names import SAMPLER_NAMES
+    from sampling.pnginfo import parse_parameters
+    from sampling.settings import Settings
+
+    pipe = tiny_pipeline.load("plainxl-tiny")
+    for i, name in enumerate(SAMPLER_NAMES):
+        schedule = ALL_SCHEDULES[i % len(ALL_SCHEDULES)]
+        out = tmp_path / f"{name}-{schedule}"
+        flags = ["--prompt", "1girl", "--steps", "3", "--seed", "4", "--sampler", name, "--schedule", schedule]
+        assert main([*flags, "--out", str(out)]) == 0, f"{name} on {schedule}"
+        image = next(out.iterdir())
+        settings, _ = parse_parameters(Image.open(image).info["parameters"])
+        assert (settings.sampler, settings.schedule) in [(name, schedule), (name, "normal")], f"{name} {schedule}"
+        python = pipe(Settings(prompt="1girl", steps=3, seed=4, sampler=name, schedule=schedule), progress=False)
+        assert np.array_equal(np.asarray(Image.open(image)), np.asarray(python[0])), f"{name} on {schedule}"
+
+
+@pytest.mark.slow
+def test_every_pair_draws_each_images_noise_from_its_own_seed(tiny_pipeline):
+    """Every sampler on every schedule from Python: image 1 of a batch seeded 4 equals a lone image seeded 5 (its
+    initial, ancestral and Brownian noise are its own), to one level of 255 (the batch size may round apart)."""
+    from sampling.names import SAMPLER_NAMES
+    from sampling.settings import Settings
+
+    pipe = tiny_pipeline.load("plainxl-tiny")
+    for name in SAMPLER_NAMES:
+        for schedule in ALL_SCHEDULES:
+            s = Settings(prompt="1girl", negative_prompt="lowres", steps=2, seed=4, sampler=name, schedule=schedule,
+                         num_images=2)
+            batch = pipe(s, progress=False)
+            alone = pipe(Settings(**{**s.__dict__, "seed": 5, "num_images": 1}), progress=False)[0]
+            difference = np.abs(np.asarray(batch[1], dtype=int) - np.asarray(alone, dtype=int))
+            assert difference.max() <= 1, f"{name} on {schedule}: {difference.max()}"
+            assert not np.array_equal(np.asarray(batch[0]), np.asarray(batch[1])), f"{name} on {schedule}"
