@@ -165,7 +165,7 @@ def prepare(args):
     settings = replace(settings, width=opened.width, height=opened.height)
     check_steps(info, refiner_info, opened)
     check_fits(info, opened, args.dtype, device, refiner_info, args.offload)
-    check_instruments(info, request.interventions, args.tap, args.tap_out)
+    check_instruments(info, request.interventions, args.tap, args.tap_out, opened)
     try:
         pipe, refiner_pipe = load_pipelines(args, info, refiner_info, vae, loras, device)
     except (MemoryError, RuntimeError) as e:

@@ -75,7 +75,7 @@ def identity_self_attention(modules):
             module.attend = attend
 
 
-def guided(net, cond, uncond, s, split=False, perturbed_modules=(), to_x0=None, from_x0=None):
+def guided(net, cond, uncond, s, split=False, perturbed_modules=(), to_x0=None, from_x0=None, momentum=None):
     """Guidance around net(x, t, context, y) -> model output, as Settings s asks (cfg, guidance_rescale, pag_scale,
     apg, cfg_interval). cond/uncond are (context, y) pairs; uncond is None without guidance.
 
@@ -83,8 +83,8 @@ def guided(net, cond, uncond, s, split=False, perturbed_modules=(), to_x0=None, 
     runs the conditional pass only (as diffusers), unless a caller asks for the unconditional output too.
     PAG adds pag_scale (cond - perturbed) to the guided output, the perturbed pass being the conditional one with
     perturbed_modules' self-attention replaced by the identity (diffusers' StableDiffusionXLPAGPipeline).
-    APG (s.apg) combines in x0 space: to_x0 / from_x0 convert (output, x_in, sigma) <-> x0."""
-    momentum = {"beta": s.apg_momentum} if s.apg and s.apg_momentum else None
+    APG (s.apg) combines in x0 space: to_x0 / from_x0 convert (output, x_in, sigma) <-> x0; momentum, APG's running
+    average, is shared by the guided nets of one run (prompt editing makes several)."""
 
     def guided_net(x, t, sigma, with_uncond=False):
         in_interval = s.cfg_interval is None or s.cfg_interval[0] < float(sigma) <= s.cfg_interval[1]

@@ -15,8 +15,8 @@ SCHEDULE_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "simple", "d
                   "align_your_steps")
 DIFFUSERS_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "ddim", "ddpm", "lcm", "tcd")  # "default": diffusers'
 # scheduler's own schedule (LCMScheduler's and TCDScheduler's for lcm and tcd)
-NOISY = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "tcd", "ddpm"}  # noise
-# from each image's generator
+# noise from each image's generator
+NOISY = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "tcd", "ddpm"}
 SDE = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}  # noise from each image's Brownian tree
 WITH_ETA = (NOISY | SDE) - {"lcm", "tcd", "ddpm"}  # the samplers that take eta and s_noise
 CFG_PP = {"euler_cfg_pp", "euler_ancestral_cfg_pp"}  # they step with the unconditional prediction too

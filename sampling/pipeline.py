@@ -239,12 +239,12 @@ class Pipeline:
         start, end = window(s, schedule, self.scheduler_config)
         sigmas = schedule.sigmas[start:end + 1]  # (n + 1,) the levels this stage runs through
         calls_per_step = 2 if name in SECOND_ORDER else 1  # prompt editing counts denoiser calls, as A1111
-        edits = self.edited_conditioning(s, s.steps * calls_per_step, first_pass_steps)
+        edits = self.edited_conditioning(s, s.steps * calls_per_step, first_pass_steps and first_pass_steps * calls_per_step)
         B, channels = s.num_images, self.model.config.vae.z_channels
         shape = (channels, s.height // 8, s.width // 8)
 
         net = lambda x_in, t, context, y: self.model.unet(x_in.to(self.dtype), t, context, y,
-                                                          None if w is None else w.expand(len(x_in), -1))
+                                                          **({} if w is None else {"timestep_cond": w.expand(len(x_in), -1)}))
         after_step = None
         if s.init_image is None:  # text-to-image: noise at the first level (sigma space)
             noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
@@ -265,7 +265,8 @@ class Pipeline:
         convert = (lambda out, x_in, sigma: x0_from_output(out, x_in * (sigma**2 + 1) ** 0.5, sigma, prediction),
                    lambda x0, x_in, sigma: output_from_x0(x0, x_in * (sigma**2 + 1) ** 0.5, sigma, prediction))
         perturbed = pag_modules(self.model.unet, s.pag_layers) if s.pag_scale else ()
-        guided_nets = [guided(net, cond, uncond, s, self.cfg_mode == "split", perturbed, *convert)
+        momentum = {"beta": s.apg_momentum} if s.apg and s.apg_momentum else None  # APG's, across the stage's steps
+        guided_nets = [guided(net, cond, uncond, s, self.cfg_mode == "split", perturbed, *convert, momentum=momentum)
                        for _, cond, uncond in edits]
         first_call = start * calls_per_step if s.denoising_start is not None else 0  # a refiner continues the count
         denoise = denoiser(at_call(guided_nets, [last for last, _, _ in edits], first_call), schedule)
@@ -279,7 +280,7 @@ class Pipeline:
         if schedule.sigmas_to is not None:
             kwargs["sigmas_to"] = schedule.sigmas_to[start:end]
         if name == "tcd":
-            kwargs["sigmas_s"] = tcd_levels(schedule, s.gamma)[start:end]
+            kwargs["sigmas_s"] = tcd_levels(schedule, 0.3 if s.gamma is None else s.gamma)[start:end]
         if name == "lcm" and s.schedule == "default":  # diffusers' LCMScheduler: the consistency boundary condition
             denoise = consistency_boundary(denoise, schedule.timestep)
         # The bar is cleared when done and also on an error or Ctrl-C, so the error line starts a line.

@@ -58,7 +58,7 @@ def _sampler_fields(s, schedule):
         fields["Eta"] = s.eta
     if s.s_noise != 1.0:
         fields["Sigma noise"] = s.s_noise
-    if sampler == "tcd":
+    if s.gamma is not None:
         fields["TCD gamma"] = s.gamma
     if s.spacing:
         fields["Timestep spacing"] = s.spacing
@@ -172,10 +172,10 @@ def _sampling_settings(fields):
             raise ValueError(f"its '{key}: {fields[key]}' is not implemented here (the beta schedule uses 0.6, 0.6)")
     karras = False
     if fields.get("Timesteps") == "diffusers":  # written by plainxl: diffusers' schedule, maybe with its Karras
-        karras, schedule = schedule == "karras", "default"
+        karras, schedule = fields.get("Schedule type") == "Karras", "default"
     number = lambda key, default: _numbers(fields, key, 1, None, float, default)  # noqa: E731
     return dict(sampler=sampler, schedule=schedule, karras=karras, eta=number("Eta", 1.0),
-                s_noise=number("Sigma noise", 1.0), gamma=number("TCD gamma", 0.3), spacing=fields.get("Timestep spacing"),
+                s_noise=number("Sigma noise", 1.0), gamma=number("TCD gamma", 0.3) if "TCD gamma" in fields else None, spacing=fields.get("Timestep spacing"),
                 pag_scale=number("PAG scale", 0.0), pag_layers=tuple(str(fields.get("PAG layers", "mid")).split()),
                 apg="APG eta" in fields, apg_eta=number("APG eta", DEFAULTS.apg_eta),
                 apg_norm_threshold=number("APG norm threshold", DEFAULTS.apg_norm_threshold),

@@ -41,13 +41,14 @@ def check_loras(info, loras):
         merge_lora(shell, path, scale, apply=False)
 
 
-def check_instruments(info, interventions, taps, tap_out):
-    """--intervention's and --tap's patterns against the model's module names (built on the meta device, no
-    weights), and --tap-out, before the load: ValueError naming what to fix."""
+def check_instruments(info, interventions, taps, tap_out, settings):
+    """--intervention's, --tap's and --pag-layers' patterns against the model's module names (built on the meta
+    device, no weights), and --tap-out, before the load: ValueError naming what to fix."""
     import torch
 
     from models.files import check_output
     from models.sdxl import SDXL
+    from sampling.guidance import pag_modules
     from sampling.instruments import matching
 
     if bool(taps) != bool(tap_out):
@@ -57,11 +58,13 @@ def check_instruments(info, interventions, taps, tap_out):
     if tap_out:
         check_output(tap_out, "--tap-out", folder=False)
     patterns = [name.removeprefix("skip=") for name in interventions if name.startswith("skip=")] + list(taps or [])
-    if patterns:
+    if patterns or settings.pag_scale:
         with torch.device("meta"):
             model = SDXL(info.config)
         for pattern in patterns:
             matching(model, pattern)
+        if settings.pag_scale:
+            pag_modules(model.unet, settings.pag_layers)  # --pag-layers name self-attention of this UNet
 
 
 def available_memory(device):

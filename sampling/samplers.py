@@ -13,8 +13,8 @@ x = x0 + sigma * eps. Every sampler is `sample_x(denoiser, x, sigmas, *, ...) ->
 The VAE's latent is x / sqrt(sigmas[-1]^2 + 1): x itself unless the final level is not 0 (DDIM, TCD).
 Step math runs in at least float32: fp16/bf16 latents are upcast on entry; the result is float32.
 
-Each sampler equals its reference on the same denoiser, sigmas and noise: k-diffusion's function of the same
-name (tests/test_sampler_zoo.py), diffusers' LCM and TCD schedulers (tests/test_distilled.py); euler,
+Each sampler with a reference equals it on the same denoiser, sigmas and noise: k-diffusion's function of the
+same name (tests/test_sampler_zoo.py), diffusers' LCM and TCD schedulers (tests/test_distilled.py); euler,
 euler_ancestral, dpmpp_2m, ddim and ddpm also step as diffusers' schedulers on their own schedules
 (tests/test_samplers.py). uni_pc is in sampling/unipc.py.
 """

@@ -31,9 +31,9 @@ import torch
 
 from models.sdxl import SDXL_SCHEDULER_CONFIG  # re-exported: the schedule's defaults
 from sampling.names import ALIASES, SAMPLER_NAMES
-from sampling.sigmas import SCHEDULES
+from sampling.sigmas import SCHEDULES, sigma_at
 
-DIFFUSERS_SAMPLERS = ("euler", "euler_a", "dpmpp_2m", "ddim", "ddpm")  # samplers with diffusers' own schedule
+_DIFFUSERS_SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim", "ddpm")  # samplers with a diffusers scheduler here
 SPACINGS = ("leading", "trailing", "linspace")
 
 # Config values that would change outputs in ways not implemented here, per sampler that reads them:
@@ -188,7 +188,7 @@ def make_schedule(sampler, steps, *, schedule="default", spacing=None, karras=No
                          "use schedule='karras' with other samplers or schedules.")
     if schedule == "default" and sampler in ("lcm", "tcd"):
         return consistency_schedule(sampler, steps, cfg)
-    if schedule != "default" or sampler not in DIFFUSERS_SAMPLERS:
+    if schedule != "default" or sampler not in _DIFFUSERS_SCHEDULERS:
         return named_schedule(sampler, steps, "normal" if schedule == "default" else schedule, cfg)
     return diffusers_schedule(sampler, steps, spacing, karras, cfg)
 
@@ -286,9 +286,15 @@ def consistency_boundary(denoiser, timestep_of, sigma_data=0.5, timestep_scaling
 
 def tcd_levels(schedule, gamma):
     """(N,) the level each TCD step jumps to before it renoises: sigma at timestep floor((1 - gamma) t_next), as
-    diffusers' TCDScheduler (t_next = 0 after the last step); the last step ends where the schedule does."""
+    diffusers' TCDScheduler (t_next = 0 after the last step), unfloored and interpolated where the schedule's
+    timesteps are fractional (named schedules); gamma 0 is the next level itself (deterministic); the last step
+    ends where the schedule does."""
+    if gamma == 0:
+        return schedule.sigmas[1:].clone()
     t_next = torch.cat([schedule.timesteps[1:], torch.zeros(1)])
-    levels = schedule.table[torch.floor((1 - gamma) * t_next).long()]
+    whole = bool((schedule.timesteps == schedule.timesteps.floor()).all())
+    t_s = torch.floor((1 - gamma) * t_next) if whole else (1 - gamma) * t_next
+    levels = sigma_at(schedule.table, t_s)
     levels[-1] = schedule.sigmas[-1]
     return torch.minimum(levels, schedule.sigmas[1:])
 

@@ -39,7 +39,7 @@ class Settings:
     karras: bool = False  # diffusers' Karras sigmas (timesteps rounded as diffusers): the default schedule only
     eta: float = 1.0  # ancestral and SDE samplers: the share of fresh noise per step
     s_noise: float = 1.0  # ancestral and SDE samplers: a scale on the fresh noise
-    gamma: float = 0.3  # tcd: the share of each step that is renoised (0 = deterministic), TCD's default
+    gamma: float | None = None  # tcd: the share of each step that is renoised (0: deterministic); None: 0.3, TCD's
     spacing: str | None = None  # the default schedule's timestep spacing (leading, trailing, linspace); None: the model's
     guidance_rescale: float = 0.0
     # Guidance beyond CFG (sampling/guidance.py): perturbed-attention guidance on the self-attention of pag_layers,
@@ -147,11 +147,13 @@ def check_sampler(s):
     if s.karras and (s.schedule != "default" or sampler not in ("euler", "euler_ancestral", "dpmpp_2m")):
         raise ValueError(f"--karras is diffusers' Karras schedule for euler, euler_ancestral and dpmpp_2m; with "
                          f"{s.sampler} use --schedule karras (k-diffusion's and ComfyUI's) instead")
-    if not (math.isfinite(s.gamma) and 0 <= s.gamma <= 1) or (s.gamma != 0.3 and sampler != "tcd"):
+    if s.gamma is not None and not (math.isfinite(s.gamma) and 0 <= s.gamma <= 1 and sampler == "tcd"):
         raise ValueError(f"--gamma {s.gamma} is TCD's stochasticity, in [0, 1] and for --sampler tcd only")
-    if s.spacing is not None and (s.spacing not in ("leading", "trailing", "linspace") or s.schedule != "default"):
-        raise ValueError(f"--spacing {s.spacing} is the default schedule's timestep spacing: leading, trailing or "
-                         "linspace, with --schedule default")
+    spaced = ("euler", "euler_ancestral", "dpmpp_2m", "ddim", "ddpm")  # the default schedules that have a spacing
+    if s.spacing is not None and (s.spacing not in ("leading", "trailing", "linspace") or s.schedule != "default"
+                                  or sampler not in spaced):
+        raise ValueError(f"--spacing {s.spacing} is the timestep spacing of diffusers' schedule (--schedule default) "
+                         f"for {', '.join(spaced)}: leading, trailing or linspace")
     if not (math.isfinite(s.pag_scale) and s.pag_scale >= 0):
         raise ValueError(f"--pag-scale {s.pag_scale} is not a number >= 0; e.g. 3 (0 turns PAG off)")
     if s.cfg_interval is not None and not (0 <= s.cfg_interval[0] < s.cfg_interval[1]):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 
-def _sigma_at(table, t):
+def sigma_at(table, t):
     """sigma at fractional timesteps t (float32), interpolated linearly in log sigma (ComfyUI's sigma(t))."""
     log_table = table.log()
     t = t.float().clamp(0, len(table) - 1)
@@ -39,12 +39,12 @@ def _zero_end(sigmas):
 
 def normal(table, steps):
     """Timesteps spaced evenly from the last to the first, both included."""
-    return _zero_end(_sigma_at(table, torch.linspace(len(table) - 1, 0, steps)))
+    return _zero_end(sigma_at(table, torch.linspace(len(table) - 1, 0, steps)))
 
 
 def sgm_uniform(table, steps):
     """Timesteps spaced evenly over steps + 1 points from the last to the first, the first (t = 0) dropped."""
-    return _zero_end(_sigma_at(table, torch.linspace(len(table) - 1, 0, steps + 1)[:-1]))
+    return _zero_end(sigma_at(table, torch.linspace(len(table) - 1, 0, steps + 1)[:-1]))
 
 
 def karras(table, steps, rho=7.0):
@@ -67,7 +67,7 @@ def simple(table, steps):
 
 def ddim_uniform(table, steps):
     """table[1], table[1 + k], table[1 + 2k] ... (k = T // steps) up to the top, highest first. As ComfyUI's, this
-    is one step more than asked when k does not divide T - 1 evenly (28 steps give 29)."""
+    is one step more than asked when T mod steps >= 2 (28 steps give 29)."""
     stride = max(len(table) // steps, 1)
     return _zero_end(table[1::stride].flip(0))
 

@@ -172,7 +172,7 @@ def test_readme_first_command_uses_the_bundled_model_offline(tmp_path):
     # AUTOMATIC1111's Model hash: sha256 of the whole file, first 10 hex digits.
     digest = hashlib.sha256(BUNDLED["plainxl-tiny"].read_bytes()).hexdigest()[:10]
     assert image.size == (64, 64)
-    assert f"Size: 64x64, Model hash: {digest}, Model: plainxl-tiny" in image.info["parameters"]
+    assert f"Size: 64x64, Timesteps: diffusers, Model hash: {digest}, Model: plainxl-tiny" in image.info["parameters"]
 
 
 def test_bundled_model_file():

@@ -76,7 +76,7 @@ def test_every_pair_round_trips_through_a1111_labels(sampler, schedule):
                  eta=0.5 if sampler in ("euler_ancestral", "dpmpp_3m_sde") else 1.0)
     parsed, _ = parse_parameters(format_parameters(s, 0, "m"))
     expected = schedule if schedule != "default" or sampler in DIFFUSERS_SAMPLERS else "normal"
-    assert (parsed.sampler, parsed.schedule, parsed.eta) == (sampler, expected, s.eta)
+    assert (parsed.sampler, parsed.schedule, parsed.eta, parsed.karras) == (sampler, expected, s.eta, False)
 
 
 def test_diffusers_karras_and_k_diffusion_karras_stay_apart():
@@ -180,9 +180,14 @@ def png(path, **chunks):
 
 
 @pytest.mark.slow
-def test_every_readable_fixture_reruns_like_its_flags(tmp_path):
-    """Each fixture above that reads is re-run by --from-png on the bundled model, and its image equals the run
-    from the flags it stands for (so the PNG's sampler, schedule, eta and seed all reached the pipeline)."""
+def test_every_readable_fixture_reruns_like_its_settings(tmp_path):
+    """Each fixture above that reads is re-run by --from-png on the bundled model, and its image equals the Python
+    pipeline's for the settings the fixture stands for (so its sampler, schedule, eta and seed reached the run)."""
+    from dataclasses import replace
+
+    from sampling.pipeline import Pipeline
+
+    pipe = Pipeline.load("plainxl-tiny")
     fixtures = [(f"a{i}", png(tmp_path / f"a{i}.png", parameters=f"1girl\nNegative prompt: lowres\nSteps: 4, {part}, "
                  f"{TAIL}")) for i, (part, _, _) in enumerate(A1111)]
     fixtures += [(f"c{i}", png(tmp_path / f"c{i}.png", prompt=json.dumps(graph))) for i, (graph, _) in enumerate(COMFYUI)]
@@ -191,13 +196,7 @@ def test_every_readable_fixture_reruns_like_its_flags(tmp_path):
         # --model: the PNGs name SDXL checkpoints (and LoRAs) this machine lacks; a --model of ours takes neither
         assert main(["--from-png", str(path), "--model", "plainxl-tiny", "--out", str(out)]) == 0, name
         image = sorted(out.iterdir())[0]
-        settings, _ = parse_parameters(Image.open(image).info["parameters"])
-        flags = ["--prompt", settings.prompt, "--steps", str(settings.steps), "--cfg", str(settings.cfg),
-                 "--seed", str(settings.seed), "--sampler", settings.sampler, "--schedule", settings.schedule,
-                 "--width", "64", "--height", "64", "--eta", str(settings.eta), "--s-noise", str(settings.s_noise)]
-        flags += ["--negative-prompt", settings.negative_prompt] if settings.negative_prompt is not None else []
-        flags += [] if settings.original_size is None else ["--original-size", "2048x1536", "--crop-top-left", "32,0",
-                                                             "--target-size", "64x64"]
-        assert main(["--model", "plainxl-tiny", "--out", str(out / "flags"), *flags]) == 0, name
-        again = sorted((out / "flags").iterdir())[0]
-        assert np.array_equal(np.asarray(Image.open(image)), np.asarray(Image.open(again))), name
+        text = path.read_bytes() and Image.open(path).info
+        settings, _ = parse_parameters(text["parameters"]) if "parameters" in text else parse_comfyui(text["prompt"])
+        expected = pipe(replace(settings, width=64, height=64, num_images=1), progress=False)[0]
+        assert np.array_equal(np.asarray(Image.open(image)), np.asarray(expected)), name
