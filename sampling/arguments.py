@@ -133,6 +133,9 @@ def parse_args(argv):
     p.add_argument("--original-size", type=size_pair, help="WIDTHxHEIGHT micro-conditioning (default: output size)")
     p.add_argument("--crop-top-left", type=crop_pair, help="TOP,LEFT micro-conditioning (default 0,0)")
     p.add_argument("--target-size", type=size_pair, help="WIDTHxHEIGHT micro-conditioning (default: output size)")
+    p.add_argument("--negative-original-size", type=size_pair, help="WIDTHxHEIGHT: the negative's own (with the next)")
+    p.add_argument("--negative-target-size", type=size_pair, help="WIDTHxHEIGHT: the negative's own target size")
+    p.add_argument("--negative-crop-top-left", type=crop_pair, help="TOP,LEFT: the negative's own crop (default 0,0)")
     p.add_argument("--truncate-prompt", action="store_true", default=None,
                    help="cut prompts at 77 tokens as diffusers does (default: 75-token chunks, as A1111/ComfyUI)")
     p.add_argument("--no-prompt-weights", dest="prompt_weights", action="store_false", default=None,
@@ -231,6 +234,8 @@ def request_from(args):
                  cfg_interval=args.cfg_interval,
                  guidance_rescale=args.guidance_rescale, seed=args.seed, num_images=args.num_images,
                  original_size=args.original_size, crop_top_left=args.crop_top_left, target_size=args.target_size,
+                 negative_original_size=args.negative_original_size, negative_target_size=args.negative_target_size,
+                 negative_crop_top_left=args.negative_crop_top_left,
                  truncate_prompt=args.truncate_prompt, prompt_weights=args.prompt_weights,
                  refiner_start=args.refiner_start, aesthetic_score=args.aesthetic_score,
                  negative_aesthetic_score=args.negative_aesthetic_score, init_image=args.init_image,

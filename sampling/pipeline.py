@@ -17,6 +17,7 @@ What a generation's settings are and what is decided from them (sizes, windows, 
 sampling/settings.py; the samplers are sampling/samplers.py, their sigmas sampling/schedule.py.
 """
 
+import json
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -70,8 +71,11 @@ class Pipeline:
     in overlapping, blended tiles (see tiled()); offload, None or a device (e.g. cuda) that each part of a model
     kept on the CPU visits only while it runs (see on_device())."""
 
-    def __init__(self, model, scheduler_config=None):
+    def __init__(self, model, scheduler_config=None, force_zeros_for_empty_prompt=None):
         self.model = model.eval()
+        # No negative prompt: zeros, or the encoded "" (None: the official folders' choice, zeros for a base only).
+        zeros = force_zeros_for_empty_prompt
+        self.force_zeros = (model.text_encoder_1 is not None) if zeros is None else zeros
         self.cfg_mode, self.vae_tiling, self.offload = "batch", None, None
         if next(model.vae.parameters()).dtype == torch.float16:
             # The SDXL VAE overflows in fp16 (NaN -> black images): keep it in float32, once (+167 MB).
@@ -88,10 +92,12 @@ class Pipeline:
         architecture of a single file that lacks it (models.loading.load)."""
         path = resolve(source)
         scheduler_config = read_folder_config(path)[1] if path.is_dir() else None
+        index = path / "model_index.json"  # a folder's pipeline settings (read_folder_config has checked it)
+        force_zeros = json.loads(index.read_text()).get("force_zeros_for_empty_prompt") if index.is_file() else None
         model = load(path, dtype=dtype, device=device, vae=vae, config=config)
         for lora, scale in loras:
             merge_lora(model, resolve(lora), scale)
-        return cls(model, scheduler_config)
+        return cls(model, scheduler_config, force_zeros)
 
     @property
     def device(self):
@@ -161,14 +167,13 @@ class Pipeline:
         # One prompt for the whole batch: encode it once, repeat it B times.
         context, pooled = encode_prompts(self.model, self.tokenizers, [s.prompt], s.truncate_prompt, chunks, weighted)
         context, pooled = context.repeat(B, 1, 1), pooled.repeat(B, 1)
-        size = (s.height, s.width)
-        numbers = size_numbers(s.original_size or size, s.crop_top_left, s.target_size or size,
-                               s.aesthetic_score if refiner else None)
+        sizes = (s.original_size or (s.height, s.width), s.crop_top_left, s.target_size or (s.height, s.width))
+        numbers = size_numbers(*sizes, s.aesthetic_score if refiner else None)
         dim = self.model.config.unet.micro_cond_dim
         cond = (context, vector_condition(pooled, numbers, dim))
         if s.cfg <= 1 and canonical_sampler(s.sampler) not in CFG_PP:  # CFG++ steps with the negative at cfg 1 too
             return cond, None
-        if s.negative_prompt is None and not refiner:
+        if s.negative_prompt is None and self.force_zeros:
             # SDXL's force_zeros_for_empty_prompt: no negative prompt means zero conditioning,
             # not the encoding of "" (AUTOMATIC1111 and ComfyUI encode "" instead).
             neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
@@ -176,8 +181,9 @@ class Pipeline:
             neg_context, neg_pooled = encode_prompts(
                 self.model, self.tokenizers, [s.negative_prompt or ""], s.truncate_prompt, chunks, weighted)
             neg_context, neg_pooled = neg_context.repeat(B, 1, 1), neg_pooled.repeat(B, 1)
-        neg_numbers = size_numbers(s.original_size or size, s.crop_top_left, s.target_size or size,
-                                   s.negative_aesthetic_score if refiner else None)
+        if s.negative_original_size and s.negative_target_size:  # diffusers' rule: both, or the positive's
+            sizes = (s.negative_original_size, s.negative_crop_top_left, s.negative_target_size)
+        neg_numbers = size_numbers(*sizes, s.negative_aesthetic_score if refiner else None)
         return cond, (neg_context, vector_condition(neg_pooled, neg_numbers, dim))
 
     def __call__(self, settings: Settings, refiner=None, progress=True, callback=None):

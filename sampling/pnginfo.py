@@ -106,6 +106,10 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, 
         fields["Crop top left"] = "x".join(map(str, s.crop_top_left))
     if s.target_size:
         fields["Target size"] = _wxh(s.target_size)
+    if s.negative_original_size and s.negative_target_size:  # diffusers reads them only as a pair
+        fields |= {"Negative original size": _wxh(s.negative_original_size),
+                   "Negative crop top left": "x".join(map(str, s.negative_crop_top_left)),
+                   "Negative target size": _wxh(s.negative_target_size)}
     if s.truncate_prompt:
         fields["Prompt truncation"] = "true"
     if not s.prompt_weights:
@@ -217,6 +221,8 @@ def parse_parameters(text):
         **_sampling_settings(fields), guidance_rescale=_numbers(fields, "Guidance rescale", 1, None, float, 0.0),
         seed=_numbers(fields, "Seed", 1, None), original_size=hw("Original size"),
         crop_top_left=_numbers(fields, "Crop top left", 2, "x", default=(0, 0)), target_size=hw("Target size"),
+        negative_original_size=hw("Negative original size"), negative_target_size=hw("Negative target size"),
+        negative_crop_top_left=_numbers(fields, "Negative crop top left", 2, "x", default=(0, 0)),
         truncate_prompt=fields.get("Prompt truncation") == "true",
         prompt_weights=_emphasis(fields),
         aesthetic_score=_numbers(fields, "Aesthetic score", 1, None, float, DEFAULTS.aesthetic_score),

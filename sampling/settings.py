@@ -57,6 +57,11 @@ class Settings:
     original_size: tuple | None = None  # (height, width); None: the output size
     crop_top_left: tuple = (0, 0)
     target_size: tuple | None = None  # (height, width); None: the output size
+    # The negative conditioning's own sizes (diffusers' negative_original_size / _crops_coords_top_left /
+    # _target_size): used when both sizes are given, else the negative takes the positive's, as diffusers.
+    negative_original_size: tuple | None = None
+    negative_crop_top_left: tuple = (0, 0)
+    negative_target_size: tuple | None = None
     truncate_prompt: bool = False
     prompt_weights: bool = True  # A1111's (tag:1.2), [tag], BREAK; False reads the prompt literally (diffusers)
     aesthetic_score: float = 6.0  # refiner only, as diffusers' defaults

@@ -160,3 +160,32 @@ def test_a_lora_changes_the_image_and_is_recorded_with_a1111s_hash(capsys, tmp_p
     plain, lora = (Image.open(next((tmp_path / n).iterdir())) for n in ("plain", "lora"))
     assert not np.array_equal(np.asarray(plain), np.asarray(lora))
     assert f'Lora hashes: "style: {addnet_hash(inputs / "style.safetensors")}"' in lora.info["parameters"]
+
+
+def test_negative_micro_conditioning_equals_diffusers(tmp_path):
+    """diffusers' negative_original_size / negative_crops_coords_top_left / negative_target_size: the negative's own
+    size conditions (used when both sizes are given), equal to diffusers' pipeline on the same folder."""
+    import numpy as np
+    import torch
+    from diffusers import StableDiffusionXLPipeline
+    from test_pipeline_parity import assert_close_images, tiny_model
+
+    from models.diffusers_layout import save_diffusers
+    from sampling.pipeline import Pipeline, Settings
+
+    save_diffusers(tiny_model(), tmp_path / "tiny")
+    reference = StableDiffusionXLPipeline.from_pretrained(tmp_path / "tiny", add_watermarker=False).to(torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    from diffusers import EulerDiscreteScheduler
+
+    reference.scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config)
+    s = Settings(prompt="1girl", negative_prompt="lowres", width=64, height=64, steps=5, cfg=5.0, sampler="euler",
+                 seed=2, negative_original_size=(512, 384), negative_crop_top_left=(8, 16), negative_target_size=(64, 64))
+    theirs = reference(prompt=s.prompt, negative_prompt=s.negative_prompt, width=64, height=64, num_inference_steps=5,
+                       guidance_scale=5.0, negative_original_size=(512, 384), negative_crops_coords_top_left=(8, 16),
+                       negative_target_size=(64, 64), generator=[torch.Generator().manual_seed(2)]).images
+    pipe = Pipeline.load(tmp_path / "tiny")
+    ours = pipe(s, progress=False)
+    assert_close_images(ours, [np.asarray(image) for image in theirs], "negative micro-conditioning")
+    plain = pipe(Settings(**{**s.__dict__, "negative_original_size": None}), progress=False)
+    assert not np.array_equal(np.asarray(plain[0]), np.asarray(ours[0])), "the negative sizes changed nothing"

@@ -213,3 +213,25 @@ def test_v_prediction_zero_snr_images_equal_diffusers(vpred_files, sampler):
     for source in ("vpred.safetensors", "vpred"):  # the markers, or the folder's scheduler config
         ours = Pipeline.load(vpred_files / source)(s, progress=False)
         assert_close_images(ours, theirs, f"v-pred zsnr {sampler} from {source}")
+
+
+def test_a_folders_force_zeros_for_empty_prompt_is_read(files, tmp_path):
+    """A folder whose model_index.json sets force_zeros_for_empty_prompt false encodes "" for a missing negative
+    prompt, as diffusers reads the same folder; the default (SDXL base's true) gives zeros, another image."""
+    import json
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tmp_path / "no-zeros"
+    shutil.copytree(files / "tiny", folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "force_zeros_for_empty_prompt": False}))
+    reference = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False).to(torch.float32)
+    reference.set_progress_bar_config(disable=True)
+    reference.scheduler_config_as_saved = dict(reference.scheduler.config)
+    s = Settings(prompt="1girl, green hair", width=64, height=64, steps=5, sampler="euler", seed=8)
+    ours = Pipeline.load(folder)(s, progress=False)
+    assert_close_images(ours, diffusers_images(reference, s), "force_zeros_for_empty_prompt false")
+    zeros = Pipeline.load(files / "tiny")(s, progress=False)
+    assert np.abs(np.asarray(zeros[0], dtype=int) - np.asarray(ours[0], dtype=int)).mean() > 1

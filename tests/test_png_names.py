@@ -200,3 +200,11 @@ def test_every_readable_fixture_reruns_like_its_settings(tmp_path):
         settings, _ = parse_parameters(text["parameters"]) if "parameters" in text else parse_comfyui(text["prompt"])
         expected = pipe(replace(settings, width=64, height=64, num_images=1), progress=False)[0]
         assert np.array_equal(np.asarray(Image.open(image)), np.asarray(expected)), name
+
+
+def test_negative_size_conditions_round_trip():
+    s = Settings(prompt="x", negative_prompt="y", width=64, height=64, negative_original_size=(512, 384),
+                 negative_crop_top_left=(8, 16), negative_target_size=(64, 64))
+    text = format_parameters(s, 0, "m")
+    assert "Negative original size: 384x512, Negative crop top left: 8x16, Negative target size: 64x64" in text
+    assert parse_parameters(text)[0] == s
