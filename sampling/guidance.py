@@ -85,6 +85,8 @@ def guided(net, cond, uncond, s, split=False, perturbed_modules=(), to_x0=None, 
     perturbed_modules' self-attention replaced by the identity (diffusers' StableDiffusionXLPAGPipeline).
     APG (s.apg) combines in x0 space: to_x0 / from_x0 convert (output, x_in, sigma) <-> x0; momentum, APG's running
     average, is shared by the guided nets of one run (prompt editing makes several)."""
+    # the CFG batch [uncond, cond] (diffusers' order), concatenated once rather than at every step
+    both_cond = (torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]])) if uncond is not None else None
 
     def guided_net(x, t, sigma, with_uncond=False):
         in_interval = s.cfg_interval is None or s.cfg_interval[0] < float(sigma) <= s.cfg_interval[1]
@@ -95,8 +97,7 @@ def guided(net, cond, uncond, s, split=False, perturbed_modules=(), to_x0=None, 
         elif split:
             out_uncond, out_cond = net(x, t, *uncond), net(x, t, *cond)
         else:
-            both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond[0], cond[0]]), torch.cat([uncond[1], cond[1]]))
-            out_uncond, out_cond = both.chunk(2)
+            out_uncond, out_cond = net(torch.cat([x, x]), torch.cat([t, t]), *both_cond).chunk(2)
         out = out_cond if cfg <= 1 else out_uncond + cfg * (out_cond - out_uncond)
         if s.apg and cfg > 1:
             x0 = adaptive_projected(to_x0(out_cond, x, sigma), to_x0(out_uncond, x, sigma), cfg, s.apg_eta,

@@ -13,8 +13,8 @@ SAMPLER_NAMES = ("euler", "euler_ancestral", "euler_cfg_pp", "euler_ancestral_cf
 ALIASES = {"euler_a": "euler_ancestral"}  # plainxl's earlier name, still accepted
 SCHEDULE_NAMES = ("normal", "karras", "exponential", "sgm_uniform", "simple", "ddim_uniform", "beta", "kl_optimal",
                   "align_your_steps")
-DIFFUSERS_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "ddim", "ddpm", "lcm", "tcd")  # "default": diffusers'
-# scheduler's own schedule (LCMScheduler's and TCDScheduler's for lcm and tcd)
+SPACED_SAMPLERS = ("euler", "euler_ancestral", "dpmpp_2m", "ddim", "ddpm")  # default: diffusers' spaced schedule
+DIFFUSERS_SAMPLERS = (*SPACED_SAMPLERS, "lcm", "tcd")  # "default": diffusers' scheduler's own (LCM's, TCD's too)
 # noise from each image's generator
 NOISY = {"euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "lcm", "tcd", "ddpm"}
 SDE = {"dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"}  # noise from each image's Brownian tree

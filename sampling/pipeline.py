@@ -38,7 +38,7 @@ from sampling.names import CFG_PP, canonical_sampler
 from sampling.noise import brownian_noise, generator_noise, noise_like
 from sampling.prompt_editing import at_call, prompt_schedule, text_at
 from sampling.prompts import encode_prompts, num_chunks
-from sampling.samplers import ALIASES, NOISY, SAMPLERS, SDE, SECOND_ORDER, WITH_ETA
+from sampling.samplers import NOISY, SAMPLERS, SDE, SECOND_ORDER, WITH_ETA
 from sampling.schedule import consistency_boundary, make_schedule, tcd_levels
 from sampling.settings import Settings, check, hires_second_pass, is_latents, schedule_steps, window, with_output_size
 from sampling.tiling import tiled
@@ -235,7 +235,7 @@ class Pipeline:
         """One sampler run on this model: text-to-image, img2img or inpainting, or one part of a two-stage
         run. -> latents (B, 4, h, w) in VP scale (x / sqrt(sigma^2 + 1) at the last level reached).
         first_pass_steps: in the hi-res pass, the first pass's steps (prompt editing counts from its start)."""
-        name = ALIASES.get(s.sampler, s.sampler)
+        name = canonical_sampler(s.sampler)
         lcm_width, w = self.model.config.unet.time_cond_proj_dim, None
         if lcm_width:  # an LCM-distilled UNet takes the guidance scale as an input: no CFG pass (as diffusers)
             w, s = guidance_embedding(s.cfg, lcm_width).to(self.device), replace(s, cfg=1.0)

@@ -30,10 +30,9 @@ import numpy as np
 import torch
 
 from models.sdxl import SDXL_SCHEDULER_CONFIG  # re-exported: the schedule's defaults
-from sampling.names import ALIASES, SAMPLER_NAMES
+from sampling.names import ALIASES, SAMPLER_NAMES, SPACED_SAMPLERS, canonical_sampler
 from sampling.sigmas import SCHEDULES, sigma_at
 
-_DIFFUSERS_SCHEDULERS = ("euler", "euler_a", "dpmpp_2m", "ddim", "ddpm")  # samplers with a diffusers scheduler here
 SPACINGS = ("leading", "trailing", "linspace")
 
 # Config values that would change outputs in ways not implemented here, per sampler that reads them:
@@ -188,7 +187,7 @@ def make_schedule(sampler, steps, *, schedule="default", spacing=None, karras=No
                          "use schedule='karras' with other samplers or schedules.")
     if schedule == "default" and sampler in ("lcm", "tcd"):
         return consistency_schedule(sampler, steps, cfg)
-    if schedule != "default" or sampler not in _DIFFUSERS_SCHEDULERS:
+    if schedule != "default" or canonical_sampler(sampler) not in SPACED_SAMPLERS:
         return named_schedule(sampler, steps, "normal" if schedule == "default" else schedule, cfg)
     return diffusers_schedule(sampler, steps, spacing, karras, cfg)
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from models.sdxl import SDXL_SCHEDULER_CONFIG
 from sampling.images import UPSCALERS, as_image, default_size
-from sampling.names import SAMPLER_NAMES, SCHEDULE_NAMES, WITH_ETA, canonical_sampler
+from sampling.names import SAMPLER_NAMES, SCHEDULE_NAMES, SPACED_SAMPLERS, WITH_ETA, canonical_sampler
 
 
 @dataclass
@@ -154,11 +154,10 @@ def check_sampler(s):
                          f"{s.sampler} use --schedule karras (k-diffusion's and ComfyUI's) instead")
     if s.gamma is not None and not (math.isfinite(s.gamma) and 0 <= s.gamma <= 1 and sampler == "tcd"):
         raise ValueError(f"--gamma {s.gamma} is TCD's stochasticity, in [0, 1] and for --sampler tcd only")
-    spaced = ("euler", "euler_ancestral", "dpmpp_2m", "ddim", "ddpm")  # the default schedules that have a spacing
     if s.spacing is not None and (s.spacing not in ("leading", "trailing", "linspace") or s.schedule != "default"
-                                  or sampler not in spaced):
+                                  or sampler not in SPACED_SAMPLERS):
         raise ValueError(f"--spacing {s.spacing} is the timestep spacing of diffusers' schedule (--schedule default) "
-                         f"for {', '.join(spaced)}: leading, trailing or linspace")
+                         f"for {', '.join(SPACED_SAMPLERS)}: leading, trailing or linspace")
     if not (math.isfinite(s.pag_scale) and s.pag_scale >= 0):
         raise ValueError(f"--pag-scale {s.pag_scale} is not a number >= 0; e.g. 3 (0 turns PAG off)")
     if s.cfg_interval is not None and not (0 <= s.cfg_interval[0] < s.cfg_interval[1]):
