@@ -18,7 +18,8 @@ import argparse
 
 from models.diffusers_layout import is_model_folder
 from models.files import check_destination
-from models.loading import LoadError, load, save_diffusers, save_single_file
+from models.loading import LoadError, load, resolve, save_diffusers, save_single_file
+from models.tokenizer import load_tokenizers
 
 
 def main(argv=None):
@@ -36,8 +37,10 @@ def main(argv=None):
     save = save_single_file if one_file else save_diffusers
     try:  # the destination first: a bad one fails before the (slow) load
         check_destination(args.dst, args.overwrite, "file" if one_file else "folder", is_model_folder)
-        model = load(args.src, dtype=args.dtype, config=args.config)
-        save(model, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+        source = resolve(args.src)
+        model = load(source, dtype=args.dtype, config=args.config)
+        own = {"tokenizers": load_tokenizers(source)} if not one_file and source.is_dir() else {}  # a folder's own
+        save(model, args.dst, dtype=args.dtype, overwrite=args.overwrite, **own)
     except LoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

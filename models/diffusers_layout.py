@@ -231,6 +231,13 @@ def read_folder_config(path):
     return cfg, scheduler
 
 
+def pipeline_options(path):
+    """A folder's model_index.json settings that change what a pipeline computes (absent ones are left out)."""
+    index = Path(path) / "model_index.json"
+    settings = _read_json(index) if index.exists() else {}
+    return {k: bool(settings[k]) for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in settings}
+
+
 def load_diffusers(path, dtype=None):
     """Read a diffusers SDXL folder into our modules (official names, via models.keys)."""
     path = Path(path)
@@ -280,8 +287,9 @@ def is_model_folder(path):
     return (path / "unet" / "config.json").is_file() and {p.name for p in path.iterdir()} <= MODEL_FOLDER_ENTRIES
 
 
-def save_diffusers(model, dst, dtype=None, overwrite=False):
-    """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder*/, tokenizer*/, scheduler/).
+def save_diffusers(model, dst, dtype=None, overwrite=False, tokenizers=None):
+    """Write a diffusers folder (model_index.json, unet/, vae/, text_encoder*/, tokenizer*/, scheduler/); tokenizers:
+    the model's own (load_tokenizers(its folder)), None for the bundled ones.
 
     It is assembled under a temporary name beside dst and renamed into place at the end.
     """
@@ -312,7 +320,7 @@ def save_diffusers(model, dst, dtype=None, overwrite=False):
             (tmp / "scheduler").mkdir()
             (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(cfg), indent=2))
             (tmp / "model_index.json").write_text(json.dumps(model_index(cfg), indent=2))
-            tokenizer_1, tokenizer_2 = load_tokenizers()
+            tokenizer_1, tokenizer_2 = tokenizers or load_tokenizers()
             save_tokenizers(tokenizer_1 if cfg.text_encoder_1 else None, tokenizer_2, tmp)
     except FileExistsError:
         raise LoadError(f"{dst} appeared (or changed) while the model was being written; nothing was replaced, "

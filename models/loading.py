@@ -16,6 +16,7 @@ import torch
 from models.diffusers_layout import (
     load_diffusers,
     load_vae_folder,
+    pipeline_options,
     read_folder_config,
     save_diffusers,
     unet_config_from_diffusers,
@@ -26,7 +27,7 @@ from models.sdxl import SDXL, SDXLConfig, scheduler_config
 from models.single_file import config_from_dict, load_single_file, load_vae_file, read_config, save_single_file
 
 __all__ = ["BUNDLED", "DTYPES", "LoadError", "ModelInfo", "architecture", "check_device", "inspect", "load", "load_vae",
-           "model_hash", "out_of_memory", "read_folder_config", "resolve", "save_diffusers", "save_single_file"]
+           "model_hash", "out_of_memory", "pipeline_options", "read_folder_config", "resolve", "save_diffusers", "save_single_file"]
 
 # The project's own tiny model and its refiner, trained by configs/tiny_*.py and shipped in the package (no download).
 BUNDLED = {name: Path(__file__).with_name(f"{name}.safetensors") for name in ("plainxl-tiny", "plainxl-tiny-refiner")}

@@ -14,11 +14,17 @@ TOKENIZER_DIR = Path(__file__).parent / "tokenizer"  # vocab.json + merges.txt, 
 MAX_LENGTH = 77  # CLIP's context: BOS + up to 75 tokens + EOS
 
 
-def load_tokenizers():
-    """Return (tokenizer_1, tokenizer_2) as in a diffusers SDXL repo's tokenizer/ and tokenizer_2/ folders."""
+def load_tokenizers(folder=None):
+    """Return (tokenizer_1, tokenizer_2) as in a diffusers SDXL repo's tokenizer/ and tokenizer_2/ folders: a model
+    folder's own where it has them (a refiner's tokenizer_2 serves as both), else the bundled ones."""
     # Imported here, not at the top: transformers takes ~2 s to import, which a command that refuses its
     # input before anything loads should not pay. CLIPTokenizer is the class diffusers' SDXL pipeline uses.
     from transformers import CLIPTokenizer
+
+    if folder is not None and (Path(folder) / "tokenizer_2").is_dir():
+        tokenizer_2 = CLIPTokenizer.from_pretrained(Path(folder) / "tokenizer_2")
+        first = Path(folder) / "tokenizer"
+        return CLIPTokenizer.from_pretrained(first) if first.is_dir() else tokenizer_2, tokenizer_2
 
     special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     # tokenizer_1 (CLIP ViT-L) pads with <|endoftext|> (id 49407).
@@ -55,7 +61,8 @@ def save_tokenizers(tokenizer_1, tokenizer_2, folder):
         out = Path(folder) / name
         out.mkdir(parents=True, exist_ok=True)
         tokenizer.save_pretrained(out)  # tokenizer_config.json (holds the pad token) + tokenizer.json
-        # The hub folders also carry the raw vocab.json and merges.txt; copy them so the folder has the same
-        # files and loads with transformers versions that read only those.
+        # The hub folders also carry the raw vocab.json and merges.txt; copy them (from the folder the tokenizer
+        # was read from: the bundled one, or a model folder's own) so the folder loads with transformers versions
+        # that read only those.
         for file in ["vocab.json", "merges.txt"]:
-            shutil.copyfile(TOKENIZER_DIR / file, out / file)
+            shutil.copyfile(Path(tokenizer.name_or_path) / file, out / file)

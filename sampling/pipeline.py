@@ -17,7 +17,6 @@ What a generation's settings are and what is decided from them (sizes, windows, 
 sampling/settings.py; the samplers are sampling/samplers.py, their sigmas sampling/schedule.py.
 """
 
-import json
 from contextlib import ExitStack, contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -27,17 +26,18 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from models.conditioning import guidance_embedding, size_numbers, vector_condition
-from models.loading import load, read_folder_config, resolve
+from models.conditioning import guidance_embedding
+from models.embeddings import load_embeddings
+from models.loading import load, pipeline_options, read_folder_config, resolve
 from models.lora import merge_lora
 from models.sdxl import scheduler_config as models_scheduler_config
 from models.tokenizer import load_tokenizers
+from sampling.conditioning import check_micro_conditioning, check_tokenizers, edited_conditioning, encode_conditioning
 from sampling.guidance import guided, output_from_x0, pag_modules, x0_from_output
 from sampling.images import as_image, latent_mask, mask_pixels, pixels, upscale_images, upscale_latents
-from sampling.names import CFG_PP, canonical_sampler
+from sampling.names import canonical_sampler
 from sampling.noise import brownian_noise, generator_noise, noise_like
-from sampling.prompt_editing import at_call, prompt_schedule, text_at
-from sampling.prompts import encode_prompts, num_chunks
+from sampling.prompt_editing import at_call
 from sampling.samplers import NOISY, SAMPLERS, SDE, SECOND_ORDER, WITH_ETA
 from sampling.schedule import consistency_boundary, make_schedule, tcd_levels
 from sampling.settings import Settings, check, hires_second_pass, is_latents, schedule_steps, window, with_output_size
@@ -71,33 +71,42 @@ class Pipeline:
     in overlapping, blended tiles (see tiled()); offload, None or a device (e.g. cuda) that each part of a model
     kept on the CPU visits only while it runs (see on_device())."""
 
-    def __init__(self, model, scheduler_config=None, force_zeros_for_empty_prompt=None):
+    def __init__(self, model, scheduler_config=None, force_zeros_for_empty_prompt=None, requires_aesthetics_score=None,
+                 tokenizers=None, embeddings=()):
+        """force_zeros_for_empty_prompt and requires_aesthetics_score are model_index.json's (None: the official
+        folders' choice: zeros without a negative prompt for a base, an aesthetic score for a refiner); tokenizers:
+        the model's own (None: the bundled ones); embeddings: textual-inversion files (models/embeddings.py)."""
         self.model = model.eval()
-        # No negative prompt: zeros, or the encoded "" (None: the official folders' choice, zeros for a base only).
-        zeros = force_zeros_for_empty_prompt
+        zeros, aesthetic = force_zeros_for_empty_prompt, requires_aesthetics_score
         self.force_zeros = (model.text_encoder_1 is not None) if zeros is None else zeros
+        self.requires_aesthetics_score = (model.text_encoder_1 is None) if aesthetic is None else aesthetic
+        check_micro_conditioning(model.config, self.requires_aesthetics_score)
         self.cfg_mode, self.vae_tiling, self.offload = "batch", None, None
         if next(model.vae.parameters()).dtype == torch.float16:
             # The SDXL VAE overflows in fp16 (NaN -> black images): keep it in float32, once (+167 MB).
             model.vae.float()
-        self.tokenizers = load_tokenizers()
+        self.tokenizers = tokenizers or load_tokenizers()
+        check_tokenizers(model, self.tokenizers)
+        # Textual inversion: {name: Embedding}, and the tokens each name is written as in a prompt.
+        self.embedding_files, self.embeddings = load_embeddings(model, self.tokenizers, embeddings)
         # A folder's own scheduler config if it has one, else the one the model was trained with (v-pred aware).
         self.scheduler_config = scheduler_config or models_scheduler_config(model.config)
 
     @classmethod
-    def load(cls, source, dtype="fp32", device="cpu", vae=None, loras=(), config=None):
-        """A single file, a diffusers folder (its scheduler config is used) or a Hugging Face repo id;
-        `vae` optionally replaces the model's VAE (a VAE file or diffusers vae/ folder); `loras`, a list of
-        (file, scale), are merged into the weights in order (models.lora: no cost per step); `config`, the
-        architecture of a single file that lacks it (models.loading.load)."""
+    def load(cls, source, dtype="fp32", device="cpu", vae=None, loras=(), config=None, embeddings=()):
+        """A single file, a diffusers folder (its scheduler config, model_index.json settings and tokenizers are
+        used) or a Hugging Face repo id; `vae` optionally replaces the model's VAE (a VAE file or diffusers vae/
+        folder); `loras`, a list of (file, scale), are merged into the weights in order (models.lora: no cost per
+        step); `config`, the architecture of a single file that lacks it (models.loading.load); `embeddings`,
+        textual-inversion files."""
         path = resolve(source)
         scheduler_config = read_folder_config(path)[1] if path.is_dir() else None
-        index = path / "model_index.json"  # a folder's pipeline settings (read_folder_config has checked it)
-        force_zeros = json.loads(index.read_text()).get("force_zeros_for_empty_prompt") if index.is_file() else None
+        options = pipeline_options(path) if path.is_dir() else {}
         model = load(path, dtype=dtype, device=device, vae=vae, config=config)
         for lora, scale in loras:
             merge_lora(model, resolve(lora), scale)
-        return cls(model, scheduler_config, force_zeros)
+        return cls(model, scheduler_config, tokenizers=load_tokenizers(path) if path.is_dir() else None,
+                   embeddings=embeddings, **options)
 
     @property
     def device(self):
@@ -144,47 +153,7 @@ class Pipeline:
     def conditioning(self, s: Settings):
         """(cond, uncond) as (context, y) pairs, batch num_images; uncond is None without guidance."""
         with self.on_device("text_encoder_1", "text_encoder_2"):
-            return self.encode_conditioning(s)
-
-    def edited_conditioning(self, s: Settings, calls, first_pass_steps=None):
-        """[(last denoiser call, cond, uncond)]: the conditioning while the call counter is <= its last call, for
-        AUTOMATIC1111's prompt editing over `calls` calls (one entry without editing; each text encoded once)."""
-        edit = lambda prompt: (prompt_schedule(prompt, calls, first_pass_steps) if s.prompt_weights  # noqa: E731
-                               else [(calls, prompt)])
-        positive = edit(s.prompt)
-        negative = edit(s.negative_prompt) if s.negative_prompt is not None else [(calls, None)]
-        encoded, edits = {}, []
-        for last in sorted({end for end, _ in positive} | {end for end, _ in negative}):
-            texts = (text_at(positive, last), text_at(negative, last))
-            if texts not in encoded:
-                encoded[texts] = self.conditioning(replace(s, prompt=texts[0], negative_prompt=texts[1]))
-            edits.append((last, *encoded[texts]))
-        return edits
-
-    def encode_conditioning(self, s: Settings):
-        B, refiner, weighted = s.num_images, self.is_refiner, s.prompt_weights
-        chunks = max(num_chunks(self.tokenizers, p, s.truncate_prompt, weighted) for p in [s.prompt, s.negative_prompt or ""])
-        # One prompt for the whole batch: encode it once, repeat it B times.
-        context, pooled = encode_prompts(self.model, self.tokenizers, [s.prompt], s.truncate_prompt, chunks, weighted)
-        context, pooled = context.repeat(B, 1, 1), pooled.repeat(B, 1)
-        sizes = (s.original_size or (s.height, s.width), s.crop_top_left, s.target_size or (s.height, s.width))
-        numbers = size_numbers(*sizes, s.aesthetic_score if refiner else None)
-        dim = self.model.config.unet.micro_cond_dim
-        cond = (context, vector_condition(pooled, numbers, dim))
-        if s.cfg <= 1 and canonical_sampler(s.sampler) not in CFG_PP:  # CFG++ steps with the negative at cfg 1 too
-            return cond, None
-        if s.negative_prompt is None and self.force_zeros:
-            # SDXL's force_zeros_for_empty_prompt: no negative prompt means zero conditioning,
-            # not the encoding of "" (AUTOMATIC1111 and ComfyUI encode "" instead).
-            neg_context, neg_pooled = torch.zeros_like(context), torch.zeros_like(pooled)
-        else:
-            neg_context, neg_pooled = encode_prompts(
-                self.model, self.tokenizers, [s.negative_prompt or ""], s.truncate_prompt, chunks, weighted)
-            neg_context, neg_pooled = neg_context.repeat(B, 1, 1), neg_pooled.repeat(B, 1)
-        if s.negative_original_size and s.negative_target_size:  # diffusers' rule: both, or the positive's
-            sizes = (s.negative_original_size, s.negative_crop_top_left, s.negative_target_size)
-        neg_numbers = size_numbers(*sizes, s.negative_aesthetic_score if refiner else None)
-        return cond, (neg_context, vector_condition(neg_pooled, neg_numbers, dim))
+            return encode_conditioning(self, s)
 
     def __call__(self, settings: Settings, refiner=None, progress=True, callback=None):
         """Generate settings.num_images images -> list of PIL images (image i uses seed + i).
@@ -245,7 +214,7 @@ class Pipeline:
         start, end = window(s, schedule, self.scheduler_config)
         sigmas = schedule.sigmas[start:end + 1]  # (n + 1,) the levels this stage runs through
         calls_per_step = 2 if name in SECOND_ORDER else 1  # prompt editing counts denoiser calls, as A1111
-        edits = self.edited_conditioning(s, s.steps * calls_per_step, first_pass_steps and first_pass_steps * calls_per_step)
+        edits = edited_conditioning(self, s, s.steps * calls_per_step, first_pass_steps and first_pass_steps * calls_per_step)
         B, channels = s.num_images, self.model.config.vae.z_channels
         shape = (channels, s.height // 8, s.width // 8)
 

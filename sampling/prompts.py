@@ -113,13 +113,34 @@ def parse_weights(prompt):
     return chunks
 
 
-def weighted_chunks(tokenizer, prompt, truncate=False, weighted=False):
+# ComfyUI's `embedding:name` (a file extension allowed), or a loaded embedding's bare name (AUTOMATIC1111's).
+_EMBEDDING = re.compile(r"(?<![\w-])embedding:([\w.-]+?)(?:\.safetensors|\.pt|\.bin)?(?![\w.-])", re.IGNORECASE)
+
+
+def with_embeddings(text, words):
+    """text with each `embedding:name` and each bare loaded name replaced by the embedding's tokens (words: {lowercased
+    name: "tok tok ..."}, from models.embeddings.load_embeddings). PromptError for an `embedding:name` not loaded."""
+    def named(m):
+        if m[1].lower() not in words:
+            raise PromptError(f"{m[0]!r}: no embedding named {m[1]!r} is loaded; pass --embeddings FILE_OR_FOLDER "
+                              + (f"(loaded: {', '.join(sorted(words))})" if words else "with it"))
+        return f" {words[m[1].lower()]} "
+    text = _EMBEDDING.sub(named, text)
+    if words:  # a bare name counts only when an embedding of that name is loaded, as in A1111
+        bare = re.compile(r"(?<![\w<:-])(" + "|".join(map(re.escape, words)) + r")(?![\w>:-])", re.IGNORECASE)
+        text = bare.sub(lambda m: f" {words[m[1].lower()]} ", text)
+    return text
+
+
+def weighted_chunks(tokenizer, prompt, truncate=False, weighted=False, embeddings=None):
     """One prompt -> list of (ids (77,), weights (77,)): BOS + <= 75 tokens + EOS + the tokenizer's pad,
-    and each position's weight (1 for BOS, EOS and pads). weighted=False reads the prompt literally."""
+    and each position's weight (1 for BOS, EOS and pads). weighted=False reads the prompt literally;
+    embeddings ({name: tokens}, see with_embeddings) are written in each piece after the weights are read."""
     chunks = []
     for segment in parse_weights(prompt) if weighted else [[(prompt, 1.0)]]:
         ids, weights = [], []
         for text, weight in segment:
+            text = with_embeddings(text, embeddings or {})
             tokens = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
             ids += tokens
             weights += [weight] * len(tokens)
@@ -145,13 +166,16 @@ def apply_weights(context, weights):
     return weighted * (context.mean() / weighted.mean())
 
 
-def encode_prompts(model, tokenizers, prompts, truncate=False, min_chunks=1, weighted=False):
-    """Prompts (list of B strings) -> context (B, 77 * chunks, C), pooled (B, P).
+def encode_prompts(model, tokenizers, prompts, truncate=False, min_chunks=1, weighted=False, embeddings=None,
+                   prompts_2=None):
+    """Prompts (list of B strings) -> context (B, 77 * chunks, C), pooled (B, P). prompts_2, if given, is what
+    the second tokenizer (bigG's) reads instead (diffusers' prompt_2); embeddings: see weighted_chunks.
 
     Every prompt of the batch is padded with empty chunks ("" encoded) up to the longest one, and to
     at least `min_chunks`, so that the conditional and unconditional batches can be stacked for CFG.
     """
-    per_tokenizer = [[weighted_chunks(t, p, truncate, weighted) for p in prompts] for t in tokenizers]
+    texts = [prompts, prompts if prompts_2 is None else prompts_2]
+    per_tokenizer = [[weighted_chunks(t, p, truncate, weighted, embeddings) for p in rows] for t, rows in zip(tokenizers, texts)]
     chunks = max(min_chunks, *(len(c) for rows in per_tokenizer for c in rows))
     empty = [weighted_chunks(t, "")[0] for t in tokenizers]
     # Each encoder's share of the context's channels and its tokenizer: [CLIP-L | bigG], or bigG alone.
@@ -172,5 +196,5 @@ def encode_prompts(model, tokenizers, prompts, truncate=False, min_chunks=1, wei
     return torch.cat(contexts, dim=1), pooled
 
 
-def num_chunks(tokenizers, prompt, truncate=False, weighted=False):
-    return max(len(weighted_chunks(t, prompt, truncate, weighted)) for t in tokenizers)
+def num_chunks(tokenizers, prompt, truncate=False, weighted=False, embeddings=None):
+    return max(len(weighted_chunks(t, prompt, truncate, weighted, embeddings)) for t in tokenizers)

@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from models.sdxl import SDXL_SCHEDULER_CONFIG
+from sampling.conditioning import check_embeds
 from sampling.images import UPSCALERS, as_image, default_size
 from sampling.names import SAMPLER_NAMES, SCHEDULE_NAMES, SPACED_SAMPLERS, WITH_ETA, canonical_sampler
 
@@ -30,6 +31,14 @@ class Settings:
 
     prompt: str
     negative_prompt: str | None = None  # None: zero negative conditioning; "": the empty prompt, encoded
+    prompt_2: str | None = None  # what bigG reads (diffusers' prompt_2); None: prompt
+    negative_prompt_2: str | None = None  # None: negative_prompt
+    # Precomputed conditioning instead of text (diffusers' prompt_embeds ...; Python only): context (1 or B, 77k, C)
+    # and pooled (1 or B, P) tensors, with prompt "" (sampling/conditioning.py).
+    prompt_embeds: object = None
+    pooled_prompt_embeds: object = None
+    negative_prompt_embeds: object = None
+    negative_pooled_prompt_embeds: object = None
     width: int | None = None  # None: the init image's size, else the model's (1024 for SDXL, 64 for plainxl-tiny)
     height: int | None = None
     steps: int = 28
@@ -178,6 +187,7 @@ def check(s: Settings, config, refiner_config=None):
     """ValueError, in one sentence with the fix, for settings the models `config` (and `refiner_config`, a
     refiner's SDXLConfig) cannot run. sampling.generate calls it before the weights load."""
     check_sampler(s)
+    check_embeds(s, config, refiner_config)
     ranges = [("strength", s.strength, "1 repaints the image fully"), ("hi-res strength", s.hires_strength, "e.g. 0.7")]
     for name, value, hint in ranges:
         if not (math.isfinite(value) and 0 < value <= 1):
