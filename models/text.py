@@ -234,7 +234,10 @@ class OpenCLIPTextEncoder(nn.Module):
         penultimate = x
         # Unlike CLIP-L, the last layer does run here: the pooled vector comes from its output.
         x = self.ln_final(last(x))
-        # The pooled feature sits at the EOS token: 49407 is the largest id and argmax returns the first
-        # occurrence, so this is the first EOS even where pads are also 49407 (bigG pads with 0).
-        eos = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]  # (B, W)
+        # The pooled feature sits at the EOS token: 49407 is the vocabulary's largest id and argmax returns the
+        # first occurrence, so this is the first EOS even where pads are also 49407 (bigG pads with 0). Tokens
+        # added after the vocabulary (textual inversion, models/embeddings.py) are passed over, as AUTOMATIC1111
+        # and ComfyUI pool at EOS; transformers' argmax would land on them (diffusers' pooled vector with one).
+        vocabulary = torch.where(tokens < self.config.vocab_size, tokens, -1)
+        eos = x[torch.arange(x.shape[0], device=x.device), vocabulary.argmax(dim=-1)]  # (B, W)
         return penultimate, eos @ self.text_projection  # (B, proj)

@@ -121,8 +121,13 @@ def parse_args(argv):
     p.add_argument("--vae", help="a VAE to use instead of the model's: a VAE .safetensors or a diffusers vae/ folder")
     p.add_argument("--lora", action="append", type=lora_arg, metavar="FILE[:SCALE]",
                    help="merge a LoRA file into the model (kohya, diffusers/PEFT, LoCon); repeatable; scale 1.0 by default")
+    p.add_argument("--embeddings", action="append", metavar="FILE_OR_FOLDER",
+                   help="textual-inversion embeddings (SDXL safetensors: clip_l and clip_g), written in prompts as "
+                        "embedding:name or name; repeatable")
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt", help="omit for zero negative conditioning; '' encodes the empty prompt")
+    p.add_argument("--prompt-2", help="what the second text encoder (bigG) reads (diffusers' prompt_2); default: --prompt")
+    p.add_argument("--negative-prompt-2", help="the same for the negative prompt; default: --negative-prompt")
     p.add_argument("--width", type=int, help="default: the size the model was trained at (1024 for SDXL)")
     p.add_argument("--height", type=int, help="default: the size the model was trained at (1024 for SDXL)")
     p.add_argument("--steps", type=int)
@@ -188,6 +193,7 @@ class Request:
     vae: str | None
     refiner: str | None
     loras: list  # (path, scale) pairs
+    embeddings: list  # --embeddings' files and folders
     interventions: list  # names, as --intervention takes them
     recorded_hash: str | None  # the PNG's Model hash, when the model is the PNG's (to say if it differs)
 
@@ -202,6 +208,7 @@ def request_from(args):
     from sampling.settings import Settings
 
     model, vae, refiner, loras, recorded = args.model, args.vae, args.refiner, args.lora, {}
+    embeddings = args.embeddings
     interventions = args.intervention
     if args.from_png:
         try:  # format rule: PIL by content; the settings are A1111's 'parameters' text chunk or ComfyUI's 'prompt'
@@ -217,6 +224,7 @@ def request_from(args):
             refiner = refiner or recorded.get("Refiner")
             loras = loras or recorded.get("Loras")
         interventions = interventions or recorded.get("Interventions")
+        embeddings = embeddings or recorded.get("Embeddings")
         try:
             for name in interventions or []:
                 check_name(name)
@@ -226,7 +234,8 @@ def request_from(args):
         if args.prompt is None:
             raise ValueError("--prompt is required (or --from-png FILE)")
         settings = Settings(prompt=args.prompt)
-    flags = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+    flags = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, prompt_2=args.prompt_2,
+                 negative_prompt_2=args.negative_prompt_2, width=args.width, height=args.height,
                  steps=args.steps, cfg=args.cfg, sampler=args.sampler, schedule=args.schedule, karras=args.karras,
                  eta=args.eta, s_noise=args.s_noise, gamma=args.gamma, spacing=args.spacing, pag_scale=args.pag_scale,
                  pag_layers=tuple(args.pag_layers) if args.pag_layers else None, apg=args.apg, apg_eta=args.apg_eta,
@@ -245,7 +254,8 @@ def request_from(args):
     if settings.seed == -1:
         settings = replace(settings, seed=secrets.randbelow(2**32))  # A1111's -1; the PNG records the seed drawn
     recorded_hash = recorded.get("Model hash") if model == recorded.get("Model") else None
-    return Request(settings, model or DEFAULT_MODEL, vae, refiner, loras or [], interventions or [], recorded_hash)
+    return Request(settings, model or DEFAULT_MODEL, vae, refiner, loras or [], embeddings or [], interventions or [],
+                   recorded_hash)
 
 
 def _multiple_of_8(name, v):

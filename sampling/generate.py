@@ -35,7 +35,7 @@ from pathlib import Path
 
 from sampling.arguments import check_settings, fail, parse_args, request_from
 from sampling.outputs import save_attention, save_next, save_taps
-from sampling.preflight import check_fits, check_instruments, check_loras, check_steps
+from sampling.preflight import check_embeddings, check_fits, check_instruments, check_loras, check_steps
 
 
 class Interrupts:
@@ -131,8 +131,10 @@ def prepare(args):
     LoadError (one sentence with the fix), OSError for a path that cannot be looked at."""
     from models.files import check_output
     from models.loading import check_device, inspect, model_hash, out_of_memory, resolve
+    from models.embeddings import embedding_hash
     from models.lora import addnet_hash
     from sampling.pnginfo import format_parameters
+    from sampling.prompts import used_embeddings
     from sampling.settings import check, with_output_size
 
     request = request_from(args)  # the PNG's, overridden by the flags (paths)
@@ -161,13 +163,14 @@ def prepare(args):
         resolve(vae)  # it exists (or is downloaded) before the big load
     loras = [(resolve(path), scale) for path, scale in request.loras]
     check_loras(info, loras)
+    embeddings = check_embeddings(info, refiner_info, request.embeddings, settings)
     opened = with_output_size(opened, info.config.unet)
     settings = replace(settings, width=opened.width, height=opened.height)
     check_steps(info, refiner_info, opened)
     check_fits(info, opened, args.dtype, device, refiner_info, args.offload)
     check_instruments(info, request.interventions, args.tap, args.tap_out, opened)
     try:
-        pipe, refiner_pipe = load_pipelines(args, info, refiner_info, vae, loras, device)
+        pipe, refiner_pipe = load_pipelines(args, info, refiner_info, vae, loras, embeddings, device)
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
@@ -177,22 +180,25 @@ def prepare(args):
     model_file_hash = model_hash(info.path) if info.path.is_file() else None
     refiner_hash = model_hash(refiner_info.path) if refiner and refiner_info.path.is_file() else None
     lora_records = [(path, scale, addnet_hash(path)) for path, scale in loras]
+    used = used_embeddings(settings, pipe.embeddings)  # A1111 records the embeddings a prompt uses
+    embedding_records = [(e.name, e.path, embedding_hash(e.path)) for e in pipe.embedding_files.values() if e.name.lower() in used]
     parameters = lambda seed: format_parameters(
         settings, seed, model, model_hash=model_file_hash, vae=vae, refiner=refiner, refiner_hash=refiner_hash,
-        loras=lora_records, interventions=request.interventions)
+        loras=lora_records, interventions=request.interventions, embeddings=embedding_records)
     return Job(settings, opened, pipe, refiner_pipe, device, attention_dir, request.interventions, parameters, model,
                model_file_hash, request.recorded_hash)
 
 
-def load_pipelines(args, info, refiner_info, vae, loras, device):
+def load_pipelines(args, info, refiner_info, vae, loras, embeddings, device):
     """The model's Pipeline and the refiner's (or None), set to run as the flags ask."""
     from sampling.pipeline import Pipeline
 
     home = "cpu" if args.offload else device  # with --offload the weights stay on the CPU between uses
-    pipe = Pipeline.load(info.path, dtype=args.dtype, device=home, vae=vae, loras=loras, config=args.config)
+    pipe = Pipeline.load(info.path, dtype=args.dtype, device=home, vae=vae, loras=loras, config=args.config,
+                         embeddings=embeddings)
     # --vae replaces both stages' VAE: the refiner decodes, and the PNG records one VAE.
-    refiner_pipe = (Pipeline.load(refiner_info.path, dtype=args.dtype, device=home, vae=vae, config=args.refiner_config)
-                    if refiner_info else None)
+    refiner_pipe = (Pipeline.load(refiner_info.path, dtype=args.dtype, device=home, vae=vae, config=args.refiner_config,
+                                  embeddings=embeddings) if refiner_info else None)
     for p in filter(None, (pipe, refiner_pipe)):  # ways to run that leave the images as they are
         p.cfg_mode, p.vae_tiling = args.cfg_mode, args.vae_tiling
         p.offload = device if args.offload else None

@@ -75,10 +75,11 @@ def _guidance_fields(s):
 
 
 def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, refiner=None, refiner_hash=None,
-                      loras=(), interventions=()):
+                      loras=(), interventions=(), embeddings=()):
     """`loras`: (path, scale, A1111 hash) of each LoRA merged into the model, written as A1111's `Lora hashes`
     (name: hash) and our `Loras` (the paths and scales, JSON, for --from-png); `interventions`: the names
-    sampling.generate --intervention took, as our `Interventions` (JSON)."""
+    sampling.generate --intervention took, as our `Interventions` (JSON); `embeddings`: (name, path, A1111
+    hash) of each embedding the prompts use, as A1111's `TI hashes` and our `Embeddings` (paths, JSON)."""
     lines = [s.prompt]
     if s.negative_prompt is not None:  # absent line = no negative prompt (zero conditioning)
         lines.append(f"{NEGATIVE} {s.negative_prompt}")
@@ -95,8 +96,14 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, 
     if loras:
         fields["Lora hashes"] = ", ".join(f"{Path(path).stem}: {digest}" for path, _, digest in loras)
         fields["Loras"] = json.dumps([[str(path), scale] for path, scale, _ in loras])
+    if embeddings:  # A1111 drops ':' and ',' from a name here
+        fields["TI hashes"] = ", ".join(f"{re.sub('[:,]', '', name)}: {digest}" for name, _, digest in embeddings)
+        fields["Embeddings"] = json.dumps([str(path) for _, path, _ in embeddings])
     if interventions:
         fields["Interventions"] = json.dumps(list(interventions))
+    for key, name in [("prompt_2", "Prompt 2"), ("negative_prompt_2", "Negative prompt 2")]:  # ours: diffusers'
+        if getattr(s, key) is not None:
+            fields[name] = getattr(s, key)
     if s.guidance_rescale:
         fields["Guidance rescale"] = s.guidance_rescale
     fields |= _guidance_fields(s)
@@ -217,6 +224,7 @@ def parse_parameters(text):
     width, height = _numbers(fields, "Size", 2, "x")
     settings = Settings(
         prompt="\n".join(prompt_lines), negative_prompt=negative, width=width, height=height,
+        prompt_2=fields.get("Prompt 2"), negative_prompt_2=fields.get("Negative prompt 2"),
         steps=_numbers(fields, "Steps", 1, None), cfg=_numbers(fields, "CFG scale", 1, None, float, 5.0),
         **_sampling_settings(fields), guidance_rescale=_numbers(fields, "Guidance rescale", 1, None, float, 0.0),
         seed=_numbers(fields, "Seed", 1, None), original_size=hw("Original size"),
@@ -249,6 +257,11 @@ def parse_parameters(text):
             recorded["Loras"] = [(str(path), float(scale)) for path, scale in loras]
         except (ValueError, TypeError):
             raise ValueError("its 'Loras:' value is not a list of [path, scale]") from None
+    if "Embeddings" in fields:
+        try:
+            recorded["Embeddings"] = [str(path) for path in json.loads(fields["Embeddings"])]
+        except (ValueError, TypeError):
+            raise ValueError("its 'Embeddings:' value is not a list of paths") from None
     if "Interventions" in fields:
         try:
             recorded["Interventions"] = [str(name) for name in json.loads(fields["Interventions"])]

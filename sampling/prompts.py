@@ -132,6 +132,12 @@ def with_embeddings(text, words):
     return text
 
 
+def used_embeddings(s, words):
+    """The lowercased names of the loaded embeddings that the settings' prompts write."""
+    texts = [s.prompt, s.negative_prompt, s.prompt_2, s.negative_prompt_2]
+    return {name for name, tokens in words.items() for text in texts if text and tokens in with_embeddings(text, words)}
+
+
 def weighted_chunks(tokenizer, prompt, truncate=False, weighted=False, embeddings=None):
     """One prompt -> list of (ids (77,), weights (77,)): BOS + <= 75 tokens + EOS + the tokenizer's pad,
     and each position's weight (1 for BOS, EOS and pads). weighted=False reads the prompt literally;
@@ -144,12 +150,27 @@ def weighted_chunks(tokenizer, prompt, truncate=False, weighted=False, embedding
             tokens = tokenizer(text, add_special_tokens=False, truncation=False).input_ids
             ids += tokens
             weights += [weight] * len(tokens)
-        chunks += [(ids[i:i + CHUNK], weights[i:i + CHUNK]) for i in range(0, len(ids), CHUNK)] or [([], [])]
+        cuts = window_starts(tokenizer, ids) + [len(ids)]
+        chunks += [(ids[a:b], weights[a:b]) for a, b in zip(cuts, cuts[1:])] or [([], [])]
     if truncate:
         chunks = chunks[:1]
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     return [(torch.tensor([bos, *ids, eos] + [pad] * (CHUNK - len(ids))),
              torch.tensor([1.0, *weights, 1.0] + [1.0] * (CHUNK - len(ids)))) for ids, weights in chunks]
+
+
+def window_starts(tokenizer, ids):
+    """Where each 75-token window of ids starts. An embedding's tokens stay in one window: one that would
+    cross the end starts the next window, as in AUTOMATIC1111 (its first token is `<name:0>`)."""
+    run_start = []  # for each position, where its embedding's tokens start (itself for a vocabulary token)
+    for i, token in enumerate(tokenizer.convert_ids_to_tokens(ids)):
+        inside = i > 0 and ids[i] >= tokenizer.vocab_size and not token.endswith(":0>")
+        run_start.append(run_start[-1] if inside else i)
+    starts = [0]
+    while starts[-1] + CHUNK < len(ids):
+        end = starts[-1] + CHUNK
+        starts.append(run_start[end] if run_start[end] > starts[-1] else end)
+    return starts
 
 
 def token_chunks(tokenizer, prompt, truncate=False, weighted=False):
