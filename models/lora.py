@@ -22,7 +22,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from models import keys
+from models import keys, lycoris
 from models.files import LoadError, atomic_file, open_safetensors, read_tensors
 from models.single_file import check_finite
 from models.text import Projection
@@ -32,7 +32,6 @@ SUFFIXES = {  # tensor-name ending -> (format, part)
     ".lora_A.weight": ("peft", "down"), ".lora_B.weight": ("peft", "up"),
     ".lora.down.weight": ("diffusers", "down"), ".lora.up.weight": ("diffusers", "up"),
 }
-LYCORIS = {".hada_w1_a": "LoHa", ".lokr_w1": "LoKr", ".lokr_w1_a": "LoKr", ".oft_blocks": "OFT", ".dora_scale": "DoRA"}
 
 
 KOHYA_TARGETS = (  # kohya's default SDXL set (networks/lora.py): transformer blocks; text encoders' attention and MLP
@@ -97,29 +96,45 @@ def targets(model):
     return out
 
 
+ENDINGS = sorted({**{e: (None if part == "alpha" else "LoRA", part) for e, (_, part) in SUFFIXES.items()},
+                  **lycoris.PARTS}.items(), key=lambda item: -len(item[0]))  # the longest ending first
+REQUIRED = {"LoRA": [("down",), ("up",)], "LoHa": [("w1a",), ("w1b",), ("w2a",), ("w2b",)],
+            "LoKr": [("w1", "w1a"), ("w2", "w2a")], "OFT": [("blocks",)], "IA3": [("ia3",)], "Full": [("diff",)]}
+
+
 def read_lora(path):
-    """A LoRA file -> {module name: {"down", "up", "alpha"?}}, or LoadError naming what is wrong with it."""
+    """A LoRA or LyCORIS file -> {module name: {"kind": "LoRA" | "LoHa" | ..., part: tensor}} (models/lycoris.py
+    names the parts), or LoadError naming what is wrong with it."""
     with open_safetensors(path) as f:  # refuses pickles and damaged headers in one line
         names = list(f.keys())
     tensors = dict(read_tensors(path, names, torch.float32))
-    groups = {}
+    groups, kinds = {}, {}
     for key, tensor in tensors.items():
-        for ending, name in LYCORIS.items():
-            if ending in key:
-                raise LoadError(f"{path} is a {name} (LyCORIS) file, not a LoRA; only LoRA and LoCon load here")
-        match = next(((ending, part) for ending, (_, part) in SUFFIXES.items() if key.endswith(ending)), None)
+        unsupported = next((kind for ending, kind in lycoris.UNSUPPORTED.items() if key.endswith(ending)), None)
+        if unsupported:
+            raise LoadError(f"{path} is a {unsupported} file (LyCORIS), which plainxl does not load; LoRA, LoCon, "
+                            "LoHa, LoKr, DoRA, OFT, BOFT, IA3 and full-diff files load")
+        match = next(((ending, kind_part) for ending, kind_part in ENDINGS if key.endswith(ending)), None)
+        if match is None and key.endswith(".weight") and key.removesuffix(".weight") + ".on_input" in tensors:
+            match = (".weight", ("IA3", "ia3"))  # IA3's scaling vector: a bare .weight beside .on_input
         if match is None:
-            raise LoadError(f"{path}: tensor {key!r} is not part of a LoRA (no .lora_down/.lora_up, lora_A/lora_B "
-                            "or .alpha); is it a LoRA file?")
+            raise LoadError(f"{path}: tensor {key!r} is not part of a LoRA or LyCORIS module (no .lora_down/.lora_up, "
+                            "lora_A/lora_B, .hada_/.lokr_/.oft_ factors, .diff or .alpha); is it a LoRA file?")
         module = key[:-len(match[0])].removeprefix("base_model.model.")
         module = re.sub(r"\.processor\.(to_\w+)_lora$", r".\1", module)  # diffusers' oldest attention-processor names
-        groups.setdefault(module, {})[match[1]] = tensor
+        groups.setdefault(module, {})[match[1][1]] = tensor
+        kinds.setdefault(module, set()).update({match[1][0]} - {None})
     for module, parts in groups.items():
-        if "down" not in parts or "up" not in parts:
-            raise LoadError(f"{path}: {module} has no {'up' if 'down' in parts else 'down'} matrix; the file is damaged")
-        if not (parts["down"].is_floating_point() and parts["up"].is_floating_point()):
-            raise LoadError(f"{path}: {module} is stored as {parts['down'].dtype}/{parts['up'].dtype}, not as floating "
-                            "point numbers; the file is damaged")
+        kind = kinds[module].pop() if len(kinds[module]) == 1 else None
+        if kind is None:
+            raise LoadError(f"{path}: {module} has {'no adapter' if not kinds[module] else 'the tensors of ' + ' and '.join(sorted(kinds[module]))}"
+                            "; the file is damaged")
+        missing = [need[0] for need in REQUIRED[kind] if not any(n in parts for n in need)]
+        if missing:
+            raise LoadError(f"{path}: {module} ({kind}) has no {missing[0]} tensor; the file is damaged")
+        if not all(t.is_floating_point() for name, t in parts.items() if name not in ("on_input", "alpha")):
+            raise LoadError(f"{path}: {module} is not stored as floating point numbers; the file is damaged")
+        parts["kind"] = "BOFT" if kind == "OFT" and parts["blocks"].ndim == 4 else kind
     return groups
 
 
@@ -151,23 +166,44 @@ def merge_lora(model, path, scale=1.0, apply=True):
     if unmatched and apply:  # (the check before the load stays quiet: one warning per LoRA, not two)
         print(f"warning: {path}: {len(unmatched)} of its {len(groups)} modules match none of this model's and are "
               f"left out, e.g. {', '.join(unmatched[:3])}", file=sys.stderr)
-    deltas = []
+    updates = []  # (param, rows, the new weight or None, the delta or None)
     for module, parts in ((m, p) for m, p in groups.items() if m in names):
         param, rows = names[module]
-        down, up = parts["down"], parts["up"]
-        rank = down.shape[0]
-        alpha = float(parts["alpha"]) if "alpha" in parts else rank
         target = param[rows] if rows is not None else param
-        delta = (up.flatten(1) @ down.flatten(1)) * (scale * alpha / rank)  # (out, in * k * k)
-        if delta.numel() != target.numel() or delta.shape[0] != target.shape[0]:
-            raise LoadError(f"{path}: {module} changes a {tuple(delta.shape)} weight but this model's is "
-                            f"{tuple(target.shape)}; the LoRA is for another model family")
-        deltas.append((param, rows, delta.reshape(target.shape)))
+        plain = parts["kind"] == "LoRA" and not {"mid", "dora_scale", "magnitude"} & set(parts)
+        if plain:  # W + scale * (alpha / rank) * up @ down
+            down, up = parts["down"], parts["up"]
+            rank = down.shape[0]
+            alpha = float(parts["alpha"]) if "alpha" in parts else rank
+            delta = (up.flatten(1) @ down.flatten(1)) * (scale * alpha / rank)  # (out, in * k * k)
+            fits = delta.numel() == target.numel() and delta.shape[0] == target.shape[0]
+        else:  # LyCORIS (and LoCon's Tucker, DoRA): the new weight itself
+            try:
+                new = lycoris.merged_weight(parts["kind"], parts, target.detach().float().cpu(), scale)
+                fits = new.shape == target.shape
+            except RuntimeError:  # factors that do not multiply out to this weight's shape
+                fits, new = False, None
+        if not fits:
+            raise LoadError(f"{path}: {module} ({parts['kind']}) does not fit this model's {tuple(target.shape)} weight; "
+                            "the file is for another model family")
+        updates.append((param, rows, None if plain else new, delta.reshape(target.shape) if plain else None))
+        if "diff_b" in parts:
+            bias = biases(model)[param]
+            updates.append((bias, rows, None, scale * parts["diff_b"]))
     with torch.no_grad():
-        for param, rows, delta in deltas if apply else ():
+        for param, rows, new, delta in updates if apply else ():
             view = param[rows] if rows is not None else param
-            view.copy_((view.float() + delta.to(param.device)).to(param.dtype))
+            view.copy_((new.to(param.device) if new is not None else view.float() + delta.to(param.device)).to(param.dtype))
     return len(groups) - len(unmatched)
+
+
+def biases(model):
+    """{weight: its bias} over every site (bigG's fused projection: in_proj_bias, rows as its weight's)."""
+    out = {}
+    for official, module, weight, _ in sites(model):
+        owner = model.get_submodule(official.removesuffix(".in_proj")) if isinstance(module, Projection) else module
+        out[weight] = owner.in_proj_bias if isinstance(module, Projection) else module.bias
+    return out
 
 
 # ----------------------------------------------------------------------------- training: adapters and export
