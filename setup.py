@@ -24,6 +24,6 @@ setup(
         # nbclient, nbformat and ipykernel execute the notebooks in the test suite; hypothesis draws damaged files; ruff is the linter .ci/run runs.
         # k-diffusion (the samplers' oracle) is installed by .ci/run with --no-deps: its own dependencies pull torchvision.
         "test": ["pytest", "hypothesis", "ruff", "diffusers==0.42.1", "peft", "accelerate", "nbclient", "nbformat", "ipykernel",
-                 "torchdiffeq", "scipy"],  # k-diffusion's sampling.py imports them (it is installed with --no-deps)
+                 "torchdiffeq", "scipy", "lycoris-lora==4.1.3"],  # lycoris-lora: tests/test_lycoris.py; k-diffusion's sampling.py imports them (it is installed with --no-deps)
     },
 )
