@@ -129,9 +129,9 @@ class Job:
 def prepare(args):
     """Every check, each before anything it guards is read, then the load -> Job. Raises ValueError or
     LoadError (one sentence with the fix), OSError for a path that cannot be looked at."""
+    from models.embeddings import embedding_hash
     from models.files import check_output
     from models.loading import check_device, inspect, model_hash, out_of_memory, resolve
-    from models.embeddings import embedding_hash
     from models.lora import addnet_hash
     from sampling.pnginfo import format_parameters
     from sampling.prompts import used_embeddings

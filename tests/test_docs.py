@@ -119,7 +119,7 @@ def test_the_docs_hold_commands():
     """The check below has something to check: the pages name every command the project has."""
     named = {module for page in PAGES for module, _ in commands(page)}
     assert {"sampling.generate", "sampling.ablate", "train.dreambooth", "models.convert", "models.init",
-            "data.evaluate", "train.demo"} <= named, named
+            "data.evaluate", "train.demo", "models.merge"} <= named, named
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
@@ -132,7 +132,11 @@ def test_commands_name_modules_and_flags_that_exist(page):
         if importlib.util.find_spec(module) is None:
             wrong.append(f"python -m {module}: no such module")
             continue
-        known = set(parser_of(module)._option_string_actions) if module != "train.dreambooth" else set()
+        parser = parser_of(module) if module != "train.dreambooth" else None
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None) if parser else None
+        if sub is not None and args and args[0] in sub.choices:  # a subcommand's own flags (models.merge sum ...)
+            parser = sub.choices[args[0]]
+        known = set(parser._option_string_actions) if parser else set()
         for flag in flags(args):
             if flag not in known and not (module in TRAINER and flag[2:] in fields_):
                 wrong.append(f"python -m {module} {flag}: no such flag")

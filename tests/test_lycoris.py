@@ -46,9 +46,7 @@ def model():
 
 def standalone(model, official, rows):
     """A copy of the site's layer on its own (a conv without padding, so one-hot k x k images read its weight)."""
-    for name, module, weight, paths in sites(model):
-        if name == official:
-            break
+    _, module, weight, paths = next(site for site in sites(model) if site[0] == official)
     path = next(p for p, r in paths if rows is None or p.endswith(f"{rows}_proj"))
     rows = next(r for p, r in paths if p == path)
     if isinstance(module, torch.nn.Conv2d):
@@ -87,7 +85,7 @@ def test_each_kind_equals_the_packages_forward_pass(model, tmp_path, kind, scale
     cls, keywords = KINDS[kind]
     tensors, expected = {}, {}
     generator = torch.Generator().manual_seed(1)
-    for label, (official, rows) in SITES.items():
+    for official, rows in SITES.values():
         name, layer, (weight, rows) = standalone(model, official, rows)
         adapter = getattr(modules, cls)(name, layer, scale, **keywords).eval()
         if kind == "full":
@@ -102,7 +100,7 @@ def test_each_kind_equals_the_packages_forward_pass(model, tmp_path, kind, scale
                 adapter.dora_scale.mul_(1 + 0.1 * torch.rand(adapter.dora_scale.shape, generator=generator))
         state = {k: v for k, v in adapter.state_dict().items() if not k.startswith("org_")}
         tensors |= {f"{name}.{k}": v.detach().clone().contiguous() for k, v in state.items()}
-        expected[name] = (weight, rows, *effective(layer, adapter), layer)
+        expected[name] = (weight, rows, *effective(layer, adapter))
     file = tmp_path / f"{kind.replace(' ', '_')}.safetensors"
     save_file(tensors, str(file))
     merged = SDXL(TINY)
@@ -110,7 +108,7 @@ def test_each_kind_equals_the_packages_forward_pass(model, tmp_path, kind, scale
     assert merge_lora(merged, file, scale) == len(expected)
     original = {id(p): n for n, p in model.named_parameters()}
     params = dict(merged.named_parameters())
-    for name, (weight, rows, want, want_bias, layer) in expected.items():
+    for name, (weight, rows, want, want_bias) in expected.items():
         weight_name = original[id(weight)]
         got = params[weight_name]
         got = got[rows] if rows is not None else got
