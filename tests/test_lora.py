@@ -134,7 +134,7 @@ def test_bad_lora_files_are_one_clear_error(files, tmp_path):
         "sd15 shapes": ({"lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 768),
                          "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(64, 4)},
                         "for another model family"),
-        "loha": ({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, "LoHa (LyCORIS)"),
+        "loha without its second factor": ({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, "(LoHa) has no w1b"),
         "not a lora": ({"model.diffusion_model.out.2.weight": torch.zeros(2)}, "is not part of a LoRA"),
     }
     for name, (tensors, message) in cases.items():
