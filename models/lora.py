@@ -181,7 +181,7 @@ def merge_lora(model, path, scale=1.0, apply=True):
             try:
                 new = lycoris.merged_weight(parts["kind"], parts, target.detach().float().cpu(), scale)
                 fits = new.shape == target.shape
-            except RuntimeError:  # factors that do not multiply out to this weight's shape
+            except (RuntimeError, ValueError, IndexError, ZeroDivisionError):  # factors that do not make this weight
                 fits, new = False, None
         if not fits:
             raise LoadError(f"{path}: {module} ({parts['kind']}) does not fit this model's {tuple(target.shape)} weight; "
