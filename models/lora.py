@@ -12,12 +12,14 @@ every weight a LoRA can change with the names files give it, and `targets(model)
 name to it. Training adds `LoRA` modules as forward hooks, so the model keeps the checkpoint's names.
 """
 
+import argparse
 import fnmatch
 import hashlib
 import json
 import math
 import re
 import sys
+from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
@@ -138,6 +140,21 @@ def read_lora(path):
     return groups
 
 
+def lora_arg(text):
+    """'FILE[:SCALE]' -> (FILE, SCALE), scale 1.0 when absent (a colon inside a path is left alone); an argparse
+    type for every command line that takes LoRAs."""
+    path, colon, scale = text.rpartition(":")
+    if not colon or Path(text).exists() or "/" in scale or "\\" in scale:
+        return text, 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r}: the scale {scale!r} is not a number; write FILE:0.8")
+    return path, value
+
+
 def addnet_hash(path):
     """AUTOMATIC1111's LoRA hash (its `Lora hashes`): sha256 of the file after the safetensors header, 12 hex digits."""
     digest = hashlib.sha256()
@@ -167,6 +184,7 @@ def merge_lora(model, path, scale=1.0, apply=True):
         print(f"warning: {path}: {len(unmatched)} of its {len(groups)} modules match none of this model's and are "
               f"left out, e.g. {', '.join(unmatched[:3])}", file=sys.stderr)
     updates = []  # (param, rows, the new weight or None, the delta or None)
+    bias_of = biases(model) if any("diff_b" in parts for parts in groups.values()) else {}
     for module, parts in ((m, p) for m, p in groups.items() if m in names):
         param, rows = names[module]
         target = param[rows] if rows is not None else param
@@ -187,9 +205,8 @@ def merge_lora(model, path, scale=1.0, apply=True):
             raise LoadError(f"{path}: {module} ({parts['kind']}) does not fit this model's {tuple(target.shape)} weight; "
                             "the file is for another model family")
         updates.append((param, rows, None if plain else new, delta.reshape(target.shape) if plain else None))
-        if "diff_b" in parts:
-            bias = biases(model)[param]
-            updates.append((bias, rows, None, scale * parts["diff_b"]))
+        if "diff_b" in parts:  # full-diff's bias difference
+            updates.append((bias_of[param], rows, None, scale * parts["diff_b"]))
     with torch.no_grad():
         for param, rows, new, delta in updates if apply else ():
             view = param[rows] if rows is not None else param

@@ -134,6 +134,8 @@ def merged_weight(kind, p, weight, scale):
         norm = merged.reshape(shape[0], -1).norm(dim=1).reshape(-1, *[1] * (len(shape) - 1))
         return merged * (p["magnitude"].reshape(norm.shape) / norm)
     if "dora_scale" in p:
-        return weight_decompose(weight, s * delta, p["dora_scale"].reshape(-1, *[1] * (len(shape) - 1))
-                                if p["dora_scale"].shape[0] == shape[0] else p["dora_scale"], scale)
+        magnitude = p["dora_scale"]  # (out, 1, ...) or (1, in, ...) as LyCORIS saves it; a bare (out,) per output row
+        if magnitude.shape[0] == shape[0]:
+            magnitude = magnitude.reshape(-1, *[1] * (len(shape) - 1))
+        return weight_decompose(weight, s * delta, magnitude, scale)
     return weight + scale * s * delta

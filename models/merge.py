@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from models.files import LoadError, atomic_file, check_destination, model_hash
+from models.lora import lora_arg
 
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -206,11 +207,6 @@ def low_rank(difference, rank, energy):
     return U[:, :rank] * S[:rank], Vh[:rank]
 
 
-def lora_arg(text):
-    path, _, scale = text.rpartition(":") if text.rpartition(":")[2].replace(".", "").lstrip("-").isdigit() else (text, "", "1")
-    return Path(path), float(scale)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m models.merge", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -221,7 +217,7 @@ def main(argv=None):
         p.add_argument("--blocks", help="20 comma-separated weights: BASE, IN00-IN08, M00, OUT00-OUT08 (supermerger's)")
     p = commands.add_parser("bake")
     p.add_argument("models", nargs=1, type=Path)
-    p.add_argument("--lora", action="append", type=lora_arg, required=True, metavar="FILE[:SCALE]")
+    p.add_argument("--lora", action="append", type=lora_arg, required=True, metavar="FILE[:SCALE]")  # as generate's
     p = commands.add_parser("extract")
     p.add_argument("models", nargs=2, type=Path, metavar=("BASE", "TUNED"))
     p.add_argument("--rank", type=int)
@@ -232,7 +228,7 @@ def main(argv=None):
         p.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     try:
-        for path in args.models + [lora for lora, _ in getattr(args, "lora", None) or []]:
+        for path in args.models + [Path(lora) for lora, _ in getattr(args, "lora", None) or []]:
             if not path.is_file() or path.suffix != ".safetensors":
                 raise LoadError(f"{path} is not a .safetensors file; merges read official single files (convert a "
                                 "diffusers folder with python -m models.convert)")

@@ -59,17 +59,11 @@ def float_pair(text):
 
 
 def lora_arg(text):
-    """'FILE[:SCALE]' -> (FILE, SCALE), scale 1.0 when absent (a colon inside a path is left alone)."""
-    path, colon, scale = text.rpartition(":")
-    if not colon or Path(text).exists() or "/" in scale or "\\" in scale:
-        return text, 1.0
-    try:
-        value = float(scale)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r}: the scale {scale!r} is not a number; write FILE:0.8")
-    return path, value
+    """--lora's FILE[:SCALE] (models.lora.lora_arg, which python -m models.merge bake reads too; imported here, not
+    at the top: it brings torch, which a command that refuses its flags before any work should not pay)."""
+    from models.lora import lora_arg as read
+
+    return read(text)
 
 
 def intervention_arg(text):

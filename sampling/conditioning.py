@@ -41,10 +41,15 @@ def edited_conditioning(pipe, s, calls, first_pass_steps=None):
     return edits
 
 
+def pooled_width(config):
+    """The size of bigG's pooled vector: its projection's, else its width."""
+    return config.text_encoder_2.projection_dim or config.text_encoder_2.width
+
+
 def check_micro_conditioning(config, requires_aesthetics_score):
     """The UNet's vector input fits the micro-conditioning numbers: 6 (sizes) or 5 (an aesthetic score last)."""
     numbers = 5 if requires_aesthetics_score else 6
-    width = (config.text_encoder_2.projection_dim or config.text_encoder_2.width) + numbers * config.unet.micro_cond_dim
+    width = pooled_width(config) + numbers * config.unet.micro_cond_dim
     if width != config.unet.adm_in_channels:
         raise LoadError(f"the UNet takes a {config.unet.adm_in_channels}-wide vector condition, but with "
                         f"requires_aesthetics_score={str(requires_aesthetics_score).lower()} it would get {width}; "
@@ -65,7 +70,7 @@ def check_embeds(s, config, refiner_config=None):
     pairs = [("prompt_embeds", s.prompt_embeds, s.pooled_prompt_embeds, s.prompt or s.prompt_2),
              ("negative_prompt_embeds", s.negative_prompt_embeds, s.negative_pooled_prompt_embeds,
               s.negative_prompt or s.negative_prompt_2)]
-    widths = (config.unet.context_dim, config.text_encoder_2.projection_dim or config.text_encoder_2.width)
+    widths = (config.unet.context_dim, pooled_width(config))
     for name, context, pooled, text in pairs:
         if context is None and pooled is None:
             continue
