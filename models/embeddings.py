@@ -85,16 +85,22 @@ def encoder_widths(config):
     return {"clip_l": config.text_encoder_1.width if config.text_encoder_1 else None, "clip_g": config.text_encoder_2.width}
 
 
-def load_embeddings(model, tokenizers, paths):
-    """Read each file and add it to the model and its tokenizers -> {name: Embedding}, and the tokens each name
-    becomes, {lowercased name: "tok tok ..."} (what sampling.prompts writes in its place)."""
+def read_embeddings(paths, widths):
+    """Each file read (read_embedding) -> {lowercased name: Embedding}; LoadError for two of one name, in any case
+    (a prompt's names are matched in any case)."""
     embeddings = {}
     for path in paths:
-        embedding = read_embedding(path, encoder_widths(model.config))
-        if embedding.name.lower() in {name.lower() for name in embeddings}:
-            raise LoadError(f"two embeddings are named {embedding.name!r} ({embeddings[embedding.name].path} and "
-                            f"{path}); rename one")
-        embeddings[embedding.name] = embedding
+        embedding = read_embedding(path, widths)
+        twin = embeddings.setdefault(embedding.name.lower(), embedding)
+        if twin is not embedding:
+            raise LoadError(f"two embeddings are named {embedding.name!r} ({twin.path} and {path}); rename one")
+    return embeddings
+
+
+def load_embeddings(model, tokenizers, paths):
+    """Read each file and add it to the model and its tokenizers -> {lowercased name: Embedding}, and the tokens
+    each name becomes, {lowercased name: "tok tok ..."} (what sampling.prompts writes in its place)."""
+    embeddings = read_embeddings(paths, encoder_widths(model.config))
     return embeddings, add_tokens(model, tokenizers, embeddings.values())
 
 
@@ -107,7 +113,8 @@ def add_tokens(model, tokenizers, embeddings):
     for embedding in embeddings:
         tokens = [f"<{embedding.name.lower()}:{i}>" for i in range(embedding.count)]
         for tokenizer, table, key in zip(tokenizers, tables, SDXL_KEYS):
-            if len(tokenizer) != (table.num_embeddings if table is not None else len(tokenizers[1])):
+            # (a refiner's first tokenizer has no encoder: it gets the tokens only, so both tokenize alike)
+            if table is not None and len(tokenizer) != table.num_embeddings:
                 raise LoadError(f"the tokenizer has {len(tokenizer)} tokens but the text encoder {table.num_embeddings}"
                                 "; they are not a pair")
             tokenizer.add_tokens(tokens)

@@ -22,9 +22,9 @@ def load_tokenizers(folder=None):
     from transformers import CLIPTokenizer
 
     if folder is not None and (Path(folder) / "tokenizer_2").is_dir():
-        tokenizer_2 = CLIPTokenizer.from_pretrained(Path(folder) / "tokenizer_2")
-        first = Path(folder) / "tokenizer"
-        return CLIPTokenizer.from_pretrained(first) if first.is_dir() else tokenizer_2, tokenizer_2
+        first, second = Path(folder) / "tokenizer", Path(folder) / "tokenizer_2"
+        # Two objects even for a refiner: a pipeline adds its embeddings' tokens to each tokenizer once.
+        return CLIPTokenizer.from_pretrained(first if first.is_dir() else second), CLIPTokenizer.from_pretrained(second)
 
     special = dict(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     # tokenizer_1 (CLIP ViT-L) pads with <|endoftext|> (id 49407).

@@ -181,7 +181,8 @@ def prepare(args):
     refiner_hash = model_hash(refiner_info.path) if refiner and refiner_info.path.is_file() else None
     lora_records = [(path, scale, addnet_hash(path)) for path, scale in loras]
     used = used_embeddings(settings, pipe.embeddings)  # A1111 records the embeddings a prompt uses
-    embedding_records = [(e.name, e.path, embedding_hash(e.path)) for e in pipe.embedding_files.values() if e.name.lower() in used]
+    embedding_records = [(e.name, e.path, embedding_hash(e.path)) for name, e in pipe.loaded_embeddings.items()
+                         if name in used]
     parameters = lambda seed: format_parameters(
         settings, seed, model, model_hash=model_file_hash, vae=vae, refiner=refiner, refiner_hash=refiner_hash,
         loras=lora_records, interventions=request.interventions, embeddings=embedding_records)

@@ -87,8 +87,8 @@ class Pipeline:
             model.vae.float()
         self.tokenizers = tokenizers or load_tokenizers()
         check_tokenizers(model, self.tokenizers)
-        # Textual inversion: {name: Embedding}, and the tokens each name is written as in a prompt.
-        self.embedding_files, self.embeddings = load_embeddings(model, self.tokenizers, embeddings)
+        # Textual inversion: {lowercased name: Embedding}, and the tokens each name is written as in a prompt.
+        self.loaded_embeddings, self.embeddings = load_embeddings(model, self.tokenizers, embeddings)
         # A folder's own scheduler config if it has one, else the one the model was trained with (v-pred aware).
         self.scheduler_config = scheduler_config or models_scheduler_config(model.config)
 

@@ -31,13 +31,12 @@ def check_steps(info, refiner_info, s):
 def check_embeddings(info, refiner_info, paths, s):
     """--embeddings' files, each read and checked against the models' encoder widths, and the prompts' names
     against them, before the load -> the files."""
-    from models.embeddings import embedding_files, encoder_widths, read_embedding
+    from models.embeddings import embedding_files, encoder_widths, read_embeddings
     from sampling.prompts import with_embeddings
 
     files = [file for path in paths for file in embedding_files(path)]
-    names = {}
     for config in filter(None, (info.config, refiner_info and refiner_info.config)):
-        names = {read_embedding(file, encoder_widths(config)).name.lower(): "" for file in files}
+        names = dict.fromkeys(read_embeddings(files, encoder_widths(config)), "")  # (the tokens do not matter here)
     for text in (s.prompt, s.negative_prompt, s.prompt_2, s.negative_prompt_2):
         with_embeddings(text or "", names)  # an embedding:name that is not loaded: PromptError
     return files

@@ -127,15 +127,17 @@ def with_embeddings(text, words):
         return f" {words[m[1].lower()]} "
     text = _EMBEDDING.sub(named, text)
     if words:  # a bare name counts only when an embedding of that name is loaded, as in A1111
-        bare = re.compile(r"(?<![\w<:-])(" + "|".join(map(re.escape, words)) + r")(?![\w>:-])", re.IGNORECASE)
+        # (not inside the tokens written above, `<name:0>`; a colon after it is a weight, `(name:1.2)`, or text)
+        bare = re.compile(r"(?<![\w<-])(" + "|".join(map(re.escape, words)) + r")(?![\w>-])", re.IGNORECASE)
         text = bare.sub(lambda m: f" {words[m[1].lower()]} ", text)
     return text
 
 
 def used_embeddings(s, words):
     """The lowercased names of the loaded embeddings that the settings' prompts write."""
-    texts = [s.prompt, s.negative_prompt, s.prompt_2, s.negative_prompt_2]
-    return {name for name, tokens in words.items() for text in texts if text and tokens in with_embeddings(text, words)}
+    written = " ".join(with_embeddings(text, words) for text in (s.prompt, s.negative_prompt, s.prompt_2,
+                                                                   s.negative_prompt_2) if text)
+    return {name for name, tokens in words.items() if tokens.split()[0] in written}
 
 
 def weighted_chunks(tokenizer, prompt, truncate=False, weighted=False, embeddings=None):

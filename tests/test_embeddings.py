@@ -4,6 +4,7 @@ on the same file (both encoders), `embedding:name` and a bare name read alike, a
 one line before the load."""
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from models.diffusers_layout import save_diffusers
 from models.embeddings import embedding_hash
 from models.tokenizer import load_tokenizers
 from sampling.pipeline import Pipeline, Settings
-from sampling.prompts import weighted_chunks
+from sampling.prompts import used_embeddings, weighted_chunks, with_embeddings
 
 QUICK = ["--steps", "3", "--sampler", "euler", "--seed", "5", "--width", "64", "--height", "48"]
 
@@ -78,6 +79,31 @@ def test_an_embedding_stays_in_one_window():
     assert first[76] == 49407 and first.count(2368) == 37, "the first window lost its tokens"
     weights = chunks[1][1].tolist()
     assert weights[1:4] == [1.0] * 3 and weights[5:8] == pytest.approx([1.5] * 3), "weights reach every vector"
+
+
+def test_weighted_edited_and_literal_names_are_read_and_recorded():
+    """A bare name followed by a weight, in prompt editing, or in a literal prompt (--no-prompt-weights) is the
+    embedding, as A1111 matches its tokens; each counts as used for the PNG's TI hashes."""
+    words = {"style": "<style:0> <style:1>", "badhands": "<badhands:0>"}
+    assert with_embeddings("(style:1.2), artist:style", words) == "( <style:0> <style:1> :1.2), artist: <style:0> <style:1> "
+    s = Settings(prompt="1girl, (style:1.2)", negative_prompt="[lowres:badhands:0.5]")
+    assert used_embeddings(s, words) == {"style", "badhands"}
+    assert used_embeddings(Settings(prompt="1girl, stylesheet"), words) == set()
+
+
+def test_a_refiner_folder_takes_embeddings(tmp_path, folder):
+    """A refiner folder has tokenizer_2 alone: its two tokenizers are two objects, each given the tokens once."""
+    from models.sdxl import SDXL, TINY_REFINER
+
+    torch.manual_seed(2)
+    save_diffusers(SDXL(TINY_REFINER), tmp_path / "refiner")
+    pipe = Pipeline.load(tmp_path / "refiner", embeddings=[folder / "embeddings" / "Style.safetensors"])
+    assert pipe.tokenizers[0] is not pipe.tokenizers[1]
+    assert [len(t) for t in pipe.tokenizers] == [49408 + 3] * 2
+    s = Settings(prompt="a photo of embedding:style", width=64, height=64, cfg=1.0)
+    (context, _), _ = pipe.conditioning(s)
+    (plain, _), _ = pipe.conditioning(replace(s, prompt="a photo of"))
+    assert (context - plain).abs().max() > 1e-2, "the embedding changed nothing"
 
 
 def test_the_cli_records_ti_hashes_and_reloads_them(capsys, tmp_path, folder):
@@ -147,6 +173,8 @@ BAD = {  # case: (prompt, embedding file maker, fragments of the one line)
     "SD 1.5 embedding": ("1girl", lambda d: sd15_embedding(d / "old.safetensors"), ["old.safetensors", "768 wide"]),
     "width of neither encoder": ("1girl", lambda d: embedding_file(d / "wide.safetensors", widths=(768, 1280)),
                                  ["wide.safetensors", "fits neither", "(3, 768)"]),
+    "two of one name": ("1girl", lambda d: embedding_file(d / "Style.safetensors") and embedding_file(
+        d / "style.safetensors") and d, ["two embeddings are named 'style'", "rename one"]),
     "pickled embedding": ("1girl", lambda d: (d / "old.pt").write_bytes(b"\x80\x02}q\x00.") and d / "old.pt",
                           ["old.pt", "pickle"]),
 }
