@@ -10,8 +10,10 @@ and random damage from hypothesis) must be refused in one line, never a tracebac
 import json
 import pickle
 import signal
+import tempfile
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,7 +332,7 @@ def test_the_command_line_refuses_damaged_files_in_one_line(micro, tmp_path, cap
     damaged = tmp_path / f"damaged-{source.name}"
     damaged.write_bytes(damage(source.read_bytes(), cut, where, mask))
     args = {"--model": "plainxl-tiny", which: damaged}
-    out = tmp_path / "out"
+    out = Path(tempfile.mkdtemp(dir=tmp_path)) / "out"  # one per example: hypothesis reuses tmp_path across them
     with deadline(60):
         code = main([*(str(a) for kv in args.items() for a in kv), "--prompt", "x", "--steps", "1", "--width", "64",
                      "--height", "64", "--out", str(out)])
