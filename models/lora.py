@@ -1,5 +1,5 @@
 """LoRA (Hu et al. 2021): files merged into a loaded SDXL's weights, W += scale * (alpha / rank) * up @ down,
-and the adapters that train.dreambooth trains and exports in kohya's format.
+or LyCORIS' (models/lycoris.py). The adapters that train.dreambooth trains are in models/adapters.py.
 
 Formats read: kohya's (`lora_unet_<official module path, dots as underscores>`, or the dialect over
 diffusers paths that diffusers' exporter writes, `lora_unet_down_blocks_...`; text encoders as
@@ -9,24 +9,21 @@ diffusers paths that diffusers' exporter writes, `lora_unet_down_blocks_...`; te
 or the older `.lora.down.weight` / `.lora.up.weight`), and LoCon convolutions in either. Names are built
 forward from the model's own modules (an underscored name cannot be parsed back): `sites(model)` lists
 every weight a LoRA can change with the names files give it, and `targets(model)` maps every dialect's
-name to it. Training adds `LoRA` modules as forward hooks, so the model keeps the checkpoint's names.
+name to it.
 """
 
 import argparse
 import fnmatch
 import hashlib
-import json
 import math
 import re
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from models import keys, lycoris
-from models.files import LoadError, atomic_file, open_safetensors, read_tensors
-from models.single_file import check_finite
+from models.files import LoadError, open_safetensors, read_tensors
 from models.text import Projection
 
 SUFFIXES = {  # tensor-name ending -> (format, part)
@@ -36,15 +33,6 @@ SUFFIXES = {  # tensor-name ending -> (format, part)
 }
 
 
-KOHYA_TARGETS = (  # kohya's default SDXL set (networks/lora.py): transformer blocks; text encoders' attention and MLP
-    "unet.*.proj_in", "unet.*.proj_out", "unet.*.attn[12].to_[qkv]", "unet.*.attn[12].to_out.0",
-    "unet.*.ff.net.0.proj", "unet.*.ff.net.2",
-    "text_encoder_1.*.self_attn.*_proj", "text_encoder_1.*.mlp.fc[12]",
-    "text_encoder_2.*.attn.in_proj", "text_encoder_2.*.attn.out_proj", "text_encoder_2.*.mlp.c_*",
-)
-CONV_TARGETS = (  # added with a conv rank, as kohya's conv_dim: everything in ResBlocks, down- and upsamplers
-    "unet.*.in_layers.2", "unet.*.emb_layers.1", "unet.*.out_layers.3", "unet.*.skip_connection", "unet.*.op", "unet.*.conv",
-)
 PREFIXES = {"unet": "lora_unet_", "text_encoder_1": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
@@ -221,102 +209,3 @@ def biases(model):
         owner = model.get_submodule(official.removesuffix(".in_proj")) if isinstance(module, Projection) else module
         out[weight] = owner.in_proj_bias if isinstance(module, Projection) else module.bias
     return out
-
-
-# ----------------------------------------------------------------------------- training: adapters and export
-
-
-class LoRA(torch.nn.Module):
-    """(alpha / rank) * up(down(x)) beside a frozen Linear or Conv2d (Hu et al. 2021; LoCon for convolutions:
-    down has the conv's kernel, up is 1x1). down starts as kohya's (Kaiming-uniform, a = sqrt(5)), up at zero,
-    so a new adapter changes nothing."""
-
-    def __init__(self, out_features, in_features, rank, alpha, conv=None, generator=None):
-        super().__init__()
-        if conv is None:
-            self.down, self.up = torch.nn.Linear(in_features, rank, bias=False), torch.nn.Linear(rank, out_features, bias=False)
-        else:
-            self.down = torch.nn.Conv2d(in_features, rank, conv.kernel_size, conv.stride, conv.padding, bias=False)
-            self.up = torch.nn.Conv2d(rank, out_features, 1, bias=False)
-        torch.nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
-        torch.nn.init.zeros_(self.up.weight)
-        self.rank, self.alpha = rank, alpha
-
-    def forward(self, x):
-        return self.up(self.down(x)) * (self.alpha / self.rank)
-
-
-def adapter_hook(adapters):
-    """A forward hook adding the adapters' outputs to the module's (several side by side: bigG's q, k, v)."""
-    def hook(module, inputs, output):
-        x, dtype = inputs[0], adapters[0].up.weight.dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):  # a bf16 base's validation images
-            x = x.to(dtype)
-        delta = adapters[0](x) if len(adapters) == 1 else torch.cat([a(x) for a in adapters], dim=-1)
-        return output + delta.to(output.dtype)
-    return hook
-
-
-def add_adapters(model, patterns, rank, alpha, conv_rank=0, allowed=None, seed=0):
-    """LoRA adapters on every module whose official name matches a pattern (and whose weight is in `allowed`,
-    the parameter names train= picks, if given), as forward hooks: the module tree and its names stay the
-    checkpoint's. 1x1 and linear get `rank`, larger kernels `conv_rank` (kohya's conv_dim), with alpha scaled
-    so that alpha / rank is the same. Returns a ModuleDict keyed by kohya name. ValueError (one sentence)
-    for a pattern that matches no module, a 3x3 conv without conv_rank, or nothing chosen at all."""
-    chosen, used = [], set()
-    for official, module, weight, paths in sites(model):
-        hits = [p for p in patterns if matches(official, p)]
-        used.update(hits)
-        if hits and (allowed is None or f"{official}.weight" in allowed
-                     or isinstance(module, Projection) and f"{official}_weight" in allowed):
-            chosen.append((official, module, weight, paths))
-    missing = [p for p in patterns if p not in used and getattr(model, p.split(".")[0], True) is not None]
-    if missing:  # (a default pattern for an encoder this model lacks, a refiner's CLIP-L, is not a mistake)
-        raise ValueError(f"lora_targets pattern {missing[0]!r} matches no module of the model; patterns are fnmatch "
-                         "over official module names, e.g. 'unet.*.attn2.to_k' or 'text_encoder_1.*.mlp.fc1'")
-    if not chosen:
-        raise ValueError("lora_targets and train= have no module in common, so nothing would train; e.g. "
-                         "train=['unet'] with the default lora_targets")
-    generator = torch.Generator().manual_seed(seed)  # the same adapters on every process and every resume
-    adapters = torch.nn.ModuleDict()
-    for official, module, weight, paths in chosen:
-        r = rank if weight.shape[2:].numel() == 1 else conv_rank  # Linear (no kernel dims) and 1x1 convs: rank
-        if r == 0:
-            raise ValueError(f"lora_targets picks {official}, a {'x'.join(map(str, weight.shape[2:]))} convolution: "
-                             "set lora_conv_rank (kohya's conv_dim), or leave it out of lora_targets")
-        group = []
-        for path, rows in paths:
-            out_features = weight.shape[0] if rows is None else rows.stop - rows.start
-            conv = module if isinstance(module, torch.nn.Conv2d) else None
-            adapter = LoRA(out_features, weight.shape[1], r, alpha * r / rank, conv, generator).to(weight.device)
-            adapters[kohya_name(official, path)] = adapter
-            group.append(adapter)
-        module.register_forward_hook(adapter_hook(group))
-    return adapters
-
-
-def save_lora(adapters, dst, dtype, metadata):
-    """kohya's file: <name>.lora_down.weight (r, in[, k, k]), .lora_up.weight (out, r[, 1, 1]) in `dtype`, a 0-dim
-    float32 .alpha (a conv alpha such as 8/3 stays exact), and ss_* metadata (string values). Written to a
-    temporary name, then renamed; NaN weights are refused."""
-    tensors = {}
-    for name, a in adapters.items():
-        tensors[f"{name}.lora_down.weight"] = a.down.weight.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.lora_up.weight"] = a.up.weight.detach().to("cpu", dtype).contiguous()
-        tensors[f"{name}.alpha"] = torch.tensor(float(a.alpha))
-    check_finite(tensors, dst)
-    with atomic_file(dst, overwrite=True) as tmp:
-        save_file(tensors, tmp, metadata={k: str(v) for k, v in metadata.items()})
-
-
-def kohya_metadata(adapters, base_version, output_name, **extra):
-    """The ss_* fields kohya writes and AUTOMATIC1111 reads (it files a LoRA under SDXL when
-    ss_base_model_version starts with "sdxl_")."""
-    kernel = lambda a: a.down.weight.shape[2:].numel()  # 1 for Linear (shape[2:] is empty) and 1x1 convs
-    linear = next((a for a in adapters.values() if kernel(a) == 1), None)
-    conv = next((a for a in adapters.values() if kernel(a) > 1), None)
-    linear = linear or conv  # only 3x3 convolutions chosen: their rank is the network's
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": linear.rank, "ss_network_alpha": linear.alpha,
-            "ss_base_model_version": base_version, "ss_output_name": output_name, "ss_v2": False,
-            "ss_network_args": json.dumps({"conv_dim": str(conv.rank), "conv_alpha": str(conv.alpha)} if conv else {})}
-    return meta | {f"ss_{k}": v for k, v in extra.items()}

@@ -159,7 +159,8 @@ def bake(path, loras, dst, overwrite=False):
 
 def extract(base_path, tuned_path, dst, rank=None, energy=None, conv_rank=0, overwrite=False):
     """A kohya LoRA of tuned - base over kohya's default modules (and the convolutions, with conv_rank) -> dst."""
-    from models.lora import CONV_TARGETS, KOHYA_TARGETS, Projection, kohya_name, matches, sites
+    from models.adapters import CONV_TARGETS, KOHYA_TARGETS
+    from models.lora import Projection, kohya_name, matches, sites
     from models.sdxl import SDXL, single_file_prefixes
     from models.single_file import read_config
 

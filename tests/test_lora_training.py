@@ -16,6 +16,7 @@ from test_dreambooth import args, final_state, finish, losses, run, write_image_
 from test_pipeline_parity import assert_close_images, diffusers_images, tiny_model
 
 from models import lora
+from models.adapters import CONV_TARGETS, KOHYA_TARGETS, add_adapters, kohya_metadata, save_adapters
 from models.loading import load, save_single_file
 from models.sdxl import BASE, SDXL, TINY
 from sampling.pipeline import Pipeline, Settings
@@ -37,9 +38,9 @@ def setup(tmp_path_factory):
     return root
 
 
-def adapters_on(model, patterns=lora.KOHYA_TARGETS + lora.CONV_TARGETS, train=EVERYTHING, rank=4, alpha=8.0, conv_rank=2):
+def adapters_on(model, patterns=KOHYA_TARGETS + CONV_TARGETS, train=EVERYTHING, rank=4, alpha=8.0, conv_rank=2):
     allowed = {n for n, _ in trainable_parameters(model, train)}
-    return lora.add_adapters(model, patterns, rank, alpha, conv_rank, allowed, seed=1)
+    return add_adapters(model, patterns, rank, alpha, conv_rank, allowed, seed=1)
 
 
 def step_inputs(n=2, seed=0):
@@ -54,7 +55,7 @@ def test_the_default_targets_are_kohyas_sdxl_set():
     CLIP-L's 66: kohya's 72 less the last layer, whose output SDXL never reads (no gradient reaches it)."""
     with torch.device("meta"):
         model = SDXL(BASE)
-        adapters = adapters_on(model, lora.KOHYA_TARGETS, rank=32, alpha=32, conv_rank=0)
+        adapters = adapters_on(model, KOHYA_TARGETS, rank=32, alpha=32, conv_rank=0)
     counts = {prefix: sum(k.startswith(prefix) for k in adapters) for prefix in ("lora_unet_", "lora_te1_", "lora_te2_")}
     assert counts == {"lora_unet_": 722, "lora_te1_": 66, "lora_te2_": 192}
     assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in adapters
@@ -63,7 +64,7 @@ def test_the_default_targets_are_kohyas_sdxl_set():
     q = adapters["lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"]
     assert (q.down.weight.shape, q.up.weight.shape) == ((32, 2048), (640, 32))
     with torch.device("meta"):
-        conv = adapters_on(SDXL(BASE), lora.KOHYA_TARGETS + lora.CONV_TARGETS, ["unet"], rank=32, alpha=32, conv_rank=8)
+        conv = adapters_on(SDXL(BASE), KOHYA_TARGETS + CONV_TARGETS, ["unet"], rank=32, alpha=32, conv_rank=8)
     # + 17 ResBlocks' in, emb and out layers (51), their 11 skip convs, 2 downsamplers and 2 upsamplers: 66
     assert len(conv) == 722 + 51 + 11 + 2 + 2
     assert conv["lora_unet_input_blocks_1_0_in_layers_2"].down.weight.shape == (8, 320, 3, 3)
@@ -79,7 +80,7 @@ def test_step_zero_equals_the_base_and_adapters_equal_their_merged_export(tmp_pa
     with torch.no_grad():
         for a in adapters.values():
             a.up.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(a.up.weight)))
-    lora.save_lora(adapters, tmp_path / "l.safetensors", torch.float32, lora.kohya_metadata(adapters, "sdxl_base_v1-0", "x"))
+    save_adapters(adapters, tmp_path / "l.safetensors", torch.float32, kohya_metadata(adapters, "sdxl_base_v1-0", "x"))
     merged = copy.deepcopy(base)
     lora.merge_lora(merged, tmp_path / "l.safetensors")
     with torch.no_grad():
@@ -143,11 +144,11 @@ def test_text_encoder_adapters_load_in_diffusers_with_the_same_conditioning(tmp_
 
     model = tiny_model()
     save_diffusers(model, tmp_path / "tiny")
-    adapters = adapters_on(model, lora.KOHYA_TARGETS, ["text_encoder_1", "text_encoder_2"])
+    adapters = adapters_on(model, KOHYA_TARGETS, ["text_encoder_1", "text_encoder_2"])
     with torch.no_grad():
         for i, a in enumerate(adapters.values()):
             a.up.weight.normal_(0, 0.2, generator=torch.Generator().manual_seed(i))
-    lora.save_lora(adapters, tmp_path / "te.safetensors", torch.float32, lora.kohya_metadata(adapters, "sdxl_base_v1-0", "x"))
+    save_adapters(adapters, tmp_path / "te.safetensors", torch.float32, kohya_metadata(adapters, "sdxl_base_v1-0", "x"))
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "tiny", add_watermarker=False).to(torch.float32)
     pipe.load_lora_weights(str(tmp_path / "te.safetensors"), adapter_name="ours")
     placed = [sum(isinstance(m, LoraLayer) and "ours" in m.lora_A for m in e.modules())
@@ -303,6 +304,10 @@ def test_lora_sigkill_then_resume_is_bit_identical(setup, tmp_path):
     (["--lora_rank=4", "--lora_alpha=-1.0"], "lora_alpha must be a number more than 0"),
     (["--lora_alpha=16"], "lora_alpha applies to LoRA runs"),
     (["--lora_rank=4", "--lora_targets=[1]"], "lora_targets must be a list of name patterns"),
+    (["--lora_rank=4", "--lora_type=glora"], "lora_type must be one of lora, loha, lokr, dora"),
+    (["--lora_type=loha"], "lora_type applies to LoRA runs"),
+    (["--lora_rank=4", "--lora_type=loha", "--lokr_factor=8"], "lokr_factor applies to lora_type='lokr'"),
+    (["--lora_rank=4", "--lora_type=lokr", "--lokr_factor=0"], "lokr_factor must be -1"),
 ])
 def test_bad_lora_settings_are_one_line_before_anything_loads(setup, tmp_path, capsys, extra, fragment):
     assert main(args(setup, tmp_path / "o") + extra) == 2

@@ -12,8 +12,8 @@ import math
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from models.adapters import KOHYA_TARGETS, LORA_TYPES
 from models.files import atomic_file, read_config_file
-from models.lora import KOHYA_TARGETS
 
 
 @dataclass
@@ -98,8 +98,12 @@ class TrainConfig:
     # stays frozen) and exports output_dir/lora.safetensors in kohya's format.
     lora_rank: int = 0
     lora_alpha: float | None = None  # the adapters' output scale is alpha / rank; None: lora_rank
+    # "lora", or a LyCORIS kind (models/adapters.py): "loha" (Hadamard product of two rank-r products), "lokr"
+    # (Kronecker product), "dora" (LoRA with the weight decomposed). Those export in LyCORIS' key format.
+    lora_type: str = "lora"
+    lokr_factor: int = -1  # lora_type="lokr": LoKr's split of each dimension (LyCORIS' factor; -1: nearest sqrt)
     # fnmatch patterns over official module names that get adapters, among what train= names; the default is
-    # kohya's SDXL set (models.lora.KOHYA_TARGETS).
+    # kohya's SDXL set (models.adapters.KOHYA_TARGETS).
     lora_targets: list = field(default_factory=lambda: list(KOHYA_TARGETS))
     # 0: no convolution adapters; more: ResBlocks', down- and upsamplers' convolutions get them too (LoCon,
     # kohya's conv_dim), at this rank for 3x3 kernels.
@@ -128,7 +132,7 @@ class TrainConfig:
 
     def __post_init__(self):
         choices = {"lr_schedule": ("constant", "linear", "cosine"), "mixed_precision": ("no", "fp16", "bf16"),
-                   "task": ("dreambooth", "vae"),
+                   "task": ("dreambooth", "vae"), "lora_type": LORA_TYPES,
                    "export_dtype": ("fp16", "bf16", "fp32"), "base_dtype": ("fp32", "bf16", "fp16"),
                    "optimizer": ("adamw", "adafactor"), "master_dtype": ("fp32", "bf16"), "parallel": ("ddp", "zero", "fsdp")}
         for name, allowed in choices.items():
@@ -180,10 +184,16 @@ class TrainConfig:
             raise ConfigError(f"lora_alpha must be a number more than 0, or None for the rank (got {self.lora_alpha})")
         if not all(isinstance(p, str) for p in self.lora_targets):
             raise ConfigError(f"lora_targets must be a list of name patterns, e.g. ['unet.*.attn2.to_k'] (got {self.lora_targets})")
-        lora_only = [name for name in ("lora_alpha", "lora_targets", "lora_conv_rank", "base_dtype", "merge_lora")
+        lora_only = [name for name in ("lora_alpha", "lora_type", "lokr_factor", "lora_targets", "lora_conv_rank",
+                                       "base_dtype", "merge_lora")
                      if getattr(self, name) != default(name)]
         if self.lora_rank == 0 and lora_only:
             raise ConfigError(f"{lora_only[0]} applies to LoRA runs; set lora_rank (e.g. 32), or leave {lora_only[0]} out")
+        if self.lokr_factor != default("lokr_factor") and self.lora_type != "lokr":
+            raise ConfigError(f"lokr_factor applies to lora_type='lokr' (this run's is {self.lora_type!r}); leave it out")
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            raise ConfigError(f"lokr_factor must be -1 (each dimension split nearest its square root) or a positive "
+                              f"factor, e.g. 8 (got {self.lokr_factor})")
         if self.lora_rank and self.task == "vae":
             raise ConfigError("the vae task trains the VAE itself; LoRA (lora_rank) is for the dreambooth task")
         if self.base_dtype != "fp32" and self.mixed_precision == "no":

@@ -2,7 +2,8 @@
 
     validate            one image of validation_prompt, to output_dir/validation/ and TensorBoard
     export              output_dir/model.safetensors (official layout), or the LoRA below
-    export_lora         output_dir/lora.safetensors in kohya's format (and with merge_lora, the merged model)
+    export_lora         output_dir/lora.safetensors in kohya's format, LyCORIS' for its kinds (and with merge_lora,
+                        the merged model)
     set_scaling_factor  the "vae" task: the trained VAE's latent scaling factor, before its export
 """
 
@@ -14,9 +15,10 @@ import numpy as np
 import torch
 
 from data.dreambooth import sample_generator
+from models.adapters import kohya_metadata, save_adapters
 from models.files import DTYPES
 from models.loading import load, save_single_file
-from models.lora import kohya_metadata, merge_lora, save_lora
+from models.lora import merge_lora
 from sampling.pipeline import NonFiniteError, Pipeline, Settings
 from train.batches import LATENT, encode_images
 
@@ -56,13 +58,14 @@ def export(model, adapters, config, out, data, device):
 
 
 def export_lora(model, adapters, config, out):
-    """output_dir/lora.safetensors in kohya's format; with merge_lora, also the base (read again from its file,
-    in float32) with that very file merged in by models.lora, as --lora does at generation."""
+    """output_dir/lora.safetensors in kohya's format (LyCORIS' for lora_type loha, lokr, dora); with merge_lora,
+    also the base (read again from its file, in float32) with that very file merged in by models.lora, as --lora
+    does at generation."""
     base_version = "sdxl_base_v1-0" if model.text_encoder_1 is not None else "sdxl_refiner_v1-0"
-    metadata = kohya_metadata(adapters, base_version, Path(config.output_dir).name, steps=config.max_steps,
-                              learning_rate=config.lr, resolution=f"({config.resolution}, {config.resolution})",
-                              seed=config.seed)
-    save_lora(adapters, out / "lora.safetensors", DTYPES[config.export_dtype], metadata)
+    metadata = kohya_metadata(adapters, base_version, Path(config.output_dir).name, config.lokr_factor,
+                              steps=config.max_steps, learning_rate=config.lr, seed=config.seed,
+                              resolution=f"({config.resolution}, {config.resolution})")
+    save_adapters(adapters, out / "lora.safetensors", DTYPES[config.export_dtype], metadata)
     print(f"wrote {out / 'lora.safetensors'}")
     if config.merge_lora:
         merged = load(config.model, dtype="fp32", config=config.model_config)

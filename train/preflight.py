@@ -1,7 +1,7 @@
 """What trains, and every check of a run that needs no weights, made before anything loads or is written.
 
     trainable_parameters    the one "what trains" function: train= patterns -> (name, parameter) pairs
-    lora_adapters           a LoRA run's adapters (models.lora) among what train= picks
+    lora_adapters           a LoRA run's adapters (models.adapters) among what train= picks
     preflight               the checks: device, output paths, data, the model's headers, train= and
                             lora_targets on a weightless (meta-device) model, a checkpoint to resume and
                             whether it was made with this config, what overwrite=True would delete
@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 
 from data.dreambooth import ImageFolder, check_folder
+from models.adapters import CONV_TARGETS, add_adapters
 from models.loading import check_device, inspect
-from models.lora import CONV_TARGETS, add_adapters, matches
+from models.lora import matches
 from models.sdxl import SDXL
 from sampling.schedule import make_schedule
 from train.checkpoint import RUN_FILES, find_checkpoint, read_meta
@@ -41,13 +42,14 @@ def trainable_parameters(model, patterns, task="dreambooth"):
 
 
 def lora_adapters(model, config):
-    """A LoRA run's adapters on `model` (hooked in, see models.lora): lora_targets, and with lora_conv_rank
+    """A LoRA run's adapters on `model` (hooked in, see models.adapters): lora_targets, and with lora_conv_rank
     the ResBlock and sampler convolutions (kohya's conv_dim), among what train= names."""
     allowed = {name for name, _ in trainable_parameters(model, config.train, config.task)}
     patterns = list(config.lora_targets) + (list(CONV_TARGETS) if config.lora_conv_rank else [])
     try:
         return add_adapters(model, patterns, config.lora_rank, config.lora_alpha or config.lora_rank,
-                            config.lora_conv_rank, allowed, seed=config.seed)
+                            config.lora_conv_rank, allowed, seed=config.seed, kind=config.lora_type,
+                            factor=config.lokr_factor)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
@@ -91,8 +93,8 @@ def preflight(config):
         raise ConfigError(str(e)) from None
     if checkpoint is not None:  # what trains, and how, must be the checkpoint's: else the resumed run is another run
         made_with = read_meta(checkpoint)["config"]
-        for name in ("train", "lora_rank", "lora_alpha", "lora_targets", "lora_conv_rank", "base_dtype", "optimizer",
-                     "fused_backward", "master_dtype"):
+        for name in ("train", "lora_rank", "lora_alpha", "lora_type", "lokr_factor", "lora_targets", "lora_conv_rank",
+                     "base_dtype", "optimizer", "fused_backward", "master_dtype"):
             saved = made_with.get(name, default(name))  # an older checkpoint: the default then
             if saved != getattr(config, name):
                 raise ConfigError(f"{checkpoint} was made with {name}={saved!r}, this run has {getattr(config, name)!r}; "

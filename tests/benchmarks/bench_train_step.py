@@ -80,7 +80,7 @@ def lora_memory(rank=32, pairs=1, resolution=1024):
     count, as autocast runs them; their parameters, gradients and AdamW moments are counted in float32."""
     import torch
 
-    from models.lora import KOHYA_TARGETS, add_adapters
+    from models.adapters import KOHYA_TARGETS, add_adapters
     from models.sdxl import BASE, SDXL
 
     with torch.device("meta"):
