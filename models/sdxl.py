@@ -35,17 +35,19 @@ class SDXLConfig:
         widths = [te.width for te in (self.text_encoder_1, self.text_encoder_2) if te is not None]
         if self.unet.context_dim != sum(widths):
             raise ValueError(f"UNet context_dim {self.unet.context_dim} != text encoder widths {widths}")
-        vector = self.text_encoder_2.projection_dim + self.num_size_numbers * self.unet.micro_cond_dim
-        if self.unet.adm_in_channels != vector:
-            raise ValueError(f"UNet adm_in_channels {self.unet.adm_in_channels} != pooled + size embeddings {vector}")
+        pooled, m = self.text_encoder_2.projection_dim, self.unet.micro_cond_dim
+        if self.unet.adm_in_channels not in (pooled + 6 * m, pooled + 5 * m):
+            raise ValueError(f"UNet adm_in_channels {self.unet.adm_in_channels} != pooled {pooled} + 6 size embeddings "
+                             f"(a base's) or 5 with an aesthetic score (a refiner's), each {m} wide")
 
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {self.prediction_type!r} is not 'epsilon' or 'v_prediction'")
 
     @property
-    def num_size_numbers(self):
-        """6 for base models (orig h, w, crop top, left, target h, w); 5 for the refiner (aesthetic score)."""
-        return 6 if self.text_encoder_1 is not None else 5
+    def takes_aesthetic_score(self):
+        """Whether the UNet's vector condition holds 5 numbers ending in an aesthetic score (the refiner's: orig h, w,
+        crop top, left, score) instead of 6 (a base's: ..., target h, w); diffusers' requires_aesthetics_score."""
+        return self.unet.adm_in_channels == self.text_encoder_2.projection_dim + 5 * self.unet.micro_cond_dim
 
 
 BASE = SDXLConfig(unet.SDXL_BASE, vae.SDXL_VAE, text.CLIP_L, text.OPENCLIP_BIGG)

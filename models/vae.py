@@ -43,6 +43,12 @@ class VAEConfig:
     norm_groups: int = 32
     scaling_factor: float = 0.13025  # latent * scaling_factor is what the UNet sees (SD1.x: 0.18215)
 
+    @property
+    def pixels_per_latent(self):
+        """Image pixels per latent pixel along each side, one 2x resample between levels: 8 for SDXL's four
+        levels (diffusers' vae_scale_factor, read the same way from the config)."""
+        return 2 ** (len(self.ch_mult) - 1)
+
     def __post_init__(self):
         sizes = dict(in_channels=self.in_channels, out_channels=self.out_channels, ch=self.ch,
                      num_res_blocks=self.num_res_blocks, z_channels=self.z_channels, norm_groups=self.norm_groups)

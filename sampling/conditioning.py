@@ -28,8 +28,8 @@ from sampling.prompts import encode_prompts, num_chunks
 def edited_conditioning(pipe, s, calls, first_pass_steps=None):
     """[(last denoiser call, cond, uncond)]: the conditioning while the call counter is <= its last call, for
     AUTOMATIC1111's prompt editing over `calls` calls (one entry without editing; each text encoded once)."""
-    edit = lambda prompt: (prompt_schedule(prompt, calls, first_pass_steps) if s.prompt_weights  # noqa: E731
-                           else [(calls, prompt)])
+    edit = lambda prompt: (prompt_schedule(prompt, calls, first_pass_steps) if s.prompt_weights and prompt is not None  # noqa: E731
+                           else [(calls, prompt)])  # (None: precomputed prompt_embeds)
     positive = edit(s.prompt)
     negative = edit(s.negative_prompt) if s.negative_prompt is not None else [(calls, None)]
     encoded, edits = {}, []
@@ -109,8 +109,9 @@ def encode_conditioning(pipe, s):
     positive = per_encoder(pipe, s.prompt, s.prompt_2)
     negative = per_encoder(pipe, s.negative_prompt or "", s.negative_prompt_2 or s.negative_prompt or "")
     # As many 77-token windows as the longest text needs, for all of them: CFG stacks the two batches.
+    texts_to_encode = (negative,) if s.prompt_embeds is not None else (positive, negative)  # (prompt may be None)
     chunks = max(num_chunks([tokenizer], text, truncate, weighted, pipe.embeddings)
-                 for texts in (positive, negative) for tokenizer, text in zip(pipe.tokenizers, texts))
+                 for texts in texts_to_encode for tokenizer, text in zip(pipe.tokenizers, texts))
     if s.prompt_embeds is not None:  # diffusers' prompt_embeds / pooled_prompt_embeds
         context, pooled = batch_of(s.prompt_embeds, B, "prompt_embeds"), batch_of(s.pooled_prompt_embeds, B, "pooled_prompt_embeds")
         chunks = max(chunks, context.shape[1] // 77)  # a negative to encode gets as many windows

@@ -164,7 +164,7 @@ def prepare(args):
     loras = [(resolve(path), scale) for path, scale in request.loras]
     check_loras(info, loras)
     embeddings = check_embeddings(info, refiner_info, request.embeddings, settings)
-    opened = with_output_size(opened, info.config.unet)
+    opened = with_output_size(opened, info.config)
     settings = replace(settings, width=opened.width, height=opened.height)
     check_steps(info, refiner_info, opened)
     check_fits(info, opened, args.dtype, device, refiner_info, args.offload)
@@ -226,7 +226,7 @@ def write_images(job, args, out, written, check_interrupt):
             written.append(save_next(image, out, seed, parameters))
             print(written[-1])
             if maps is not None:
-                grid = save_attention(maps, image, i, opened, pipe.tokenizers[0], job.attention_dir / written[-1].name,
+                grid = save_attention(maps, image, i, opened, pipe, job.attention_dir / written[-1].name,
                                       parameters)
                 if grid is not None:
                     print(grid)

@@ -38,9 +38,9 @@ def as_image(image):
     return open_rgb(image) if not isinstance(image, Image.Image) else image.convert("RGB")
 
 
-def default_size(image):
-    """(width, height) an image generates at when none is given: its own, rounded down to multiples of 8."""
-    return image.width // 8 * 8, image.height // 8 * 8
+def default_size(image, multiple=8):
+    """(width, height) an image generates at when none is given: its own, rounded down to multiples of `multiple`."""
+    return image.width // multiple * multiple, image.height // multiple * multiple
 
 
 def resized(image, width, height):
@@ -66,9 +66,11 @@ def latent_mask(mask, latent_size):
     return F.interpolate(mask, size=latent_size)
 
 
-def upscale_latents(latents, width, height):
-    """AUTOMATIC1111's "Latent" hi-res upscaler: bilinear, no antialias, to (height / 8, width / 8)."""
-    return F.interpolate(latents, size=(height // 8, width // 8), mode="bilinear", antialias=False)
+def upscale_latents(latents, width, height, pixels_per_latent=8):
+    """AUTOMATIC1111's "Latent" hi-res upscaler: bilinear, no antialias, to (height / 8, width / 8) (8: the VAE's
+    pixels per latent)."""
+    size = (height // pixels_per_latent, width // pixels_per_latent)
+    return F.interpolate(latents, size=size, mode="bilinear", antialias=False)
 
 
 def upscale_images(images, width, height):

@@ -154,12 +154,12 @@ def attention_maps(model, patterns="unet.*attn2"):
             yield maps
 
 
-def token_heatmaps(maps, height, width, rows=None):
+def token_heatmaps(maps, height, width, rows=None, pixels_per_latent=8):
     """DAAM (Tang et al. 2022): each key's (prompt token's) attention summed over blocks and steps, each block's
     (rows, h*w, M) map upsampled bicubically to the latent size first -> (rows, M, height, width) at the image
     size, each map scaled to [0, 1] (min to max). rows picks batch rows (e.g. slice(-n, None): the n conditional
-    ones)."""
-    H, W = height // 8, width // 8  # the latent size, as the pipeline makes it
+    ones); pixels_per_latent: the VAE's (8 for SDXL's)."""
+    H, W = height // pixels_per_latent, width // pixels_per_latent  # the latent size, as the pipeline makes it
     total = None
     for by_step in maps.values():
         for probs in by_step.values():

@@ -38,13 +38,14 @@ def save_next(image, out, seed, parameters):
             index = next_index(out)
 
 
-def save_attention(maps, image, i, s, tokenizer, path, parameters):
+def save_attention(maps, image, i, s, pipe, path, parameters):
     """Image i's token heatmaps (sampling/instruments.py) as a labelled grid at `path`; never replaces a file."""
     from sampling.instruments import heatmap_grid, prompt_tokens, token_heatmaps
 
     row = s.num_images + i if s.cfg > 1 else i  # a CFG step's rows are [uncond, cond]
-    heat = token_heatmaps(maps, s.height, s.width, rows=slice(row, row + 1))[0]  # (M, H, W)
-    positions, labels = prompt_tokens(tokenizer, s.prompt, s.truncate_prompt, s.prompt_weights)
+    heat = token_heatmaps(maps, s.height, s.width, rows=slice(row, row + 1),
+                          pixels_per_latent=pipe.model.config.vae.pixels_per_latent)[0]  # (M, H, W)
+    positions, labels = prompt_tokens(pipe.tokenizers[0], s.prompt, s.truncate_prompt, s.prompt_weights)
     try:
         save_png(heatmap_grid(image, heat[positions], labels), path, parameters)
     except FileExistsError:

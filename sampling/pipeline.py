@@ -40,7 +40,16 @@ from sampling.noise import brownian_noise, generator_noise, noise_like
 from sampling.prompt_editing import at_call
 from sampling.samplers import NOISY, SAMPLERS, SDE, SECOND_ORDER, WITH_ETA
 from sampling.schedule import consistency_boundary, make_schedule, tcd_levels
-from sampling.settings import Settings, check, hires_second_pass, is_latents, schedule_steps, window, with_output_size
+from sampling.settings import (
+    Settings,
+    check,
+    hires_second_pass,
+    is_latents,
+    schedule_steps,
+    size_multiple,
+    window,
+    with_output_size,
+)
 from sampling.tiling import tiled
 
 
@@ -74,12 +83,13 @@ class Pipeline:
     def __init__(self, model, scheduler_config=None, force_zeros_for_empty_prompt=None, requires_aesthetics_score=None,
                  tokenizers=None, embeddings=()):
         """force_zeros_for_empty_prompt and requires_aesthetics_score are model_index.json's (None: the official
-        folders' choice: zeros without a negative prompt for a base, an aesthetic score for a refiner); tokenizers:
+        folders' choice: zeros without a negative prompt for a base; an aesthetic score where the UNet's vector
+        condition has room for one, a refiner's); tokenizers:
         the model's own (None: the bundled ones); embeddings: textual-inversion files (models/embeddings.py)."""
         self.model = model.eval()
         zeros, aesthetic = force_zeros_for_empty_prompt, requires_aesthetics_score
         self.force_zeros = (model.text_encoder_1 is not None) if zeros is None else zeros
-        self.requires_aesthetics_score = (model.text_encoder_1 is None) if aesthetic is None else aesthetic
+        self.requires_aesthetics_score = model.config.takes_aesthetic_score if aesthetic is None else aesthetic
         check_micro_conditioning(model.config, self.requires_aesthetics_score)
         self.cfg_mode, self.vae_tiling, self.offload = "batch", None, None
         if next(model.vae.parameters()).dtype == torch.float16:
@@ -185,7 +195,7 @@ class Pipeline:
         if isinstance(s.mask, (str, Path)):
             s = replace(s, mask=as_image(s.mask))
         check(s, self.model.config, refiner.model.config if refiner is not None else None)
-        s = with_output_size(s, self.model.config.unet)
+        s = with_output_size(s, self.model.config)
         # Image i draws everything from its own CPU generator seeded seed + i, so it does not depend on the
         # batch size (AUTOMATIC1111's convention; diffusers with a list of generators).
         generators = [torch.Generator().manual_seed(s.seed + i) for i in range(s.num_images)]
@@ -216,7 +226,8 @@ class Pipeline:
         calls_per_step = 2 if name in SECOND_ORDER else 1  # prompt editing counts denoiser calls, as A1111
         edits = edited_conditioning(self, s, s.steps * calls_per_step, first_pass_steps and first_pass_steps * calls_per_step)
         B, channels = s.num_images, self.model.config.vae.z_channels
-        shape = (channels, s.height // 8, s.width // 8)
+        f = self.model.config.vae.pixels_per_latent  # image pixels per latent pixel, along each side
+        shape = (channels, s.height // f, s.width // f)
 
         net = lambda x_in, t, context, y: self.model.unet(x_in.to(self.dtype), t, context, y,
                                                           **({} if w is None else {"timestep_cond": w.expand(len(x_in), -1)}))
@@ -284,8 +295,9 @@ class Pipeline:
         mask = mask_pixels(s.mask, s.width, s.height).to(self.device)  # (1, 1, H, W): 1 = repaint
         keep_image = not self.is_inpainting or s.strength < 1
         image_latents = self.encode(pixel_batch, generators) if keep_image else None
-        noise = noise_like(torch.empty(len(generators), self.model.config.vae.z_channels, s.height // 8,
-                                       s.width // 8, device=self.device), generators)
+        f = self.model.config.vae.pixels_per_latent
+        noise = noise_like(torch.empty(len(generators), self.model.config.vae.z_channels, s.height // f,
+                                       s.width // f, device=self.device), generators)
         if s.strength == 1:  # pure noise, as diffusers' is_strength_max, where img2img would noise the image
             x = noise * schedule.init_noise_sigma
         else:
@@ -314,9 +326,9 @@ class Pipeline:
         hires_steps img2img steps there, with fresh generators from the same seeds, as A1111 draws fresh noise
         from the seeds for it (with Lanczos, each generator first draws the re-encoded image's posterior
         sample, as img2img here does)."""
-        second = hires_second_pass(s)
+        second = hires_second_pass(s, multiple=size_multiple(self.model.config))
         if s.hires_upscaler == "latent":
-            init = upscale_latents(latents, second.width, second.height)
+            init = upscale_latents(latents, second.width, second.height, self.model.config.vae.pixels_per_latent)
         else:
             images = [self.decode(latents[i:i + 1])[0] for i in range(len(latents))]
             init = upscale_images(images, second.width, second.height)
@@ -326,13 +338,14 @@ class Pipeline:
 
     @torch.no_grad()
     def encode(self, pixel_batch, generators):
-        """Pixels (1 or B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8): one posterior sample per generator
-        (one image serves them all), times the scaling factor (diffusers' retrieve_latents with a list)."""
+        """Pixels (1 or B, 3, H, W) in [-1, 1] -> latents (B, 4, H/8, W/8) (8: pixels_per_latent): one posterior
+        sample per generator (one image serves them all), times the scaling factor (diffusers' retrieve_latents)."""
         vae = self.model.vae
         dtype = next(vae.parameters()).dtype
         pixels = pixel_batch.to(self.device, dtype)
         with self.on_device("vae"):
-            mean, logvar = tiled(vae.encode, pixels, self.vae_tiling * 8, 1 / 8) if self.vae_tiling else vae.encode(pixels)
+            f = vae.config.pixels_per_latent
+            mean, logvar = tiled(vae.encode, pixels, self.vae_tiling * f, 1 / f) if self.vae_tiling else vae.encode(pixels)
         mean, logvar = mean.expand(len(generators), -1, -1, -1), logvar.expand(len(generators), -1, -1, -1)
         latents = mean + torch.exp(0.5 * logvar) * noise_like(mean, generators)
         return latents.float() * vae.config.scaling_factor
@@ -344,7 +357,8 @@ class Pipeline:
         dtype = next(vae.parameters()).dtype  # float32 for fp16 models (see __init__), else the model's
         z = latents.to(self.device, dtype) / vae.config.scaling_factor
         with self.on_device("vae"):
-            images = (tiled(vae.decode, z, self.vae_tiling, 8) if self.vae_tiling else vae.decode(z)).float()
+            images = (tiled(vae.decode, z, self.vae_tiling, vae.config.pixels_per_latent) if self.vae_tiling
+                      else vae.decode(z)).float()
         if not images.isfinite().all():
             raise NonFiniteError(f"the VAE decoded NaN or inf pixels: {self.likely_cause('vae')}")
         images = (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3) in [0, 1]

@@ -103,11 +103,11 @@ def check_fits(info, settings, dtype, device, refiner_info=None, offload=False):
     import torch
 
     from models.unet import UNet
-    from sampling.settings import hires_second_pass, memory_estimate
+    from sampling.settings import hires_second_pass, memory_estimate, size_multiple
 
     s = settings
     if s.hires_scale is not None:
-        settings = hires_second_pass(s)  # the largest size of the run
+        settings = hires_second_pass(s, multiple=size_multiple(info.config))  # the largest size of the run
     dtype_bytes = {"fp32": 4}.get(dtype, 2)
     parameters = info.parameters
     if offload:

@@ -1,6 +1,7 @@
 """What a generation depends on besides the models, and everything decided from it before a sampler runs.
 
     Settings            the settings of one generation (written into each PNG by sampling.generate)
+    size_multiple       what every output side is a multiple of: 8, and the VAE's pixels per latent
     with_output_size    the output size when none is given: the init image's, else the model's
     schedule_steps      how many steps a stage's sampling schedule has
     hires_second_pass   the hi-res fix's second pass, as the Settings of an img2img stage
@@ -93,15 +94,23 @@ class Settings:
     hires_upscaler: str = "latent"  # "latent" (bilinear on the latents) or "lanczos" (on the decoded image)
 
 
-def with_output_size(s: Settings, unet_config):
-    """s with a width and height left at None set: the init image's size (rounded down to multiples of 8),
-    or the latents' where it is latents, else the model's native size (UNet sample_size x 8)."""
+def size_multiple(config):
+    """8 (diffusers' check on every size) and the VAE's pixels per latent (8 for SDXL's VAE; 16 for a VAE with
+    one level more, whose latents would otherwise silently round the image size down)."""
+    return math.lcm(8, config.vae.pixels_per_latent)
+
+
+def with_output_size(s: Settings, config):
+    """s with a width and height left at None set: the init image's size (rounded down to size_multiple), or
+    the latents' where it is latents, else the model's native size (UNet sample_size x pixels per latent)."""
+    f = config.vae.pixels_per_latent
     if s.init_image is None:
-        size = (unet_config.sample_size * 8,) * 2
+        size = (config.unet.sample_size * f,) * 2
     elif is_latents(s.init_image):
-        size = (s.init_image.shape[-1] * 8, s.init_image.shape[-2] * 8)
+        size = (s.init_image.shape[-1] * f, s.init_image.shape[-2] * f)
     else:
-        size = default_size(s.init_image[0] if isinstance(s.init_image, list) else as_image(s.init_image))
+        image = s.init_image[0] if isinstance(s.init_image, list) else as_image(s.init_image)
+        size = default_size(image, size_multiple(config))
     return replace(s, width=s.width or size[0], height=s.height or size[1])
 
 
@@ -115,11 +124,12 @@ def schedule_steps(s: Settings):
     return int(s.steps / min(s.strength, 0.999)) if exact else s.steps
 
 
-def hires_second_pass(s: Settings, init_image="the first pass, upscaled"):
-    """The hi-res fix's second pass: img2img at hires_scale x the size (rounded down to multiples of 8) that
-    runs exactly hires_steps steps (default: steps). The default init_image only marks it as img2img, for
-    checks before the first pass exists."""
-    return replace(s, width=int(s.width * s.hires_scale) // 8 * 8, height=int(s.height * s.hires_scale) // 8 * 8,
+def hires_second_pass(s: Settings, init_image="the first pass, upscaled", multiple=8):
+    """The hi-res fix's second pass: img2img at hires_scale x the size (rounded down to multiples of `multiple`,
+    size_multiple) that runs exactly hires_steps steps (default: steps). The default init_image only marks it
+    as img2img, for checks before the first pass exists."""
+    width, height = (int(side * s.hires_scale) // multiple * multiple for side in (s.width, s.height))
+    return replace(s, width=width, height=height,
                    init_image=init_image, strength=s.hires_strength, steps=s.hires_steps or s.steps,
                    img2img_steps="exact", hires_scale=None)
 
@@ -209,6 +219,12 @@ def check(s: Settings, config, refiner_config=None):
         if isinstance(image, Image.Image) and s.mask.size != image.size:
             (mw, mh), (iw, ih) = s.mask.size, image.size
             raise ValueError(f"the mask is {mw}x{mh} but the init image is {iw}x{ih}; give a mask of the image's size")
+    multiple = size_multiple(config)
+    for name, side in (("width", s.width), ("height", s.height)):
+        if side is not None and side % multiple:
+            raise ValueError(f"{name} {side} is not a multiple of {multiple} (sizes are multiples of 8, as in diffusers, "
+                             f"and of this VAE's {config.vae.pixels_per_latent} pixels per latent); use "
+                             f"{side - side % multiple or multiple} or {side - side % multiple + multiple}")
     if config.unet.in_channels == 9:
         if refiner_config is not None:
             raise ValueError("an inpainting model (9 input channels) cannot hand over to a refiner here; drop the refiner")
@@ -217,10 +233,8 @@ def check(s: Settings, config, refiner_config=None):
     if refiner_config is not None:
         if config.text_encoder_1 is None:
             raise ValueError("the model is a refiner (one text encoder); give a base model, and the refiner as the refiner")
-        if refiner_config.text_encoder_1 is not None:
-            raise ValueError("the refiner is a base model (two text encoders); give a refiner (bigG only), "
-                             "or run the base alone")
-        if refiner_config.vae.z_channels != config.vae.z_channels:
+        if (refiner_config.vae.z_channels, refiner_config.vae.pixels_per_latent) != (config.vae.z_channels,
+                                                                                  config.vae.pixels_per_latent):
             raise ValueError("the refiner has another latent space than the model; use the base's own refiner")
         if not (math.isfinite(s.refiner_start) and 0 < s.refiner_start < 1):
             raise ValueError(f"the refiner switch point {s.refiner_start} is not in (0, 1); e.g. 0.8")
@@ -234,7 +248,7 @@ def memory_estimate(config, settings, parameters, dtype_bytes):
     one image's float32 VAE decode (about 3 full-resolution maps as wide as the decoder's second level:
     the upsampled input, the ResBlock's output and a norm). Attention is taken as memory-efficient (linear
     in tokens), as SDPA's kernels are. SDXL in fp16 at 1024²: 9.7 GiB (published peak: 10.5 GiB)."""
-    latent = (settings.height // 8) * (settings.width // 8)
+    latent = (settings.height // config.vae.pixels_per_latent) * (settings.width // config.vae.pixels_per_latent)
     batch = settings.num_images * (2 if settings.cfg > 1 else 1)
     unet = batch * latent * config.unet.model_channels * 12 * dtype_bytes
     top = config.vae.ch * max(config.vae.ch_mult[:2])  # the decoder's two full- and half-resolution levels

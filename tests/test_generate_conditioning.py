@@ -101,7 +101,6 @@ def test_a_missing_init_image_from_a_png_is_one_clear_error(capsys, tmp_path, ti
     ("mask of another size", ["--init-image", "{root}/init.png", "--mask", "{root}/small_mask.png"],
      "the mask is 64x40 but the init image is 64x48"),
     ("mask without an image", ["--mask", "{root}/mask.png"], "a mask needs an init image"),
-    ("a base as refiner", ["--refiner", "{model}"], "is a base model (two text encoders)"),
     ("a refiner as base", ["--model", "{root}/refiner.safetensors", "--refiner", "{root}/refiner.safetensors"],
      "is a refiner (one text encoder)"),
     ("init image not an image", ["--init-image", "{root}/notes.png"], "cannot read image"),

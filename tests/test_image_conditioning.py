@@ -242,7 +242,6 @@ def test_bad_combinations_are_one_clear_error(ours):
         (base, Settings(prompt="x", init_image=init, strength=0), None, "strength 0 is not in (0, 1]"),
         (base, Settings(prompt="x", init_image=init, mask=disc_mask(32, 32)), None, "give a mask of the image's size"),
         (base, Settings(prompt="x", mask=disc_mask(64, 64)), None, "a mask needs an init image"),
-        (base, Settings(prompt="x"), base, "the refiner is a base model"),
         (refiner, Settings(prompt="x"), refiner, "the model is a refiner"),
         (base, Settings(prompt="x", hires_scale=1.0), None, "more than 1"),
         (base, Settings(prompt="x", steps=4, init_image=init, strength=0.1), None, "run no step"),

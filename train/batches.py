@@ -125,7 +125,8 @@ def make_vae_batch(config, data, model, step, first, device):
         index = dataset_index(config.seed, step * global_batch + j, len(data["instance"]))
         g = sample_generator(config.seed, step, j, 0)
         pixels.append(data["instance"].example(index, config.resolution, config.center_crop, config.random_flip, g).pixels)
-        z_shape = (model.config.vae.z_channels, config.resolution // 8, config.resolution // 8)
+        f = model.config.vae.pixels_per_latent  # image pixels per latent pixel
+        z_shape = (model.config.vae.z_channels, config.resolution // f, config.resolution // f)
         eps.append(torch.randn(z_shape, generator=sample_generator(config.seed, step, j, LATENT)))
     return VAEBatch(torch.stack(pixels).to(device), torch.stack(eps).to(device))
 

@@ -17,6 +17,7 @@ from models.loading import check_device, inspect
 from models.lora import matches
 from models.sdxl import SDXL
 from sampling.schedule import make_schedule
+from sampling.settings import size_multiple
 from train.checkpoint import RUN_FILES, find_checkpoint, read_meta
 from train.config import ConfigError, default
 
@@ -69,7 +70,15 @@ def preflight(config):
     if info.config.unet.in_channels != info.config.vae.z_channels:
         raise ConfigError(f"{config.model} is an inpainting model ({info.config.unet.in_channels} UNet input "
                           "channels); this loop trains text-to-image models")
+    multiple = size_multiple(info.config)
+    if config.resolution % multiple:
+        raise ConfigError(f"resolution {config.resolution} is not a multiple of {multiple}, which {config.model}'s VAE "
+                          f"needs (one latent is {info.config.vae.pixels_per_latent} pixels)")
     refiner = info.config.text_encoder_1 is None
+    if info.config.takes_aesthetic_score != refiner:
+        raise ConfigError(f"{config.model} has {'two text encoders' if not refiner else 'one text encoder'} but a "
+                          f"{'refiner' if not refiner else 'base'}'s vector condition; this loop trains SDXL base models "
+                          "and refiners as released")
     if refiner and ((config.prior_loss_weight > 0 and config.task == "dreambooth") or config.validation_prompt):
         raise ConfigError(f"{config.model} is a refiner, which cannot make class or validation images from noise; "
                           "train it with prior_loss_weight=0 and no validation_prompt")
