@@ -63,6 +63,21 @@ def peft_file(model, path, seed=1):
     save_file({k: v.contiguous() for k, v in tensors.items()}, path)
 
 
+def peft_dora_file(model, path, seed=2):
+    """A PEFT DoRA file (LoraConfig(use_dora=True), as diffusers saves it): lora_A/lora_B plus each module's
+    lora_magnitude_vector (out,), set off |W + B A| so the decomposition does something."""
+    rng, tensors = torch.Generator().manual_seed(seed), {}
+    modules = dict(model.unet.named_modules())
+    for name in UNET_MODULES[:2] + UNET_MODULES[3:5]:
+        w = modules[name].weight.detach()
+        down, up = lora_pair(rng, w.shape[0], w.shape[1])
+        path_d = unet_name_to_diffusers(name + ".weight", TINY.unet.num_res_blocks)[:-len(".weight")]
+        magnitude = (w + up @ down).norm(dim=1) * (1 + 0.3 * torch.rand(w.shape[0], generator=rng))
+        tensors |= {f"unet.{path_d}.lora_A.weight": down, f"unet.{path_d}.lora_B.weight": up,
+                    f"unet.{path_d}.lora_magnitude_vector": magnitude}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     from models.diffusers_layout import save_diffusers
@@ -74,6 +89,7 @@ def files(tmp_path_factory):
     kohya_file(model, root / "kohya.safetensors")
     kohya_file(model, root / "kohya_attention.safetensors", text_attention=True)
     peft_file(model, root / "peft.safetensors")
+    peft_dora_file(model, root / "dora.safetensors")
     return root
 
 
@@ -104,6 +120,23 @@ def test_merged_loras_equal_diffusers(files, loras):
     got = ours(s, progress=False)
     assert_close_images(got, theirs, f"LoRA {loras}")
     assert not np.array_equal(np.asarray(got[0]), np.asarray(plain(s, progress=False)[0]))  # the LoRA did something
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.7])
+def test_a_peft_dora_file_equals_diffusers(files, scale):
+    """PEFT's DoRA (diffusers' load_lora_weights runs it through peft's DoraLinearLayer): W' = g (W + m s B A) /
+    |W + m s B A| per output row, m the adapter weight."""
+    from peft.tuners.lora import LoraLayer
+
+    s = Settings(prompt="1girl, red eyes", negative_prompt="lowres", width=64, height=64, steps=8, sampler="euler",
+                 seed=3)
+    pipe = diffusers_with(files, [("dora.safetensors", scale)])
+    dora = [m for m in pipe.unet.modules() if isinstance(m, LoraLayer) and m.use_dora.get("a0")]
+    assert len(dora) == 4  # every module of the file runs as DoRA in peft
+    got = Pipeline.load(files / "tiny.safetensors", loras=[(files / "dora.safetensors", scale)])(s, progress=False)
+    assert_close_images(got, diffusers_images(pipe, s), f"PEFT DoRA at {scale}")
+    plain = Pipeline.load(files / "tiny.safetensors")(s, progress=False)
+    assert not np.array_equal(np.asarray(got[0]), np.asarray(plain[0]))
 
 
 def test_each_weight_changes_by_scale_alpha_over_rank_up_down(files):
