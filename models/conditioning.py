@@ -15,15 +15,16 @@ import torch
 from models.layers import timestep_embedding
 
 
-def encode_text(text_encoder_1, text_encoder_2, tokens_1, tokens_2):
-    """Token ids (B, 77) from each tokenizer -> (context (B, 77, C), pooled (B, P)).
+def encode_text(text_encoder_1, text_encoder_2, tokens_1, tokens_2, clip_skip=0):
+    """Token ids (B, 77) from each tokenizer -> (context (B, 77, C), pooled (B, P)); clip_skip: diffusers'
+    (the context from k layers fewer in both encoders).
 
     text_encoder_1 is None for the refiner, which conditions on bigG alone.
     """
-    context_2, pooled = text_encoder_2(tokens_2)
+    context_2, pooled = text_encoder_2(tokens_2, clip_skip)
     if text_encoder_1 is None:
         return context_2, pooled
-    context_1 = text_encoder_1(tokens_1)
+    context_1 = text_encoder_1(tokens_1, clip_skip)
     return torch.cat([context_1, context_2], dim=-1), pooled
 
 

@@ -89,6 +89,6 @@ class SDXL(nn.Module):
         # and logit_scale): kept so that an export loses nothing it did not change. Not parameters.
         self.extra_tensors = {}
 
-    def encode_text(self, tokens_1, tokens_2):
+    def encode_text(self, tokens_1, tokens_2, clip_skip=0):
         """Token ids (B, 77) of each tokenizer -> context (B, 77, context_dim), pooled (B, P)."""
-        return encode_text(self.text_encoder_1, self.text_encoder_2, tokens_1, tokens_2)
+        return encode_text(self.text_encoder_1, self.text_encoder_2, tokens_1, tokens_2, clip_skip)

@@ -137,8 +137,9 @@ class CLIPTextEncoder(nn.Module):
             final_layer_norm=nn.LayerNorm(cfg.width, eps=cfg.eps),  # in the checkpoint; unused by SDXL
         ))
 
-    def forward(self, tokens):
-        """tokens (B, T) long -> (B, T, width): hidden_states[-2], the second-to-last layer's output."""
+    def forward(self, tokens, clip_skip=0):
+        """tokens (B, T) long -> (B, T, width): hidden_states[-2], the second-to-last layer's output (diffusers'
+        clip_skip k: hidden_states[-(k + 2)], k layers fewer)."""
         check_tokens(tokens, self.config)
         emb = self.text_model.embeddings
         positions = torch.arange(tokens.shape[1], device=tokens.device)  # (T,)
@@ -146,7 +147,7 @@ class CLIPTextEncoder(nn.Module):
         # SDXL uses only the penultimate layer's output, so the last layer is never run: that saves
         # its compute, and it means the last layer and final_layer_norm get no gradient. Under DDP,
         # keep them frozen (requires_grad False) or DDP will wait forever for their gradients.
-        for layer in self.text_model.encoder.layers[:-1]:
+        for layer in self.text_model.encoder.layers[:len(self.text_model.encoder.layers) - 1 - clip_skip]:
             x = layer(x)
         return x
 
@@ -224,14 +225,16 @@ class OpenCLIPTextEncoder(nn.Module):
         self.ln_final = nn.LayerNorm(W, eps=cfg.eps)
         self.text_projection = nn.Parameter(torch.randn(W, cfg.projection_dim).mul_(W**-0.5))  # (W, proj)
 
-    def forward(self, tokens):
-        """tokens (B, T) long -> hidden_states[-2] (B, T, W) and the projected EOS feature (B, proj)."""
+    def forward(self, tokens, clip_skip=0):
+        """tokens (B, T) long -> hidden_states[-2] (B, T, W) (clip_skip k: hidden_states[-(k + 2)]) and the
+        projected EOS feature (B, proj), which always comes from the last layer."""
         check_tokens(tokens, self.config)
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # (B, T, W)
         *body, last = self.transformer.resblocks
-        for block in body:
+        for i, block in enumerate(body):
             x = block(x)
-        penultimate = x
+            if i == len(body) - 1 - clip_skip:
+                penultimate = x  # hidden_states[-(2 + clip_skip)]
         # Unlike CLIP-L, the last layer does run here: the pooled vector comes from its output.
         x = self.ln_final(last(x))
         # The pooled feature sits at the EOS token: 49407 is the vocabulary's largest id and argmax returns the

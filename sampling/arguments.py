@@ -137,6 +137,8 @@ def parse_args(argv):
     p.add_argument("--negative-crop-top-left", type=crop_pair, help="TOP,LEFT: the negative's own crop (default 0,0)")
     p.add_argument("--truncate-prompt", action="store_true", default=None,
                    help="cut prompts at 77 tokens as diffusers does (default: 75-token chunks, as A1111/ComfyUI)")
+    p.add_argument("--clip-skip", type=int, help="diffusers' clip_skip: the text context from K layers before SDXL's "
+                   "penultimate one, in both text encoders (the pooled vector unchanged)")
     p.add_argument("--no-prompt-weights", dest="prompt_weights", action="store_false", default=None,
                    help="read (, ), [, ] and BREAK literally, as diffusers (default: AUTOMATIC1111's weights)")
     p.add_argument("--refiner", help="a refiner model that takes over at --refiner-start (two-stage SDXL)")
@@ -239,7 +241,7 @@ def request_from(args):
                  original_size=args.original_size, crop_top_left=args.crop_top_left, target_size=args.target_size,
                  negative_original_size=args.negative_original_size, negative_target_size=args.negative_target_size,
                  negative_crop_top_left=args.negative_crop_top_left,
-                 truncate_prompt=args.truncate_prompt, prompt_weights=args.prompt_weights,
+                 truncate_prompt=args.truncate_prompt, prompt_weights=args.prompt_weights, clip_skip=args.clip_skip,
                  refiner_start=args.refiner_start, aesthetic_score=args.aesthetic_score,
                  negative_aesthetic_score=args.negative_aesthetic_score, init_image=args.init_image,
                  strength=args.strength, mask=args.mask, hires_scale=args.hires_scale,

@@ -100,7 +100,7 @@ def per_encoder(pipe, prompt, prompt_2):
 def encode(pipe, s, texts, chunks):
     """The texts of per_encoder -> context (1, 77 * chunks, C), pooled (1, P)."""
     return encode_prompts(pipe.model, pipe.tokenizers, [texts[0]], s.truncate_prompt, chunks, s.prompt_weights,
-                          pipe.embeddings, prompts_2=[texts[1]])
+                          pipe.embeddings, prompts_2=[texts[1]], clip_skip=s.clip_skip or 0)
 
 
 def encode_conditioning(pipe, s):

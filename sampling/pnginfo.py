@@ -119,6 +119,8 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, 
                    "Negative target size": _wxh(s.negative_target_size)}
     if s.truncate_prompt:
         fields["Prompt truncation"] = "true"
+    if s.clip_skip:  # not A1111's "Clip skip" (which it does not apply to SDXL): diffusers' meaning
+        fields["Diffusers clip skip"] = s.clip_skip
     if not s.prompt_weights:
         fields["Emphasis"] = "None"
     if s.init_image is not None:
@@ -232,6 +234,7 @@ def parse_parameters(text):
         negative_original_size=hw("Negative original size"), negative_target_size=hw("Negative target size"),
         negative_crop_top_left=_numbers(fields, "Negative crop top left", 2, "x", default=(0, 0)),
         truncate_prompt=fields.get("Prompt truncation") == "true",
+        clip_skip=_numbers(fields, "Diffusers clip skip", 1, None) if "Diffusers clip skip" in fields else None,
         prompt_weights=_emphasis(fields),
         aesthetic_score=_numbers(fields, "Aesthetic score", 1, None, float, DEFAULTS.aesthetic_score),
         negative_aesthetic_score=_numbers(fields, "Negative aesthetic score", 1, None, float,

@@ -190,9 +190,10 @@ def apply_weights(context, weights):
 
 
 def encode_prompts(model, tokenizers, prompts, truncate=False, min_chunks=1, weighted=False, embeddings=None,
-                   prompts_2=None):
+                   prompts_2=None, clip_skip=0):
     """Prompts (list of B strings) -> context (B, 77 * chunks, C), pooled (B, P). prompts_2, if given, is what
-    the second tokenizer (bigG's) reads instead (diffusers' prompt_2); embeddings: see weighted_chunks.
+    the second tokenizer (bigG's) reads instead (diffusers' prompt_2); embeddings: see weighted_chunks;
+    clip_skip: diffusers' (models.conditioning.encode_text).
 
     Every prompt of the batch is padded with empty chunks ("" encoded) up to the longest one, and to
     at least `min_chunks`, so that the conditional and unconditional batches can be stacked for CFG.
@@ -209,7 +210,7 @@ def encode_prompts(model, tokenizers, prompts, truncate=False, min_chunks=1, wei
     for k in range(chunks):
         picked = [[c[k] if k < len(c) else e for c in rows] for rows, e in zip(per_tokenizer, empty)]
         ids = [torch.stack([i for i, _ in rows]).to(device) for rows in picked]  # per tokenizer (B, 77)
-        context, pool = model.encode_text(*ids)  # (B, 77, C), (B, P)
+        context, pool = model.encode_text(*ids, clip_skip)  # (B, 77, C), (B, P)
         if weighted:  # per encoder and per prompt, as A1111 weights each embedder's output on its own
             parts = context.split([width for width, _ in encoders], dim=-1)
             context = torch.cat([torch.cat([apply_weights(part[b:b + 1], picked[i][b][1]) for b in range(len(prompts))])

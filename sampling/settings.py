@@ -73,6 +73,11 @@ class Settings:
     negative_crop_top_left: tuple = (0, 0)
     negative_target_size: tuple | None = None
     truncate_prompt: bool = False
+    # diffusers' clip_skip: the context from k layers fewer in both text encoders (hidden_states[-(k + 2)]), the
+    # pooled vector unchanged; None: SDXL's penultimate layer. Applied to the negative prompt too (diffusers
+    # 0.42.1 encodes its negative at the penultimate layer whatever clip_skip says; ComfyUI's CLIPSetLastLayer
+    # sets both). AUTOMATIC1111 does not apply its "Clip skip" to SDXL, so --from-png leaves it alone.
+    clip_skip: int | None = None
     prompt_weights: bool = True  # A1111's (tag:1.2), [tag], BREAK; False reads the prompt literally (diffusers)
     aesthetic_score: float = 6.0  # refiner only, as diffusers' defaults
     negative_aesthetic_score: float = 2.5
@@ -198,6 +203,10 @@ def check(s: Settings, config, refiner_config=None):
     refiner's SDXLConfig) cannot run. sampling.generate calls it before the weights load."""
     check_sampler(s)
     check_embeds(s, config, refiner_config)
+    layers = min(te.layers for te in (config.text_encoder_1, config.text_encoder_2) if te is not None)
+    if s.clip_skip is not None and not 0 <= s.clip_skip <= layers - 2:
+        raise ValueError(f"clip skip {s.clip_skip} is outside 0 .. {layers - 2} (this model's text encoders have "
+                         f"{layers} layers or more); e.g. 1 reads the layer before SDXL's penultimate")
     ranges = [("strength", s.strength, "1 repaints the image fully"), ("hi-res strength", s.hires_strength, "e.g. 0.7")]
     for name, value, hint in ranges:
         if not (math.isfinite(value) and 0 < value <= 1):

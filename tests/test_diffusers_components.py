@@ -11,6 +11,7 @@ another depth (diffusers' vae_scale_factor, 2 ** (levels - 1)) for text-to-image
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from test_image_conditioning import as_arrays, disc_mask, picture
@@ -113,6 +114,20 @@ def test_the_fast_test_components_with_lcm_give_diffusers_images(tmp_path):
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     s = Settings(prompt=PROMPT, negative_prompt=None, steps=2, cfg=5.0, sampler="lcm", seed=0)
     assert_close_images(Pipeline.load(folder)(s, progress=False), theirs(pipe, s), "fast-test components, LCM")
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_clip_skip_gives_diffusers_images(tmp_path, clip_skip):
+    """diffusers' clip_skip (hidden_states[-(k + 2)] of both encoders); no negative prompt, whose diffusers
+    encodes at the penultimate layer whatever clip_skip says (zeros here, force_zeros_for_empty_prompt)."""
+    folder, pipe = dummy_pipeline(tmp_path)
+    ours = Pipeline.load(folder)
+    s = Settings(prompt=PROMPT, steps=4, cfg=5.0, sampler="euler", seed=0, clip_skip=clip_skip)
+    got = ours(s, progress=False)
+    assert_close_images(got, theirs(pipe, s, clip_skip=clip_skip), f"clip skip {clip_skip}")
+    assert not np.array_equal(np.asarray(got[0]), np.asarray(ours(replace(s, clip_skip=None), progress=False)[0]))
+    with pytest.raises(ValueError, match="clip skip 4 is outside 0 .. 3"):
+        ours(replace(s, clip_skip=4), progress=False)
 
 
 @pytest.mark.parametrize("kind", ["img2img", "refiner"])

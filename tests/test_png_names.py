@@ -208,3 +208,12 @@ def test_negative_size_conditions_round_trip():
     text = format_parameters(s, 0, "m")
     assert "Negative original size: 384x512, Negative crop top left: 8x16, Negative target size: 64x64" in text
     assert parse_parameters(text)[0] == s
+
+
+def test_diffusers_clip_skip_round_trips_under_its_own_key():
+    """Not A1111's "Clip skip" (which A1111 does not apply to SDXL, and so is left alone here)."""
+    s = Settings(prompt="x", negative_prompt="y", width=64, height=64, clip_skip=2)
+    text = format_parameters(s, 0, "m")
+    assert "Diffusers clip skip: 2" in text and parse_parameters(text)[0] == s
+    a1111 = text.replace("Diffusers clip skip: 2", "Clip skip: 2")
+    assert parse_parameters(a1111)[0].clip_skip is None
