@@ -139,13 +139,13 @@ def text_config_to_hf(c, dtype):
 
 
 def model_index(cfg):
-    refiner = cfg.text_encoder_1 is None
+    refiner, aesthetic = cfg.text_encoder_1 is None, cfg.takes_aesthetic_score
     te1 = [None, None] if refiner else ["transformers", "CLIPTextModel"]
     tok1 = [None, None] if refiner else ["transformers", "CLIPTokenizer"]
     return {
-        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner else
+        "_class_name": "StableDiffusionXLImg2ImgPipeline" if refiner or aesthetic else
                        "StableDiffusionXLInpaintPipeline" if cfg.unet.in_channels == 9 else "StableDiffusionXLPipeline",
-        "force_zeros_for_empty_prompt": not refiner, **({"requires_aesthetics_score": True} if refiner else {}),
+        "force_zeros_for_empty_prompt": not refiner, **({"requires_aesthetics_score": True} if aesthetic else {}),
         "scheduler": ["diffusers", "EulerDiscreteScheduler"],
         "text_encoder": te1, "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
         "tokenizer": tok1, "tokenizer_2": ["transformers", "CLIPTokenizer"],

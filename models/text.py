@@ -50,6 +50,12 @@ TINY_CLIP_L = TextEncoderConfig(49408, 77, 32, 3, 4, 128, "quick_gelu", None)
 TINY_OPENCLIP_BIGG = TextEncoderConfig(49408, 77, 64, 3, 4, 256, "gelu", 48)
 
 
+def check_clip_skip(clip_skip, cfg):
+    """clip_skip k reads hidden_states[-(k + 2)]: at least one layer must run."""
+    if not 0 <= clip_skip <= cfg.layers - 2:
+        raise ValueError(f"clip skip {clip_skip} is outside 0 .. {cfg.layers - 2} for a {cfg.layers}-layer text encoder")
+
+
 def mlp_activation(x, act):
     """quick_gelu x * sigmoid(1.702 x) is the original CLIP's cheap GELU approximation."""
     return x * torch.sigmoid(1.702 * x) if act == "quick_gelu" else F.gelu(x)
@@ -147,6 +153,7 @@ class CLIPTextEncoder(nn.Module):
         # SDXL uses only the penultimate layer's output, so the last layer is never run: that saves
         # its compute, and it means the last layer and final_layer_norm get no gradient. Under DDP,
         # keep them frozen (requires_grad False) or DDP will wait forever for their gradients.
+        check_clip_skip(clip_skip, self.config)
         for layer in self.text_model.encoder.layers[:len(self.text_model.encoder.layers) - 1 - clip_skip]:
             x = layer(x)
         return x
@@ -230,6 +237,7 @@ class OpenCLIPTextEncoder(nn.Module):
         projected EOS feature (B, proj), which always comes from the last layer."""
         check_tokens(tokens, self.config)
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]  # (B, T, W)
+        check_clip_skip(clip_skip, self.config)
         *body, last = self.transformer.resblocks
         for i, block in enumerate(body):
             x = block(x)

@@ -64,5 +64,6 @@ def save_tokenizers(tokenizer_1, tokenizer_2, folder):
         # The hub folders also carry the raw vocab.json and merges.txt; copy them (from the folder the tokenizer
         # was read from: the bundled one, or a model folder's own) so the folder loads with transformers versions
         # that read only those.
-        for file in ["vocab.json", "merges.txt"]:
-            shutil.copyfile(Path(tokenizer.name_or_path) / file, out / file)
+        for file in ["vocab.json", "merges.txt"]:  # (a folder transformers 5 wrote has tokenizer.json alone)
+            if (Path(tokenizer.name_or_path) / file).exists():
+                shutil.copyfile(Path(tokenizer.name_or_path) / file, out / file)

@@ -322,7 +322,7 @@ class Pipeline:
 
     def hires_pass(self, s: Settings, latents, progress=True, callback=None):
         """AUTOMATIC1111's hi-res fix: upscale the first pass (its latents bilinearly, or its decoded images
-        with Lanczos) to hires_scale x the size (rounded down to multiples of 8), then run exactly
+        with Lanczos) to hires_scale x the size (rounded down to size_multiple), then run exactly
         hires_steps img2img steps there, with fresh generators from the same seeds, as A1111 draws fresh noise
         from the seeds for it (with Lanczos, each generator first draws the re-encoded image's posterior
         sample, as img2img here does)."""

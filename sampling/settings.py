@@ -79,7 +79,7 @@ class Settings:
     # sets both). AUTOMATIC1111 does not apply its "Clip skip" to SDXL, so --from-png leaves it alone.
     clip_skip: int | None = None
     prompt_weights: bool = True  # A1111's (tag:1.2), [tag], BREAK; False reads the prompt literally (diffusers)
-    aesthetic_score: float = 6.0  # refiner only, as diffusers' defaults
+    aesthetic_score: float = 6.0  # models whose UNet takes one (refiners), as diffusers' defaults
     negative_aesthetic_score: float = 2.5
     # Image-conditioned generation. init_image: a path or PIL image (img2img; inpainting with `mask`, white
     # = repaint), a list of one PIL image per output, or latents (1 or num_images, 4, h, w) from a stage.
@@ -203,7 +203,9 @@ def check(s: Settings, config, refiner_config=None):
     refiner's SDXLConfig) cannot run. sampling.generate calls it before the weights load."""
     check_sampler(s)
     check_embeds(s, config, refiner_config)
-    layers = min(te.layers for te in (config.text_encoder_1, config.text_encoder_2) if te is not None)
+    encoders = [config.text_encoder_1, config.text_encoder_2] + ([refiner_config.text_encoder_1,
+                                                                   refiner_config.text_encoder_2] if refiner_config else [])
+    layers = min(te.layers for te in encoders if te is not None)
     if s.clip_skip is not None and not 0 <= s.clip_skip <= layers - 2:
         raise ValueError(f"clip skip {s.clip_skip} is outside 0 .. {layers - 2} (this model's text encoders have "
                          f"{layers} layers or more); e.g. 1 reads the layer before SDXL's penultimate")

@@ -142,6 +142,11 @@ def test_the_img2img_and_refiner_only_components_give_diffusers_images(tmp_path,
                      init_image=init, strength=0.8, aesthetic_score=7.0)
         want = theirs(pipe, s, image=init, strength=0.8, aesthetic_score=7.0)
         assert_close_images(ours(s, progress=False), want, f"{kind} components, img2img, {steps} steps")
+    # Written out again (models.convert's path), the folder still says what it is.
+    save_diffusers(ours.model, tmp_path / "again", tokenizers=ours.tokenizers)
+    index = json.loads((tmp_path / "again" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLImg2ImgPipeline" and index["requires_aesthetics_score"] is True
+    assert Pipeline.load(tmp_path / "again").requires_aesthetics_score
 
 
 def test_a_second_stage_with_two_text_encoders_gives_diffusers_images(tmp_path):

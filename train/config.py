@@ -95,7 +95,7 @@ class TrainConfig:
 
     # ---- LoRA
     # 0 trains the chosen weights themselves; more adds LoRA adapters of this rank to them instead (the base
-    # stays frozen) and exports output_dir/lora.safetensors in kohya's format.
+    # stays frozen) and exports output_dir/lora.safetensors in kohya's format (LyCORIS' for lora_type's other kinds).
     lora_rank: int = 0
     lora_alpha: float | None = None  # the adapters' output scale is alpha / rank; None: lora_rank
     # "lora", or a LyCORIS kind (models/adapters.py): "loha" (Hadamard product of two rank-r products), "lokr"
