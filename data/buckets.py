@@ -7,7 +7,10 @@ of sizes and flags to what kohya's own code gives, tests/kohya_buckets.json).
     rounded_limits      min and max rounded to the steps, as kohya does, with its warnings
     bucket_resolutions  the predefined buckets: steps-multiples of about the resolution's area
     place               one image -> its bucket, resized size and crop window (a Placement)
-    epoch_batches       one epoch's batches, each of one bucket (used by train/batches.py)
+    cover               without buckets: the image scaled to cover the resolution, which is its crop
+    epoch_batches, batch_at
+                        the batches of a run, each of one bucket, a pure function of (seed, position)
+    class_sizes         the sizes class images are made at: the instance images' buckets, in proportion
 
     python -m data.buckets FOLDER [--resolution R | --resolution W,H] [--bucket_reso_steps S]
         [--min_bucket_reso A] [--max_bucket_reso B] [--bucket_no_upscale] [--json FILE]
@@ -16,6 +19,7 @@ prints one JSON object per image, {"image", "bucket": [w, h], "resized": [w, h],
 """
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -114,6 +118,13 @@ def place(width, height, flags, buckets=None):
     return Placement(bucket, resized, crop)
 
 
+def cover(size, target):
+    """Without buckets: (width, height) scaled to cover target (w, h), the short side's rounding never below it."""
+    scale = max(target[0] / size[0], target[1] / size[1])
+    resized = (max(target[0], round(size[0] * scale)), max(target[1], round(size[1] * scale)))
+    return Placement(tuple(target), resized, ((resized[0] - target[0]) // 2, (resized[1] - target[1]) // 2))
+
+
 def check_placeable(path, size, flags):
     """With bucket_no_upscale, an image with a side under min_bucket_reso would train at a bucket smaller than
     the flags allow (or none: kohya divides by zero): one DataError naming it."""
@@ -123,8 +134,9 @@ def check_placeable(path, size, flags):
                         "keeps it that size; remove it, upscale it, or drop bucket_no_upscale")
 
 
+@functools.lru_cache(maxsize=8)
 def epoch_batches(buckets_of, group, seed, epoch):
-    """One epoch of batches for images whose buckets are `buckets_of` (a list, one bucket per image): each
+    """One epoch of batches for images whose buckets are `buckets_of` (a tuple, one bucket per image): each
     bucket's images in a seeded random order, cut into groups of `group` (the last filled up from the start of
     that order, so every batch is full), and the batches of all buckets in a seeded random order.
     -> [(bucket, [image index] * group)]."""
@@ -136,6 +148,40 @@ def epoch_batches(buckets_of, group, seed, epoch):
         for start in range(0, len(order), group):
             batches.append((bucket, [order[(start + k) % len(order)] for k in range(group)]))
     return [batches[k] for k in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def batch_at(buckets_of, group, seed, position):
+    """The position-th batch of the run: epochs of epoch_batches one after another (each the same length).
+    -> (bucket, [image index] * group)"""
+    counts = {}
+    for bucket in buckets_of:
+        counts[bucket] = counts.get(bucket, 0) + 1
+    per_epoch = sum(-(-n // group) for n in counts.values())
+    epoch, k = divmod(position, per_epoch)
+    return epoch_batches(tuple(buckets_of), group, seed, epoch)[k]
+
+
+def class_sizes(buckets_of, count):
+    """The (width, height) of each of `count` class images: the instance images' buckets in proportion to how
+    many instance images each holds (rounded down, at least one each, what is left to the fullest buckets first),
+    in runs of one size."""
+    counts = {}
+    for bucket in buckets_of:
+        counts[bucket] = counts.get(bucket, 0) + 1
+    if count < len(counts):
+        raise ValueError(f"num_class_images {count} is fewer than the {len(counts)} buckets the instance images "
+                         f"fill; give at least {len(counts)}, so that every bucket has class images")
+    order = sorted(counts, key=lambda b: (-counts[b], b))
+    shares = {b: max(1, count * counts[b] // len(buckets_of)) for b in order}
+    for b in order * count:  # hand out what rounding left, the fullest buckets first (or take back the excess)
+        total = sum(shares.values())
+        if total == count:
+            break
+        if total < count:
+            shares[b] += 1
+        elif shares[b] > 1:
+            shares[b] -= 1
+    return [b for b in order for _ in range(shares[b])]
 
 
 def image_files(folder):

@@ -42,8 +42,20 @@ def batches(indices, size):
     return runs
 
 
-def generate_class_images(model, config, indices, rank=0):
-    """Make class-NNNNN.png for these indices (this process's share of missing_class_images)."""
+def by_size(run, size_of):
+    """A run of consecutive indices cut where the size changes: a batch is made at one size."""
+    parts = []
+    for i in run:
+        if parts and size_of(parts[-1][-1]) == size_of(i):
+            parts[-1].append(i)
+        else:
+            parts.append([i])
+    return parts
+
+
+def generate_class_images(model, config, indices, rank=0, sizes=None):
+    """Make class-NNNNN.png for these indices (this process's share of missing_class_images), each at the
+    resolution, or at sizes[i] (width, height): with buckets, the instance images' buckets (data.buckets.class_sizes)."""
     if not indices:
         return
     folder = Path(config.class_data_dir)
@@ -52,8 +64,11 @@ def generate_class_images(model, config, indices, rank=0):
     # bf16 on a GPU: about twice as fast as float32, and SDXL's VAE does not overflow in bf16 (fp16 does)
     fast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with tqdm(total=len(indices), desc=f"class images (process {rank})", position=rank) as bar:
-        for run in batches(indices, config.class_batch_size):
-            settings = Settings(prompt=config.class_prompt, width=config.resolution, height=config.resolution,
+        size_of = (lambda i: sizes[i]) if sizes else (lambda i: config.size)
+        runs = [part for run in batches(indices, config.class_batch_size) for part in by_size(run, size_of)]
+        for run in runs:
+            (width, height) = size_of(run[0])
+            settings = Settings(prompt=config.class_prompt, width=width, height=height,
                                 steps=config.class_steps, cfg=config.class_cfg, sampler=config.class_sampler,
                                 seed=config.seed + run[0], num_images=len(run))
             with fast:

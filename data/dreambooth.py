@@ -1,5 +1,5 @@
 """DreamBooth data: a folder of images with prompts, and the per-step augmentation with SDXL's
-micro-conditioning computed from each image's own resize and crop.
+micro-conditioning computed from each image's own resize and crop (where to: its placement, data/buckets.py).
 
 Randomness comes from a generator the trainer seeds with (seed, step, sample index), so an example
 is a pure function of those numbers: the run does not depend on the number of processes, and a
@@ -27,16 +27,17 @@ class DataError(ValueError):
 
 @dataclass
 class Example:
-    pixels: torch.Tensor  # (3, R, R) in [-1, 1]
+    pixels: torch.Tensor  # (3, H, W) in [-1, 1]: the bucket's size (the resolution's without buckets)
     prompt: str
     original_size: tuple  # (height, width) of the file
-    crop_top_left: tuple  # (top, left) of the crop in the resized image
-    target_size: tuple  # (R, R)
+    crop_top_left: tuple  # (top, left) of the crop in the resized (and flipped) image
+    target_size: tuple  # (H, W): the bucket
 
 
 class ImageFolder:
     """The images of one folder (sorted by name), each with its prompt: a same-named .txt if present,
-    else `prompt`. Every image is opened once up front, so a bad file stops the run before training."""
+    else `prompt`, and its size. Every image is opened once up front, so a bad file stops the run before
+    training. `placements` (one data.buckets.Placement per image) is set by the trainer."""
 
     def __init__(self, folder, prompt, what="image folder"):
         folder = Path(folder)
@@ -46,33 +47,34 @@ class ImageFolder:
         self.paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise DataError(f"{what} {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
-        for path in self.paths:
-            open_rgb(path)  # decoded in full: a truncated file fails here, not at step 1000
+        self.sizes = [open_rgb(path).size for path in self.paths]  # (w, h); decoded in full: a truncated file fails
+        self.placements = None  # here, not at step 1000
         self.prompts = [read_caption(p.with_suffix(".txt")) if p.with_suffix(".txt").exists() else prompt
                         for p in self.paths]
 
     def __len__(self):
         return len(self.paths)
 
-    def example(self, index, resolution, center_crop, random_flip, generator):
-        """Resize the short side to `resolution`, flip (p = 0.5), crop a square; SDXL size conditions."""
+    def example(self, index, center_crop, random_flip, generator):
+        """Resize to the image's placement (covering its bucket), flip (p = 0.5), crop the bucket (centred, or at
+        random); SDXL's size conditions as its paper defines them: the file's size, the crop's top-left in the
+        resized image, the bucket."""
         image = open_rgb(self.paths[index])
         original_size = (image.height, image.width)
-        scale = resolution / min(image.height, image.width)
-        size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-        image = image.resize(size, Image.BICUBIC)  # (W, H) with min side = resolution
+        (width, height), resized = self.placements[index].bucket, self.placements[index].resized
+        image = image.resize(resized, Image.BICUBIC)  # (W, H) covering the bucket (a copy at the same size)
         # Draw every random number, used or not, so the stream does not depend on the settings.
         coin, top_u, left_u = torch.rand(3, generator=generator).tolist()
         if random_flip and coin < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)  # before the crop: the crop offset stays true
         if center_crop:
-            top, left = (image.height - resolution) // 2, (image.width - resolution) // 2
+            top, left = (image.height - height) // 2, (image.width - width) // 2
         else:
-            top = int(top_u * (image.height - resolution + 1))
-            left = int(left_u * (image.width - resolution + 1))
-        image = image.crop((left, top, left + resolution, top + resolution))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1  # (3, R, R)
-        return Example(pixels, self.prompts[index], original_size, (top, left), (resolution, resolution))
+            top = int(top_u * (image.height - height + 1))
+            left = int(left_u * (image.width - width + 1))
+        image = image.crop((left, top, left + width, top + height))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1  # (3, H, W)
+        return Example(pixels, self.prompts[index], original_size, (top, left), (height, width))
 
 
 def check_folder(folder, what):

@@ -62,7 +62,7 @@ def test_min_and_max_are_rounded_with_a_warning(capsys):
 
 
 def test_epoch_batches_hold_one_bucket_and_every_image():
-    buckets_of = [(1024, 1024)] * 5 + [(832, 1216)] * 3 + [(1216, 832)]
+    buckets_of = ((1024, 1024),) * 5 + ((832, 1216),) * 3 + ((1216, 832),)
     batches = epoch_batches(buckets_of, 2, seed=0, epoch=0)
     assert all(len(ids) == 2 and all(buckets_of[i] == bucket for i in ids) for bucket, ids in batches)
     assert {i for _, ids in batches for i in ids} == set(range(9)) and len(batches) == 3 + 2 + 1

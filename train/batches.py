@@ -2,6 +2,8 @@
 image under prior preservation), their latents, noise, timesteps and targets, and the captions as token ids.
 
     INSTANCE, CLASS, streams    the kinds of sample and the generator stream of each random draw
+    set_placements, check_pairs, picks
+                                where each image trains (its bucket), and which images a micro-step takes
     Batch, make_batch           one micro-step of one process: TrainStep's inputs (train/losses.py)
     drop_tags                   caption tag dropout
     VAEBatch, make_vae_batch    the "vae" task's inputs
@@ -18,7 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from data.dreambooth import dataset_index, sample_generator
+from data.buckets import batch_at, bucket_resolutions, check_placeable, cover, place
+from data.dreambooth import DataError, dataset_index, sample_generator
 from models.conditioning import encode_text
 from models.tokenizer import tokenize
 
@@ -36,39 +39,82 @@ class Batch:
 
     text: tuple  # token ids (n, 77) of each tokenizer; with cache_text_embeddings, (context, pooled) instead
     numbers: torch.Tensor  # (n, 6) size conditions: original h, w, crop top, left, target h, w (a refiner: 5)
-    noisy: torch.Tensor  # (n, 4, R/8, R/8) the latents noised to timestep t
+    noisy: torch.Tensor  # (n, 4, H/8, W/8) the latents noised to timestep t (one bucket's size)
     t: torch.Tensor  # (n,) timesteps, as floats
-    target: torch.Tensor  # (n, 4, R/8, R/8) what the UNet should predict: the noise, or v
+    target: torch.Tensor  # (n, 4, H/8, W/8) what the UNet should predict: the noise, or v
     weight: torch.Tensor  # (n,) Min-SNR-gamma weights, else ones
     text_kept: torch.Tensor  # (n,) 0 where caption dropout drops the caption, else 1
+
+
+def set_placements(config, folders):
+    """Each ImageFolder's placements: its images' buckets (enable_bucket), else the resolution, covered (once
+    for these settings; cached latents keep theirs). DataError for an image bucket_no_upscale cannot place."""
+    flags = config.bucket_flags()
+    buckets = bucket_resolutions(flags) if flags and not flags.bucket_no_upscale else None
+    for folder in folders:
+        if not hasattr(folder, "sizes") or getattr(folder, "placed_for", None) == (config.size, flags):
+            continue
+        folder.placed_for = (config.size, flags)
+        for path, size in zip(folder.paths, folder.sizes) if flags else ():
+            check_placeable(path, size, flags)
+        folder.placements = [place(*size, flags, buckets) if flags else cover(size, config.size)
+                             for size in folder.sizes]
+
+
+def check_pairs(config, data):
+    """With buckets, a pair's class image is one of its bucket's: every bucket the instance images fill needs
+    class images, or one DataError naming the first that has none."""
+    if not config.enable_bucket or "class" not in data:
+        return
+    missing = sorted({p.bucket for p in data["instance"].placements} - {p.bucket for p in data["class"].placements})
+    if missing:
+        raise DataError(f"class_data_dir {config.class_data_dir} has no image in the {missing[0][0]}x{missing[0][1]} "
+                        "bucket, which instance images fill; add class images of that shape, or empty the folder so "
+                        "that they are made at the instance images' buckets")
+
+
+def picks(config, data, step, first):
+    """This process's samples first .. first + batch_size - 1 of the step -> [(global sample index, kind)],
+    [(folder, image index)]: instance images, then (with prior preservation) their paired class images. With
+    buckets, a micro-step of all processes is one batch of data.buckets.batch_at, so every process's images share
+    a bucket, and the class image of a pair is one of that bucket's."""
+    global_batch = config.batch_size * config.grad_accum * world_size()  # samples of one optimizer step
+    names = {INSTANCE: "instance", CLASS: "class"}
+    keys = [(j, kind) for kind in (INSTANCE, CLASS) if names[kind] in data for j in range(first, first + config.batch_size)]
+    if not config.enable_bucket:
+        return keys, [(data[names[kind]], dataset_index(config.seed + kind, step * global_batch + j,
+                                                        len(data[names[kind]].prompts))) for j, kind in keys]
+    group = config.batch_size * world_size()  # one micro-step of every process
+    micro = step * config.grad_accum + first // group
+    bucket, ids = batch_at(tuple(p.bucket for p in data["instance"].placements), group, config.seed, micro)
+    chosen = [(data["instance"], ids[j % group]) for j in range(first, first + config.batch_size)]
+    if "class" in data:
+        members = [i for i, p in enumerate(data["class"].placements) if p.bucket == bucket]
+        chosen += [(data["class"], members[dataset_index(config.seed + CLASS, micro * group + j % group, len(members))])
+                   for j in range(first, first + config.batch_size)]
+    return keys, chosen
 
 
 def make_batch(config, data, model, tokenizers, alpha_bars, step, first, device, texts=None):
     """This process's samples first .. first + batch_size - 1 of the step: instance images first, then (with
     prior preservation) their paired class images. `data` holds ImageFolders, or EncodedImages with
     cache_latents; `texts` is encode_captions()' cache with cache_text_embeddings. -> Batch"""
-    global_batch = config.batch_size * config.grad_accum * world_size()  # samples of one optimizer step
-    keys, picks = [], []  # (global sample index, kind): instance j and class j form pair j; (folder, image)
-    for kind, name in [(INSTANCE, "instance"), (CLASS, "class")]:
-        if name not in data:
-            continue
-        for j in range(first, first + config.batch_size):
-            picks.append((data[name], dataset_index(config.seed + kind, step * global_batch + j, len(data[name].prompts))))
-            keys.append((j, kind))
+    set_placements(config, data.values())
+    keys, chosen = picks(config, data, step, first)  # instance j and class j form pair j
     n = len(keys)
     gens = lambda stream: [sample_generator(config.seed, step, j, 10 * kind + stream) for j, kind in keys]
     with torch.no_grad():
         if config.cache_latents:
-            mean, logvar = (torch.stack([getattr(folder, a)[i] for folder, i in picks]) for a in ("mean", "logvar"))
-            numbers = torch.stack([folder.numbers[i] for folder, i in picks])
+            mean, logvar = (torch.stack([getattr(folder, a)[i] for folder, i in chosen]) for a in ("mean", "logvar"))
+            numbers = torch.stack([folder.numbers[i] for folder, i in chosen])
         else:
-            examples = [folder.example(i, config.resolution, config.center_crop, config.random_flip, g)
-                        for (folder, i), g in zip(picks, gens(0))]
+            examples = [folder.example(i, config.center_crop, config.random_flip, g)
+                        for (folder, i), g in zip(chosen, gens(0))]
             mean, logvar = model.vae.encode(torch.stack([e.pixels for e in examples]).to(device))  # (n, z, h, w)
             numbers = torch.tensor([[*e.original_size, *e.crop_top_left, *e.target_size] for e in examples],
                                    dtype=torch.float32, device=device)
         eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens(LATENT)]).to(device)
-        latents = (mean + torch.exp(0.5 * logvar) * eps) * model.vae.config.scaling_factor  # (n, 4, R/8, R/8)
+        latents = (mean + torch.exp(0.5 * logvar) * eps) * model.vae.config.scaling_factor  # (n, 4, H/8, W/8)
     noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens(NOISE)]).to(device)
     if config.noise_offset:  # per-channel offset noise (Guttenberg 2023): helps very dark / bright images
         offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g) for g in gens(OFFSET)])
@@ -83,7 +129,7 @@ def make_batch(config, data, model, tokenizers, alpha_bars, step, first, device,
         snr = (a / (1 - a)).flatten().clamp(min=1e-8)  # zero terminal SNR: 0 at t = T-1, and eps weights divide by it
         weight = torch.minimum(snr, torch.full_like(snr, config.snr_gamma)) / (snr + 1 if v_pred else snr)
     prompts = [drop_tags(folder.prompts[i], config.caption_tag_dropout_rate, config.keep_tokens, g)
-               for (folder, i), g in zip(picks, gens(TAGS))]
+               for (folder, i), g in zip(chosen, gens(TAGS))]
     text_kept = torch.tensor([float(torch.rand(1, generator=g) >= config.caption_dropout_rate) for g in gens(CAPTION)],
                              device=device)  # (n,) 0 where the caption is dropped
     if model.text_encoder_1 is None:
@@ -113,48 +159,60 @@ def drop_tags(prompt, rate, keep, generator):
 class VAEBatch:
     """VAEStep's inputs: this process's instance images and the noise that samples their latents."""
 
-    pixels: torch.Tensor  # (n, 3, R, R) in [-1, 1]
-    eps: torch.Tensor  # (n, z, R/8, R/8)
+    pixels: torch.Tensor  # (n, 3, H, W) in [-1, 1]
+    eps: torch.Tensor  # (n, z, H/8, W/8)
 
 
 def make_vae_batch(config, data, model, step, first, device):
     """The "vae" task's inputs for this process's samples first .. first + batch_size - 1 -> VAEBatch."""
     global_batch = config.batch_size * config.grad_accum * world_size()
+    set_placements(config, [data["instance"]])
     pixels, eps = [], []
     for j in range(first, first + config.batch_size):
         index = dataset_index(config.seed, step * global_batch + j, len(data["instance"]))
         g = sample_generator(config.seed, step, j, 0)
-        pixels.append(data["instance"].example(index, config.resolution, config.center_crop, config.random_flip, g).pixels)
-        f = model.config.vae.pixels_per_latent  # image pixels per latent pixel
-        z_shape = (model.config.vae.z_channels, config.resolution // f, config.resolution // f)
+        pixels.append(data["instance"].example(index, config.center_crop, config.random_flip, g).pixels)
+        f, (width, height) = model.config.vae.pixels_per_latent, config.size  # image pixels per latent pixel
+        z_shape = (model.config.vae.z_channels, height // f, width // f)
         eps.append(torch.randn(z_shape, generator=sample_generator(config.seed, step, j, LATENT)))
     return VAEBatch(torch.stack(pixels).to(device), torch.stack(eps).to(device))
 
 
 @dataclass
 class EncodedImages:
-    """A folder's images through the frozen VAE, for cache_latents: posterior mean and logvar
-    (N, z, R/8, R/8), the size conditions (N, 6) and the prompts."""
+    """A folder's images through the frozen VAE, for cache_latents: posterior mean and logvar (N, z, H/8, W/8), or
+    N tensors (z, h, w) when buckets give them several sizes, the size conditions (N, 6), the prompts and the
+    placements."""
 
-    mean: torch.Tensor
-    logvar: torch.Tensor
+    mean: torch.Tensor | list
+    logvar: torch.Tensor | list
     numbers: torch.Tensor
     prompts: list
+    placements: list
 
 
 @torch.no_grad()
 def encode_images(model, images, config, device, chunk=64, count=None):
     """The first `count` (default: every) image of an ImageFolder, center-cropped and unflipped as
-    cache_latents requires, encoded once."""
+    cache_latents requires, encoded once, `chunk` images of one bucket at a time."""
     count = len(images) if count is None else min(count, len(images))
-    parts, numbers = [], []
-    for start in range(0, count, chunk):
-        examples = [images.example(i, config.resolution, True, False, torch.Generator())
-                    for i in range(start, min(start + chunk, count))]
-        parts.append(model.vae.encode(torch.stack([e.pixels for e in examples]).to(device)))
-        numbers += [[*e.original_size, *e.crop_top_left, *e.target_size] for e in examples]
-    mean, logvar = (torch.cat(p) for p in zip(*parts))
-    return EncodedImages(mean, logvar, torch.tensor(numbers, dtype=torch.float32, device=device), images.prompts)
+    set_placements(config, [images])
+    by_bucket = {}
+    for i in range(count):
+        by_bucket.setdefault(images.placements[i].bucket, []).append(i)
+    means, logvars, numbers = [None] * count, [None] * count, [None] * count
+    for members in by_bucket.values():
+        for start in range(0, len(members), chunk):
+            run = members[start:start + chunk]
+            examples = [images.example(i, True, False, torch.Generator()) for i in run]
+            mean, logvar = model.vae.encode(torch.stack([e.pixels for e in examples]).to(device))
+            for k, (i, e) in enumerate(zip(run, examples)):
+                means[i], logvars[i] = mean[k], logvar[k]
+                numbers[i] = [*e.original_size, *e.crop_top_left, *e.target_size]
+    if len(by_bucket) == 1:  # one size: tensors, as the VAE task's scaling factor reads them
+        means, logvars = torch.stack(means), torch.stack(logvars)
+    return EncodedImages(means, logvars, torch.tensor(numbers, dtype=torch.float32, device=device), images.prompts,
+                         images.placements[:count])
 
 
 @torch.no_grad()

@@ -31,9 +31,16 @@ class TrainConfig:
     class_prompt: str = "1girl"
     prior_loss_weight: float = 1.0  # weight of the class loss; 0 turns prior preservation off
     num_class_images: int = 100
-    resolution: int = 1024  # square crops of this size, re-drawn every step (with center_crop, random_flip)
+    # The training size: R (square) or (W, H); crops of it, re-drawn every step (with center_crop, random_flip).
+    # With enable_bucket, the area the aspect-ratio buckets keep (data/buckets.py, kohya's flags and defaults).
+    resolution: int | tuple = 1024
     center_crop: bool = False
-    random_flip: bool = True
+    random_flip: bool = True  # kohya's flip_aug
+    enable_bucket: bool = False  # each image in the bucket of nearest aspect ratio; a batch holds one bucket
+    min_bucket_reso: int = 256  # no bucket side below this (rounded down to bucket_reso_steps)
+    max_bucket_reso: int = 1024  # no bucket side above this (rounded up to bucket_reso_steps)
+    bucket_reso_steps: int = 64  # bucket sides are multiples of this (of 8, SDXL's latents)
+    bucket_no_upscale: bool = False  # images only shrink; each gets the bucket of its own size, cut to the steps
     # Encode every image once before training (needs center_crop and no random_flip, so the pixels never
     # change); the latent is still sampled anew from its posterior every step. The VAE then leaves the GPU for
     # the CPU (validation images bring it back for a moment).
@@ -138,7 +145,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
-        positive = ["resolution", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "validation_every",
+        positive = ["bucket_reso_steps", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "validation_every",
                     "keep_checkpoints", "num_class_images", "class_steps", "class_batch_size"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -163,8 +170,9 @@ class TrainConfig:
             raise ConfigError(f"snr_gamma must be a number more than 0, or None to turn Min-SNR off (got {self.snr_gamma})")
         if len(self.adam_betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"adam_betas must be two numbers in [0, 1), e.g. (0.9, 0.999) (got {self.adam_betas})")
-        if self.resolution % 8:
-            raise ConfigError(f"resolution must be a multiple of 8 (got {self.resolution})")
+        if len(self.size) != 2 or not all(isinstance(s, int) and s >= 8 and s % 8 == 0 for s in self.size):
+            raise ConfigError(f"resolution must be a multiple of 8, or (width, height) of two (got {self.resolution})")
+        self.check_buckets()
         if self.cache_latents and (self.random_flip or not self.center_crop or self.task == "vae"):
             raise ConfigError("cache_latents needs center_crop=True and random_flip=False (the pixels must not change"
                               " between steps) and the dreambooth task")
@@ -175,6 +183,36 @@ class TrainConfig:
             raise ConfigError("train is empty; name what trains, e.g. train=['unet']")
         self.check_lora()
         self.check_optimizer()
+
+    @property
+    def size(self):
+        """The resolution as (width, height)."""
+        return (self.resolution, self.resolution) if isinstance(self.resolution, int) else tuple(self.resolution)
+
+    def bucket_flags(self):
+        """data.buckets.BucketFlags of these fields, or None without enable_bucket."""
+        from data.buckets import BucketFlags
+
+        return BucketFlags(self.size, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps,
+                           self.bucket_no_upscale) if self.enable_bucket else None
+
+    def check_buckets(self):
+        names = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
+        moved = [name for name in names if getattr(self, name) != default(name)]
+        if moved and not self.enable_bucket:
+            raise ConfigError(f"{moved[0]} applies with enable_bucket=True; set it, or leave {moved[0]} out")
+        if self.enable_bucket and self.bucket_reso_steps % 8:
+            raise ConfigError(f"bucket_reso_steps must be a multiple of 8, SDXL's pixels per latent (got "
+                              f"{self.bucket_reso_steps}; kohya's default is 64)")
+        if self.enable_bucket and self.task == "vae":
+            raise ConfigError("the vae task trains on square crops of resolution; leave enable_bucket out")
+        if self.enable_bucket:
+            from data.buckets import rounded_limits
+
+            try:
+                rounded_limits(self.bucket_flags(), warn=False)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
     def check_lora(self):
         for name in ("lora_rank", "lora_conv_rank"):

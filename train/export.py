@@ -31,8 +31,8 @@ def validate(model, config, step, out, writer, device):
     pipe = Pipeline(model)
     pipe.offload = device
     try:
-        image = pipe(Settings(prompt=config.validation_prompt, width=config.resolution,
-                                         height=config.resolution, steps=config.class_steps, cfg=config.class_cfg,
+        image = pipe(Settings(prompt=config.validation_prompt, width=config.size[0],
+                                         height=config.size[1], steps=config.class_steps, cfg=config.class_cfg,
                                          sampler=config.class_sampler, seed=config.seed), progress=False)[0]
     except NonFiniteError as e:  # training goes on; the loss check stops it if the weights themselves diverged
         print(f"note: no validation image at step {step}: {e}", file=sys.stderr)
@@ -64,7 +64,7 @@ def export_lora(model, adapters, config, out):
     base_version = "sdxl_base_v1-0" if model.text_encoder_1 is not None else "sdxl_refiner_v1-0"
     metadata = kohya_metadata(adapters, base_version, Path(config.output_dir).name, config.lokr_factor,
                               steps=config.max_steps, learning_rate=config.lr, seed=config.seed,
-                              resolution=f"({config.resolution}, {config.resolution})")
+                              resolution=f"({config.size[0]}, {config.size[1]})")
     save_adapters(adapters, out / "lora.safetensors", DTYPES[config.export_dtype], metadata)
     print(f"wrote {out / 'lora.safetensors'}")
     if config.merge_lora:

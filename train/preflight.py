@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from data.buckets import class_sizes
 from data.dreambooth import ImageFolder, check_folder
 from models.adapters import CONV_TARGETS, add_adapters
 from models.loading import check_device, inspect
@@ -18,6 +19,7 @@ from models.lora import matches
 from models.sdxl import SDXL
 from sampling.schedule import make_schedule
 from sampling.settings import size_multiple
+from train.batches import set_placements
 from train.checkpoint import RUN_FILES, find_checkpoint, read_meta
 from train.config import ConfigError, default
 
@@ -65,15 +67,21 @@ def preflight(config):
     out = Path(config.output_dir)
     check_folder(out, "output_dir")  # FILE/run too: nothing is written before every output path is known good
     check_folder(config.class_data_dir, "class_data_dir")
-    ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")  # every image decoded
+    images = ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")  # every image decoded
+    set_placements(config, [images])  # with buckets: each image placeable
+    if config.enable_bucket and config.prior_loss_weight > 0 and config.task == "dreambooth":
+        try:  # enough class images for every bucket
+            class_sizes([p.bucket for p in images.placements], config.num_class_images)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     info = inspect(config.model, config.model_config)  # the model's headers: a bad --model fails before the load
     if info.config.unet.in_channels != info.config.vae.z_channels:
         raise ConfigError(f"{config.model} is an inpainting model ({info.config.unet.in_channels} UNet input "
                           "channels); this loop trains text-to-image models")
     multiple = size_multiple(info.config)
-    if config.resolution % multiple:
-        raise ConfigError(f"resolution {config.resolution} is not a multiple of {multiple}, which {config.model}'s VAE "
-                          f"needs (one latent is {info.config.vae.pixels_per_latent} pixels)")
+    if any(side % multiple for side in config.size) or (config.enable_bucket and config.bucket_reso_steps % multiple):
+        raise ConfigError(f"resolution {config.resolution} (and bucket_reso_steps) must be multiples of {multiple}, "
+                          f"which {config.model}'s VAE needs (one latent is {info.config.vae.pixels_per_latent} pixels)")
     refiner = info.config.text_encoder_1 is None
     if info.config.takes_aesthetic_score != refiner:
         raise ConfigError(f"{config.model} has {'two text encoders' if not refiner else 'one text encoder'} but a "
