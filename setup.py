@@ -4,7 +4,7 @@ setup(
     name="plainxl",
     version="0.1.0",
     description="A from-scratch, readable PyTorch reimplementation of Stable Diffusion XL.",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["models*", "sampling*", "train*", "data*", "configs*"]),
     package_data={"models": ["tokenizer/*", "plainxl-tiny.safetensors", "plainxl-tiny-refiner.safetensors"], "data": ["classifier.safetensors"]},
     install_requires=[

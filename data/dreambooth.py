@@ -49,8 +49,27 @@ class ImageFolder:
             raise DataError(f"{what} {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
         self.sizes = [open_rgb(path).size for path in self.paths]  # (w, h); decoded in full: a truncated file fails
         self.placements = None  # here, not at step 1000
+        self.rules = None  # a dataset_config subset per image (from_subsets); None: the config's fields
         self.prompts = [read_caption(p.with_suffix(".txt")) if p.with_suffix(".txt").exists() else prompt
                         for p in self.paths]
+
+    @classmethod
+    def from_subsets(cls, subsets):
+        """kohya's subsets (data.kohya_config.Subset) as one folder: each image num_repeats times, captioned by
+        its <name><caption_extension>, else the subset's class_tokens, else "" (kohya's order), with its subset's
+        caption, crop and flip rules (`rules`)."""
+        self = cls.__new__(cls)
+        self.paths, self.prompts, self.sizes, self.rules, self.placements = [], [], [], [], None
+        for subset in subsets:
+            for path in sorted(p for p in Path(subset.image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                size = open_rgb(path).size
+                caption = Path(str(path.with_suffix("")) + subset.caption_extension)
+                prompt = read_caption(caption) if caption.is_file() else subset.class_tokens or ""
+                self.paths += [path] * subset.num_repeats
+                self.prompts += [prompt] * subset.num_repeats
+                self.sizes += [size] * subset.num_repeats
+                self.rules += [subset] * subset.num_repeats
+        return self
 
     def __len__(self):
         return len(self.paths)

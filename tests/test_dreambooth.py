@@ -243,10 +243,11 @@ def test_tag_and_caption_dropout(setup):
     from models.conditioning import vector_condition
     from models.tokenizer import load_tokenizers
     from sampling.schedule import alphas_cumprod
-    from train.batches import drop_tags, make_batch
+    from train.batches import Rules, make_batch, process_caption
     from train.config import TrainConfig
     from train.losses import TrainStep
 
+    drop_tags = lambda prompt, rate, keep, g: process_caption(prompt, Rules(True, False, keep, False, 0.0, rate), g)
     prompt = "1girl, solo, blue hair, red eyes, smile"
     assert drop_tags(prompt, 0.0, 0, sample_generator(0, 0, 0, 5)) == prompt
     assert drop_tags(prompt, 1.0, 2, sample_generator(0, 0, 0, 5)) == "1girl, solo"

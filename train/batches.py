@@ -2,10 +2,12 @@
 image under prior preservation), their latents, noise, timesteps and targets, and the captions as token ids.
 
     INSTANCE, CLASS, streams    the kinds of sample and the generator stream of each random draw
+    instance_images, training_data
+                                the images of a run: its folders or dataset_config subsets, class images made
     set_placements, check_pairs, picks
                                 where each image trains (its bucket), and which images a micro-step takes
     Batch, make_batch           one micro-step of one process: TrainStep's inputs (train/losses.py)
-    drop_tags                   caption tag dropout
+    Rules, process_caption      per-image crop, flip and caption rules; tag shuffle and dropout
     VAEBatch, make_vae_batch    the "vae" task's inputs
     EncodedImages, encode_images, encode_captions
                                 cache_latents and cache_text_embeddings: the frozen encoders run once
@@ -16,12 +18,15 @@ batch, not of the number of processes, and a resumed run draws what the uninterr
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from data.buckets import batch_at, bucket_resolutions, check_placeable, cover, place
-from data.dreambooth import DataError, dataset_index, sample_generator
+from data.buckets import batch_at, bucket_resolutions, check_placeable, class_sizes, cover, place
+from data.class_images import generate_class_images, missing_class_images, share
+from data.dreambooth import DataError, ImageFolder, dataset_index, sample_generator
+from data.kohya_config import check_subsets
 from models.conditioning import encode_text
 from models.tokenizer import tokenize
 
@@ -44,6 +49,41 @@ class Batch:
     target: torch.Tensor  # (n, 4, H/8, W/8) what the UNet should predict: the noise, or v
     weight: torch.Tensor  # (n,) Min-SNR-gamma weights, else ones
     text_kept: torch.Tensor  # (n,) 0 where caption dropout drops the caption, else 1
+
+
+def instance_images(config):
+    """The instance images: dataset_config's subsets that are not is_reg, or instance_data_dir with instance_prompt."""
+    if not config.dataset_config:
+        return ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")
+    check_subsets(config.subsets())
+    subsets = [s for s in config.subsets() if not s.is_reg]
+    if not subsets:
+        raise DataError(f"dataset_config {config.dataset_config} has only is_reg subsets; add the subject's images")
+    return ImageFolder.from_subsets(subsets)
+
+
+def training_data(config, model, process):
+    """{"instance": ImageFolder, "class": ImageFolder (with prior preservation)}, placed in their buckets: the class
+    images are dataset_config's regularisation subsets, or class_data_dir's, made first where missing (each
+    process a share; at the instance images' buckets with enable_bucket)."""
+    data = {"instance": instance_images(config)}
+    set_placements(config, [data["instance"]])
+    if config.dataset_config and config.prior_loss_weight > 0:  # dataset_config's regularisation subsets, never made
+        data["class"] = ImageFolder.from_subsets([s for s in config.subsets() if s.is_reg])
+    elif config.prior_loss_weight > 0 and config.task == "dreambooth":
+        todo = missing_class_images(config.class_data_dir, config.num_class_images)  # same list on every rank
+        sizes = (class_sizes([p.bucket for p in data["instance"].placements], config.num_class_images)
+                 if config.enable_bucket else None)  # the instance images' buckets, in proportion
+        if process.ddp:
+            dist.barrier()  # nobody writes before everybody has listed what is missing
+        Path(config.class_data_dir).mkdir(parents=True, exist_ok=True)
+        generate_class_images(model, config, share(todo, process.rank, process.world), process.rank, sizes)
+        if process.ddp:
+            dist.barrier()
+        data["class"] = ImageFolder(config.class_data_dir, config.class_prompt, "class_data_dir")
+    set_placements(config, data.values())
+    check_pairs(config, data)
+    return data
 
 
 def set_placements(config, folders):
@@ -101,6 +141,7 @@ def make_batch(config, data, model, tokenizers, alpha_bars, step, first, device,
     cache_latents; `texts` is encode_captions()' cache with cache_text_embeddings. -> Batch"""
     set_placements(config, data.values())
     keys, chosen = picks(config, data, step, first)  # instance j and class j form pair j
+    rules = [rules_of(config, folder, i) for folder, i in chosen]
     n = len(keys)
     gens = lambda stream: [sample_generator(config.seed, step, j, 10 * kind + stream) for j, kind in keys]
     with torch.no_grad():
@@ -108,8 +149,8 @@ def make_batch(config, data, model, tokenizers, alpha_bars, step, first, device,
             mean, logvar = (torch.stack([getattr(folder, a)[i] for folder, i in chosen]) for a in ("mean", "logvar"))
             numbers = torch.stack([folder.numbers[i] for folder, i in chosen])
         else:
-            examples = [folder.example(i, config.center_crop, config.random_flip, g)
-                        for (folder, i), g in zip(chosen, gens(0))]
+            examples = [folder.example(i, rule.center_crop, rule.flip, g)
+                        for (folder, i), rule, g in zip(chosen, rules, gens(0))]
             mean, logvar = model.vae.encode(torch.stack([e.pixels for e in examples]).to(device))  # (n, z, h, w)
             numbers = torch.tensor([[*e.original_size, *e.crop_top_left, *e.target_size] for e in examples],
                                    dtype=torch.float32, device=device)
@@ -128,10 +169,9 @@ def make_batch(config, data, model, tokenizers, alpha_bars, step, first, device,
     if config.snr_gamma is not None:  # Min-SNR-gamma (Hang et al. 2023), per sample
         snr = (a / (1 - a)).flatten().clamp(min=1e-8)  # zero terminal SNR: 0 at t = T-1, and eps weights divide by it
         weight = torch.minimum(snr, torch.full_like(snr, config.snr_gamma)) / (snr + 1 if v_pred else snr)
-    prompts = [drop_tags(folder.prompts[i], config.caption_tag_dropout_rate, config.keep_tokens, g)
-               for (folder, i), g in zip(chosen, gens(TAGS))]
-    text_kept = torch.tensor([float(torch.rand(1, generator=g) >= config.caption_dropout_rate) for g in gens(CAPTION)],
-                             device=device)  # (n,) 0 where the caption is dropped
+    prompts = [process_caption(folder.prompts[i], rule, g) for (folder, i), rule, g in zip(chosen, rules, gens(TAGS))]
+    text_kept = torch.tensor([float(torch.rand(1, generator=g) >= rule.caption_dropout_rate)
+                              for rule, g in zip(rules, gens(CAPTION))], device=device)  # (n,) 0: caption dropped
     if model.text_encoder_1 is None:
         # A refiner's negative is the encoded empty prompt with the negative aesthetic score (diffusers'
         # force_zeros_for_empty_prompt=False): a dropped caption becomes exactly that, not zeros.
@@ -146,11 +186,36 @@ def make_batch(config, data, model, tokenizers, alpha_bars, step, first, device,
     return Batch(text, numbers, noisy, t.float(), target, weight, text_kept)
 
 
-def drop_tags(prompt, rate, keep, generator):
-    """The prompt without each of its comma-separated tags, past the first `keep`, with probability `rate`."""
-    if rate == 0:
+@dataclass(frozen=True)
+class Rules:
+    """How one image is cropped, flipped and captioned: its dataset_config subset's keys, or the config's fields."""
+
+    center_crop: bool
+    flip: bool
+    keep_tokens: int
+    shuffle_caption: bool
+    caption_dropout_rate: float
+    caption_tag_dropout_rate: float
+
+
+def rules_of(config, folder, i):
+    subset = folder.rules[i] if getattr(folder, "rules", None) else None
+    if subset is None:
+        return Rules(config.center_crop, config.random_flip, config.keep_tokens, config.shuffle_caption,
+                     config.caption_dropout_rate, config.caption_tag_dropout_rate)
+    return Rules(not subset.random_crop, subset.flip_aug, subset.keep_tokens, subset.shuffle_caption,
+                 subset.caption_dropout_rate, subset.caption_tag_dropout_rate)
+
+
+def process_caption(prompt, rule, generator):
+    """kohya's caption processing: the comma-separated tags past the first keep_tokens shuffled (shuffle_caption),
+    then each of them dropped with probability caption_tag_dropout_rate."""
+    keep, rate = rule.keep_tokens, rule.caption_tag_dropout_rate
+    if rate == 0 and not rule.shuffle_caption:
         return prompt
     tags = [tag.strip() for tag in prompt.split(",")]
+    if rule.shuffle_caption:
+        tags = tags[:keep] + [tags[keep + k] for k in torch.randperm(max(len(tags) - keep, 0), generator=generator).tolist()]
     draws = torch.rand(len(tags), generator=generator).tolist()
     return ", ".join(tag for i, (tag, u) in enumerate(zip(tags, draws)) if i < keep or u >= rate)
 
@@ -189,6 +254,7 @@ class EncodedImages:
     numbers: torch.Tensor
     prompts: list
     placements: list
+    rules: list | None = None  # the ImageFolder's dataset_config subsets
 
 
 @torch.no_grad()
@@ -212,7 +278,7 @@ def encode_images(model, images, config, device, chunk=64, count=None):
     if len(by_bucket) == 1:  # one size: tensors, as the VAE task's scaling factor reads them
         means, logvars = torch.stack(means), torch.stack(logvars)
     return EncodedImages(means, logvars, torch.tensor(numbers, dtype=torch.float32, device=device), images.prompts,
-                         images.placements[:count])
+                         images.placements[:count], images.rules and images.rules[:count])
 
 
 @torch.no_grad()

@@ -26,6 +26,10 @@ class TrainConfig:
     # shapes: its diffusers folder or config JSON (sampling.generate's --config).
     model_config: str | None = None
     instance_data_dir: str = "instance_images"  # the subject's images; a .txt beside an image replaces the prompt
+    # kohya's dataset config (a TOML file, data/kohya_config.py): its subsets replace instance_data_dir and
+    # class_data_dir (is_reg subsets are the class images; none: no prior preservation), its dataset keys
+    # (resolution, batch_size, the bucket keys, prior_loss_weight) these fields, as kohya reads it.
+    dataset_config: str | None = None
     instance_prompt: str = "1girl, sks"
     class_data_dir: str = "class_images"  # prior-preservation images, generated up to num_class_images if short
     class_prompt: str = "1girl"
@@ -82,6 +86,7 @@ class TrainConfig:
     # ("tokens" are tags in kohya's names too).
     caption_tag_dropout_rate: float = 0.0
     keep_tokens: int = 0
+    shuffle_caption: bool = False  # shuffle a prompt's tags past the first keep_tokens every step (kohya's)
     snr_gamma: float | None = None  # Min-SNR weighting (Hang et al. 2023); None turns it off
     noise_offset: float = 0.0  # per-channel offset noise (Guttenberg 2023)
     # Train on timesteps t < max_timestep only (SDXL's refiner was trained on the low-noise end, t < 200);
@@ -138,6 +143,7 @@ class TrainConfig:
     parallel: str = "ddp"
 
     def __post_init__(self):
+        subsets = self.apply_dataset_config()
         choices = {"lr_schedule": ("constant", "linear", "cosine"), "mixed_precision": ("no", "fp16", "bf16"),
                    "task": ("dreambooth", "vae"), "lora_type": LORA_TYPES,
                    "export_dtype": ("fp16", "bf16", "fp32"), "base_dtype": ("fp32", "bf16", "fp16"),
@@ -173,16 +179,48 @@ class TrainConfig:
         if len(self.size) != 2 or not all(isinstance(s, int) and s >= 8 and s % 8 == 0 for s in self.size):
             raise ConfigError(f"resolution must be a multiple of 8, or (width, height) of two (got {self.resolution})")
         self.check_buckets()
-        if self.cache_latents and (self.random_flip or not self.center_crop or self.task == "vae"):
-            raise ConfigError("cache_latents needs center_crop=True and random_flip=False (the pixels must not change"
-                              " between steps) and the dreambooth task")
-        if self.cache_text_embeddings and (self.caption_tag_dropout_rate or self.task == "vae"):
-            raise ConfigError("cache_text_embeddings needs caption_tag_dropout_rate=0 (the prompts must not change "
-                              "between steps) and the dreambooth task")
+        rules = subsets or [self]  # what decides flips, crops and caption changes: the subsets, or these fields
+        flips = any(r.flip_aug if subsets else r.random_flip for r in rules)
+        random_crops = any(r.random_crop if subsets else not r.center_crop for r in rules)
+        if self.cache_latents and (flips or random_crops or self.task == "vae"):
+            raise ConfigError("cache_latents needs center_crop=True and random_flip=False (in a dataset_config: no "
+                              "flip_aug or random_crop), so that the pixels never change between steps, and the "
+                              "dreambooth task")
+        if self.cache_text_embeddings and (any(r.caption_tag_dropout_rate or r.shuffle_caption for r in rules)
+                                           or self.task == "vae"):
+            raise ConfigError("cache_text_embeddings needs caption_tag_dropout_rate=0 and shuffle_caption=False (the "
+                              "prompts must not change between steps) and the dreambooth task")
         if not self.train:
             raise ConfigError("train is empty; name what trains, e.g. train=['unet']")
         self.check_lora()
         self.check_optimizer()
+
+    def dataset(self):
+        """dataset_config, read (data.kohya_config.DatasetConfig), or None without one."""
+        if self.dataset_config is None:
+            return None
+        from data.kohya_config import read_dataset_config
+
+        try:
+            return read_dataset_config(self.dataset_config)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def subsets(self):
+        """dataset_config's subsets (data.kohya_config.Subset), or [] without one."""
+        return self.dataset().subsets if self.dataset_config else []
+
+    def apply_dataset_config(self):
+        """dataset_config's dataset keys set on these fields (the file's win, as in kohya) -> its subsets."""
+        dataset = self.dataset()
+        if dataset is None:
+            return []
+        hints = typing.get_type_hints(TrainConfig)
+        for name, value in dataset.settings.items():
+            setattr(self, name, _check_type(name, value, hints[name]))
+        if not any(s.is_reg for s in dataset.subsets):
+            self.prior_loss_weight = 0.0  # kohya: prior preservation comes with regularisation subsets
+        return dataset.subsets
 
     @property
     def size(self):

@@ -37,15 +37,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data.buckets import class_sizes
-from data.class_images import generate_class_images, missing_class_images, share
-from data.dreambooth import DataError, ImageFolder
+from data.dreambooth import DataError
 from models.files import DTYPES
 from models.loading import LoadError, load, out_of_memory
 from models.tokenizer import load_tokenizers
 from sampling.pipeline import NonFiniteError
 from sampling.schedule import alphas_cumprod
-from train.batches import check_pairs, encode_captions, encode_images, make_batch, make_vae_batch, set_placements
+from train.batches import encode_captions, encode_images, make_batch, make_vae_batch, training_data
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import ConfigError, load_config
 from train.export import export, validate
@@ -154,22 +152,7 @@ def load_frozen(config, process):
         for part in filter(None, (model.unet, model.text_encoder_1, model.text_encoder_2)):
             part.to(DTYPES[weights_dtype])  # the VAE stays float32: SDXL's overflows in fp16
         model.to(process.device)
-    data = {"instance": ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")}
-    set_placements(config, [data["instance"]])
-    if config.prior_loss_weight > 0 and config.task == "dreambooth":
-        todo = missing_class_images(config.class_data_dir, config.num_class_images)  # same list on every rank
-        sizes = (class_sizes([p.bucket for p in data["instance"].placements], config.num_class_images)
-                 if config.enable_bucket else None)  # the instance images' buckets, in proportion
-        if process.ddp:
-            dist.barrier()  # nobody writes before everybody has listed what is missing
-        Path(config.class_data_dir).mkdir(parents=True, exist_ok=True)
-        generate_class_images(model, config, share(todo, process.rank, process.world), process.rank, sizes)
-        if process.ddp:
-            dist.barrier()
-        data["class"] = ImageFolder(config.class_data_dir, config.class_prompt, "class_data_dir")
-        set_placements(config, [data["class"]])
-        check_pairs(config, data)
-    return model, data
+    return model, training_data(config, model, process)
 
 
 def cache_inputs(config, model, data, tokenizers, autocast, device):

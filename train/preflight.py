@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 
 from data.buckets import class_sizes
-from data.dreambooth import ImageFolder, check_folder
+from data.dreambooth import check_folder
 from models.adapters import CONV_TARGETS, add_adapters
 from models.loading import check_device, inspect
 from models.lora import matches
 from models.sdxl import SDXL
 from sampling.schedule import make_schedule
 from sampling.settings import size_multiple
-from train.batches import set_placements
+from train.batches import instance_images, set_placements
 from train.checkpoint import RUN_FILES, find_checkpoint, read_meta
 from train.config import ConfigError, default
 
@@ -67,7 +67,7 @@ def preflight(config):
     out = Path(config.output_dir)
     check_folder(out, "output_dir")  # FILE/run too: nothing is written before every output path is known good
     check_folder(config.class_data_dir, "class_data_dir")
-    images = ImageFolder(config.instance_data_dir, config.instance_prompt, "instance_data_dir")  # every image decoded
+    images = instance_images(config)  # every image decoded
     set_placements(config, [images])  # with buckets: each image placeable
     if config.enable_bucket and config.prior_loss_weight > 0 and config.task == "dreambooth":
         try:  # enough class images for every bucket
