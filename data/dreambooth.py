@@ -74,6 +74,14 @@ class ImageFolder:
     def __len__(self):
         return len(self.paths)
 
+    def subset(self, indices):
+        """The same folder with only these images (a held-out split)."""
+        part = ImageFolder.__new__(ImageFolder)
+        part.paths, part.prompts, part.sizes = ([getattr(self, a)[i] for i in indices] for a in ("paths", "prompts", "sizes"))
+        part.rules = self.rules and [self.rules[i] for i in indices]
+        part.placements = None
+        return part
+
     def example(self, index, center_crop, random_flip, generator):
         """Resize to the image's placement (covering its bucket), flip (p = 0.5), crop the bucket (centred, or at
         random); SDXL's size conditions as its paper defines them: the file's size, the crop's top-left in the

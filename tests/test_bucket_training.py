@@ -160,3 +160,34 @@ def test_a_class_folder_without_a_bucket_is_one_line(setup, tmp_path):
     set_placements(config, data.values())
     with pytest.raises(DataError, match="has no image in the 32x96 bucket"):
         check_pairs(config, data)
+
+
+def test_the_validation_loss_is_fixed_noise_on_held_out_images(setup, tmp_path):
+    """validation_split holds images out of training; the loss at fixed timesteps and noise is the same number for
+    the same weights (another process, another run) and moves when the weights do."""
+    from models.tokenizer import load_tokenizers as tokenizers_of
+    from train.validation import TIMESTEPS, held_out, validation_loss, validation_set
+
+    model = load(setup / "tiny.safetensors")
+    config = config_with(setup, prior_loss_weight=0.0, validation_split=0.4)
+    training, held = held_out(config, ImageFolder(setup / "instance", "1girl, sks"))
+    assert len(held) == 2 and len(training) == 3 and not set(held.paths) & set(training.paths)
+    args_ = (config, None, alphas_cumprod(), tokenizers_of(), torch.autocast("cpu", enabled=False), "cpu")
+    built = [validation_set(model, config, held, tokenizers_of(), args_[4], "cpu") for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(built[0].noise, built[1].noise)) and len(built[0].noise[0]) == len(TIMESTEPS)
+    first = validation_loss(model, config, built[0], *args_[2:])
+    assert first == validation_loss(model, config, built[1], *args_[2:]) and np.isfinite(first)
+    with torch.no_grad():
+        model.unet.out[2].weight.mul_(1.5)
+    assert validation_loss(model, config, built[0], *args_[2:]) != first
+    with pytest.raises(DataError, match="leaves none to train on"):
+        held_out(config_with(setup, validation_split=0.99), ImageFolder(setup / "instance", "x"))
+
+
+@pytest.mark.slow
+def test_a_run_logs_its_validation_loss(setup, tmp_path):
+    out = tmp_path / "run"
+    finish(run(args(setup, out, **BUCKETS, prior_loss_weight=0.0, max_steps=4, validation_every=2,
+                    validation_split=0.4)))
+    logged = [r.get("validation") for r in losses(out)]
+    assert logged[0] is None and logged[2] is None and all(np.isfinite(logged[i]) for i in (1, 3))

@@ -66,7 +66,10 @@ def training_data(config, model, process):
     """{"instance": ImageFolder, "class": ImageFolder (with prior preservation)}, placed in their buckets: the class
     images are dataset_config's regularisation subsets, or class_data_dir's, made first where missing (each
     process a share; at the instance images' buckets with enable_bucket)."""
+    from train.validation import held_out
+
     data = {"instance": instance_images(config)}
+    data["instance"], held = held_out(config, data["instance"])  # the validation loss's images, never trained on
     set_placements(config, [data["instance"]])
     if config.dataset_config and config.prior_loss_weight > 0:  # dataset_config's regularisation subsets, never made
         data["class"] = ImageFolder.from_subsets([s for s in config.subsets() if s.is_reg])
@@ -83,7 +86,7 @@ def training_data(config, model, process):
         data["class"] = ImageFolder(config.class_data_dir, config.class_prompt, "class_data_dir")
     set_placements(config, data.values())
     check_pairs(config, data)
-    return data
+    return data | ({"held": held} if held is not None else {})
 
 
 def set_placements(config, folders):

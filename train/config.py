@@ -78,6 +78,12 @@ class TrainConfig:
     validation_prompt: str | None = None  # images on the main process, to TensorBoard and output_dir
     validation_every: int = 200
 
+    # A validation loss on instance images held out of training: this share of them (a seeded choice), or the
+    # images of validation_dir; each at fixed timesteps with fixed noise (train/validation.py), every
+    # validation_every steps, logged beside the training loss.
+    validation_split: float = 0.0
+    validation_dir: str | None = None
+
     # ---- regularisers and conditioning
     # Share of samples trained with zeroed text conditioning (context and pooled): the unconditional
     # prediction that classifier-free guidance's zero negative asks for.
@@ -161,6 +167,7 @@ class TrainConfig:
             "prior_loss_weight": (0, True, None), "noise_offset": (0, True, None), "kl_weight": (0, True, None),
             "class_cfg": (0, True, None), "caption_dropout_rate": (0, True, 1), "caption_tag_dropout_rate": (0, True, 1),
             "warmup_steps": (0, True, None), "keep_tokens": (0, True, None), "seed": (0, True, 2**63 - 1),
+            "validation_split": (0, True, 0.99),
         }
         for name, (low, low_ok, high) in numbers.items():
             v = getattr(self, name)
@@ -192,6 +199,9 @@ class TrainConfig:
                               "prompts must not change between steps) and the dreambooth task")
         if not self.train:
             raise ConfigError("train is empty; name what trains, e.g. train=['unet']")
+        if (self.validation_split or self.validation_dir) and (self.task == "vae" or
+                                                               (self.validation_split and self.validation_dir)):
+            raise ConfigError("give validation_split or validation_dir, not both, and only for the dreambooth task")
         self.check_lora()
         self.check_optimizer()
 

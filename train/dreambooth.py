@@ -46,11 +46,12 @@ from sampling.schedule import alphas_cumprod
 from train.batches import encode_captions, encode_images, make_batch, make_vae_batch, training_data
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import ConfigError, load_config
-from train.export import export, validate
+from train.export import export
 from train.log import divergence, log_step, start_run
 from train.losses import TrainStep, VAEStep
 from train.optim import clip_gradients, fuse_into_backward, lr_scheduler, make_optimizer, shard_unet, unsharded_unet
 from train.preflight import lora_adapters, preflight, trainable_parameters
+from train.validation import evaluate, validation_set
 
 INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # exit codes as a shell reports a signal: 128 + number
 
@@ -219,6 +220,7 @@ def train(config, device, resume_from, note):
     autocast = torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(
         config.mixed_precision, torch.float32), enabled=config.mixed_precision != "no")  # mixed_precision="no": off
     tokenizers = load_tokenizers()
+    held = validation_set(model, config, data.pop("held"), tokenizers, autocast, device) if "held" in data else None
     data, texts = cache_inputs(config, model, data, tokenizers, autocast, device)
 
     # ---------------------------------------------------------------- trainable parts, optimizer, schedule
@@ -273,13 +275,12 @@ def train(config, device, resume_from, note):
         scheduler.step()
         step += 1
         stopping = stop.agreed(process)  # a signal arriving later in this step counts at the next one
+        held_loss = evaluate(model, config, step, out, writer, process, fsdp, held, alpha_bars, tokenizers, autocast)
         if process.main:  # rank-0 I/O
-            loss = log_step(config, writer, out, step, sums, scheduler, grad_norm, time.perf_counter() - started, data)
+            seconds = time.perf_counter() - started
+            loss = log_step(config, writer, out, step, sums, scheduler, grad_norm, seconds, data, held_loss)
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
-        if config.validation_prompt and step % config.validation_every == 0 and (process.main or fsdp):
-            # With FSDP every process runs the UNet (its forward gathers the shards); only process 0 writes.
-            validate(model, config, step, out, writer if process.main else None, device)
         if step % config.checkpoint_every == 0 or stopping or step == config.max_steps:
             save_checkpoint(out / "checkpoints", step, named, optimizer, scheduler, scaler, config, rank, world)
         if stopping:

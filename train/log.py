@@ -31,18 +31,21 @@ def start_run(config, process, model, params, step, resume_from, note):
     return writer
 
 
-def log_step(config, writer, out, step, sums, scheduler, grad_norm, seconds, data):
-    """One step's numbers to TensorBoard and to output_dir/log.jsonl (the same, machine-readable) -> the loss."""
+def log_step(config, writer, out, step, sums, scheduler, grad_norm, seconds, data, validation=None):
+    """One step's numbers to TensorBoard and to output_dir/log.jsonl (the same, machine-readable; with the
+    validation loss where one was measured) -> the loss."""
     inst_loss, prior_loss = (sums[0] / sums[2]).item(), (sums[1] / sums[2]).item()
     total_loss = inst_loss + config.prior_loss_weight * prior_loss
     for name, value in [("loss/total", total_loss), ("loss/instance", inst_loss), ("loss/prior", prior_loss),
                         ("lr", scheduler.get_last_lr()[0]), ("grad_norm", float(grad_norm)),
                         ("images_per_s", float(sums[2]) * (2 if "class" in data else 1) / seconds)]:
         writer.add_scalar(name, value, step)
+    if validation is not None:
+        writer.add_scalar("loss/validation", validation, step)
     with open(out / "log.jsonl", "a") as log:  # the tests read it
         log.write(json.dumps({"step": step, "loss": total_loss, "instance": inst_loss, "prior": prior_loss,
                               "lr": scheduler.get_last_lr()[0], "grad_norm": finite_or_none(float(grad_norm)),
-                              "seconds": round(seconds, 4)}) + "\n")
+                              "seconds": round(seconds, 4)} | ({"validation": validation} if validation else {})) + "\n")
     return total_loss
 
 

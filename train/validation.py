@@ -1,0 +1,111 @@
+"""The validation loss: instance images held out of training (validation_split of them, or validation_dir's), each
+noised at fixed timesteps with fixed noise and encoded once to its posterior mean, so that the number compares
+across steps and across runs; logged beside the training loss (loss/validation, log.jsonl's "validation").
+
+    held_out           the instance images split into (training, held out) by a seeded permutation
+    ValidationSet      the held-out images' latents, size conditions, prompts and noise, made once
+    validation_loss    the current model's mean loss on them
+    evaluate           every validation_every steps: validation_prompt's image and the validation loss
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from data.dreambooth import DataError, ImageFolder
+from models.conditioning import encode_text
+from models.tokenizer import tokenize
+from train.batches import set_placements
+from train.export import validate
+from train.losses import TrainStep
+
+TIMESTEPS = (100, 300, 500, 700, 900)  # every held-out image at each of these
+
+
+def held_out(config, images):
+    """(training images, held-out images or None): validation_dir's folder, or the last round(validation_split * N)
+    of a permutation seeded by `seed` (at least one, and at least one left to train on)."""
+    if config.validation_dir:
+        return images, ImageFolder(config.validation_dir, config.instance_prompt, "validation_dir")
+    if not config.validation_split:
+        return images, None
+    n = len(images)
+    count = max(1, round(config.validation_split * n))
+    if count >= n:
+        raise DataError(f"validation_split {config.validation_split} of {n} instance images leaves none to train on; "
+                        "lower it, or give validation_dir")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    return images.subset(sorted(order[:n - count])), images.subset(sorted(order[n - count:]))
+
+
+@dataclass
+class ValidationSet:
+    latents: list  # per image (4, h, w): the posterior mean times the scaling factor
+    numbers: list  # per image (6,) size conditions (the crop centred, no flip)
+    prompts: list
+    noise: list  # per image (len(TIMESTEPS), 4, h, w)
+    texts: dict | None  # with cache_text_embeddings: {prompt: (context (77, C), pooled (P,))}
+
+
+@torch.no_grad()
+def validation_set(model, config, images, tokenizers, autocast, device):
+    """The held-out images through the frozen VAE once, with their fixed noise (seeded by seed, image, timestep),
+    and with cache_text_embeddings their prompts through the frozen text encoders once."""
+    set_placements(config, [images])
+    latents, numbers, noise = [], [], []
+    for i in range(len(images)):
+        e = images.example(i, True, False, torch.Generator())
+        mean, _ = model.vae.encode(e.pixels[None].to(device))  # (1, z, h, w)
+        latents.append(mean[0].float() * model.vae.config.scaling_factor)
+        sizes = [*e.original_size, *e.crop_top_left, *e.target_size]
+        if model.text_encoder_1 is None:  # a refiner: its fifth number is the aesthetic score (train/batches.py)
+            sizes = sizes[:4] + [config.aesthetic_score]
+        numbers.append(torch.tensor(sizes, dtype=torch.float32))
+        seeds = [int(np.random.SeedSequence([config.seed, i, k, 13]).generate_state(1)[0]) for k in range(len(TIMESTEPS))]
+        noise.append(torch.stack([torch.randn(latents[-1].shape, generator=torch.Generator().manual_seed(s))
+                                  for s in seeds]))
+    texts = None
+    if config.cache_text_embeddings:
+        with autocast:
+            context, pooled = encode_text(model.text_encoder_1, model.text_encoder_2,
+                                          *(tokenize(t, images.prompts).to(device) for t in tokenizers))
+        texts = {p: (c.cpu(), q.cpu()) for p, c, q in zip(images.prompts, context, pooled)}
+    return ValidationSet(latents, numbers, list(images.prompts), noise, texts)
+
+
+@torch.no_grad()
+def validation_loss(model, config, held, alpha_bars, tokenizers, autocast, device):
+    """The mean loss of the model as it is now over every held-out image and timestep (the trained objective:
+    noise, or v for a v-prediction model; no dropout, no Min-SNR weights)."""
+    texts = held.texts
+    step = TrainStep(model, cached_text=texts is not None)
+    t = torch.tensor(TIMESTEPS, device=device)
+    a = alpha_bars.to(device)[t][:, None, None, None]
+    v_pred = model.config.prediction_type == "v_prediction"
+    total = 0.0
+    for latents, numbers, prompt, noise in zip(held.latents, held.numbers, held.prompts, held.noise):
+        latents, noise, n = latents.to(device)[None], noise.to(device), len(TIMESTEPS)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise
+        text = (tuple(torch.stack([part] * n).to(device) for part in texts[prompt]) if texts is not None else
+                (tokenize(tokenizers[0], [prompt] * n).to(device), tokenize(tokenizers[1], [prompt] * n).to(device)))
+        with autocast:
+            per = step(text, numbers[None].repeat(n, 1).to(device), noisy, t.float(), target, torch.ones(n, device=device),
+                       torch.ones(n, device=device))
+        total += per.float().mean().item()
+    return total / len(held.latents)
+
+
+def evaluate(model, config, step, out, writer, process, fsdp, held, alpha_bars, tokenizers, autocast):
+    """Every validation_every steps: validation_prompt's image (train/export.py) and the validation loss -> the
+    loss (None if there is none this step, or on a process that does not log). Under FSDP every process runs the
+    UNet (its forward gathers the shards); only process 0 writes."""
+    if step % config.validation_every or not (process.main or fsdp):
+        return None
+    if config.validation_prompt:
+        validate(model, config, step, out, writer if process.main else None, process.device)
+    if held is None:
+        return None
+    loss = validation_loss(model, config, held, alpha_bars, tokenizers, autocast, process.device)
+    return loss if process.main else None
