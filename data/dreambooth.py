@@ -32,6 +32,7 @@ class Example:
     original_size: tuple  # (height, width) of the file
     crop_top_left: tuple  # (top, left) of the crop in the resized (and flipped) image
     target_size: tuple  # (H, W): the bucket
+    mask: torch.Tensor | None = None  # (1, H, W) in [0, 1], cropped and flipped with the pixels (masked_loss)
 
 
 class ImageFolder:
@@ -82,26 +83,45 @@ class ImageFolder:
         part.placements = None
         return part
 
-    def example(self, index, center_crop, random_flip, generator):
+    def example(self, index, center_crop, random_flip, generator, masks=False):
         """Resize to the image's placement (covering its bucket), flip (p = 0.5), crop the bucket (centred, or at
         random); SDXL's size conditions as its paper defines them: the file's size, the crop's top-left in the
-        resized image, the bucket."""
-        image = open_rgb(self.paths[index])
-        original_size = (image.height, image.width)
+        resized image, the bucket. masks: False for none, else the image's mask (mask_of; a folder or None),
+        resized, flipped and cropped as the pixels are."""
+        layers = [open_rgb(self.paths[index])] + ([self.mask_of(index, masks)] if masks is not False else [])
+        original_size = (layers[0].height, layers[0].width)
         (width, height), resized = self.placements[index].bucket, self.placements[index].resized
-        image = image.resize(resized, Image.BICUBIC)  # (W, H) covering the bucket (a copy at the same size)
+        layers = [layer.resize(resized, Image.BICUBIC) for layer in layers]  # covering the bucket (a copy if same size)
         # Draw every random number, used or not, so the stream does not depend on the settings.
         coin, top_u, left_u = torch.rand(3, generator=generator).tolist()
-        if random_flip and coin < 0.5:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)  # before the crop: the crop offset stays true
+        if random_flip and coin < 0.5:  # before the crop: the crop offset stays true
+            layers = [layer.transpose(Image.FLIP_LEFT_RIGHT) for layer in layers]
         if center_crop:
-            top, left = (image.height - height) // 2, (image.width - width) // 2
+            top, left = (resized[1] - height) // 2, (resized[0] - width) // 2
         else:
-            top = int(top_u * (image.height - height + 1))
-            left = int(left_u * (image.width - width + 1))
-        image = image.crop((left, top, left + width, top + height))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1  # (3, H, W)
-        return Example(pixels, self.prompts[index], original_size, (top, left), (height, width))
+            top = int(top_u * (resized[1] - height + 1))
+            left = int(left_u * (resized[0] - width + 1))
+        layers = [np.asarray(layer.crop((left, top, left + width, top + height)), dtype=np.float32) for layer in layers]
+        pixels = torch.from_numpy(layers[0]).permute(2, 0, 1) / 127.5 - 1  # (3, H, W)
+        mask = torch.from_numpy(layers[1])[None] / 255 if len(layers) > 1 else None  # (1, H, W)
+        return Example(pixels, self.prompts[index], original_size, (top, left), (height, width), mask)
+
+    def mask_of(self, index, folder=None):
+        """An image's loss mask as a grayscale image of its size (white = full weight): the image of the same name
+        in `folder` (any image suffix), else the image's own alpha channel, else all white (kohya's order)."""
+        path = self.paths[index]
+        if folder is not None:
+            for candidate in (Path(folder) / (path.stem + suffix) for suffix in IMAGE_SUFFIXES):
+                if candidate.is_file():
+                    mask = open_rgb(candidate).convert("L")
+                    if mask.size != self.sizes[index]:
+                        raise DataError(f"mask {candidate} is {mask.width}x{mask.height} but {path} is not; give masks "
+                                        "of their images' sizes")
+                    return mask
+        with Image.open(path) as image:
+            if "A" in image.getbands() or "transparency" in image.info:
+                return image.convert("RGBA").getchannel("A")
+            return Image.new("L", image.size, 255)
 
 
 def check_folder(folder, what):

@@ -214,7 +214,7 @@ def test_prior_loss_and_pairing_by_hand(setup):
     for B in (1, 3):
         config = TrainConfig(batch_size=B, resolution=32, prior_loss_weight=0.7, center_crop=True, random_flip=False)
         inputs = make_batch(config, data, model, tokenizers, alphas_cumprod(), step=5, first=0, device="cpu")
-        (tokens_1, tokens_2), numbers, noisy, t, target, weight, text_kept = vars(inputs).values()
+        (tokens_1, tokens_2), numbers, noisy, t, target, weight, text_kept, *_ = vars(inputs).values()
         assert text_kept.eq(1).all()  # caption_dropout_rate is 0
         assert noisy.shape[0] == 2 * B
         class_ids = tokenizers[0]("1girl", padding="max_length", max_length=77, return_tensors="pt").input_ids[0]
@@ -259,7 +259,7 @@ def test_tag_and_caption_dropout(setup):
     data = {"instance": ImageFolder(setup / "instance", "1girl, sks")}
     config = TrainConfig(batch_size=3, resolution=32, prior_loss_weight=0.0, caption_dropout_rate=1.0)
     inputs = make_batch(config, data, model, load_tokenizers(), alphas_cumprod(), step=0, first=0, device="cpu")
-    (tokens_1, tokens_2), numbers, noisy, t, target, weight, text_kept = vars(inputs).values()
+    (tokens_1, tokens_2), numbers, noisy, t, target, weight, text_kept, *_ = vars(inputs).values()
     assert text_kept.eq(0).all()
     with torch.no_grad():
         ours = TrainStep(model)(**vars(inputs))

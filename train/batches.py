@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from data.buckets import batch_at, bucket_resolutions, check_placeable, class_sizes, cover, place
 from data.class_images import generate_class_images, missing_class_images, share
@@ -29,9 +30,11 @@ from data.dreambooth import DataError, ImageFolder, dataset_index, sample_genera
 from data.kohya_config import check_subsets
 from models.conditioning import encode_text
 from models.tokenizer import tokenize
+from train.regularisers import huber_thresholds, loss_weights, sample_noise
 
 INSTANCE, CLASS = 0, 1  # kinds of sample
 NOISE, TIMESTEP, LATENT, OFFSET, TAGS, CAPTION = 1, 2, 3, 4, 5, 6  # generator streams of a sample (0: augmentation)
+NOISE_STREAMS = {"noise": NOISE, "offset": OFFSET, "multires": 7, "perturbation": 8}  # train/regularisers.py's
 
 
 def world_size():
@@ -49,6 +52,8 @@ class Batch:
     target: torch.Tensor  # (n, 4, H/8, W/8) what the UNet should predict: the noise, or v
     weight: torch.Tensor  # (n,) Min-SNR-gamma weights, else ones
     text_kept: torch.Tensor  # (n,) 0 where caption dropout drops the caption, else 1
+    huber_c: torch.Tensor | None = None  # (n,) the pseudo-Huber c of each sample (loss_type huber, smooth_l1)
+    mask: torch.Tensor | None = None  # (n, 1, H/8, W/8) the loss's weights (masked_loss)
 
 
 def instance_images(config):
@@ -145,33 +150,28 @@ def make_batch(config, data, model, tokenizers, alpha_bars, step, first, device,
     set_placements(config, data.values())
     keys, chosen = picks(config, data, step, first)  # instance j and class j form pair j
     rules = [rules_of(config, folder, i) for folder, i in chosen]
-    n = len(keys)
     gens = lambda stream: [sample_generator(config.seed, step, j, 10 * kind + stream) for j, kind in keys]
     with torch.no_grad():
         if config.cache_latents:
             mean, logvar = (torch.stack([getattr(folder, a)[i] for folder, i in chosen]) for a in ("mean", "logvar"))
             numbers = torch.stack([folder.numbers[i] for folder, i in chosen])
         else:
-            examples = [folder.example(i, rule.center_crop, rule.flip, g)
+            examples = [folder.example(i, rule.center_crop, rule.flip, g, config.mask_dir if config.masked_loss else False)
                         for (folder, i), rule, g in zip(chosen, rules, gens(0))]
             mean, logvar = model.vae.encode(torch.stack([e.pixels for e in examples]).to(device))  # (n, z, h, w)
             numbers = torch.tensor([[*e.original_size, *e.crop_top_left, *e.target_size] for e in examples],
                                    dtype=torch.float32, device=device)
         eps = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in gens(LATENT)]).to(device)
         latents = (mean + torch.exp(0.5 * logvar) * eps) * model.vae.config.scaling_factor  # (n, 4, H/8, W/8)
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens(NOISE)]).to(device)
-    if config.noise_offset:  # per-channel offset noise (Guttenberg 2023): helps very dark / bright images
-        offset = torch.stack([torch.randn(latents.shape[1], 1, 1, generator=g) for g in gens(OFFSET)])
-        noise = noise + config.noise_offset * offset.to(device)
+    noise, input_noise = (x.to(device) for x in sample_noise(config, latents.shape[1:], gens, NOISE_STREAMS))
     t = torch.cat([torch.randint(0, config.max_timestep or len(alpha_bars), (1,), generator=g) for g in gens(TIMESTEP)]).to(device)
     a = alpha_bars.to(device)[t][:, None, None, None]
-    noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # q(x_t | x_0), variance preserving
+    noisy = a.sqrt() * latents + (1 - a).sqrt() * input_noise  # q(x_t | x_0), variance preserving
     v_pred = model.config.prediction_type == "v_prediction"  # v_pred marker keys / a folder's scheduler config
     target = a.sqrt() * noise - (1 - a).sqrt() * latents if v_pred else noise
-    weight = torch.ones(n, device=device)
-    if config.snr_gamma is not None:  # Min-SNR-gamma (Hang et al. 2023), per sample
-        snr = (a / (1 - a)).flatten().clamp(min=1e-8)  # zero terminal SNR: 0 at t = T-1, and eps weights divide by it
-        weight = torch.minimum(snr, torch.full_like(snr, config.snr_gamma)) / (snr + 1 if v_pred else snr)
+    weight, huber_c = loss_weights(config, a, v_pred, t), huber_thresholds(config, t, alpha_bars)
+    mask = (F.interpolate(torch.stack([e.mask for e in examples]), size=latents.shape[-2:], mode="area").to(device)
+            if config.masked_loss else None)  # (n, 1, h, w): the loss's weight per latent pixel
     prompts = [process_caption(folder.prompts[i], rule, g) for (folder, i), rule, g in zip(chosen, rules, gens(TAGS))]
     text_kept = torch.tensor([float(torch.rand(1, generator=g) >= rule.caption_dropout_rate)
                               for rule, g in zip(rules, gens(CAPTION))], device=device)  # (n,) 0: caption dropped
@@ -186,7 +186,7 @@ def make_batch(config, data, model, tokenizers, alpha_bars, step, first, device,
         text = tuple(torch.stack(part).to(device) for part in zip(*(texts[p] for p in prompts)))  # context, pooled
     else:
         text = tokenize(tokenizers[0], prompts).to(device), tokenize(tokenizers[1], prompts).to(device)
-    return Batch(text, numbers, noisy, t.float(), target, weight, text_kept)
+    return Batch(text, numbers, noisy, t.float(), target, weight, text_kept, huber_c, mask)
 
 
 @dataclass(frozen=True)

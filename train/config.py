@@ -95,6 +95,19 @@ class TrainConfig:
     shuffle_caption: bool = False  # shuffle a prompt's tags past the first keep_tokens every step (kohya's)
     snr_gamma: float | None = None  # Min-SNR weighting (Hang et al. 2023); None turns it off
     noise_offset: float = 0.0  # per-channel offset noise (Guttenberg 2023)
+    # Regularisers as kohya names them (docs/train.md: their papers and where plainxl differs).
+    multires_noise_iterations: int = 0  # pyramid noise: coarser noise levels added to the noise; 0 is off
+    multires_noise_discount: float = 0.3  # level i weighs discount^i
+    ip_noise_gamma: float = 0.0  # input perturbation: the noisy latents from noise + gamma * fresh noise
+    debiased_estimation_loss: bool = False  # per-sample weight 1 / sqrt(SNR) (1 / (SNR + 1) for v)
+    loss_type: str = "l2"  # l2, huber or smooth_l1 (scheduled pseudo-Huber: c per sample by huber_schedule)
+    huber_schedule: str = "snr"  # constant, exponential or snr
+    huber_c: float = 0.1
+    masked_loss: bool = False  # weight the loss by each image's alpha channel, or by mask_dir's image of its name
+    mask_dir: str | None = None
+    v_parameterization: bool = False  # train the v target, the export then a v-prediction model (its marker keys)
+    zero_terminal_snr: bool = False  # with v_parameterization: betas rescaled to zero terminal SNR
+    loraplus_lr_ratio: float | None = None  # LoRA+: the adapters' up weights at lr * this ratio
     # Train on timesteps t < max_timestep only (SDXL's refiner was trained on the low-noise end, t < 200);
     # None: all of them.
     max_timestep: int | None = None
@@ -151,7 +164,8 @@ class TrainConfig:
     def __post_init__(self):
         subsets = self.apply_dataset_config()
         choices = {"lr_schedule": ("constant", "linear", "cosine"), "mixed_precision": ("no", "fp16", "bf16"),
-                   "task": ("dreambooth", "vae"), "lora_type": LORA_TYPES,
+                   "task": ("dreambooth", "vae"), "lora_type": LORA_TYPES, "loss_type": ("l2", "huber", "smooth_l1"),
+                   "huber_schedule": ("constant", "exponential", "snr"),
                    "export_dtype": ("fp16", "bf16", "fp32"), "base_dtype": ("fp32", "bf16", "fp16"),
                    "optimizer": ("adamw", "adafactor"), "master_dtype": ("fp32", "bf16"), "parallel": ("ddp", "zero", "fsdp")}
         for name, allowed in choices.items():
@@ -167,7 +181,8 @@ class TrainConfig:
             "prior_loss_weight": (0, True, None), "noise_offset": (0, True, None), "kl_weight": (0, True, None),
             "class_cfg": (0, True, None), "caption_dropout_rate": (0, True, 1), "caption_tag_dropout_rate": (0, True, 1),
             "warmup_steps": (0, True, None), "keep_tokens": (0, True, None), "seed": (0, True, 2**63 - 1),
-            "validation_split": (0, True, 0.99),
+            "validation_split": (0, True, 0.99), "multires_noise_iterations": (0, True, 32),
+            "multires_noise_discount": (0, True, 1), "ip_noise_gamma": (0, True, None), "huber_c": (0, False, 1),
         }
         for name, (low, low_ok, high) in numbers.items():
             v = getattr(self, name)
@@ -199,11 +214,19 @@ class TrainConfig:
                               "prompts must not change between steps) and the dreambooth task")
         if not self.train:
             raise ConfigError("train is empty; name what trains, e.g. train=['unet']")
+        if self.zero_terminal_snr and not self.v_parameterization:
+            raise ConfigError("zero_terminal_snr needs v_parameterization=True (a noise target has no signal at SNR 0)")
+        if (self.masked_loss or self.mask_dir) and (not self.masked_loss or self.cache_latents):
+            raise ConfigError("mask_dir needs masked_loss=True, and masked_loss works without cache_latents here")
+        if self.loraplus_lr_ratio is not None and not (self.lora_rank and self.loraplus_lr_ratio > 0):
+            raise ConfigError("loraplus_lr_ratio is for LoRA runs (lora_rank), a number more than 0 (e.g. 16)")
         if (self.validation_split or self.validation_dir) and (self.task == "vae" or
                                                                (self.validation_split and self.validation_dir)):
             raise ConfigError("give validation_split or validation_dir, not both, and only for the dreambooth task")
         self.check_lora()
-        self.check_optimizer()
+        from train.optim import check_optimizer  # (train/optim.py's settings, checked beside it)
+
+        check_optimizer(self)
 
     def dataset(self):
         """dataset_config, read (data.kohya_config.DatasetConfig), or None without one."""
@@ -287,29 +310,6 @@ class TrainConfig:
                               "float32 adapters beside the low-precision weights)")
         if self.lora_rank and not self.lora_targets:
             raise ConfigError("lora_targets is empty; name the modules that get adapters, or leave it out for kohya's set")
-
-
-    def check_optimizer(self):
-        if self.fused_backward and self.grad_accum > 1:
-            raise ConfigError("fused_backward steps each tensor during backward, so gradients cannot accumulate; "
-                              "set grad_accum=1 (a larger batch_size instead), or fused_backward=False")
-        if self.fused_backward and self.mixed_precision == "fp16":
-            raise ConfigError("fused_backward cannot use fp16's grad scaler (it must see every gradient before a "
-                              "step); use mixed_precision=bf16")
-        if self.master_dtype == "bf16" and self.mixed_precision != "bf16":
-            raise ConfigError("master_dtype=bf16 needs mixed_precision=bf16 (autocast runs the bf16 weights)")
-        if self.parallel == "zero" and (self.fused_backward or self.master_dtype == "bf16"):
-            raise ConfigError("parallel=zero shards one optimizer over the processes; fused_backward and "
-                              "master_dtype=bf16 step tensor by tensor: use parallel=ddp with them")
-        if self.parallel == "fsdp" and (self.optimizer != "adamw" or self.fused_backward or self.master_dtype == "bf16"
-                                        or self.lora_rank or self.train != ["unet"]):
-            raise ConfigError("parallel=fsdp shards a full fine-tuning of the UNet (train=['unet']) with plain AdamW; "
-                              "Adafactor, fused_backward, master_dtype=bf16 and LoRA are not supported with it here: "
-                              "use parallel=zero or ddp with them")
-        if self.parallel == "fsdp" and self.mixed_precision == "fp16":
-            # GradScaler's overflow check would see each process's shard only: processes could disagree on a skip.
-            raise ConfigError("parallel=fsdp needs mixed_precision=bf16 or no (fp16's grad scaler would check each "
-                              "process's shard of the gradients alone)")
 
 
 def default(name):

@@ -29,7 +29,7 @@ if __name__ == "__main__":  # Ctrl-C during the seconds of imports below: one li
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -49,7 +49,7 @@ from train.config import ConfigError, load_config
 from train.export import export
 from train.log import divergence, log_step, start_run
 from train.losses import TrainStep, VAEStep
-from train.optim import clip_gradients, fuse_into_backward, lr_scheduler, make_optimizer, shard_unet, unsharded_unet
+from train.optim import clip_gradients, make_optimization, shard_unet, unsharded_unet
 from train.preflight import lora_adapters, preflight, trainable_parameters
 from train.validation import evaluate, validation_set
 
@@ -153,7 +153,10 @@ def load_frozen(config, process):
         for part in filter(None, (model.unet, model.text_encoder_1, model.text_encoder_2)):
             part.to(DTYPES[weights_dtype])  # the VAE stays float32: SDXL's overflows in fp16
         model.to(process.device)
-    return model, training_data(config, model, process)
+    data = training_data(config, model, process)
+    if config.v_parameterization:  # after the class images, which the model makes as it is
+        model.config = replace(model.config, prediction_type="v_prediction", zero_terminal_snr=config.zero_terminal_snr)
+    return model, data
 
 
 def cache_inputs(config, model, data, tokenizers, autocast, device):
@@ -185,7 +188,7 @@ def make_trainable(config, model, process, fsdp):
         named = trainable_parameters(model, config.train, config.task)
     model.unet.gradient_checkpointing = config.gradient_checkpointing
     step_module = (VAEStep(model.vae, config.kl_weight) if config.task == "vae"
-                   else TrainStep(model, adapters, cached_text=config.cache_text_embeddings)).train()
+                   else TrainStep(model, adapters, config.cache_text_embeddings, config.loss_type)).train()
     # Every parameter that requires grad is used in forward (trainable_parameters sees to it, and add_adapters
     # only hooks modules whose weights it picks), so DDP needs no find_unused_parameters and all-reduces
     # exactly the trainable gradients. gradient_as_bucket_view: gradients live in DDP's all-reduce buckets
@@ -196,15 +199,6 @@ def make_trainable(config, model, process, fsdp):
     ddp_step = DDP(step_module, device_ids=[process.local_rank] if process.device.type == "cuda" else None,
                    gradient_as_bucket_view=True) if wrap else step_module
     return adapters, named, ddp_step
-
-
-def make_optimization(config, params, process):
-    """AdamW or Adafactor; sharded, fused into backward, bf16 (train/optim.py); its lr scheduler; fp16's scaler."""
-    optimizer = make_optimizer(config, params)
-    if config.fused_backward:
-        fuse_into_backward(optimizer, config.max_grad_norm, process.world)
-    scaler = torch.amp.GradScaler(process.device.type, enabled=config.mixed_precision == "fp16")
-    return optimizer, lr_scheduler(config, optimizer), scaler
 
 
 def train(config, device, resume_from, note):
@@ -227,7 +221,7 @@ def train(config, device, resume_from, note):
     fsdp = process.ddp and config.parallel == "fsdp"  # one process has nothing to shard
     adapters, named, ddp_step = make_trainable(config, model, process, fsdp)
     wrap, params = isinstance(ddp_step, DDP), [p for _, p in named]
-    optimizer, scheduler, scaler = make_optimization(config, params, process)
+    optimizer, scheduler, scaler = make_optimization(config, named, process)
     try:
         step = load_checkpoint(resume_from, model, named, optimizer, scheduler, scaler, rank) if resume_from else 0
     except ValueError as e:  # a checkpoint of other parameters

@@ -28,8 +28,18 @@ import torch.distributed as dist
 from models.unet import TransformerBlock, UNet
 
 
+def param_groups(config, named):
+    """What the optimizer steps: the tensors of `named` ([(name, tensor)]), or with loraplus_lr_ratio (LoRA+,
+    Hayou et al. 2024) two groups, the adapters' up (B) weights apart at lr * the ratio."""
+    if not config.loraplus_lr_ratio:
+        return [p for _, p in named]
+    up = [p for n, p in named if n.endswith(".up.weight")]
+    return [{"params": [p for n, p in named if not n.endswith(".up.weight")]},
+            {"params": up, "lr": config.lr * config.loraplus_lr_ratio}]
+
+
 def make_optimizer(config, params):
-    """The run's optimizer over `params` (a list of tensors), as the four fields above ask."""
+    """The run's optimizer over `params` (a list of tensors, or param_groups' groups), as the four fields above ask."""
     if config.optimizer == "adamw":
         kind, options = torch.optim.AdamW, dict(lr=config.lr, betas=config.adam_betas, weight_decay=config.weight_decay)
     else:  # torch's Adafactor: a step is lr * max(1e-3, RMS(w)) * the normalised update (relative step size)
@@ -42,6 +52,16 @@ def make_optimizer(config, params):
 
         return ZeroRedundancyOptimizer(params, optimizer_class=kind, **options)
     return kind(params, **options)
+
+
+def make_optimization(config, named, process):
+    """The optimizer of the trained [(name, tensor)] (param_groups), fused into backward where asked; its lr
+    scheduler; fp16's grad scaler."""
+    optimizer = make_optimizer(config, param_groups(config, named))
+    if config.fused_backward:
+        fuse_into_backward(optimizer, config.max_grad_norm, process.world)
+    scaler = torch.amp.GradScaler(process.device.type, enabled=config.mixed_precision == "fp16")
+    return optimizer, lr_scheduler(config, optimizer), scaler
 
 
 def lr_factor(config, step):
@@ -226,3 +246,33 @@ def rounding_generator(seed, index, step, device):
     and again after a resume."""
     state = np.random.SeedSequence([seed, index, step, 7]).generate_state(2, dtype=np.uint64)
     return torch.Generator(device).manual_seed(int(state[0] % (2**63)))
+
+
+def check_optimizer(config):
+    """The optimizer, precision and sharding fields fit together, or one ConfigError with the fix."""
+    from train.config import ConfigError  # (train/config.py calls this from TrainConfig.__post_init__)
+
+    if config.fused_backward and config.grad_accum > 1:
+        raise ConfigError("fused_backward steps each tensor during backward, so gradients cannot accumulate; "
+                          "set grad_accum=1 (a larger batch_size instead), or fused_backward=False")
+    if config.fused_backward and config.mixed_precision == "fp16":
+        raise ConfigError("fused_backward cannot use fp16's grad scaler (it must see every gradient before a "
+                          "step); use mixed_precision=bf16")
+    if config.master_dtype == "bf16" and config.mixed_precision != "bf16":
+        raise ConfigError("master_dtype=bf16 needs mixed_precision=bf16 (autocast runs the bf16 weights)")
+    if config.parallel == "zero" and (config.fused_backward or config.master_dtype == "bf16"):
+        raise ConfigError("parallel=zero shards one optimizer over the processes; fused_backward and "
+                          "master_dtype=bf16 step tensor by tensor: use parallel=ddp with them")
+    if config.parallel == "fsdp" and (config.optimizer != "adamw" or config.fused_backward or config.master_dtype == "bf16"
+                                    or config.lora_rank or config.train != ["unet"]):
+        raise ConfigError("parallel=fsdp shards a full fine-tuning of the UNet (train=['unet']) with plain AdamW; "
+                          "Adafactor, fused_backward, master_dtype=bf16 and LoRA are not supported with it here: "
+                          "use parallel=zero or ddp with them")
+    if config.loraplus_lr_ratio and (config.fused_backward or config.master_dtype == "bf16" or
+                                     config.lora_type not in ("lora", "dora")):
+        raise ConfigError("loraplus_lr_ratio gives LoRA's and DoRA's up weights their own lr, in one optimizer: not "
+                          "with fused_backward, master_dtype=bf16, or lora_type loha / lokr (they have no up weights)")
+    if config.parallel == "fsdp" and config.mixed_precision == "fp16":
+        # GradScaler's overflow check would see each process's shard only: processes could disagree on a skip.
+        raise ConfigError("parallel=fsdp needs mixed_precision=bf16 or no (fp16's grad scaler would check each "
+                          "process's shard of the gradients alone)")
