@@ -22,7 +22,8 @@ from models.files import atomic_file
 from train.config import save_config
 from train.optim import gathered, sharded_like
 
-RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "lora.safetensors", "tensorboard", "validation")
+RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "lora.safetensors", "model-ema.safetensors",
+             "lora-ema.safetensors", "tensorboard", "validation")
 
 
 def _rng_state(device):
@@ -32,7 +33,7 @@ def _rng_state(device):
     return state
 
 
-def save_checkpoint(folder, step, named, optimizer, scheduler, scaler, config, rank, world):
+def save_checkpoint(folder, step, named, optimizer, scheduler, scaler, config, rank, world, ema=None):
     """Called by every process (it gathers their RNG states, and with parallel=fsdp the weights and moments, one
     tensor at a time); process 0 writes."""
     device = named[0][1].device
@@ -53,6 +54,7 @@ def save_checkpoint(folder, step, named, optimizer, scheduler, scaler, config, r
         tensors.update({f"optimizer.{index}.{k}": gathered(v, keep) for k, v in state.items()})
     if not keep:
         return
+    tensors |= {f"ema.{name}": shadow.detach().cpu() for name, shadow in (ema.state().items() if ema else ())}
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     tensors.update({f"rng.{r}": state for r, state in enumerate(rng)})
     meta = {"step": step, "param_groups": opt["param_groups"], "schedule": scheduler.state_dict(),
@@ -121,7 +123,7 @@ def find_checkpoint(resume, folder):
     return None, f"no checkpoint in {folder} yet: starting from step 0"
 
 
-def load_checkpoint(path, model, named, optimizer, scheduler, scaler, rank):
+def load_checkpoint(path, model, named, optimizer, scheduler, scaler, rank, ema=None):
     """Restore everything save_checkpoint wrote into the live objects; returns the step."""
     path = Path(path) / "state.safetensors" if Path(path).is_dir() else Path(path)
     read_meta(path)
@@ -144,6 +146,8 @@ def load_checkpoint(path, model, named, optimizer, scheduler, scaler, rank):
             # AdamW's moments are shaped as their weight and sharded like it; its step count is a number.
             state.setdefault(int(index), {})[k] = t if k == "step" else sharded_like(t, named[int(index)][1])
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    if ema is not None:
+        ema.load({k.removeprefix("ema."): t for k, t in tensors.items() if k.startswith("ema.")})
     scheduler.load_state_dict(meta["schedule"])  # the learning-rate scheduler
     if meta["scaler"]:
         scaler.load_state_dict(meta["scaler"])

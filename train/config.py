@@ -84,6 +84,13 @@ class TrainConfig:
     validation_split: float = 0.0
     validation_dir: str | None = None
 
+    # An exponential moving average of the trained weights (train/ema.py): None is off, else its decay (e.g.
+    # 0.999), updated every ema_every steps; validation reads it, and ema_export "beside" writes it next to the
+    # trained weights (model-ema.safetensors, lora-ema.safetensors), "model" instead of them.
+    ema_decay: float | None = None
+    ema_every: int = 1
+    ema_export: str = "beside"
+
     # ---- regularisers and conditioning
     # Share of samples trained with zeroed text conditioning (context and pooled): the unconditional
     # prediction that classifier-free guidance's zero negative asks for.
@@ -165,13 +172,13 @@ class TrainConfig:
         subsets = self.apply_dataset_config()
         choices = {"lr_schedule": ("constant", "linear", "cosine"), "mixed_precision": ("no", "fp16", "bf16"),
                    "task": ("dreambooth", "vae"), "lora_type": LORA_TYPES, "loss_type": ("l2", "huber", "smooth_l1"),
-                   "huber_schedule": ("constant", "exponential", "snr"),
+                   "huber_schedule": ("constant", "exponential", "snr"), "ema_export": ("beside", "model"),
                    "export_dtype": ("fp16", "bf16", "fp32"), "base_dtype": ("fp32", "bf16", "fp16"),
                    "optimizer": ("adamw", "adafactor"), "master_dtype": ("fp32", "bf16"), "parallel": ("ddp", "zero", "fsdp")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
-        positive = ["bucket_reso_steps", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "validation_every",
+        positive = ["ema_every", "bucket_reso_steps", "batch_size", "grad_accum", "max_steps", "checkpoint_every", "validation_every",
                     "keep_checkpoints", "num_class_images", "class_steps", "class_batch_size"]
         for name in positive:
             if getattr(self, name) < 1:
@@ -214,6 +221,10 @@ class TrainConfig:
                               "prompts must not change between steps) and the dreambooth task")
         if not self.train:
             raise ConfigError("train is empty; name what trains, e.g. train=['unet']")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"ema_decay must be a number between 0 and 1, e.g. 0.999, or None (got {self.ema_decay})")
+        if self.ema_decay is None and (self.ema_every != 1 or self.ema_export != "beside"):
+            raise ConfigError("ema_every and ema_export apply with ema_decay; set it (e.g. 0.999), or leave them out")
         if self.zero_terminal_snr and not self.v_parameterization:
             raise ConfigError("zero_terminal_snr needs v_parameterization=True (a noise target has no signal at SNR 0)")
         if (self.masked_loss or self.mask_dir) and (not self.masked_loss or self.cache_latents):

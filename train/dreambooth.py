@@ -46,6 +46,7 @@ from sampling.schedule import alphas_cumprod
 from train.batches import encode_captions, encode_images, make_batch, make_vae_batch, training_data
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import ConfigError, load_config
+from train.ema import EMA
 from train.export import export
 from train.log import divergence, log_step, start_run
 from train.losses import TrainStep, VAEStep
@@ -153,6 +154,7 @@ def load_frozen(config, process):
         for part in filter(None, (model.unet, model.text_encoder_1, model.text_encoder_2)):
             part.to(DTYPES[weights_dtype])  # the VAE stays float32: SDXL's overflows in fp16
         model.to(process.device)
+    model.requires_grad_(False)
     data = training_data(config, model, process)
     if config.v_parameterization:  # after the class images, which the model makes as it is
         model.config = replace(model.config, prediction_type="v_prediction", zero_terminal_snr=config.zero_terminal_snr)
@@ -210,9 +212,7 @@ def train(config, device, resume_from, note):
     except (LoadError, DataError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model.requires_grad_(False)
-    autocast = torch.autocast(device.type, dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        config.mixed_precision, torch.float32), enabled=config.mixed_precision != "no")  # mixed_precision="no": off
+    autocast = autocast_of(config, device)
     tokenizers = load_tokenizers()
     held = validation_set(model, config, data.pop("held"), tokenizers, autocast, device) if "held" in data else None
     data, texts = cache_inputs(config, model, data, tokenizers, autocast, device)
@@ -222,8 +222,9 @@ def train(config, device, resume_from, note):
     adapters, named, ddp_step = make_trainable(config, model, process, fsdp)
     wrap, params = isinstance(ddp_step, DDP), [p for _, p in named]
     optimizer, scheduler, scaler = make_optimization(config, named, process)
+    ema = EMA(named, config.ema_decay, config.ema_every) if config.ema_decay else None  # (float32, train/ema.py)
     try:
-        step = load_checkpoint(resume_from, model, named, optimizer, scheduler, scaler, rank) if resume_from else 0
+        step = load_checkpoint(resume_from, model, named, optimizer, scheduler, scaler, rank, ema) if resume_from else 0
     except ValueError as e:  # a checkpoint of other parameters
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -232,7 +233,6 @@ def train(config, device, resume_from, note):
         raise KeyboardInterrupt
     stop.looping = True
     alpha_bars = alphas_cumprod(zero_terminal_snr=model.config.zero_terminal_snr)  # the training noise schedule
-    samples_per_micro_step = config.batch_size * world  # all processes together
 
     # ---------------------------------------------------------------- the loop
     bar = tqdm(total=config.max_steps, initial=step, disable=not process.main, desc="dreambooth")
@@ -241,7 +241,7 @@ def train(config, device, resume_from, note):
         started = time.perf_counter()
         sums = torch.zeros(3, device=device)  # instance loss, prior loss, pairs (for logging)
         for micro in range(config.grad_accum):
-            first = micro * samples_per_micro_step + rank * config.batch_size  # this process's first sample
+            first = (micro * world + rank) * config.batch_size  # this process's first sample of the step
             batch = (make_vae_batch(config, data, model, step, first, device) if config.task == "vae"
                      else make_batch(config, data, model, tokenizers, alpha_bars, step, first, device, texts))
             # Only the last micro-step all-reduces gradients; the others accumulate locally.
@@ -268,29 +268,37 @@ def train(config, device, resume_from, note):
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
         step += 1
+        if ema is not None:
+            ema.update(step)
         stopping = stop.agreed(process)  # a signal arriving later in this step counts at the next one
-        held_loss = evaluate(model, config, step, out, writer, process, fsdp, held, alpha_bars, tokenizers, autocast)
+        held_loss = evaluate(model, config, step, out, writer, process, fsdp, held, alpha_bars, tokenizers, autocast, ema)
         if process.main:  # rank-0 I/O
             seconds = time.perf_counter() - started
             loss = log_step(config, writer, out, step, sums, scheduler, grad_norm, seconds, data, held_loss)
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update(1)
         if step % config.checkpoint_every == 0 or stopping or step == config.max_steps:
-            save_checkpoint(out / "checkpoints", step, named, optimizer, scheduler, scaler, config, rank, world)
+            save_checkpoint(out / "checkpoints", step, named, optimizer, scheduler, scaler, config, rank, world, ema)
         if stopping:
             break
     bar.close()
-    return finish(config, process, model, adapters, data, writer, step, stopping, fsdp)
+    return finish(config, process, model, adapters, data, writer, step, stopping, fsdp, ema)
 
 
-def finish(config, process, model, adapters, data, writer, step, stopping, fsdp):
+def autocast_of(config, device):
+    """The loop's autocast: bf16 or fp16 as mixed_precision says ("no": off)."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.mixed_precision, torch.float32)
+    return torch.autocast(device.type, dtype=dtype, enabled=config.mixed_precision != "no")
+
+
+def finish(config, process, model, adapters, data, writer, step, stopping, fsdp, ema=None):
     """Export a finished run (train/export.py), say how to resume an interrupted one, and tear down. -> exit code."""
     out, code = Path(config.output_dir), 0
     if fsdp and not stopping:  # every process gathers the shards; process 0 exports
         model.unet = unsharded_unet(model.unet, keep=process.main)
     if process.main and not stopping:
         try:
-            export(model, adapters, config, out, data, process.device)
+            export(model, adapters, config, out, data, process.device, ema)
         except (LoadError, OSError) as e:  # NaN weights, a full disk: the checkpoints stay, the export is not made
             print(f"error: {e} (the checkpoints in {out / 'checkpoints'} are kept)", file=sys.stderr)
             code = 2

@@ -8,6 +8,7 @@
 """
 
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,32 +47,37 @@ def validate(model, config, step, out, writer, device):
     writer.add_image("validation", np.asarray(image), step, dataformats="HWC")
 
 
-def export(model, adapters, config, out, data, device):
-    """The end of a finished run, on the main process: the trained model or its adapters."""
+def export(model, adapters, config, out, data, device, ema=None):
+    """The end of a finished run, on the main process: the trained model or its adapters; with an EMA, its
+    weights as well (ema_export "beside": model-ema / lora-ema.safetensors) or instead ("model")."""
     if config.task == "vae":
         set_scaling_factor(model, data["instance"], config, device)
-    if adapters is None:
-        save_single_file(model, out / "model.safetensors", dtype=config.export_dtype, overwrite=True)
-        print(f"wrote {out / 'model.safetensors'}")
-    else:
-        export_lora(model, adapters, config, out)
+    kinds = [("", False)] if ema is None else [("", True)] if config.ema_export == "model" else [("", False), ("-ema", True)]
+    for suffix, averaged in kinds:
+        with ema.swapped() if averaged else nullcontext():
+            if adapters is None:
+                save_single_file(model, out / f"model{suffix}.safetensors", dtype=config.export_dtype, overwrite=True)
+                print(f"wrote {out / f'model{suffix}.safetensors'}" + (" (the EMA weights)" if averaged else ""))
+            else:
+                export_lora(model, adapters, config, out, suffix)
 
 
-def export_lora(model, adapters, config, out):
-    """output_dir/lora.safetensors in kohya's format (LyCORIS' for lora_type loha, lokr, dora); with merge_lora,
-    also the base (read again from its file, in float32) with that very file merged in by models.lora, as --lora
-    does at generation."""
+def export_lora(model, adapters, config, out, suffix=""):
+    """output_dir/lora{suffix}.safetensors in kohya's format (LyCORIS' for lora_type loha, lokr, dora); with
+    merge_lora, also the base (read again from its file, in float32) with that very file merged in by models.lora,
+    as --lora does at generation (model{suffix}.safetensors)."""
     base_version = "sdxl_base_v1-0" if model.text_encoder_1 is not None else "sdxl_refiner_v1-0"
     metadata = kohya_metadata(adapters, base_version, Path(config.output_dir).name, config.lokr_factor,
                               steps=config.max_steps, learning_rate=config.lr, seed=config.seed,
                               resolution=f"({config.size[0]}, {config.size[1]})")
-    save_adapters(adapters, out / "lora.safetensors", DTYPES[config.export_dtype], metadata)
-    print(f"wrote {out / 'lora.safetensors'}")
+    lora, merged_file = out / f"lora{suffix}.safetensors", out / f"model{suffix}.safetensors"  # (suffix: -ema)
+    save_adapters(adapters, lora, DTYPES[config.export_dtype], metadata)
+    print(f"wrote {lora}")
     if config.merge_lora:
         merged = load(config.model, dtype="fp32", config=config.model_config)
-        merge_lora(merged, out / "lora.safetensors")
-        save_single_file(merged, out / "model.safetensors", dtype=config.export_dtype, overwrite=True)
-        print(f"wrote {out / 'model.safetensors'} (the base with the LoRA merged in)")
+        merge_lora(merged, lora)
+        save_single_file(merged, merged_file, dtype=config.export_dtype, overwrite=True)
+        print(f"wrote {merged_file} (the base with the LoRA merged in)")
 
 
 @torch.no_grad()

@@ -111,7 +111,7 @@ def preflight(config):
     if checkpoint is not None:  # what trains, and how, must be the checkpoint's: else the resumed run is another run
         made_with = read_meta(checkpoint)["config"]
         for name in ("train", "lora_rank", "lora_alpha", "lora_type", "lokr_factor", "lora_targets", "lora_conv_rank",
-                     "base_dtype", "optimizer", "fused_backward", "master_dtype"):
+                     "base_dtype", "optimizer", "fused_backward", "master_dtype", "ema_decay", "ema_every"):
             saved = made_with.get(name, default(name))  # an older checkpoint: the default then
             if saved != getattr(config, name):
                 raise ConfigError(f"{checkpoint} was made with {name}={saved!r}, this run has {getattr(config, name)!r}; "

@@ -8,6 +8,7 @@ across steps and across runs; logged beside the training loss (loss/validation, 
     evaluate           every validation_every steps: validation_prompt's image and the validation loss
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,15 +98,14 @@ def validation_loss(model, config, held, alpha_bars, tokenizers, autocast, devic
     return total / len(held.latents)
 
 
-def evaluate(model, config, step, out, writer, process, fsdp, held, alpha_bars, tokenizers, autocast):
-    """Every validation_every steps: validation_prompt's image (train/export.py) and the validation loss -> the
-    loss (None if there is none this step, or on a process that does not log). Under FSDP every process runs the
-    UNet (its forward gathers the shards); only process 0 writes."""
-    if step % config.validation_every or not (process.main or fsdp):
+def evaluate(model, config, step, out, writer, process, fsdp, held, alpha_bars, tokenizers, autocast, ema=None):
+    """Every validation_every steps: validation_prompt's image (train/export.py) and the validation loss, of the
+    EMA weights where there are some -> the loss (None if there is none this step, or on a process that does not
+    log). Under FSDP every process runs the UNet (its forward gathers the shards); only process 0 writes."""
+    if step % config.validation_every or not (process.main or fsdp) or not (config.validation_prompt or held):
         return None
-    if config.validation_prompt:
-        validate(model, config, step, out, writer if process.main else None, process.device)
-    if held is None:
-        return None
-    loss = validation_loss(model, config, held, alpha_bars, tokenizers, autocast, process.device)
+    with ema.swapped() if ema is not None else nullcontext():
+        if config.validation_prompt:
+            validate(model, config, step, out, writer if process.main else None, process.device)
+        loss = validation_loss(model, config, held, alpha_bars, tokenizers, autocast, process.device) if held else None
     return loss if process.main else None
