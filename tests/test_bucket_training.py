@@ -191,3 +191,29 @@ def test_a_run_logs_its_validation_loss(setup, tmp_path):
                     validation_split=0.4)))
     logged = [r.get("validation") for r in losses(out)]
     assert logged[0] is None and logged[2] is None and all(np.isfinite(logged[i]) for i in (1, 3))
+
+
+def test_cached_latents_on_disk_are_reused_until_the_image_or_its_bucket_changes(setup, tmp_path):
+    import shutil
+
+    from train.batches import encode_images
+    from train.latent_cache import SUFFIX
+
+    shutil.copytree(setup / "instance", tmp_path / "instance")
+    model = load(setup / "tiny.safetensors")
+    config = config_with(tmp_path, prior_loss_weight=0.0, cache_latents=True, cache_latents_to_disk=True)
+    first = encode_images(model, ImageFolder(tmp_path / "instance", "x"), config, "cpu")
+    assert len(list((tmp_path / "instance").glob("*" + SUFFIX))) == len(SHAPES)
+    calls = []
+    encode = model.vae.encode
+    model.vae.encode = lambda x: calls.append(len(x)) or encode(x)
+    again = encode_images(model, ImageFolder(tmp_path / "instance", "x"), config, "cpu")
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(first.mean, again.mean))  # read back, not encoded
+    assert torch.equal(first.numbers, again.numbers)
+    Image.new("RGB", SHAPES[2], (9, 9, 9)).save(tmp_path / "instance" / "2.png")  # one image changes
+    encode_images(model, ImageFolder(tmp_path / "instance", "x"), config, "cpu")
+    assert calls == [1]
+    other = replace(config, bucket_reso_steps=32)
+    encode_images(model, ImageFolder(tmp_path / "instance", "x"), other, "cpu")
+    moved = sum(place(*s, config.bucket_flags()) != place(*s, other.bucket_flags()) for s in SHAPES)
+    assert moved >= 1 and sum(calls) == 1 + moved  # an image whose bucket or crop moved is encoded anew

@@ -30,6 +30,7 @@ from data.dreambooth import DataError, ImageFolder, dataset_index, sample_genera
 from data.kohya_config import check_subsets
 from models.conditioning import encode_text
 from models.tokenizer import tokenize
+from train.latent_cache import cache_key, read_cached, vae_fingerprint, write_cached
 from train.regularisers import huber_thresholds, loss_weights, sample_noise
 
 INSTANCE, CLASS = 0, 1  # kinds of sample
@@ -263,13 +264,24 @@ class EncodedImages:
 @torch.no_grad()
 def encode_images(model, images, config, device, chunk=64, count=None):
     """The first `count` (default: every) image of an ImageFolder, center-cropped and unflipped as
-    cache_latents requires, encoded once, `chunk` images of one bucket at a time."""
+    cache_latents requires, encoded once, `chunk` images of one bucket at a time; with cache_latents_to_disk,
+    read from the files beside the images where they match (train/latent_cache.py), written where not."""
     count = len(images) if count is None else min(count, len(images))
     set_placements(config, [images])
-    by_bucket = {}
-    for i in range(count):
-        by_bucket.setdefault(images.placements[i].bucket, []).append(i)
     means, logvars, numbers = [None] * count, [None] * count, [None] * count
+    to_disk = getattr(config, "cache_latents_to_disk", False)
+    keys, written = {}, set()
+    if to_disk:
+        digest = vae_fingerprint(model.vae)
+        keys = {i: cache_key(images.paths[i], images.placements[i], digest) for i in range(count)}
+        for i in range(count):
+            cached = read_cached(images.paths[i], keys[i])
+            if cached is not None:
+                means[i], logvars[i] = (t.to(device) for t in cached[:2])
+                numbers[i] = cached[2].tolist()
+    by_bucket = {}
+    for i in (i for i in range(count) if means[i] is None):
+        by_bucket.setdefault(images.placements[i].bucket, []).append(i)
     for members in by_bucket.values():
         for start in range(0, len(members), chunk):
             run = members[start:start + chunk]
@@ -278,7 +290,10 @@ def encode_images(model, images, config, device, chunk=64, count=None):
             for k, (i, e) in enumerate(zip(run, examples)):
                 means[i], logvars[i] = mean[k], logvar[k]
                 numbers[i] = [*e.original_size, *e.crop_top_left, *e.target_size]
-    if len(by_bucket) == 1:  # one size: tensors, as the VAE task's scaling factor reads them
+                if to_disk and images.paths[i] not in written:  # (an image num_repeats times is written once)
+                    write_cached(images.paths[i], keys[i], mean[k], logvar[k], numbers[i])
+                    written.add(images.paths[i])
+    if len({m.shape for m in means}) == 1:  # one size: tensors, as the VAE task's scaling factor reads them
         means, logvars = torch.stack(means), torch.stack(logvars)
     return EncodedImages(means, logvars, torch.tensor(numbers, dtype=torch.float32, device=device), images.prompts,
                          images.placements[:count], images.rules and images.rules[:count])

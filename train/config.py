@@ -49,6 +49,9 @@ class TrainConfig:
     # change); the latent is still sampled anew from its posterior every step. The VAE then leaves the GPU for
     # the CPU (validation images bring it back for a moment).
     cache_latents: bool = False
+    # ... and keep them beside each image (<image>.plainxl-latents.safetensors, as kohya's .npz), reused by later
+    # runs while the image, its bucket and crop, and the VAE are unchanged (train/latent_cache.py).
+    cache_latents_to_disk: bool = False
     # Encode every prompt once before training, under the loop's autocast (needs frozen text encoders and no
     # caption_tag_dropout_rate, so the prompts never change); the text encoders then leave the GPU as the VAE
     # does with cache_latents (kohya's cache_text_encoder_outputs).
@@ -221,6 +224,8 @@ class TrainConfig:
                               "prompts must not change between steps) and the dreambooth task")
         if not self.train:
             raise ConfigError("train is empty; name what trains, e.g. train=['unet']")
+        if self.cache_latents_to_disk and not self.cache_latents:
+            raise ConfigError("cache_latents_to_disk keeps cache_latents' latents on disk; set cache_latents=True too")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ConfigError(f"ema_decay must be a number between 0 and 1, e.g. 0.999, or None (got {self.ema_decay})")
         if self.ema_decay is None and (self.ema_every != 1 or self.ema_export != "beside"):
