@@ -217,3 +217,17 @@ def test_cached_latents_on_disk_are_reused_until_the_image_or_its_bucket_changes
     encode_images(model, ImageFolder(tmp_path / "instance", "x"), other, "cpu")
     moved = sum(place(*s, config.bucket_flags()) != place(*s, other.bucket_flags()) for s in SHAPES)
     assert moved >= 1 and sum(calls) == 1 + moved  # an image whose bucket or crop moved is encoded anew
+
+
+@pytest.mark.slow
+def test_two_processes_resume_bit_exactly_with_buckets_and_ema(setup, tmp_path):
+    """Under two processes, a run stopped at step 2 and resumed to 6 equals one that ran 6 straight: weights,
+    optimizer state and the EMA."""
+    fields = dict(BUCKETS, prior_loss_weight=0.0, batch_size=1, ema_decay=0.9, random_flip=True)
+    straight, halves = tmp_path / "straight", tmp_path / "halves"
+    finish(run(args(setup, straight, max_steps=6, **fields), nproc=2))
+    finish(run(args(setup, halves, max_steps=2, **fields), nproc=2))
+    finish(run(args(setup, halves, max_steps=6, resume="latest", **fields), nproc=2))
+    want, got = final_state(straight, 6), final_state(halves, 6)
+    assert any(k.startswith("ema.") for k in want)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want if not k.startswith("rng."))
