@@ -168,9 +168,9 @@ def train_in_process(monkeypatch, cli_args):
 
     seen, export = {}, exports.export_lora
 
-    def spy(model, adapters, config, out):
+    def spy(model, adapters, config, out, suffix=""):
         seen["state"] = {k: v.clone() for k, v in model.state_dict().items()}
-        export(model, adapters, config, out)
+        export(model, adapters, config, out, suffix)
 
     monkeypatch.setattr(exports, "export_lora", spy)
     assert dreambooth.main([str(a) for a in cli_args]) == 0

@@ -119,7 +119,7 @@ def test_fsdp_two_processes_equal_one_and_resume_bit_identically(setup, tmp_path
     checkpointing take the steps one ordinary process takes on the same global batch; its checkpoints hold the
     whole weights and moments, it resumes bit-identically under 2 processes, its validation images are made by
     both (their collectives), and its export is the gathered UNet."""
-    common = dict(train=["unet"], grad_accum=2, gradient_checkpointing=True)
+    common = dict(train=["unet"], grad_accum=2, gradient_checkpointing=True, ema_decay=0.5)  # the EMA sharded too
     one, two, halves = tmp_path / "one", tmp_path / "two", tmp_path / "halves"
     fsdp = dict(batch_size=1, parallel="fsdp", validation_prompt="1girl", validation_every=4, class_steps=2, **common)
     finish(run(args(setup, one, batch_size=2, **common)))
@@ -137,6 +137,10 @@ def test_fsdp_two_processes_equal_one_and_resume_bit_identically(setup, tmp_path
     assert all(torch.equal(wb[k], wc[k]) for k in states(wb)), [k for k in states(wb) if not torch.equal(wb[k], wc[k])][:3]
     exported = load(two / "model.safetensors").state_dict()
     assert all(torch.equal(exported[k.removeprefix("param.")], wb[k]) for k in wb if k.startswith("param."))
+    averaged = load(two / "model-ema.safetensors").state_dict()  # the EMA shards gathered into the export
+    assert all(torch.equal(averaged[k.removeprefix("ema.")], wb[k]) for k in wb if k.startswith("ema."))
+    ema_apart = max((wa[k] - wb[k]).abs().max().item() for k in wa if k.startswith("ema."))
+    assert any(k.startswith("ema.") for k in wb) and ema_apart < 1e-3
     assert (two / "validation" / "step-000004.png").exists()
 
 

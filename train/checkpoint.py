@@ -52,10 +52,10 @@ def save_checkpoint(folder, step, named, optimizer, scheduler, scaler, config, r
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         tensors.update({f"optimizer.{index}.{k}": gathered(v, keep) for k, v in state.items()})
+    tensors |= {f"ema.{name}": gathered(s.detach(), keep) for name, s in (ema.state().items() if ema else ())}
     if not keep:
         return
-    tensors |= {f"ema.{name}": shadow.detach().cpu() for name, shadow in (ema.state().items() if ema else ())}
-    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}
     tensors.update({f"rng.{r}": state for r, state in enumerate(rng)})
     meta = {"step": step, "param_groups": opt["param_groups"], "schedule": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "config": asdict(config), "world_size": world,

@@ -294,8 +294,11 @@ def autocast_of(config, device):
 def finish(config, process, model, adapters, data, writer, step, stopping, fsdp, ema=None):
     """Export a finished run (train/export.py), say how to resume an interrupted one, and tear down. -> exit code."""
     out, code = Path(config.output_dir), 0
-    if fsdp and not stopping:  # every process gathers the shards; process 0 exports
+    if fsdp and not stopping:  # every process gathers the shards (the EMA's too); process 0 exports
+        bind_ema = ema.unshard(model, keep=process.main) if ema is not None else None
         model.unet = unsharded_unet(model.unet, keep=process.main)
+        if bind_ema is not None and process.main:
+            bind_ema()
     if process.main and not stopping:
         try:
             export(model, adapters, config, out, data, process.device, ema)

@@ -5,13 +5,16 @@ every trained tensor, updated after the optimizer step every ema_every steps,
 
 saved in each checkpoint (so a resume is bit-exact), and swapped into the model for the validation images, the
 validation loss and the export (ema_export: "beside" writes it next to the trained weights, "model" instead of
-them). Every process keeps the whole shadow, as every DDP process keeps the whole weights; under parallel=zero
-too (ZeRO shards the optimizer state, not this); parallel=fsdp is refused for now (train/optim.py).
+them). Under parallel=fsdp the shadow is sharded as the weights are (each process keeps its own shards, DTensors,
+and the checkpoint and export gather them one tensor at a time); under ddp and zero every process keeps the whole
+shadow, as it keeps the whole weights (ZeRO shards the optimizer state, not this).
 """
 
 from contextlib import contextmanager
 
 import torch
+
+from train.optim import gathered, sharded_like
 
 
 class EMA:
@@ -31,13 +34,25 @@ class EMA:
 
     @torch.no_grad()
     def load(self, tensors):
-        """The shadow from a checkpoint's {name: tensor}; ValueError if one is missing (a checkpoint made without EMA)."""
+        """The shadow from a checkpoint's {name: whole tensor} (this process's shards of it under FSDP); ValueError
+        if one is missing (a checkpoint made without EMA)."""
         missing = [name for name, _ in self.named if name not in tensors]
         if missing:
             raise ValueError(f"the checkpoint holds no EMA of {missing[0]} (it was made without ema_decay); resume "
                              "with the config it was made with")
         for shadow, (name, _) in zip(self.shadow, self.named):
-            shadow.copy_(tensors[name])
+            shadow.copy_(sharded_like(tensors[name], shadow))
+
+    def unshard(self, model, keep):
+        """Under FSDP, before the export: the shadow gathered whole (every process takes part; kept on the
+        process where keep), then bound to `model`'s parameters of the same names (the unsharded UNet's)."""
+        whole = [gathered(s.detach(), keep) for s in self.shadow]
+        return lambda: self.bind(model, whole)
+
+    def bind(self, model, shadow):
+        params = dict(model.named_parameters())
+        self.named = [(name, params[name]) for name, _ in self.named]
+        self.shadow = shadow
 
     @contextmanager
     def swapped(self):

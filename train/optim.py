@@ -272,9 +272,6 @@ def check_optimizer(config):
                                      config.lora_type not in ("lora", "dora")):
         raise ConfigError("loraplus_lr_ratio gives LoRA's and DoRA's up weights their own lr, in one optimizer: not "
                           "with fused_backward, master_dtype=bf16, or lora_type loha / lokr (they have no up weights)")
-    if config.parallel == "fsdp" and config.ema_decay is not None:
-        raise ConfigError("ema_decay with parallel=fsdp is not built yet (the average would be sharded like the "
-                          "weights); use parallel=zero or ddp with it")
     if config.parallel == "fsdp" and config.mixed_precision == "fp16":
         # GradScaler's overflow check would see each process's shard only: processes could disagree on a skip.
         raise ConfigError("parallel=fsdp needs mixed_precision=bf16 or no (fp16's grad scaler would check each "
