@@ -184,6 +184,27 @@ def class_sizes(buckets_of, count):
     return [b for b in order for _ in range(shares[b])]
 
 
+BUCKET_FIELDS = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
+
+
+def bucket_problem(config, moved):
+    """What is wrong with a training config's bucket fields (`moved`: those it sets), in one sentence, or None."""
+    if moved and not config.enable_bucket:
+        return f"{moved[0]} applies with enable_bucket=True; set it, or leave {moved[0]} out"
+    if not config.enable_bucket:
+        return None
+    if config.bucket_reso_steps % 8:
+        return (f"bucket_reso_steps must be a multiple of 8, SDXL's pixels per latent (got {config.bucket_reso_steps}; "
+                "kohya's default is 64)")
+    if config.task == "vae":
+        return "the vae task trains on square crops of resolution; leave enable_bucket out"
+    try:
+        rounded_limits(config.bucket_flags(), warn=False)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def image_files(folder):
     """The images under a folder (recursively, sorted), by suffix."""
     return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -206,7 +227,7 @@ def main(argv=None):
             raise ValueError
     except ValueError:
         print(f"error: --resolution {args.resolution!r} / --bucket_reso_steps {args.bucket_reso_steps}: give R or W,H "
-              "(positive whole numbers) and a positive step, e.g. --resolution 1024 or 832,1216", file=sys.stderr)
+              "(positive whole numbers) and a positive step, e.g. --resolution 1024 or 1024,768", file=sys.stderr)
         return 2
     flags = BucketFlags((sides[0], sides[-1]), args.min_bucket_reso, args.max_bucket_reso, args.bucket_reso_steps,
                         args.bucket_no_upscale)

@@ -37,6 +37,8 @@ SUBSET_KEYS = {f.name for f in fields(Subset)}
 TYPES = {"image_dir": str, "class_tokens": str, "caption_extension": str, "num_repeats": int, "keep_tokens": int,
          "is_reg": bool, "shuffle_caption": bool, "flip_aug": bool, "random_crop": bool,
          "caption_dropout_rate": (int, float), "caption_tag_dropout_rate": (int, float)}
+RANGES = {"num_repeats": (1, 10**6), "keep_tokens": (0, 10**6), "caption_dropout_rate": (0, 1),
+          "caption_tag_dropout_rate": (0, 1)}
 TYPE_NAMES = {name: "a number" if kind == (int, float) else {str: "a string", int: "a whole number",
                                                              bool: "true or false"}[kind] for name, kind in TYPES.items()}
 
@@ -47,9 +49,10 @@ class DatasetConfig:
     subsets: list  # [Subset]
 
 
-def read_dataset_config(path):
+def read_dataset_config(path, fallback=None):
     """The TOML file -> DatasetConfig, or one ValueError naming the problem: unreadable, not TOML, keys plainxl
-    does not read (all of them named), several datasets, no subsets, a value of the wrong type."""
+    does not read (all of them named), several datasets, no subsets, a value of the wrong type or out of range.
+    fallback: subset keys set on the command line, used where no table sets them (kohya's last fallback)."""
     path = Path(path)
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -72,12 +75,17 @@ def read_dataset_config(path):
     settings = {k: v for k, v in (general | dataset).items() if k in DATASET_KEYS}
     subsets = []
     for table in dataset["subsets"]:
-        values = {k: v for k, v in (general | dataset | table).items() if k in SUBSET_KEYS}
+        values = {k: v for k, v in ((fallback or {}) | general | dataset | table).items() if k in SUBSET_KEYS}
         if "image_dir" not in values:
             raise ValueError(f"dataset_config {path}: a [[datasets.subsets]] has no image_dir; give each subset its folder")
         for name, value in values.items():
-            if not isinstance(value, TYPES[name]) or (TYPES[name] is int and isinstance(value, bool)):
+            if not isinstance(value, TYPES[name]) or (TYPES[name] is not bool and isinstance(value, bool)):
                 raise ValueError(f"dataset_config {path}: {name} = {value!r} is not {TYPE_NAMES[name]}")
+            low, high = RANGES.get(name, (None, None))
+            if low is not None and not low <= value <= high:
+                raise ValueError(f"dataset_config {path}: {name} = {value!r} is outside {low} .. {high}")
+        if not values.get("caption_extension", ".").startswith("."):  # kohya's "txt" means ".txt"
+            values["caption_extension"] = "." + values["caption_extension"]
         folder = Path(values["image_dir"])
         values["image_dir"] = str(folder if folder.is_absolute() else path.parent / folder)
         subsets.append(Subset(**values))

@@ -4,8 +4,6 @@ one bucket, a pair's class image is of its instance image's bucket, the micro-co
 latents work per bucket, two processes equal one, SIGKILL + resume is bit-identical, and bad input is one line."""
 
 import json
-import signal
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_dreambooth import args, final_state, finish, losses, run
+from test_dreambooth import args, final_state, finish, killed_then_resumed, losses, run
 
 from data.buckets import BucketFlags, place
 from data.dreambooth import DataError, ImageFolder
@@ -35,11 +33,16 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("buckets")
     torch.manual_seed(0)
     save_single_file(SDXL(TINY), root / "tiny.safetensors")
-    rng = np.random.default_rng(0)
-    (root / "instance").mkdir()
-    for i, (w, h) in enumerate(SHAPES):
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(root / "instance" / f"{i}.png")
+    write_noise_images(root / "instance", SHAPES)
     return root
+
+
+def write_noise_images(folder, shapes, seed=0):
+    """Random-noise images of these (width, height)s, 0.png, 1.png, ..."""
+    folder.mkdir()
+    pixels = [np.random.default_rng([seed, i]).integers(0, 255, (h, w, 3), dtype=np.uint8) for i, (w, h) in enumerate(shapes)]
+    for i, array in enumerate(pixels):
+        Image.fromarray(array).save(folder / f"{i}.png")
 
 
 def config_with(root, **fields):
@@ -124,14 +127,7 @@ def test_sigkill_then_resume_with_buckets_is_bit_identical(setup, tmp_path):
     fields = dict(BUCKETS, prior_loss_weight=0.0, max_steps=6, random_flip=True)
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     finish(run(args(setup, reference, **fields)))
-    proc = run(args(setup, killed, **fields))
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-000002").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finish(run(args(setup, killed, **fields, resume="latest")))
+    killed_then_resumed(setup, killed, **fields)
     want, got = final_state(reference, 6), final_state(killed, 6)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want if not k.startswith("rng."))
 
@@ -166,7 +162,8 @@ def test_the_validation_loss_is_fixed_noise_on_held_out_images(setup, tmp_path):
     """validation_split holds images out of training; the loss at fixed timesteps and noise is the same number for
     the same weights (another process, another run) and moves when the weights do."""
     from models.tokenizer import load_tokenizers as tokenizers_of
-    from train.validation import TIMESTEPS, held_out, validation_loss, validation_set
+    from train.batches import held_out
+    from train.validation import TIMESTEPS, validation_loss, validation_set
 
     model = load(setup / "tiny.safetensors")
     config = config_with(setup, prior_loss_weight=0.0, validation_split=0.4)

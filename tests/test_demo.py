@@ -97,7 +97,7 @@ def test_the_non_square_demo_reads_the_head_square(reader, tmp_path):
     demo_buckets.write_shaped_images(tmp_path)
     pictures = sorted(tmp_path.glob("*.png"))
     assert [Image.open(p).size for p in pictures] == [(64, 96)] * 3 + [(96, 64)] * 3
-    heads = [demo_buckets.head_square(Image.open(p), None) for p in pictures]
+    heads = [demo_buckets.head_square(Image.open(p)) for p in pictures]
     assert classifier.tag_accuracy(reader, heads, [demo.SUBJECT] * len(heads))["mean"] > 0.75  # 0.79: the jitter
     whole, _ = demo_buckets.subject_fidelity(Framed(), reader, count=8)
     elsewhere, _ = demo_buckets.subject_fidelity(Framed(misplaced=True), reader, count=8)

@@ -67,6 +67,22 @@ def finish(proc):
     return out, err
 
 
+def kill_at_first_checkpoint(proc, out):
+    """SIGKILL a run as soon as its step-2 checkpoint exists -> its exit status."""
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step-000002").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()
+
+
+def killed_then_resumed(setup, out, **fields):
+    """A run SIGKILLed at its first checkpoint, then run again with --resume=latest to its end."""
+    kill_at_first_checkpoint(run(args(setup, out, **fields)), out)
+    finish(run(args(setup, out, resume="latest", **fields)))
+
+
 def losses(out):
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 
@@ -127,13 +143,7 @@ def test_text_encoder_training_works_under_ddp(setup, tmp_path):
 def test_sigkill_then_resume_is_bit_identical(setup, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     finish(run(args(setup, reference, max_steps=6)))
-    proc = run(args(setup, killed, max_steps=6))
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-000002").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_first_checkpoint(run(args(setup, killed, max_steps=6)), killed)
     assert not (killed / "model.safetensors").exists()
     finish(run(args(setup, killed, max_steps=6, resume="latest")))
     want, got = final_state(reference, 6), final_state(killed, 6)

@@ -2,13 +2,11 @@
 as the model (full and LoRA), SIGKILL + resume bit-identical with the average in the checkpoint, two processes equal
 to one, and a resume that would change the EMA settings one line."""
 
-import signal
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_dreambooth import args, final_state, finish, run, setup  # noqa: F401 (setup is a fixture)
+from test_dreambooth import args, final_state, finish, killed_then_resumed, run, setup  # noqa: F401 (a fixture)
 
 from train.config import ConfigError, TrainConfig
 from train.dreambooth import main
@@ -69,14 +67,7 @@ def test_the_export_beside_and_as_the_model(setup, tmp_path):  # noqa: F811
 def test_sigkill_then_resume_with_ema_is_bit_identical_and_ddp_equals_one(setup, tmp_path, capsys):  # noqa: F811
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     finish(run(args(setup, reference, max_steps=6, **EMA_FIELDS)))
-    proc = run(args(setup, killed, max_steps=6, **EMA_FIELDS))
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-000002").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    finish(run(args(setup, killed, max_steps=6, resume="latest", **EMA_FIELDS)))
+    killed_then_resumed(setup, killed, max_steps=6, **EMA_FIELDS)
     want, got = final_state(reference, 6), final_state(killed, 6)
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want if not k.startswith("rng."))
     two = tmp_path / "two"

@@ -133,3 +133,27 @@ def test_an_empty_subset_folder_is_one_line_before_anything_loads(folders, tmp_p
     assert main([f"--dataset_config={folders / 'dataset.toml'}", f"--output_dir={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "fuga has no images" in err and not (tmp_path / "o").exists()
+
+
+def test_command_line_fields_are_the_last_fallback_and_values_are_checked(folders):
+    """kohya's order: subset < dataset < general < the command line; 'txt' means '.txt'; ranges are checked."""
+    toml = folders / "dataset.toml"
+    toml.write_text(toml.read_text().replace("caption_extension = '.txt'\n", "caption_extension = 'txt'\n"))
+    config = TrainConfig(dataset_config=str(toml), caption_dropout_rate=0.25, random_flip=False, shuffle_caption=False)
+    hoge = config.subsets()[0]
+    assert hoge.caption_dropout_rate == 0.25 and not hoge.flip_aug  # from the command line, nowhere in the file
+    assert hoge.shuffle_caption and hoge.caption_extension == ".txt"  # the file's own win; the dot added
+    toml.write_text(toml.read_text().replace("keep_tokens = 3", "keep_tokens = 3\n  num_repeats = 0"))
+    with pytest.raises(ConfigError, match="num_repeats = 0 is outside 1"):
+        TrainConfig(dataset_config=str(toml))
+
+
+def test_validation_split_holds_out_whole_files_with_their_repeats(folders):
+    from train.batches import held_out
+
+    text = (folders / "dataset.toml").read_text().replace("keep_tokens = 3", "keep_tokens = 3\n  num_repeats = 4")
+    (folders / "dataset.toml").write_text(text)
+    config = TrainConfig(dataset_config=str(folders / "dataset.toml"), validation_split=0.34)
+    training, held = held_out(config, instance_images(config))
+    assert len(held) == 1 and held.paths[0] not in training.paths  # one file of three, none of its repeats trained on
+    assert len(training) + len(set(held.paths)) * (4 if "fuga" in str(held.paths[0]) else 1) == 2 + 4

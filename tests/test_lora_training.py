@@ -5,14 +5,13 @@ one process and SIGKILL + resume bit-identical with adapters, and bad LoRA setti
 
 import copy
 import signal
-import time
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_dreambooth import args, final_state, finish, losses, run, write_image_folders
+from test_dreambooth import args, final_state, finish, kill_at_first_checkpoint, losses, run, write_image_folders
 from test_pipeline_parity import assert_close_images, diffusers_images, tiny_model
 
 from models import lora
@@ -279,13 +278,8 @@ def test_lora_sigkill_then_resume_is_bit_identical(setup, tmp_path):
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     fields = dict(lora_rank=4, lora_conv_rank=2, max_steps=6, train=EVERYTHING)
     finish(run(args(setup, reference, **fields)))
-    proc = run(args(setup, killed, **fields))
-    deadline = time.time() + 300
-    while not (killed / "checkpoints" / "step-000002").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL and not (killed / "lora.safetensors").exists()  # killed mid-run
+    status = kill_at_first_checkpoint(run(args(setup, killed, **fields)), killed)
+    assert status == -signal.SIGKILL and not (killed / "lora.safetensors").exists()  # killed mid-run
     finish(run(args(setup, killed, resume="latest", **fields)))
     want, got = final_state(reference, 6), final_state(killed, 6)
     assert want.keys() == got.keys()

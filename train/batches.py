@@ -2,8 +2,9 @@
 image under prior preservation), their latents, noise, timesteps and targets, and the captions as token ids.
 
     INSTANCE, CLASS, streams    the kinds of sample and the generator stream of each random draw
-    instance_images, training_data
-                                the images of a run: its folders or dataset_config subsets, class images made
+    instance_images, training_data, held_out
+                                the images of a run: its folders or dataset_config subsets, class images made,
+                                the validation loss's held-out images
     set_placements, check_pairs, picks
                                 where each image trains (its bucket), and which images a micro-step takes
     Batch, make_batch           one micro-step of one process: TrainStep's inputs (train/losses.py)
@@ -14,7 +15,8 @@ image under prior preservation), their latents, noise, timesteps and targets, an
 
 Every random number of a sample (crop, flip, latent sample, noise, timestep, tag and caption dropout) comes
 from a generator seeded by (seed, step, global sample index, stream), so a batch is a function of the global
-batch, not of the number of processes, and a resumed run draws what the uninterrupted one would have.
+batch, not of the number of processes, and a resumed run draws what the uninterrupted one would have. (With
+buckets, which images a micro-step takes depends on batch_size x processes: that batch shares one bucket.)
 """
 
 from dataclasses import dataclass
@@ -72,8 +74,6 @@ def training_data(config, model, process):
     """{"instance": ImageFolder, "class": ImageFolder (with prior preservation)}, placed in their buckets: the class
     images are dataset_config's regularisation subsets, or class_data_dir's, made first where missing (each
     process a share; at the instance images' buckets with enable_bucket)."""
-    from train.validation import held_out
-
     data = {"instance": instance_images(config)}
     data["instance"], held = held_out(config, data["instance"])  # the validation loss's images, never trained on
     set_placements(config, [data["instance"]])
@@ -92,7 +92,30 @@ def training_data(config, model, process):
         data["class"] = ImageFolder(config.class_data_dir, config.class_prompt, "class_data_dir")
     set_placements(config, data.values())
     check_pairs(config, data)
+    if held is not None:
+        set_placements(config, [held])  # (an image bucket_no_upscale cannot place: one line, before anything trains)
     return data | ({"held": held} if held is not None else {})
+
+
+def held_out(config, images):
+    """(training images, held-out images or None): validation_dir's folder, or the last round(validation_split * N)
+    of the N distinct image files in a permutation seeded by `seed` (at least one, and at least one left to train
+    on; every repeat of a held-out file is held out, and it is held out once)."""
+    if config.validation_dir:
+        return images, ImageFolder(config.validation_dir, config.instance_prompt, "validation_dir")
+    if not config.validation_split:
+        return images, None
+    files = list(dict.fromkeys(images.paths))  # (num_repeats repeats a file in a dataset_config's subsets)
+    n = len(files)
+    count = max(1, round(config.validation_split * n))
+    if count >= n:
+        raise DataError(f"validation_split {config.validation_split} of {n} instance images leaves none to train on; "
+                        "lower it, or give validation_dir")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
+    held = {files[k] for k in order[n - count:]}
+    first = {path: images.paths.index(path) for path in held}
+    return (images.subset([i for i, p in enumerate(images.paths) if p not in held]),
+            images.subset(sorted(first.values())))
 
 
 def set_placements(config, folders):
@@ -270,7 +293,7 @@ def encode_images(model, images, config, device, chunk=64, count=None):
     set_placements(config, [images])
     means, logvars, numbers = [None] * count, [None] * count, [None] * count
     to_disk = getattr(config, "cache_latents_to_disk", False)
-    keys, written = {}, set()
+    keys = {}
     if to_disk:
         digest = vae_fingerprint(model.vae)
         keys = {i: cache_key(images.paths[i], images.placements[i], digest) for i in range(count)}
@@ -279,8 +302,11 @@ def encode_images(model, images, config, device, chunk=64, count=None):
             if cached is not None:
                 means[i], logvars[i] = (t.to(device) for t in cached[:2])
                 numbers[i] = cached[2].tolist()
+    first = {}  # an image num_repeats times is encoded once
+    for i in range(count):
+        first.setdefault(images.paths[i], i)
     by_bucket = {}
-    for i in (i for i in range(count) if means[i] is None):
+    for i in (i for i in range(count) if means[i] is None and first[images.paths[i]] == i):
         by_bucket.setdefault(images.placements[i].bucket, []).append(i)
     for members in by_bucket.values():
         for start in range(0, len(members), chunk):
@@ -290,9 +316,10 @@ def encode_images(model, images, config, device, chunk=64, count=None):
             for k, (i, e) in enumerate(zip(run, examples)):
                 means[i], logvars[i] = mean[k], logvar[k]
                 numbers[i] = [*e.original_size, *e.crop_top_left, *e.target_size]
-                if to_disk and images.paths[i] not in written:  # (an image num_repeats times is written once)
+                if to_disk:
                     write_cached(images.paths[i], keys[i], mean[k], logvar[k], numbers[i])
-                    written.add(images.paths[i])
+    for i in range(count):  # the repeats share their first's latents
+        means[i], logvars[i], numbers[i] = (x[first[images.paths[i]]] for x in (means, logvars, numbers))
     if len({m.shape for m in means}) == 1:  # one size: tensors, as the VAE task's scaling factor reads them
         means, logvars = torch.stack(means), torch.stack(logvars)
     return EncodedImages(means, logvars, torch.tensor(numbers, dtype=torch.float32, device=device), images.prompts,

@@ -12,8 +12,10 @@ import math
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from data.buckets import BUCKET_FIELDS, bucket_problem
 from models.adapters import KOHYA_TARGETS, LORA_TYPES
 from models.files import atomic_file, read_config_file
+from train.optim import optimizer_problem
 
 
 @dataclass
@@ -210,7 +212,8 @@ class TrainConfig:
             raise ConfigError(f"adam_betas must be two numbers in [0, 1), e.g. (0.9, 0.999) (got {self.adam_betas})")
         if len(self.size) != 2 or not all(isinstance(s, int) and s >= 8 and s % 8 == 0 for s in self.size):
             raise ConfigError(f"resolution must be a multiple of 8, or (width, height) of two (got {self.resolution})")
-        self.check_buckets()
+        if problem := bucket_problem(self, moved=[n for n in BUCKET_FIELDS if getattr(self, n) != default(n)]):
+            raise ConfigError(problem)
         rules = subsets or [self]  # what decides flips, crops and caption changes: the subsets, or these fields
         flips = any(r.flip_aug if subsets else r.random_flip for r in rules)
         random_crops = any(r.random_crop if subsets else not r.center_crop for r in rules)
@@ -240,9 +243,8 @@ class TrainConfig:
                                                                (self.validation_split and self.validation_dir)):
             raise ConfigError("give validation_split or validation_dir, not both, and only for the dreambooth task")
         self.check_lora()
-        from train.optim import check_optimizer  # (train/optim.py's settings, checked beside it)
-
-        check_optimizer(self)
+        if problem := optimizer_problem(self):  # (train/optim.py's fields, checked beside them)
+            raise ConfigError(problem)
 
     def dataset(self):
         """dataset_config, read (data.kohya_config.DatasetConfig), or None without one."""
@@ -250,8 +252,10 @@ class TrainConfig:
             return None
         from data.kohya_config import read_dataset_config
 
+        fallback = {key: not value if key == "random_crop" else value for name, key in SUBSET_FIELDS.items()
+                    if (value := getattr(self, name)) != default(name)}  # set here: the TOML's last fallback
         try:
-            return read_dataset_config(self.dataset_config)
+            return read_dataset_config(self.dataset_config, fallback)
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -283,24 +287,6 @@ class TrainConfig:
         return BucketFlags(self.size, self.min_bucket_reso, self.max_bucket_reso, self.bucket_reso_steps,
                            self.bucket_no_upscale) if self.enable_bucket else None
 
-    def check_buckets(self):
-        names = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
-        moved = [name for name in names if getattr(self, name) != default(name)]
-        if moved and not self.enable_bucket:
-            raise ConfigError(f"{moved[0]} applies with enable_bucket=True; set it, or leave {moved[0]} out")
-        if self.enable_bucket and self.bucket_reso_steps % 8:
-            raise ConfigError(f"bucket_reso_steps must be a multiple of 8, SDXL's pixels per latent (got "
-                              f"{self.bucket_reso_steps}; kohya's default is 64)")
-        if self.enable_bucket and self.task == "vae":
-            raise ConfigError("the vae task trains on square crops of resolution; leave enable_bucket out")
-        if self.enable_bucket:
-            from data.buckets import rounded_limits
-
-            try:
-                rounded_limits(self.bucket_flags(), warn=False)
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-
     def check_lora(self):
         for name in ("lora_rank", "lora_conv_rank"):
             if getattr(self, name) < 0:
@@ -326,6 +312,11 @@ class TrainConfig:
                               "float32 adapters beside the low-precision weights)")
         if self.lora_rank and not self.lora_targets:
             raise ConfigError("lora_targets is empty; name the modules that get adapters, or leave it out for kohya's set")
+
+
+SUBSET_FIELDS = {"keep_tokens": "keep_tokens", "shuffle_caption": "shuffle_caption", "random_flip": "flip_aug",
+                 "caption_dropout_rate": "caption_dropout_rate", "caption_tag_dropout_rate": "caption_tag_dropout_rate",
+                 "center_crop": "random_crop"}  # a field set on the command line -> the subset key it stands for
 
 
 def default(name):

@@ -116,15 +116,23 @@ def table(results):
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m train.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo", help="its folders instance/, class/, prior/, no_prior/ are remade")
+def arguments(argv, module, doc, folders, count):
+    """A demo's command line -> (args, the --field=value arguments for its runs, the output folder, whose
+    `folders` are removed: nothing from another model or setting stays): --out, --model, --count."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
+    parser.add_argument("--out", default=f"runs/{module.split('.')[-1]}", help=f"its folders {', '.join(folders)} are remade")
     parser.add_argument("--model", default="plainxl-tiny")
-    parser.add_argument("--count", type=int, default=64, help="generations per measurement")
+    parser.add_argument("--count", type=int, default=count, help="generations per measurement")
     args, overrides = parser.parse_known_args(argv)
     out = output_or_exit(args.out, "--out")  # before anything is removed or trained
-    for name in ["instance", "class"] + [run[0] for run in RUNS.values() if run]:  # nothing from another model or setting
+    for name in folders:
         shutil.rmtree(out / name, ignore_errors=True)
+    return args, overrides, out
+
+
+def main(argv=None):
+    folders = ["instance", "class"] + [run[0] for run in RUNS.values() if run]
+    args, overrides, out = arguments(argv, "train.demo", __doc__, folders, count=64)
     write_instance_images(out / "instance")
     reader = classifier.load()
 

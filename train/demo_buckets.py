@@ -16,23 +16,20 @@ measurement.
 Writes OUT/results.json and OUT/grid.png (rows: square crops, buckets; portraits then landscapes).
 """
 
-import argparse
 import json
 import os
-import shutil
 
 import numpy as np
 from PIL import Image
 
 from data import classifier
 from data.procedural import draw
-from models.files import output_or_exit
 from sampling.pipeline import Pipeline, Settings
 from train import dreambooth
-from train.demo import CONFIG, IDENTITY, SUBJECT
+from train.demo import CONFIG, IDENTITY, SUBJECT, arguments
 
 SHAPES = {"portrait": (64, 96), "landscape": (96, 64)}  # the pictures' (width, height); her head is 64 x 64
-OUTPUTS = SHAPES  # what is generated: the buckets the pictures train in, their own shapes
+OUTPUTS = SHAPES  # what is generated: the buckets the pictures train in, the pictures' own shapes
 COMMON = {"prior_loss_weight": 0.0, "ema_decay": 0.99, "validation_split": 0.15, "validation_every": 50}
 RUNS = {"square crops": ("square", {}),
         "buckets": ("buckets", {"enable_bucket": True, "resolution": "(64,96)", "min_bucket_reso": 32,
@@ -54,7 +51,7 @@ def write_shaped_images(folder, per_shape=3, seed=0):
         os.replace(tmp, folder / f"{i}-{shape}.png")
 
 
-def head_square(image, shape):
+def head_square(image):
     """The square of a generated picture where her head belongs, at the classifier's 64 x 64."""
     side = min(image.size)
     return image.crop((0, 0, side, side)).resize((64, 64), Image.Resampling.LANCZOS)
@@ -66,7 +63,7 @@ def subject_fidelity(pipe, reader, count, seed=20_000):
     for shape, (width, height) in OUTPUTS.items():
         generated = pipe(Settings(prompt="1girl, sks", width=width, height=height, steps=20, cfg=5.0,
                                   sampler="euler_a", seed=seed, num_images=count), progress=False)
-        read = [classifier.labels(p) for p in classifier.predict(reader, [head_square(g, shape) for g in generated])]
+        read = [classifier.labels(p) for p in classifier.predict(reader, [head_square(g) for g in generated])]
         numbers[shape] = round(float(np.mean([[r[h] == her[h] for h in IDENTITY] for r in read])), 3)
         images[shape] = generated
     return numbers, images
@@ -84,14 +81,8 @@ def sheet(rows, per_shape=6, scale=2):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m train.demo_buckets", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="runs/demo_buckets", help="its folders instance/, square/, buckets/ are remade")
-    parser.add_argument("--model", default="plainxl-tiny")
-    parser.add_argument("--count", type=int, default=48, help="generations per shape and model")
-    args, overrides = parser.parse_known_args(argv)
-    out = output_or_exit(args.out, "--out")
-    for name in ["instance"] + [folder for folder, _ in RUNS.values()]:
-        shutil.rmtree(out / name, ignore_errors=True)
+    folders = ["instance"] + [folder for folder, _ in RUNS.values()]
+    args, overrides, out = arguments(argv, "train.demo_buckets", __doc__, folders, count=48)
     write_shaped_images(out / "instance")
     reader = classifier.load()
     results, rows = {}, []

@@ -54,7 +54,7 @@ def read_cached(image_path, key):
 
 def write_cached(image_path, key, mean, logvar, numbers):
     path = cache_path(image_path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # every process of a run writes its own, then renames
     tensors = {"mean": mean.detach().cpu().contiguous(), "logvar": logvar.detach().cpu().contiguous(),
                "numbers": torch.tensor(numbers, dtype=torch.float32)}
     save_file(tensors, str(tmp), metadata={"plainxl.latent_cache": key})

@@ -45,7 +45,7 @@ def log_step(config, writer, out, step, sums, scheduler, grad_norm, seconds, dat
     with open(out / "log.jsonl", "a") as log:  # the tests read it
         log.write(json.dumps({"step": step, "loss": total_loss, "instance": inst_loss, "prior": prior_loss,
                               "lr": scheduler.get_last_lr()[0], "grad_norm": finite_or_none(float(grad_norm)),
-                              "seconds": round(seconds, 4)} | ({"validation": validation} if validation else {})) + "\n")
+                              "seconds": round(seconds, 4)} | ({"validation": validation} if validation is not None else {})) + "\n")
     return total_loss
 
 

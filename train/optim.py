@@ -248,31 +248,31 @@ def rounding_generator(seed, index, step, device):
     return torch.Generator(device).manual_seed(int(state[0] % (2**63)))
 
 
-def check_optimizer(config):
-    """The optimizer, precision and sharding fields fit together, or one ConfigError with the fix."""
-    from train.config import ConfigError  # (train/config.py calls this from TrainConfig.__post_init__)
-
+def optimizer_problem(config):
+    """What is wrong with the optimizer, precision and sharding fields together, in one sentence with the fix, or
+    None (TrainConfig.__post_init__ raises it as a ConfigError)."""
     if config.fused_backward and config.grad_accum > 1:
-        raise ConfigError("fused_backward steps each tensor during backward, so gradients cannot accumulate; "
+        return ("fused_backward steps each tensor during backward, so gradients cannot accumulate; "
                           "set grad_accum=1 (a larger batch_size instead), or fused_backward=False")
     if config.fused_backward and config.mixed_precision == "fp16":
-        raise ConfigError("fused_backward cannot use fp16's grad scaler (it must see every gradient before a "
+        return ("fused_backward cannot use fp16's grad scaler (it must see every gradient before a "
                           "step); use mixed_precision=bf16")
     if config.master_dtype == "bf16" and config.mixed_precision != "bf16":
-        raise ConfigError("master_dtype=bf16 needs mixed_precision=bf16 (autocast runs the bf16 weights)")
+        return ("master_dtype=bf16 needs mixed_precision=bf16 (autocast runs the bf16 weights)")
     if config.parallel == "zero" and (config.fused_backward or config.master_dtype == "bf16"):
-        raise ConfigError("parallel=zero shards one optimizer over the processes; fused_backward and "
+        return ("parallel=zero shards one optimizer over the processes; fused_backward and "
                           "master_dtype=bf16 step tensor by tensor: use parallel=ddp with them")
     if config.parallel == "fsdp" and (config.optimizer != "adamw" or config.fused_backward or config.master_dtype == "bf16"
                                     or config.lora_rank or config.train != ["unet"]):
-        raise ConfigError("parallel=fsdp shards a full fine-tuning of the UNet (train=['unet']) with plain AdamW; "
+        return ("parallel=fsdp shards a full fine-tuning of the UNet (train=['unet']) with plain AdamW; "
                           "Adafactor, fused_backward, master_dtype=bf16 and LoRA are not supported with it here: "
                           "use parallel=zero or ddp with them")
     if config.loraplus_lr_ratio and (config.fused_backward or config.master_dtype == "bf16" or
                                      config.lora_type not in ("lora", "dora")):
-        raise ConfigError("loraplus_lr_ratio gives LoRA's and DoRA's up weights their own lr, in one optimizer: not "
+        return ("loraplus_lr_ratio gives LoRA's and DoRA's up weights their own lr, in one optimizer: not "
                           "with fused_backward, master_dtype=bf16, or lora_type loha / lokr (they have no up weights)")
     if config.parallel == "fsdp" and config.mixed_precision == "fp16":
         # GradScaler's overflow check would see each process's shard only: processes could disagree on a skip.
-        raise ConfigError("parallel=fsdp needs mixed_precision=bf16 or no (fp16's grad scaler would check each "
+        return ("parallel=fsdp needs mixed_precision=bf16 or no (fp16's grad scaler would check each "
                           "process's shard of the gradients alone)")
+    return None

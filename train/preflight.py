@@ -69,7 +69,7 @@ def preflight(config):
     check_folder(config.class_data_dir, "class_data_dir")
     images = instance_images(config)  # every image decoded
     set_placements(config, [images])  # with buckets: each image placeable
-    if config.enable_bucket and config.prior_loss_weight > 0 and config.task == "dreambooth":
+    if config.enable_bucket and config.prior_loss_weight > 0 and config.task == "dreambooth" and not config.dataset_config:
         try:  # enough class images for every bucket
             class_sizes([p.bucket for p in images.placements], config.num_class_images)
         except ValueError as e:

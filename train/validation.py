@@ -1,8 +1,7 @@
-"""The validation loss: instance images held out of training (validation_split of them, or validation_dir's), each
+"""The validation loss: instance images held out of training (train/batches.py's held_out), each
 noised at fixed timesteps with fixed noise and encoded once to its posterior mean, so that the number compares
 across steps and across runs; logged beside the training loss (loss/validation, log.jsonl's "validation").
 
-    held_out           the instance images split into (training, held out) by a seeded permutation
     ValidationSet      the held-out images' latents, size conditions, prompts and noise, made once
     validation_loss    the current model's mean loss on them
     evaluate           every validation_every steps: validation_prompt's image and the validation loss
@@ -14,7 +13,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data.dreambooth import DataError, ImageFolder
 from models.conditioning import encode_text
 from models.tokenizer import tokenize
 from train.batches import set_placements
@@ -22,22 +20,6 @@ from train.export import validate
 from train.losses import TrainStep
 
 TIMESTEPS = (100, 300, 500, 700, 900)  # every held-out image at each of these
-
-
-def held_out(config, images):
-    """(training images, held-out images or None): validation_dir's folder, or the last round(validation_split * N)
-    of a permutation seeded by `seed` (at least one, and at least one left to train on)."""
-    if config.validation_dir:
-        return images, ImageFolder(config.validation_dir, config.instance_prompt, "validation_dir")
-    if not config.validation_split:
-        return images, None
-    n = len(images)
-    count = max(1, round(config.validation_split * n))
-    if count >= n:
-        raise DataError(f"validation_split {config.validation_split} of {n} instance images leaves none to train on; "
-                        "lower it, or give validation_dir")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
-    return images.subset(sorted(order[:n - count])), images.subset(sorted(order[n - count:]))
 
 
 @dataclass
@@ -77,8 +59,8 @@ def validation_set(model, config, images, tokenizers, autocast, device):
 
 @torch.no_grad()
 def validation_loss(model, config, held, alpha_bars, tokenizers, autocast, device):
-    """The mean loss of the model as it is now over every held-out image and timestep (the trained objective:
-    noise, or v for a v-prediction model; no dropout, no Min-SNR weights)."""
+    """The mean L2 loss of the model as it is now over every held-out image and timestep (of its target: noise,
+    or v for a v-prediction model; whatever loss_type, mask and weights the training uses)."""
     texts = held.texts
     step = TrainStep(model, cached_text=texts is not None)
     t = torch.tensor(TIMESTEPS, device=device)
