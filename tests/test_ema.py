@@ -83,3 +83,25 @@ def test_sigkill_then_resume_with_ema_is_bit_identical_and_ddp_equals_one(setup,
     capsys.readouterr()
     assert main(args(setup, reference, max_steps=8, resume="latest", **(EMA_FIELDS | dict(ema_decay=0.9)))) == 2
     assert "was made with ema_decay=0.5, this run has 0.9" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_zero_shards_the_average_and_resumes_it_bit_identically(setup, tmp_path):  # noqa: F811
+    """parallel=zero: each of 2 processes keeps half the averaged tensors; the checkpoint, a validation image made
+    from the average and the export gather it; a resume continues it bit for bit; one process agrees."""
+    from models.loading import load
+
+    fields = dict(EMA_FIELDS, train=["unet"], max_steps=4, validation_prompt="1girl", validation_every=2, class_steps=2)
+    one, two, halves = tmp_path / "one", tmp_path / "two", tmp_path / "halves"
+    finish(run(args(setup, one, batch_size=2, **fields)))
+    finish(run(args(setup, two, batch_size=1, parallel="zero", **fields), nproc=2))
+    finish(run(args(setup, halves, batch_size=1, parallel="zero", **(fields | dict(max_steps=2))), nproc=2))
+    finish(run(args(setup, halves, batch_size=1, parallel="zero", resume="latest", **fields), nproc=2))
+    a, b, c = final_state(one, 4), final_state(two, 4), final_state(halves, 4)
+    assert {k for k in a if k.startswith("ema.")} == {k for k in b if k.startswith("ema.")} != set()
+    assert all(torch.equal(b[k], c[k]) for k in b if not k.startswith("rng."))
+    weights_apart = max((a[k] - b[k]).abs().max().item() for k in a if k.startswith("param."))
+    assert max((a[k] - b[k]).abs().max().item() for k in a if k.startswith("ema.")) <= weights_apart + 1e-6
+    averaged = load(two / "model-ema.safetensors").state_dict()
+    assert all(torch.equal(averaged[k.removeprefix("ema.")], b[k]) for k in b if k.startswith("ema."))
+    assert (two / "validation" / "step-000004.png").exists()

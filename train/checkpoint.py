@@ -44,6 +44,7 @@ def save_checkpoint(folder, step, named, optimizer, scheduler, scaler, config, r
         rng = [_rng_state(device)]
     if hasattr(optimizer, "consolidate_state_dict"):  # parallel=zero: every process sends its shard to process 0
         optimizer.consolidate_state_dict(to=0)
+    averaged = ema.whole(keep=rank == 0) if ema is not None else {}  # (a collective under zero and fsdp)
     sharded = hasattr(named[0][1], "full_tensor")  # parallel=fsdp: DTensors, gathered by every process
     if rank != 0 and not sharded:
         return
@@ -52,7 +53,7 @@ def save_checkpoint(folder, step, named, optimizer, scheduler, scaler, config, r
     opt = optimizer.state_dict()
     for index, state in opt["state"].items():
         tensors.update({f"optimizer.{index}.{k}": gathered(v, keep) for k, v in state.items()})
-    tensors |= {f"ema.{name}": gathered(s.detach(), keep) for name, s in (ema.state().items() if ema else ())}
+    tensors |= {f"ema.{name}": t for name, t in averaged.items()}
     if not keep:
         return
     tensors = {k: v.contiguous().cpu() for k, v in tensors.items()}

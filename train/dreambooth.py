@@ -46,7 +46,7 @@ from sampling.schedule import alphas_cumprod
 from train.batches import encode_captions, encode_images, make_batch, make_vae_batch, training_data
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import ConfigError, load_config
-from train.ema import EMA
+from train.ema import make_ema
 from train.export import export
 from train.log import divergence, log_step, start_run
 from train.losses import TrainStep, VAEStep
@@ -222,7 +222,7 @@ def train(config, device, resume_from, note):
     adapters, named, ddp_step = make_trainable(config, model, process, fsdp)
     wrap, params = isinstance(ddp_step, DDP), [p for _, p in named]
     optimizer, scheduler, scaler = make_optimization(config, named, process)
-    ema = EMA(named, config.ema_decay, config.ema_every) if config.ema_decay else None  # (float32, train/ema.py)
+    ema = make_ema(config, named, process)  # (float32, sharded as parallel= shards: train/ema.py)
     try:
         step = load_checkpoint(resume_from, model, named, optimizer, scheduler, scaler, rank, ema) if resume_from else 0
     except ValueError as e:  # a checkpoint of other parameters
@@ -294,11 +294,12 @@ def autocast_of(config, device):
 def finish(config, process, model, adapters, data, writer, step, stopping, fsdp, ema=None):
     """Export a finished run (train/export.py), say how to resume an interrupted one, and tear down. -> exit code."""
     out, code = Path(config.output_dir), 0
-    if fsdp and not stopping:  # every process gathers the shards (the EMA's too); process 0 exports
-        bind_ema = ema.unshard(model, keep=process.main) if ema is not None else None
+    # Every process gathers the shards (of the UNet under fsdp, of the EMA under zero and fsdp); process 0 exports.
+    bind_ema = ema.unshard(model, keep=process.main) if ema is not None and ema.sharded and not stopping else None
+    if fsdp and not stopping:
         model.unet = unsharded_unet(model.unet, keep=process.main)
-        if bind_ema is not None and process.main:
-            bind_ema()
+    if bind_ema is not None and process.main:
+        bind_ema()
     if process.main and not stopping:
         try:
             export(model, adapters, config, out, data, process.device, ema)

@@ -84,9 +84,12 @@ def evaluate(model, config, step, out, writer, process, fsdp, held, alpha_bars, 
     """Every validation_every steps: validation_prompt's image (train/export.py) and the validation loss, of the
     EMA weights where there are some -> the loss (None if there is none this step, or on a process that does not
     log). Under FSDP every process runs the UNet (its forward gathers the shards); only process 0 writes."""
-    if step % config.validation_every or not (process.main or fsdp) or not (config.validation_prompt or held):
+    everyone = fsdp or (ema is not None and ema.shard is not None)  # collectives: FSDP's forward, zero's EMA broadcast
+    if step % config.validation_every or not (process.main or everyone) or not (config.validation_prompt or held):
         return None
     with ema.swapped() if ema is not None else nullcontext():
+        if not (process.main or fsdp):  # (under zero, the others only took part in the swap)
+            return None
         if config.validation_prompt:
             validate(model, config, step, out, writer if process.main else None, process.device)
         loss = validation_loss(model, config, held, alpha_bars, tokenizers, autocast, process.device) if held else None
