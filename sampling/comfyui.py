@@ -37,34 +37,39 @@ def _cannot_follow(kind, where):
                       "KSampler, VAE decode)")
 
 
-def _check_clip(graph, link, where):
-    """The text encoders a prompt went through: the checkpoint's, through LoRA loaders, at SDXL's usual layer."""
+def _clip_skip(graph, link, where):
+    """The text encoders a prompt went through (the checkpoint's, through LoRA loaders) -> the clip skip they read
+    at: CLIPSetLastLayer's stop_at_clip_layer -(k + 2) is diffusers' clip_skip k (-2, SDXL's own layer: None). The
+    node nearest the text encoder is the one ComfyUI applied last."""
     kind, inputs = _node(graph, link, f"{where} clip")
+    skip, found = None, False
     while kind in ("LoraLoader", "CLIPSetLastLayer"):
-        if kind == "CLIPSetLastLayer" and inputs.get("stop_at_clip_layer") != -2:
-            raise ValueError(f"its CLIPSetLastLayer stops at layer {inputs.get('stop_at_clip_layer')}; SDXL (and "
-                             "plainxl) read the penultimate layer, -2")
+        if kind == "CLIPSetLastLayer" and not found:
+            layer = inputs.get("stop_at_clip_layer")
+            if not isinstance(layer, int) or layer > -2:
+                raise ValueError(f"its CLIPSetLastLayer stops at layer {layer}; SDXL reads the penultimate layer, -2, "
+                                 "or one before it (-3, -4, ...: plainxl's clip skip), not the last")
+            skip, found = (None if layer == -2 else -2 - layer), True
         kind, inputs = _node(graph, inputs.get("clip"), f"{where} clip")
     if kind != "CheckpointLoaderSimple":
         raise _cannot_follow(kind, f"{where} clip")
+    return skip
 
 
 def _text(graph, link, where):
-    """The prompt text and SDXL size conditions of a conditioning link."""
+    """A conditioning link -> (CLIP-L's text, bigG's own text or None, SDXL size conditions, clip skip).
+    CLIPTextEncodeSDXL's text_l and text_g are diffusers' prompt and prompt_2."""
     kind, inputs = _node(graph, link, where)
-    if kind in ("CLIPTextEncode", "CLIPTextEncodeSDXL"):
-        _check_clip(graph, inputs.get("clip"), where)
+    if kind not in ("CLIPTextEncode", "CLIPTextEncodeSDXL"):
+        raise _cannot_follow(kind, where)
+    skip = _clip_skip(graph, inputs.get("clip"), where)
     if kind == "CLIPTextEncode":
-        return inputs.get("text", ""), {}
-    if kind == "CLIPTextEncodeSDXL":
-        if inputs.get("text_g", "") != inputs.get("text_l", ""):
-            raise ValueError(f"its {where} CLIPTextEncodeSDXL gives the two text encoders different texts, which "
-                             "plainxl cannot yet do (one prompt for both)")
-        sizes = dict(original_size=(inputs["height"], inputs["width"]),
-                     crop_top_left=(inputs.get("crop_h", 0), inputs.get("crop_w", 0)),
-                     target_size=(inputs["target_height"], inputs["target_width"]))
-        return inputs.get("text_g", ""), sizes
-    raise _cannot_follow(kind, where)
+        return inputs.get("text", ""), None, {}, skip
+    sizes = dict(original_size=(inputs["height"], inputs["width"]),
+                 crop_top_left=(inputs.get("crop_h", 0), inputs.get("crop_w", 0)),
+                 target_size=(inputs["target_height"], inputs["target_width"]))
+    text_l, text_g = inputs.get("text_l", ""), inputs.get("text_g", "")
+    return text_l, (text_g if text_g != text_l else None), sizes, skip
 
 
 def _model(graph, link):
@@ -125,13 +130,17 @@ def _settings(graph):
     kind, latent = _node(graph, inputs.get("latent_image"), "latent_image")
     if kind != "EmptyLatentImage":
         raise _cannot_follow(kind, "latent_image")
-    prompt, sizes = _text(graph, inputs.get("positive"), "positive")
-    negative, _ = _text(graph, inputs.get("negative"), "negative")
+    prompt, prompt_2, sizes, skip = _text(graph, inputs.get("positive"), "positive")
+    negative, negative_2, negative_sizes, negative_skip = _text(graph, inputs.get("negative"), "negative")
+    if skip != negative_skip:
+        raise ValueError(f"its positive and negative prompts read different CLIP layers (clip skip {skip} and "
+                         f"{negative_skip}); plainxl reads both at one")
     model, loras = _model(graph, inputs.get("model"))
-    settings = Settings(prompt=prompt, negative_prompt=negative, width=int(latent["width"]),
-                        height=int(latent["height"]), num_images=int(latent.get("batch_size", 1)),
-                        steps=int(inputs["steps"]), cfg=float(inputs["cfg"]), sampler=sampler, schedule=schedule,
-                        seed=int(inputs["seed"]), **sizes)
+    settings = Settings(prompt=prompt, negative_prompt=negative, prompt_2=prompt_2, negative_prompt_2=negative_2,
+                        width=int(latent["width"]), height=int(latent["height"]), clip_skip=skip,
+                        num_images=int(latent.get("batch_size", 1)), steps=int(inputs["steps"]),
+                        cfg=float(inputs["cfg"]), sampler=sampler, schedule=schedule, seed=int(inputs["seed"]),
+                        **sizes, **{f"negative_{k}": v for k, v in negative_sizes.items()})
     recorded = {"Model": model}
     if loras:
         recorded["Loras"] = loras

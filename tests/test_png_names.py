@@ -117,11 +117,22 @@ ADVANCED = {"class_type": "KSamplerAdvanced", "inputs": {
 SDXL_TEXT = {"class_type": "CLIPTextEncodeSDXL", "inputs": {
     "clip": ["4", 1], "width": 2048, "height": 1536, "crop_w": 0, "crop_h": 32, "target_width": 64,
     "target_height": 64, "text_g": "a red fox in snow", "text_l": "a red fox in snow"}}
+SDXL_TWO_TEXTS = {"class_type": "CLIPTextEncodeSDXL", "inputs": {
+    **SDXL_TEXT["inputs"], "text_l": "a red fox in snow", "text_g": "a fox, oil painting"}}
+SDXL_NEGATIVE = {"class_type": "CLIPTextEncodeSDXL", "inputs": {
+    **SDXL_TEXT["inputs"], "width": 512, "height": 384, "text_l": "blurry", "text_g": "blurry"}}
+CLIP_SKIP_1 = {"class_type": "CLIPSetLastLayer", "inputs": {"stop_at_clip_layer": -3, "clip": ["10", 1]}}
 COMFYUI = [  # (graph, what it reads as)
     (comfyui_graph(), dict(sampler="dpmpp_2m", schedule="karras", loras=[("style.safetensors", 0.8)])),
     (comfyui_graph(**{"3": ADVANCED}), dict(sampler="uni_pc_bh2", schedule="beta", loras=None)),
     (comfyui_graph(**{"6": SDXL_TEXT}), dict(sampler="dpmpp_2m", schedule="karras", original_size=(1536, 2048),
                                               crop_top_left=(32, 0))),
+    (comfyui_graph(**{"6": SDXL_TWO_TEXTS, "7": SDXL_NEGATIVE}),  # text_l, text_g: prompt, prompt_2 (diffusers')
+     dict(prompt_2="a fox, oil painting", negative_original_size=(384, 512), negative_prompt_2=None)),
+    (comfyui_graph(**{"12": CLIP_SKIP_1, "6": {"class_type": "CLIPTextEncode",
+                                               "inputs": {"text": "a red fox in snow", "clip": ["12", 0]}},
+                      "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["12", 0]}}}),
+     dict(clip_skip=1)),
     (comfyui_graph(**{"11": {"class_type": "VAELoader", "inputs": {"vae_name": "sdxl_vae.safetensors"}},
                       "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["11", 0]}}}),
      dict(vae="sdxl_vae.safetensors")),
@@ -145,6 +156,9 @@ COMFYUI_REFUSED = [
                                                                           "clip": ["4", 1]}},
                       "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "x", "clip": ["12", 0]}}}),
      "stops at layer -1"),
+    (comfyui_graph(**{"12": CLIP_SKIP_1, "6": {"class_type": "CLIPTextEncode",
+                                               "inputs": {"text": "x", "clip": ["12", 0]}}}),
+     "read different CLIP layers"),
     (comfyui_graph(**{"10": {**comfyui_graph()["10"], "inputs": {**comfyui_graph()["10"]["inputs"],
                                                                 "strength_clip": 1.0}}}), "merges a LoRA at one scale"),
 ]
@@ -156,7 +170,9 @@ def test_comfyui_graphs_read(graph, expected):
     assert (settings.prompt, settings.negative_prompt, settings.steps, settings.cfg, settings.seed) == \
         ("a red fox in snow", expected.get("negative_prompt", "blurry"), 6, 7.0, 5)
     assert recorded["Model"] == "sd_xl_base_1.0.safetensors"
-    for key in ("sampler", "schedule", "original_size", "crop_top_left"):
+    assert settings.clip_skip == expected.get("clip_skip")
+    for key in ("sampler", "schedule", "original_size", "crop_top_left", "prompt_2", "negative_original_size",
+                "negative_prompt_2"):
         if key in expected:
             assert getattr(settings, key) == expected[key], key
     if "loras" in expected:
