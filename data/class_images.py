@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from data.dreambooth import IMAGE_SUFFIXES
+from data.dreambooth import image_paths
 from sampling.pipeline import Pipeline, Settings
 
 
 def missing_class_images(folder, count):
     """Indices i < count whose class-NNNNN.png is not there yet (other images in the folder count too)."""
     folder = Path(folder)
-    existing = [p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES] if folder.is_dir() else []
+    existing = image_paths(folder) if folder.is_dir() else []
     if len(existing) >= count:
         return []
     return [i for i in range(count) if not (folder / f"class-{i:05d}.png").exists()][: count - len(existing)]

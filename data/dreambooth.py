@@ -45,7 +45,7 @@ class ImageFolder:
         check_folder(folder, what)
         if not folder.is_dir():
             raise DataError(f"{what} {folder} does not exist; create it and put the images there")
-        self.paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.paths = image_paths(folder)
         if not self.paths:
             raise DataError(f"{what} {folder} has no images ({', '.join(IMAGE_SUFFIXES)})")
         self.sizes = [open_rgb(path).size for path in self.paths]  # (w, h); decoded in full: a truncated file fails
@@ -62,7 +62,7 @@ class ImageFolder:
         self = cls.__new__(cls)
         self.paths, self.prompts, self.sizes, self.rules, self.placements = [], [], [], [], None
         for subset in subsets:
-            for path in sorted(p for p in Path(subset.image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            for path in image_paths(subset.image_dir):
                 size = open_rgb(path).size
                 caption = Path(str(path.with_suffix("")) + subset.caption_extension)
                 prompt = read_caption(caption) if caption.is_file() else subset.class_tokens or ""
@@ -122,6 +122,11 @@ class ImageFolder:
             if "A" in image.getbands() or "transparency" in image.info:
                 return image.convert("RGBA").getchannel("A")
             return Image.new("L", image.size, 255)
+
+
+def image_paths(folder):
+    """A folder's images, sorted by name: its files with IMAGE_SUFFIXES (any case), not its subfolders'."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def check_folder(folder, what):

@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from data.dreambooth import DataError
+from data.dreambooth import DataError, image_paths
 
 DATASET_KEYS = {"resolution", "batch_size", "enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
                 "bucket_no_upscale", "prior_loss_weight"}  # the TrainConfig fields of the same names
@@ -96,10 +96,8 @@ def read_dataset_config(path, fallback=None):
 
 def check_subsets(subsets):
     """Every subset's folder exists and holds images, or one DataError naming the first that does not."""
-    from data.dreambooth import IMAGE_SUFFIXES
-
     for subset in subsets:
         folder = Path(subset.image_dir)
-        if not folder.is_dir() or not any(p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+        if not folder.is_dir() or not image_paths(folder):
             raise DataError(f"subset image_dir {folder} " + ("does not exist" if not folder.is_dir() else "has no images")
                             + "; fix image_dir in the dataset_config, or remove that subset")

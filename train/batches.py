@@ -122,10 +122,9 @@ def set_placements(config, folders):
     """Each ImageFolder's placements: its images' buckets (enable_bucket), else the resolution, covered (once
     for these settings; cached latents keep theirs). DataError for an image bucket_no_upscale cannot place."""
     flags = config.bucket_flags()
-    buckets = bucket_resolutions(flags) if flags and not flags.bucket_no_upscale else None
-    for folder in folders:
-        if not hasattr(folder, "sizes") or getattr(folder, "placed_for", None) == (config.size, flags):
-            continue
+    todo = [f for f in folders if hasattr(f, "sizes") and getattr(f, "placed_for", None) != (config.size, flags)]
+    buckets = bucket_resolutions(flags) if todo and flags and not flags.bucket_no_upscale else None  # (every step)
+    for folder in todo:
         folder.placed_for = (config.size, flags)
         for path, size in zip(folder.paths, folder.sizes) if flags else ():
             check_placeable(path, size, flags)
