@@ -156,7 +156,7 @@ def model_index(cfg):
 # ----------------------------------------------------------------------------- loading
 
 
-def _read_json(path):
+def read_json(path):
     try:
         value = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -166,7 +166,7 @@ def _read_json(path):
     return value
 
 
-def _read_weights(folder, dtype):
+def read_weights(folder, dtype):
     """All tensors of one component folder, cast to dtype; handles fp16 variants and shard indexes. Format
     rule: the file names of WEIGHT_FILES, else a *.safetensors.index.json; only .bin files: pickles, refused."""
     for name in WEIGHT_FILES:
@@ -176,7 +176,7 @@ def _read_weights(folder, dtype):
     else:
         index = sorted(folder.glob("*.safetensors.index.json"))
         if index:
-            weight_map = _read_json(index[0]).get("weight_map")
+            weight_map = read_json(index[0]).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise LoadError(f"{index[0]} has no weight_map; the download is incomplete or damaged.")
             files = sorted({folder / f for f in weight_map.values()})
@@ -201,7 +201,7 @@ def _refuse_other_models(path, index):
     if kind.startswith("StableDiffusionXL"):
         return
     if kind.startswith("StableDiffusion") and (path / "unet" / "config.json").exists():
-        context = _read_json(path / "unet" / "config.json").get("cross_attention_dim")
+        context = read_json(path / "unet" / "config.json").get("cross_attention_dim")
         version = {768: "SD 1.x", 1024: "SD 2.x"}.get(context, kind)
         raise LoadError(f"{path} is an {version} model; this project loads SDXL (base, refiner or a fine-tune).")
     raise LoadError(f"{path} is a {kind or 'non-SDXL'} model; this project loads SDXL (base, refiner or a fine-tune).")
@@ -213,16 +213,16 @@ def read_folder_config(path):
     if not (path / "unet" / "config.json").exists():
         raise LoadError(f"{path} is a folder but not a diffusers model (no unet/config.json); pass a model folder.")
     if (path / "model_index.json").exists():
-        _refuse_other_models(path, _read_json(path / "model_index.json"))
+        _refuse_other_models(path, read_json(path / "model_index.json"))
     has_te1 = (path / "text_encoder" / "config.json").exists()
     scheduler_file = path / "scheduler" / "scheduler_config.json"
-    scheduler = _read_json(scheduler_file) if scheduler_file.exists() else None
+    scheduler = read_json(scheduler_file) if scheduler_file.exists() else None
     try:
         cfg = SDXLConfig(
-            unet=unet_config_from_diffusers(_read_json(path / "unet" / "config.json")),
-            vae=vae_config_from_diffusers(_read_json(path / "vae" / "config.json")),
-            text_encoder_1=text_config_from_hf(_read_json(path / "text_encoder" / "config.json")) if has_te1 else None,
-            text_encoder_2=text_config_from_hf(_read_json(path / "text_encoder_2" / "config.json")),
+            unet=unet_config_from_diffusers(read_json(path / "unet" / "config.json")),
+            vae=vae_config_from_diffusers(read_json(path / "vae" / "config.json")),
+            text_encoder_1=text_config_from_hf(read_json(path / "text_encoder" / "config.json")) if has_te1 else None,
+            text_encoder_2=text_config_from_hf(read_json(path / "text_encoder_2" / "config.json")),
             prediction_type=(scheduler or {}).get("prediction_type", "epsilon"),
             zero_terminal_snr=bool((scheduler or {}).get("rescale_betas_zero_snr", False)),
         )
@@ -234,7 +234,7 @@ def read_folder_config(path):
 def pipeline_options(path):
     """A folder's model_index.json settings that change what a pipeline computes (absent ones are left out)."""
     index = Path(path) / "model_index.json"
-    settings = _read_json(index) if index.exists() else {}
+    settings = read_json(index) if index.exists() else {}
     return {k: bool(settings[k]) for k in ("force_zeros_for_empty_prompt", "requires_aesthetics_score") if k in settings}
 
 
@@ -263,7 +263,7 @@ def load_diffusers(path, dtype=None):
         module = getattr(model, component)
         if module is None:
             continue
-        weights = _read_weights(path / folder, dtype)
+        weights = read_weights(path / folder, dtype)
         if component == "text_encoder_1":
             # transformers >= 5 saves CLIPTextModel without the text_model. prefix; hub folders have it.
             weights = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in weights.items()}
@@ -336,12 +336,12 @@ def load_vae_folder(path, dtype=None):
     if not (path / "config.json").exists():
         raise LoadError(f"{path} has no config.json; pass a diffusers VAE folder or a VAE .safetensors file.")
     try:
-        cfg = vae_config_from_diffusers(_read_json(path / "config.json"))
+        cfg = vae_config_from_diffusers(read_json(path / "config.json"))
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise LoadError(f"{path / 'config.json'} is not an SDXL VAE config ({e}).") from None
     with torch.device("meta"):
         module = vae.AutoencoderKL(cfg)
-    weights = _read_weights(path, dtype)
+    weights = read_weights(path, dtype)
     expected = {k: v.shape for k, v in keys.vae_to_diffusers(module.state_dict()).items()}
     check_tensors({k: v.shape for k, v in weights.items()}, expected, str(path))
     assign(module, keys.vae_from_diffusers(weights, list(module.state_dict())), path)

@@ -18,6 +18,14 @@ _RESBLOCK_TO_DIFFUSERS = {
     "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
     "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
 }
+_FIXED_TO_DIFFUSERS = {
+    "time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
+    "time_cond_proj.": "time_embedding.cond_proj.",
+    "label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2.",
+    "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
+    "middle_block.0.": "mid_block.resnets.0.", "middle_block.1.": "mid_block.attentions.0.",
+    "middle_block.2.": "mid_block.resnets.1.",
+}
 
 
 def unet_name_to_diffusers(name, num_res_blocks):
@@ -25,13 +33,7 @@ def unet_name_to_diffusers(name, num_res_blocks):
     per_level = num_res_blocks + 1  # blocks per level: R ResBlocks plus a Downsample (in) / R + 1 (out)
     for old, new in _RESBLOCK_TO_DIFFUSERS.items():
         name = name.replace(f".{old}.", f".{new}.")
-    fixed = {"time_embed.0.": "time_embedding.linear_1.", "time_embed.2.": "time_embedding.linear_2.",
-             "time_cond_proj.": "time_embedding.cond_proj.",
-             "label_emb.0.0.": "add_embedding.linear_1.", "label_emb.0.2.": "add_embedding.linear_2.",
-             "input_blocks.0.0.": "conv_in.", "out.0.": "conv_norm_out.", "out.2.": "conv_out.",
-             "middle_block.0.": "mid_block.resnets.0.", "middle_block.1.": "mid_block.attentions.0.",
-             "middle_block.2.": "mid_block.resnets.1."}
-    for old, new in fixed.items():
+    for old, new in _FIXED_TO_DIFFUSERS.items():
         if name.startswith(old):
             return new + name[len(old):]
     if m := re.match(r"input_blocks\.(\d+)\.0\.op\.(.*)", name):
@@ -45,6 +47,26 @@ def unet_name_to_diffusers(name, num_res_blocks):
         level, j = divmod(int(m[1]), per_level)
         return f"up_blocks.{level}.{'resnets' if m[2] == '0' else 'attentions'}.{j}.{m[3]}"
     raise ValueError(f"not a UNet tensor name: {name}")
+
+
+def encoder_name_from_diffusers(name, num_res_blocks):
+    """down_blocks.1.attentions.0.norm.weight -> input_blocks.4.1.norm.weight: unet_name_to_diffusers inverted
+    over the encoder (embeddings, input and middle blocks), for a file whose config is not known before its
+    names are read (a ControlNet in diffusers names). None for any other name."""
+    per_level = num_res_blocks + 1
+    resnet = {new: old for old, new in _RESBLOCK_TO_DIFFUSERS.items()}
+    for old, new in _FIXED_TO_DIFFUSERS.items():
+        if name.startswith(new) and not new.startswith("mid_block."):
+            return old + name[len(new):]
+    if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", name):
+        return f"input_blocks.{(int(m[1]) + 1) * per_level}.0.op.{m[2]}"
+    if m := re.match(r"(down_blocks\.(\d+)|mid_block)\.(resnets|attentions)\.(\d+)\.([^.]+)(.*)", name):
+        if m[2] is not None:
+            block = f"input_blocks.{1 + int(m[2]) * per_level + int(m[4])}.{0 if m[3] == 'resnets' else 1}"
+        else:
+            block = f"middle_block.{1 if m[3] == 'attentions' else 2 * int(m[4])}"
+        return f"{block}.{resnet.get(m[5], '?') if m[3] == 'resnets' else m[5]}{m[6]}"
+    return None
 
 
 def unet_to_diffusers(sd, num_res_blocks):

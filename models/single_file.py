@@ -145,9 +145,10 @@ def infer_config(shapes, where="checkpoint", unet_config=None):
         raise LoadError(f"{where} does not have the layout of an SDXL checkpoint ({e}); it is damaged or another model.") from None
 
 
-def _infer_unet(s, pooled_dim, num_numbers):
+def encoder_shape(s):
+    """The UNet config fields an encoder's tensor shapes give (input and middle blocks, embeddings), official
+    names: a UNet's, or a ControlNet's (models/controlnet.py), which is the UNet's first half."""
     mc, in_channels = s["input_blocks.0.0.weight"][:2]
-    _sdxl_width(mc, 256, 64, "UNet")
     blocks = sorted({int(m[1]) for n in s if (m := re.match(r"input_blocks\.(\d+)\.", n))})
     depth = lambda prefix: _count(s, rf"{re.escape(prefix)}\.transformer_blocks\.(\d+)\.")
     levels, current = [], []  # per level: (channels, depth) of each ResBlock
@@ -160,15 +161,22 @@ def _infer_unet(s, pooled_dim, num_numbers):
     levels.append(current)
     if len({len(level) for level in levels}) != 1 or any(len({d for _, d in level}) != 1 for level in levels):
         raise ValueError("levels differ in ResBlock count or attention depth")
+    return dict(
+        in_channels=in_channels, model_channels=mc, channel_mult=tuple(level[0][0] // mc for level in levels),
+        num_res_blocks=len(levels[0]), transformer_depth=tuple(level[0][1] for level in levels),
+        transformer_depth_middle=depth("middle_block.1"), adm_in_channels=s["label_emb.0.0.weight"][1],
+        context_dim=next(v[1] for n, v in s.items() if n.endswith("attn2.to_k.weight")),
+    )
+
+
+def _infer_unet(s, pooled_dim, num_numbers):
+    fields = encoder_shape(s)
+    _sdxl_width(fields["model_channels"], 256, 64, "UNet")
+    depth = lambda prefix: _count(s, rf"{re.escape(prefix)}\.transformer_blocks\.(\d+)\.")
     out_depths = tuple(depth(f"output_blocks.{i}.1") for i in range(_count(s, r"output_blocks\.(\d+)\.")))
-    adm = s["label_emb.0.0.weight"][1]
-    context = next(v[1] for n, v in s.items() if n.endswith("attn2.to_k.weight"))
     return unet.UNetConfig(
-        in_channels=in_channels, out_channels=s["out.2.weight"][0], model_channels=mc,
-        channel_mult=tuple(level[0][0] // mc for level in levels), num_res_blocks=len(levels[0]),
-        transformer_depth=tuple(level[0][1] for level in levels),
-        transformer_depth_middle=depth("middle_block.1"), transformer_depth_output=out_depths,
-        context_dim=context, adm_in_channels=adm, micro_cond_dim=(adm - pooled_dim) // num_numbers,
+        **fields, out_channels=s["out.2.weight"][0], transformer_depth_output=out_depths,
+        micro_cond_dim=(fields["adm_in_channels"] - pooled_dim) // num_numbers,
         time_cond_proj_dim=s["time_cond_proj.weight"][1] if "time_cond_proj.weight" in s else None,
     )
 

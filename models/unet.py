@@ -245,7 +245,10 @@ class Block(nn.Sequential):
         return h
 
 
-class UNet(nn.Module):
+class Encoder(nn.Module):
+    """The UNet's first half, which a ControlNet copies (models/controlnet.py): the time and vector embeddings,
+    the input blocks and the middle block, under the official names."""
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.config = cfg
@@ -259,23 +262,17 @@ class UNet(nn.Module):
             nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         )
 
-        def res_and_attention(cin, cout, depth):
-            layers = [ResBlock(cin, cout, emb_dim, groups)]
-            if depth > 0:
-                layers.append(SpatialTransformer(cout, depth, cfg))
-            return layers
-
         self.input_blocks = nn.ModuleList([Block(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_channels = [mc]  # channels of every input block's output, in order
+        self.skip_channels = [mc]  # channels of every input block's output, in order
         ch = mc
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
-                self.input_blocks.append(Block(*res_and_attention(ch, mult * mc, cfg.transformer_depth[level])))
+                self.input_blocks.append(Block(*self.res_and_attention(ch, mult * mc, cfg.transformer_depth[level])))
                 ch = mult * mc
-                skip_channels.append(ch)
+                self.skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(Block(Downsample(ch)))
-                skip_channels.append(ch)
+                self.skip_channels.append(ch)
 
         self.middle_block = Block(
             ResBlock(ch, ch, emb_dim, groups),
@@ -283,40 +280,64 @@ class UNet(nn.Module):
             ResBlock(ch, ch, emb_dim, groups),
         )
 
+    def res_and_attention(self, cin, cout, depth):
+        layers = [ResBlock(cin, cout, 4 * self.config.model_channels, self.config.norm_groups)]
+        if depth > 0:
+            layers.append(SpatialTransformer(cout, depth, self.config))
+        return layers
+
+    def embedding(self, t, y, dtype, timestep_cond=None):
+        """(B, 4 * model_channels), fed to every ResBlock: the timestep's embedding plus the vector condition's."""
+        t_emb = timestep_embedding(t, self.config.model_channels).to(dtype)
+        if timestep_cond is not None:
+            t_emb = t_emb + self.time_cond_proj(timestep_cond.to(dtype))
+        return self.time_embed(t_emb) + self.label_emb(y)
+
+    def run(self, block, *args):
+        """block(*args), recomputed in the backward pass under gradient checkpointing."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+
+class UNet(Encoder):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg)
+        mc, ch, skip_channels = cfg.model_channels, cfg.model_channels * cfg.channel_mult[-1], list(self.skip_channels)
         depths = iter(cfg.output_depths())
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
-                layers = res_and_attention(ch + skip_channels.pop(), mult * mc, next(depths))
+                layers = self.res_and_attention(ch + skip_channels.pop(), mult * mc, next(depths))
                 ch = mult * mc
                 if level > 0 and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(*layers))
 
-        self.out = nn.Sequential(GroupNorm32(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x, t, context, y, timestep_cond=None):
+    def forward(self, x, t, context, y, timestep_cond=None, control=None, adapter=None):
         """Noise (or v) prediction. x (B, 4, h, w) latents, t (B,) timesteps, context (B, 77, context_dim),
         y (B, adm_in_channels) pooled text + size embeddings (models.conditioning builds it); timestep_cond
-        (B, time_cond_proj_dim): an LCM UNet's guidance-scale embedding."""
-        t_emb = timestep_embedding(t, self.config.model_channels).to(x.dtype)
-        if timestep_cond is not None:
-            t_emb = t_emb + self.time_cond_proj(timestep_cond.to(x.dtype))
-        emb = self.time_embed(t_emb) + self.label_emb(y)  # (B, 4 * model_channels), fed to every ResBlock
+        (B, time_cond_proj_dim): an LCM UNet's guidance-scale embedding.
 
-        def run(block, *args):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                return checkpoint(block, *args, use_reentrant=False)
-            return block(*args)
-
+        control: a ControlNet's residuals (models/controlnet.py), one per input block then one for the middle
+        block, added to the skips and to the middle block's output; adapter: a T2I-Adapter's features as
+        {input block index: (B, C, h', w')}, added to that block's output before it is kept as a skip."""
+        emb = self.embedding(t, y, x.dtype, timestep_cond)
         skips = []
         h = x
-        for block in self.input_blocks:
-            h = run(block, h, emb, context)
+        for i, block in enumerate(self.input_blocks):
+            h = self.run(block, h, emb, context)
+            if adapter and i in adapter:
+                h = h + adapter[i]
             skips.append(h)
-        h = run(self.middle_block, h, emb, context)
+        h = self.run(self.middle_block, h, emb, context)
+        if control is not None:
+            skips = [skip + residual for skip, residual in zip(skips, control[:-1], strict=True)]
+            h = h + control[-1]
         for block in self.output_blocks:
             skip = skips.pop()
             next_size = skips[-1].shape[-2:] if skips else None  # where an Upsample must land
-            h = run(block, h, emb, context, next_size, skip)
+            h = self.run(block, h, emb, context, next_size, skip)
         return self.out(h)

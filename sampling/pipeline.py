@@ -27,11 +27,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from models.conditioning import guidance_embedding
+from models.controlnet import load_controlnet
+from models.files import DTYPES
 from models.embeddings import load_embeddings
 from models.loading import load, pipeline_options, read_folder_config, resolve
 from models.lora import merge_lora
 from models.sdxl import scheduler_config as models_scheduler_config
 from models.tokenizer import load_tokenizers
+from sampling.control import Control, check_control
 from sampling.conditioning import check_micro_conditioning, check_tokenizers, edited_conditioning, encode_conditioning
 from sampling.guidance import guided, output_from_x0, pag_modules, x0_from_output
 from sampling.images import as_image, latent_mask, mask_pixels, pixels, upscale_images, upscale_latents
@@ -81,12 +84,14 @@ class Pipeline:
     kept on the CPU visits only while it runs (see on_device())."""
 
     def __init__(self, model, scheduler_config=None, force_zeros_for_empty_prompt=None, requires_aesthetics_score=None,
-                 tokenizers=None, embeddings=()):
+                 tokenizers=None, embeddings=(), controlnets=()):
         """force_zeros_for_empty_prompt and requires_aesthetics_score are model_index.json's (None: the official
         folders' choice: zeros without a negative prompt for a base; an aesthetic score where the UNet's vector
         condition has room for one, a refiner's); tokenizers:
-        the model's own (None: the bundled ones); embeddings: textual-inversion files (models/embeddings.py)."""
+        the model's own (None: the bundled ones); embeddings: textual-inversion files (models/embeddings.py);
+        controlnets: models.controlnet.ControlNet modules, each given a control image by Settings.control_images."""
         self.model = model.eval()
+        self.controlnets = [c.to(next(model.unet.parameters()).device).eval() for c in controlnets]
         zeros, aesthetic = force_zeros_for_empty_prompt, requires_aesthetics_score
         self.force_zeros = (model.text_encoder_1 is not None) if zeros is None else zeros
         self.requires_aesthetics_score = model.config.takes_aesthetic_score if aesthetic is None else aesthetic
@@ -103,20 +108,21 @@ class Pipeline:
         self.scheduler_config = scheduler_config or models_scheduler_config(model.config)
 
     @classmethod
-    def load(cls, source, dtype="fp32", device="cpu", vae=None, loras=(), config=None, embeddings=()):
+    def load(cls, source, dtype="fp32", device="cpu", vae=None, loras=(), config=None, embeddings=(), controlnets=()):
         """A single file, a diffusers folder (its scheduler config, model_index.json settings and tokenizers are
         used) or a Hugging Face repo id; `vae` optionally replaces the model's VAE (a VAE file or diffusers vae/
         folder); `loras`, a list of (file, scale), are merged into the weights in order (models.lora: no cost per
         step); `config`, the architecture of a single file that lacks it (models.loading.load); `embeddings`,
-        textual-inversion files."""
+        textual-inversion files; `controlnets`, ControlNet files, folders or repo ids (models/controlnet.py)."""
         path = resolve(source)
         scheduler_config = read_folder_config(path)[1] if path.is_dir() else None
         options = pipeline_options(path) if path.is_dir() else {}
         model = load(path, dtype=dtype, device=device, vae=vae, config=config)
         for lora, scale in loras:
             merge_lora(model, resolve(lora), scale)
+        controlnets = [load_controlnet(c, model.config.unet, DTYPES.get(dtype, dtype)) for c in controlnets]
         return cls(model, scheduler_config, tokenizers=load_tokenizers(path) if path.is_dir() else None,
-                   embeddings=embeddings, **options)
+                   embeddings=embeddings, controlnets=controlnets, **options)
 
     @property
     def device(self):
@@ -196,6 +202,8 @@ class Pipeline:
             s = replace(s, mask=as_image(s.mask))
         check(s, self.model.config, refiner.model.config if refiner is not None else None)
         s = with_output_size(s, self.model.config)
+        if self.controlnets or s.control_images:
+            check_control(s, len(self.controlnets))
         # Image i draws everything from its own CPU generator seeded seed + i, so it does not depend on the
         # batch size (AUTOMATIC1111's convention; diffusers with a list of generators).
         generators = [torch.Generator().manual_seed(s.seed + i) for i in range(s.num_images)]
@@ -229,8 +237,13 @@ class Pipeline:
         f = self.model.config.vae.pixels_per_latent  # image pixels per latent pixel, along each side
         shape = (channels, s.height // f, s.width // f)
 
-        net = lambda x_in, t, context, y: self.model.unet(x_in.to(self.dtype), t, context, y,
-                                                          **({} if w is None else {"timestep_cond": w.expand(len(x_in), -1)}))
+        control = Control(self.controlnets, s, len(schedule.timesteps) - start, B,
+                          [u[0] for _, _, u in edits if u is not None], self.device) if self.controlnets else None
+
+        def net(x_in, t, context, y):
+            x_in, extra = x_in.to(self.dtype), {} if w is None else {"timestep_cond": w.expand(len(x_in), -1)}
+            return self.model.unet(x_in, t, context, y, **extra, **(control.unet_kwargs(x_in, t, context, y)
+                                                                    if control else {}))
         after_step = None
         if s.init_image is None:  # text-to-image: noise at the first level (sigma space)
             noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
@@ -271,7 +284,8 @@ class Pipeline:
             denoise = consistency_boundary(denoise, schedule.timestep)
         # The bar is cleared when done and also on an error or Ctrl-C, so the error line starts a line.
         with self.on_device("unet"), tqdm(total=end - start, disable=not progress, desc=name, leave=False) as bar:
-            kwargs["callback"] = lambda info: (bar.update(1), callback and callback(info))
+            kwargs["callback"] = lambda info: (bar.update(1), control and control.after_step(info["i"]),
+                                               callback and callback(info))
             x = SAMPLERS[name](denoise, x, sigmas, **kwargs)
 
         latents = x / (sigmas[-1].to(x.device) ** 2 + 1) ** 0.5  # VP scale; = x when the last sigma is 0

@@ -22,6 +22,7 @@ from PIL import Image
 
 from models.sdxl import SDXL_SCHEDULER_CONFIG
 from sampling.conditioning import check_embeds
+from sampling.control import read_control_image
 from sampling.images import UPSCALERS, as_image, default_size
 from sampling.names import SAMPLER_NAMES, SCHEDULE_NAMES, SPACED_SAMPLERS, WITH_ETA, canonical_sampler
 
@@ -97,6 +98,14 @@ class Settings:
     hires_strength: float = 0.7
     hires_steps: int | None = None  # None: steps
     hires_upscaler: str = "latent"  # "latent" (bilinear on the latents) or "lanczos" (on the decoded image)
+    # Conditioning adapters (sampling/control.py): one control image (path or PIL image) per ControlNet the pipeline
+    # holds, in order, and its scale (() : 1 each); they act on the fractions [control_start, control_end] of the
+    # schedule; guess_mode: ControlNet's guess mode (the conditional pass only, coarse levels weighted most).
+    control_images: tuple = ()
+    control_scales: tuple = ()
+    control_start: float = 0.0
+    control_end: float = 1.0
+    guess_mode: bool = False
 
 
 def size_multiple(config):
@@ -107,9 +116,12 @@ def size_multiple(config):
 
 def with_output_size(s: Settings, config):
     """s with a width and height left at None set: the init image's size (rounded down to size_multiple), or
-    the latents' where it is latents, else the model's native size (UNet sample_size x pixels per latent)."""
+    the latents' where it is latents, else the first control image's (as diffusers), else the model's native
+    size (UNet sample_size x pixels per latent)."""
     f = config.vae.pixels_per_latent
-    if s.init_image is None:
+    if s.init_image is None and s.control_images:
+        size = default_size(read_control_image(s.control_images[0]), size_multiple(config))
+    elif s.init_image is None:
         size = (config.unet.sample_size * f,) * 2
     elif is_latents(s.init_image):
         size = (s.init_image.shape[-1] * f, s.init_image.shape[-2] * f)

@@ -1,0 +1,216 @@
+"""ControlNet (Zhang, Rao and Agrawala 2023) for SDXL: a trainable copy of the UNet's first half that reads a
+control image (edges, depth, pose ...) and adds what it computes to the frozen UNet's skip connections.
+
+    x ──► input_blocks.0 ──(+ hint)──► input_blocks.1 ... input_blocks.N ──► middle_block
+               │                            │                  │                 │
+          zero_convs.0                 zero_convs.1  ...  zero_convs.N   middle_block_out   1x1 convs, zero at init
+               ▼                            ▼                  ▼                 ▼
+        residual 0 ... residual N: added to the UNet's skips;  the last: added to its middle block's output
+
+    hint = input_hint_block(control image (B, 3, H, W) in [0, 1]): eight 3x3 convs with SiLU, three of stride 2
+    (H/8 x W/8, the latent size), channels 3 -> 16 -> 32 -> 96 -> 256 -> model_channels, the last conv zero at init.
+
+The copy is models.unet.Encoder itself, so every name below is the official (cldm / sgm) one: a file in that
+layout loads with a prefix strip ("control_model." or none), a diffusers file or folder through the same name
+map as the UNet's (models/keys.py), plus the five renames of `control_names` (label_emb included: diffusers' own
+single-file converter drops it for SDXL, ComfyUI maps it).
+"""
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from models.diffusers_layout import read_json, read_weights, unet_config_to_diffusers
+from models.files import LoadError, open_safetensors, read_tensors
+from models.keys import encoder_name_from_diffusers, unet_name_to_diffusers
+from models.loading import resolve
+from models.single_file import assign, check_tensors, encoder_shape
+from models.unet import Encoder, UNetConfig
+
+PREFIX = "control_model."  # the original files' prefix (lllyasviel's cldm); many SDXL files have none
+
+
+@dataclass(frozen=True)
+class ControlNetConfig:
+    unet: UNetConfig  # the copied encoder's: the UNet's it was trained beside (output fields unused)
+    hint_channels: int = 3  # channels of the control image
+    embedding_channels: tuple = (16, 32, 96, 256)  # the hint encoder's widths, 2x down between them
+    global_pool: bool = False  # residuals averaged over space (shuffle ControlNets; diffusers' global_pool_conditions)
+
+
+def hint_encoder(cfg: ControlNetConfig):
+    """Control image (B, hint_channels, H, W) -> (B, model_channels, H / 2^k, W / 2^k), k = len(widths) - 1.
+    Official indices: convs at the even ones, SiLU between; the last conv starts at zero."""
+    c = cfg.embedding_channels
+    layers = [nn.Conv2d(cfg.hint_channels, c[0], 3, padding=1), nn.SiLU()]
+    for cin, cout in zip(c, c[1:]):
+        layers += [nn.Conv2d(cin, cin, 3, padding=1), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1, stride=2), nn.SiLU()]
+    layers.append(zero(nn.Conv2d(c[-1], cfg.unet.model_channels, 3, padding=1)))
+    return nn.Sequential(*layers)
+
+
+def zero(conv):
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class ControlNet(Encoder):
+    def __init__(self, cfg: ControlNetConfig):
+        super().__init__(cfg.unet)
+        self.controlnet_config = cfg
+        self.input_hint_block = hint_encoder(cfg)
+        self.zero_convs = nn.ModuleList(nn.Sequential(zero(nn.Conv2d(c, c, 1))) for c in self.skip_channels)
+        middle = self.skip_channels[-1]
+        self.middle_block_out = nn.Sequential(zero(nn.Conv2d(middle, middle, 1)))
+
+    @property
+    def pixels_per_latent(self):
+        return 2 ** (len(self.controlnet_config.embedding_channels) - 1)
+
+    def forward(self, x, t, context, y, hint, scale=1.0, guess_mode=False):
+        """-> the UNet's `control`: one residual per input block, then the middle block's, times `scale`.
+        x, t, context, y as the UNet's (models/unet.py); hint (B, 3, H, W) the control image in [0, 1].
+
+        guess_mode (ControlNet's "guess mode", diffusers' scaling of it): the residuals scaled from 0.1 at the
+        first skip up to 1 at the middle block, log-spaced, so the control image steers the coarse levels most."""
+        emb = self.embedding(t, y, x.dtype)
+        h, residuals = x, []
+        for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
+            h = self.run(block, h, emb, context)
+            if i == 0:
+                h = h + self.input_hint_block(hint.to(x.dtype))
+            residuals.append(zero_conv(h))
+        h = self.run(self.middle_block, h, emb, context)
+        residuals.append(self.middle_block_out(h))
+        global_pool = self.controlnet_config.global_pool
+        if guess_mode and not global_pool:
+            scales = torch.logspace(-1, 0, len(residuals), device=x.device) * scale  # float32, as diffusers
+        else:
+            scales = [scale] * len(residuals)
+        residuals = [r * s for r, s in zip(residuals, scales)]
+        return [r.mean(dim=(2, 3), keepdim=True) for r in residuals] if global_pool else residuals
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def control_names(cfg: ControlNetConfig):
+    """{official name prefix: diffusers name prefix} of the parts the UNet does not have."""
+    n = len(cfg.embedding_channels)
+    names = {"input_hint_block.0.": "controlnet_cond_embedding.conv_in.",
+             f"input_hint_block.{4 * n - 2}.": "controlnet_cond_embedding.conv_out.",
+             "middle_block_out.0.": "controlnet_mid_block."}
+    for k in range(2 * (n - 1)):
+        names[f"input_hint_block.{2 + 2 * k}."] = f"controlnet_cond_embedding.blocks.{k}."
+    return names
+
+
+def name_to_diffusers(name, cfg: ControlNetConfig):
+    if name.startswith("zero_convs."):  # zero_convs.N.0.weight -> controlnet_down_blocks.N.weight
+        index, _, rest = name[len("zero_convs."):].split(".", 2)
+        return f"controlnet_down_blocks.{index}.{rest}"
+    for official, diffusers in control_names(cfg).items():
+        if name.startswith(official):
+            return diffusers + name[len(official):]
+    return unet_name_to_diffusers(name, cfg.unet.num_res_blocks)
+
+
+def name_from_diffusers(name, num_res_blocks, embedding_levels):
+    """The inverse of name_to_diffusers for a file whose config is not known yet (names only); None if the name
+    is no ControlNet's."""
+    if m := re.match(r"controlnet_down_blocks\.(\d+)\.(.*)", name):
+        return f"zero_convs.{m[1]}.0.{m[2]}"
+    names = control_names(ControlNetConfig(UNetConfig(), embedding_channels=(0,) * embedding_levels))
+    for official, diffusers in names.items():
+        if name.startswith(diffusers):
+            return official + name[len(diffusers):]
+    return encoder_name_from_diffusers(name, num_res_blocks)
+
+
+def official_names(names):
+    """{official name: stored name} of a ControlNet file's tensors: official (with or without "control_model.")
+    or diffusers names; stored names that are neither map to themselves (and fail the shape check)."""
+    if any(n.startswith("controlnet_cond_embedding.") for n in names):
+        R = len({m[1] for n in names if (m := re.match(r"down_blocks\.0\.resnets\.(\d+)\.", n))})
+        levels = len({m[1] for n in names if (m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.", n))}) // 2 + 1
+        return {name_from_diffusers(n, R, levels) or n: n for n in names}
+    return {n.removeprefix(PREFIX): n for n in names}
+
+
+def hint_shape(s):
+    """(hint_channels, embedding_channels) from the official shapes of input_hint_block."""
+    convs = sorted((int(n.split(".")[1]), shape) for n, shape in s.items()
+                   if n.startswith("input_hint_block.") and n.endswith(".weight"))
+    widths = [convs[0][1][0]] + [shape[0] for _, shape in convs[2:-1:2]]  # the stride-2 convs' outputs
+    return convs[0][1][1], tuple(widths)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_file(path, dtype=None):
+    """A ControlNet .safetensors file or diffusers folder -> ({official name: tensor}, its config.json or {})."""
+    if path.is_dir():
+        config = read_json(path / "config.json") if (path / "config.json").exists() else {}
+        stored = read_weights(path, dtype)
+    else:
+        config = {}
+        with open_safetensors(path) as f:
+            names = list(f.keys())
+        stored = dict(read_tensors(path, names, dtype))
+    return {official: stored[name] for official, name in official_names(list(stored)).items()}, config
+
+
+def controlnet_config(shapes, unet: UNetConfig, where, folder_config=None):
+    """The ControlNetConfig of a file's {official name: shape}, beside the UNet `unet` (whose head width,
+    GroupNorm groups and micro-conditioning it shares), or LoadError saying why it cannot control that UNet."""
+    if "input_hint_block.0.weight" not in shapes or "input_blocks.0.0.weight" not in shapes:
+        raise LoadError(f"{where} is not a ControlNet (it has no input_hint_block and input blocks, e.g. "
+                        f"{', '.join(list(shapes)[:3])}).")
+    context = next((v[1] for n, v in shapes.items() if n.endswith("attn2.to_k.weight")), None)
+    if "label_emb.0.0.weight" not in shapes:
+        kind = "SD 1.5" if context == 768 else "SD 2.x" if context == 1024 else "a model without SDXL's vector condition"
+        raise LoadError(f"{where} is a ControlNet for {kind}, not SDXL; use an SDXL ControlNet (e.g. "
+                        "diffusers/controlnet-canny-sdxl-1.0 or xinsir/controlnet-union-sdxl-1.0).")
+    fields = encoder_shape(shapes)
+    if (fields["context_dim"], fields["adm_in_channels"]) != (unet.context_dim, unet.adm_in_channels):
+        raise LoadError(f"{where} was trained beside a UNet with a {fields['context_dim']}-wide text context and "
+                        f"{fields['adm_in_channels']}-wide vector condition; this model's are {unet.context_dim} and "
+                        f"{unet.adm_in_channels}: use a ControlNet made for this model family.")
+    hint_channels, widths = hint_shape(shapes)
+    return ControlNetConfig(
+        unet=replace(unet, **fields, out_channels=fields["in_channels"], transformer_depth_output=None,
+                     time_cond_proj_dim=None),
+        hint_channels=hint_channels, embedding_channels=widths,
+        global_pool=bool((folder_config or {}).get("global_pool_conditions", False)),
+    )
+
+
+def load_controlnet(source, unet: UNetConfig, dtype=None):
+    """A ControlNet (official or diffusers names, a file or a folder, a repo id) for the UNet of config `unet`.
+    Raises LoadError for anything that is not one, or not one for this model."""
+    path = resolve(source)
+    tensors, folder_config = read_file(Path(path), dtype)
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    cfg = controlnet_config(shapes, unet, path, folder_config)
+    with torch.device("meta"):
+        model = ControlNet(cfg)
+    check_tensors(shapes, {n: t.shape for n, t in model.state_dict().items()}, f"{path} (a ControlNet)")
+    assign(model, tensors, path)
+    return model.eval()
+
+
+def controlnet_to_diffusers(model: ControlNet):
+    """{diffusers name: tensor} and config.json of a ControlNet: what diffusers' ControlNetModel.from_pretrained,
+    ComfyUI and AUTOMATIC1111 load."""
+    cfg = model.controlnet_config
+    config = {k: v for k, v in unet_config_to_diffusers(cfg.unet).items()
+              if k not in ("out_channels", "up_block_types", "reverse_transformer_layers_per_block", "sample_size")}
+    config |= {"_class_name": "ControlNetModel", "conditioning_channels": cfg.hint_channels,
+               "conditioning_embedding_out_channels": list(cfg.embedding_channels),
+               "global_pool_conditions": cfg.global_pool, "controlnet_conditioning_channel_order": "rgb"}
+    return {name_to_diffusers(n, cfg): t for n, t in model.state_dict().items()}, config
