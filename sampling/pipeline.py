@@ -28,14 +28,14 @@ from tqdm import tqdm
 
 from models.conditioning import guidance_embedding
 from models.controlnet import load_controlnet
-from models.files import DTYPES
 from models.embeddings import load_embeddings
+from models.files import DTYPES
 from models.loading import load, pipeline_options, read_folder_config, resolve
 from models.lora import merge_lora
 from models.sdxl import scheduler_config as models_scheduler_config
 from models.tokenizer import load_tokenizers
-from sampling.control import Control, check_control
 from sampling.conditioning import check_micro_conditioning, check_tokenizers, edited_conditioning, encode_conditioning
+from sampling.control import Control, check_control
 from sampling.guidance import guided, output_from_x0, pag_modules, x0_from_output
 from sampling.images import as_image, latent_mask, mask_pixels, pixels, upscale_images, upscale_latents
 from sampling.names import canonical_sampler
