@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from models.diffusers_layout import read_json, read_weights, unet_config_to_diffusers
+from models.diffusers_layout import read_json, unet_config_to_diffusers, weight_files
 from models.files import LoadError, open_safetensors, read_tensors
 from models.keys import encoder_name_from_diffusers, unet_name_to_diffusers
 from models.loading import resolve
@@ -95,6 +95,18 @@ class ControlNet(Encoder):
         return [r.mean(dim=(2, 3), keepdim=True) for r in residuals] if global_pool else residuals
 
 
+def controlnet_from_unet(unet, hint_channels=3):
+    """A new ControlNet for `unet` (models.unet.UNet): its encoder copied, the hint encoder freshly initialised,
+    every zero conv at zero, so that at first it adds nothing (the start of ControlNet training)."""
+    cfg = ControlNetConfig(replace(unet.config, time_cond_proj_dim=None), hint_channels=hint_channels)
+    controlnet = ControlNet(cfg).to(next(unet.parameters()).dtype)
+    encoder = {n: t for n, t in unet.state_dict().items() if n.startswith(("time_embed.", "label_emb.", "input_blocks.",
+                                                                          "middle_block."))}
+    missing, unexpected = controlnet.load_state_dict(encoder, strict=False)
+    assert not unexpected and all(n.startswith(("input_hint_block.", "zero_convs.", "middle_block_out.")) for n in missing)
+    return controlnet
+
+
 # ----------------------------------------------------------------------------- names
 
 
@@ -152,17 +164,14 @@ def hint_shape(s):
 # ----------------------------------------------------------------------------- loading
 
 
-def read_file(path, dtype=None):
-    """A ControlNet .safetensors file or diffusers folder -> ({official name: tensor}, its config.json or {})."""
-    if path.is_dir():
-        config = read_json(path / "config.json") if (path / "config.json").exists() else {}
-        stored = read_weights(path, dtype)
-    else:
-        config = {}
-        with open_safetensors(path) as f:
-            names = list(f.keys())
-        stored = dict(read_tensors(path, names, dtype))
-    return {official: stored[name] for official, name in official_names(list(stored)).items()}, config
+def stored_shapes(path):
+    """A ControlNet .safetensors file or diffusers folder -> ({file: {stored name: shape}}, its config.json or {})."""
+    config = read_json(path / "config.json") if path.is_dir() and (path / "config.json").exists() else {}
+    shapes = {}
+    for file in weight_files(path) if path.is_dir() else [path]:
+        with open_safetensors(file) as f:
+            shapes[file] = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+    return shapes, config
 
 
 def controlnet_config(shapes, unet: UNetConfig, where, folder_config=None):
@@ -190,16 +199,28 @@ def controlnet_config(shapes, unet: UNetConfig, where, folder_config=None):
     )
 
 
+def inspect_controlnet(source, unet: UNetConfig):
+    """The header of a ControlNet (file, folder or repo id) for the UNet of config `unet`, no tensor read ->
+    (path, ControlNetConfig, {file: {official name: stored name}}). LoadError for anything that is not one, or
+    not one for this model."""
+    path = Path(resolve(source))
+    stored, folder_config = stored_shapes(path)
+    names = {file: official_names(list(shapes)) for file, shapes in stored.items()}
+    shapes = {official: stored[file][name] for file in stored for official, name in names[file].items()}
+    return path, controlnet_config(shapes, unet, path, folder_config), names
+
+
 def load_controlnet(source, unet: UNetConfig, dtype=None):
-    """A ControlNet (official or diffusers names, a file or a folder, a repo id) for the UNet of config `unet`.
-    Raises LoadError for anything that is not one, or not one for this model."""
-    path = resolve(source)
-    tensors, folder_config = read_file(Path(path), dtype)
-    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-    cfg = controlnet_config(shapes, unet, path, folder_config)
+    """inspect_controlnet's ControlNet with its weights (cast to dtype), on the CPU."""
+    path, cfg, names = inspect_controlnet(source, unet)
     with torch.device("meta"):
         model = ControlNet(cfg)
-    check_tensors(shapes, {n: t.shape for n, t in model.state_dict().items()}, f"{path} (a ControlNet)")
+    tensors = {}
+    for file, official in names.items():
+        stored = {name: t for name, t in read_tensors(file, list(official.values()), dtype)}
+        tensors |= {o: stored[name] for o, name in official.items()}
+    check_tensors({n: t.shape for n, t in tensors.items()}, {n: t.shape for n, t in model.state_dict().items()},
+                  f"{path} (a ControlNet)")
     assign(model, tensors, path)
     return model.eval()
 

@@ -167,8 +167,18 @@ def read_json(path):
 
 
 def read_weights(folder, dtype):
-    """All tensors of one component folder, cast to dtype; handles fp16 variants and shard indexes. Format
-    rule: the file names of WEIGHT_FILES, else a *.safetensors.index.json; only .bin files: pickles, refused."""
+    """All tensors of one component folder, cast to dtype; handles fp16 variants and shard indexes."""
+    tensors = {}
+    for file in weight_files(folder):
+        with open_safetensors(file) as f:
+            names = list(f.keys())
+        tensors.update(read_tensors(file, names, dtype))
+    return tensors
+
+
+def weight_files(folder):
+    """The safetensors files of one component folder. Format rule: the file names of WEIGHT_FILES, else a
+    *.safetensors.index.json's shards; only .bin files: pickles, refused."""
     for name in WEIGHT_FILES:
         if (folder / name).exists():
             files = [folder / name]
@@ -188,12 +198,7 @@ def read_weights(folder, dtype):
                             "code; get the .safetensors version of this model.")
         else:
             raise LoadError(f"{folder} has no .safetensors weights; the download is incomplete.")
-    tensors = {}
-    for file in files:
-        with open_safetensors(file) as f:
-            names = list(f.keys())
-        tensors.update(read_tensors(file, names, dtype))
-    return tensors
+    return files
 
 
 def _refuse_other_models(path, index):

@@ -323,16 +323,19 @@ class UNet(Encoder):
 
         control: a ControlNet's residuals (models/controlnet.py), one per input block then one for the middle
         block, added to the skips and to the middle block's output; adapter: a T2I-Adapter's features as
-        {input block index: (B, C, h', w')}, added to that block's output before it is kept as a skip."""
+        {official block name: (B, C, h', w')} (models/t2i_adapter.py), each added to that input block's output
+        before it is kept as a skip, or to the middle block's."""
         emb = self.embedding(t, y, x.dtype, timestep_cond)
         skips = []
         h = x
         for i, block in enumerate(self.input_blocks):
             h = self.run(block, h, emb, context)
-            if adapter and i in adapter:
-                h = h + adapter[i]
+            if adapter and f"input_blocks.{i}" in adapter:
+                h = h + adapter[f"input_blocks.{i}"]
             skips.append(h)
         h = self.run(self.middle_block, h, emb, context)
+        if adapter and "middle_block" in adapter:
+            h = h + adapter["middle_block"]
         if control is not None:
             skips = [skip + residual for skip, residual in zip(skips, control[:-1], strict=True)]
             h = h + control[-1]

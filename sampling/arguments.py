@@ -118,6 +118,22 @@ def parse_args(argv):
     p.add_argument("--embeddings", action="append", metavar="FILE_OR_FOLDER",
                    help="textual-inversion embeddings (SDXL safetensors: clip_l and clip_g), written in prompts as "
                         "embedding:name or name; repeatable")
+    p.add_argument("--controlnet", action="append", type=lora_arg, metavar="MODEL[:SCALE]",
+                   help="a ControlNet (SDXL; file, diffusers folder or repo id) steered by the --control-image of the "
+                        "same position; repeatable: several add up; scale 1.0 by default (docs/control.md)")
+    p.add_argument("--control-image", action="append", metavar="FILE",
+                   help="the control image of each --controlnet, in order (python -m sampling.preprocess makes canny, "
+                        "scribble and tile maps); resized to the output as diffusers does")
+    p.add_argument("--control-start", type=float, help="where the ControlNets start acting, a fraction of the schedule")
+    p.add_argument("--control-end", type=float, help="where they stop (default 1: to the end)")
+    p.add_argument("--guess-mode", action="store_true", default=None,
+                   help="ControlNet's guess mode: control on the conditional pass only, coarse levels weighted most")
+    p.add_argument("--adapter", action="append", type=lora_arg, metavar="MODEL[:SCALE]",
+                   help="an SDXL T2I-Adapter steered by the --adapter-image of the same position; repeatable (their "
+                        "maps add up); scale 1.0 by default")
+    p.add_argument("--adapter-image", action="append", metavar="FILE", help="the image of each --adapter, in order")
+    p.add_argument("--adapter-factor", type=float,
+                   help="the share of the first steps the T2I-Adapters act on (diffusers' adapter_conditioning_factor)")
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt", help="omit for zero negative conditioning; '' encodes the empty prompt")
     p.add_argument("--prompt-2", help="what the second text encoder (bigG) reads (diffusers' prompt_2); default: --prompt")
@@ -189,6 +205,8 @@ class Request:
     vae: str | None
     refiner: str | None
     loras: list  # (path, scale) pairs
+    controlnets: list  # (source, scale) pairs
+    adapters: list  # (source, scale) pairs
     embeddings: list  # --embeddings' files and folders
     interventions: list  # names, as --intervention takes them
     recorded_hash: str | None  # the PNG's Model hash, when the model is the PNG's (to say if it differs)
@@ -220,6 +238,10 @@ def request_from(args):
             refiner = refiner or recorded.get("Refiner")
             loras = loras or recorded.get("Loras")
         interventions = interventions or recorded.get("Interventions")
+        if not args.controlnet and recorded.get("ControlNets"):  # they fit the model family, not one model
+            args.controlnet = recorded["ControlNets"]
+        if not args.adapter and recorded.get("T2I-Adapters"):
+            args.adapter = recorded["T2I-Adapters"]
         embeddings = embeddings or recorded.get("Embeddings")
         try:
             for name in interventions or []:
@@ -245,12 +267,19 @@ def request_from(args):
                  refiner_start=args.refiner_start, aesthetic_score=args.aesthetic_score,
                  negative_aesthetic_score=args.negative_aesthetic_score, init_image=args.init_image,
                  strength=args.strength, mask=args.mask, hires_scale=args.hires_scale,
-                 hires_strength=args.hires_strength, hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler)
+                 hires_strength=args.hires_strength, hires_steps=args.hires_steps, hires_upscaler=args.hires_upscaler,
+                 control_images=tuple(args.control_image) if args.control_image else None,
+                 control_scales=tuple(scale for _, scale in args.controlnet) if args.controlnet else None,
+                 control_start=args.control_start, control_end=args.control_end, guess_mode=args.guess_mode,
+                 adapter_images=tuple(args.adapter_image) if args.adapter_image else None,
+                 adapter_scales=tuple(scale for _, scale in args.adapter) if args.adapter else None,
+                 adapter_factor=args.adapter_factor)
     settings = replace(settings, **{k: v for k, v in flags.items() if v is not None})
     if settings.seed == -1:
         settings = replace(settings, seed=secrets.randbelow(2**32))  # A1111's -1; the PNG records the seed drawn
     recorded_hash = recorded.get("Model hash") if model == recorded.get("Model") else None
-    return Request(settings, model or DEFAULT_MODEL, vae, refiner, loras or [], embeddings or [], interventions or [],
+    return Request(settings, model or DEFAULT_MODEL, vae, refiner, loras or [], args.controlnet or [], args.adapter or [],
+                   embeddings or [], interventions or [],
                    recorded_hash)
 
 
@@ -264,6 +293,7 @@ def _multiple_of_8(name, v):
 def check_settings(s):
     """Everything that can be checked without the model -> s with its init image and mask opened (the model's
     own checks, sampling.settings.check, take them). Raises ValueError with the fix in the message."""
+    from sampling.control import read_control_image
     from sampling.images import open_rgb
     from sampling.prompt_editing import prompt_schedule
     from sampling.prompts import parse_weights
@@ -305,4 +335,10 @@ def check_settings(s):
         w, h = images["--init-image"].size
         if (s.width is None and w < 8) or (s.height is None and h < 8):
             raise ValueError(f"--init-image is {w}x{h}; give an image of at least 8x8 pixels, or --width and --height")
-    return replace(s, init_image=images.get("--init-image", s.init_image), mask=images.get("--mask", s.mask))
+    for flag, paths in [("--control-image", s.control_images), ("--adapter-image", s.adapter_images)]:
+        for path in paths:
+            if not Path(path).is_file():
+                raise ValueError(f"{flag} {path} does not exist; give the path of an image file")
+    return replace(s, init_image=images.get("--init-image", s.init_image), mask=images.get("--mask", s.mask),
+                   control_images=tuple(read_control_image(path) for path in s.control_images),
+                   adapter_images=tuple(read_control_image(path) for path in s.adapter_images))

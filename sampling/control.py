@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.t2i_adapter import positions
 from sampling.images import resized
 
 # Modes PIL converts to RGB without losing the picture; 16-bit and float images (depth maps) would clip at 255.
@@ -37,27 +38,37 @@ def read_control_image(image):
     return image
 
 
-def control_pixels(image, width, height):
-    """diffusers' control image preparation: RGB, resized to width x height with Lanczos if it is not that size,
-    [0, 1] (not [-1, 1]) -> (1, 3, height, width) float32."""
-    image = resized(read_control_image(image).convert("RGB"), width, height)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+def control_pixels(image, width, height, grey=False):
+    """diffusers' control image preparation: RGB (grey: one channel, for a sketch adapter), resized to width x
+    height with Lanczos if it is not that size, [0, 1] (not [-1, 1]) -> (1, 3 or 1, height, width) float32."""
+    image = resized(read_control_image(image).convert("L" if grey else "RGB"), width, height)
+    array = np.asarray(image, dtype=np.float32) / 255
+    return torch.from_numpy(array[..., None] if grey else array).permute(2, 0, 1)[None]
 
 
-def check_control(s, num_controlnets):
-    """ValueError, one sentence with the fix, for control settings that cannot run with `num_controlnets`."""
-    images, scales = list(s.control_images), list(s.control_scales)
-    if len(images) != num_controlnets:
-        raise ValueError(f"{num_controlnets} ControlNets and {len(images)} control images: give one --control-image "
-                         "per --controlnet, in the same order")
-    if scales and len(scales) != num_controlnets:
-        raise ValueError(f"{len(scales)} control scales for {num_controlnets} ControlNets; give one per ControlNet")
-    if not all(math.isfinite(v) for v in scales):
-        raise ValueError(f"control scales {scales} must be finite numbers, e.g. 0.8")
+def check_control(s, num_controlnets, num_adapters=0):
+    """ValueError, one sentence with the fix, for control settings that cannot run with `num_controlnets`
+    ControlNets and `num_adapters` T2I-Adapters."""
+    for what, images, scales, count, flag in [
+        ("ControlNet", s.control_images, s.control_scales, num_controlnets, "--control-image per --controlnet"),
+        ("T2I-Adapter", s.adapter_images, s.adapter_scales, num_adapters, "--adapter-image per --adapter"),
+    ]:
+        if len(images) != count:
+            raise ValueError(f"{count} {what}(s) and {len(images)} image(s) for them: give one {flag}, in the same "
+                             "order")
+        if scales and len(scales) != count:
+            raise ValueError(f"{len(scales)} scales for {count} {what}(s); give one per {what}")
+        if not all(math.isfinite(v) for v in scales):
+            raise ValueError(f"{what} scales {list(scales)} must be finite numbers, e.g. 0.8")
+    if num_adapters and (s.width % 16 or s.height % 16):
+        raise ValueError(f"a T2I-Adapter works on sizes that are multiples of 16; {s.width}x{s.height} is not: use "
+                         f"{s.width // 16 * 16 or 16}x{s.height // 16 * 16 or 16}")
+    if not (math.isfinite(s.adapter_factor) and 0 <= s.adapter_factor <= 1):
+        raise ValueError(f"--adapter-factor {s.adapter_factor} is not a fraction of the steps in [0, 1]; e.g. 0.8")
     if not (0 <= s.control_start < s.control_end <= 1):
         raise ValueError(f"--control-start {s.control_start} / --control-end {s.control_end} are not fractions of "
                          "the schedule with 0 <= start < end <= 1; e.g. 0 and 0.6")
-    for image in images:
+    for image in (*s.control_images, *s.adapter_images):
         image = read_control_image(image)
         if s.width and s.height:
             (w, h), aspect = image.size, s.width / s.height
@@ -68,38 +79,44 @@ def check_control(s, num_controlnets):
 
 
 class Control:
-    """A stage's ControlNets with their control images at the stage's size, scales and step window.
+    """A stage's ControlNets and T2I-Adapters with their images at the stage's size, scales and step windows.
 
     total: the steps from the stage's first to the schedule's end (a base cut at denoising_end counts the rest,
-    as diffusers does); uncond_contexts: the negative prompts' context tensors, which mark a pass as
-    unconditional under guess mode when CFG runs as two passes (cfg_mode "split")."""
+    as diffusers' ControlNet pipeline does); stage_steps: the steps this stage runs (what diffusers' adapter
+    pipeline counts adapter_factor in); uncond_contexts: the negative prompts' context tensors, which mark a pass
+    as unconditional under guess mode when CFG runs as two passes (cfg_mode "split")."""
 
-    def __init__(self, controlnets, s, total, num_images, uncond_contexts, device):
+    def __init__(self, controlnets, adapters, unet_config, s, total, stage_steps, num_images, uncond_contexts, device):
         self.controlnets = controlnets
         self.hints = [control_pixels(image, s.width, s.height).to(device) for image in s.control_images]
         self.scales = list(s.control_scales) or [1.0] * len(controlnets)
         self.start, self.end, self.total = s.control_start, s.control_end, total
         self.guess_mode = s.guess_mode or any(c.controlnet_config.global_pool for c in controlnets)  # as diffusers
         self.num_images, self.uncond_contexts = num_images, uncond_contexts
+        self.adapter_steps = int(stage_steps * s.adapter_factor)  # diffusers' adapter_conditioning_factor
+        self.features = adapter_features(adapters, positions(unet_config), s, device) if adapters else None
         self.step = 0  # the stage's step now running (advanced by after_step)
 
     def after_step(self, i):
         self.step = i + 1
 
-    def acting(self):
-        i, n = self.step, self.total
-        return not (i / n < self.start or (i + 1) / n > self.end)
-
     def unet_kwargs(self, x, t, context, y):
-        """{"control": the summed residuals} for a UNet pass over x (B or 2B rows), or {} off the window."""
-        if not self.acting():
-            return {}
+        """What the UNet takes for a pass over x (B or 2B rows) at the current step: {"control": the ControlNets'
+        summed residuals, "adapter": the T2I-Adapters' summed maps}, each only inside its window."""
+        kwargs = {}
+        if self.controlnets and not (self.step / self.total < self.start or (self.step + 1) / self.total > self.end):
+            kwargs["control"] = self.residuals(x, t, context, y)
+        if self.features is not None and self.step < self.adapter_steps:
+            kwargs["adapter"] = {name: f.expand(len(x), -1, -1, -1) for name, f in self.features.items()}
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    def residuals(self, x, t, context, y):
         rows = slice(None)
         if self.guess_mode:
             if len(x) == 2 * self.num_images:  # the CFG batch [uncond, cond]: the conditional half only
                 rows = slice(self.num_images, None)
             elif any(context is u for u in self.uncond_contexts):  # an unconditional pass of its own
-                return {}
+                return None
         total = None
         for controlnet, hint, scale in zip(self.controlnets, self.hints, self.scales):
             xr = x[rows, :controlnet.config.in_channels]  # an inpainting UNet's x also holds the mask and image
@@ -108,4 +125,17 @@ class Control:
             total = residuals if total is None else [a + b for a, b in zip(total, residuals)]
         if rows.start is not None:  # zeros for the unconditional half, as diffusers
             total = [torch.cat([torch.zeros_like(r), r]) for r in total]
-        return {"control": total}
+        return total
+
+
+def adapter_features(adapters, names, s, device):
+    """The T2I-Adapters' maps for Settings s, computed once: {official block name (of `names`, in order): the sum
+    of scale x map} (1, C, h, w)."""
+    scales = list(s.adapter_scales) or [1.0] * len(adapters)
+    total = {}
+    for adapter, image, scale in zip(adapters, s.adapter_images, scales):
+        pixels = control_pixels(image, s.width, s.height, grey=adapter.config.in_channels == 1)
+        maps = adapter(pixels.to(device, next(adapter.parameters()).dtype))
+        for name, f in zip(names, maps, strict=True):
+            total[name] = total[name] + f * scale if name in total else f * scale
+    return total

@@ -4,7 +4,8 @@
         --cfg G --sampler {euler,euler_a,dpmpp_2m,ddim,ddpm} [--karras] [--guidance-rescale R] --seed SEED
         --num-images B --dtype {fp32,fp16,bf16} --device D [--config FOLDER_OR_CONFIG_JSON] [--vae VAE]
         [--refiner-config FOLDER_OR_CONFIG_JSON]
-        [--lora FILE[:SCALE] ...]
+        [--lora FILE[:SCALE] ...] [--controlnet MODEL[:SCALE] --control-image IMG ... [--control-start F]
+        [--control-end F] [--guess-mode]] [--adapter MODEL[:SCALE] --adapter-image IMG ... [--adapter-factor F]]
         [--no-prompt-weights] [--save-attention DIR] [--intervention NAME ...] [--tap PATTERN ... --tap-out FILE]
         --out DIR
       [--refiner R --refiner-start F [--aesthetic-score A] [--negative-aesthetic-score NA]]
@@ -35,7 +36,15 @@ from pathlib import Path
 
 from sampling.arguments import check_settings, fail, parse_args, request_from
 from sampling.outputs import save_attention, save_next, save_taps
-from sampling.preflight import check_embeddings, check_fits, check_instruments, check_loras, check_steps
+from sampling.preflight import (
+    check_adapter,
+    check_controlnet,
+    check_embeddings,
+    check_fits,
+    check_instruments,
+    check_loras,
+    check_steps,
+)
 
 
 class Interrupts:
@@ -133,6 +142,7 @@ def prepare(args):
     from models.files import check_output
     from models.loading import check_device, inspect, model_hash, out_of_memory, resolve
     from models.lora import addnet_hash
+    from sampling.control import check_control
     from sampling.pnginfo import format_parameters
     from sampling.prompts import used_embeddings
     from sampling.settings import check, with_output_size
@@ -163,14 +173,18 @@ def prepare(args):
         resolve(vae)  # it exists (or is downloaded) before the big load
     loras = [(resolve(path), scale) for path, scale in request.loras]
     check_loras(info, loras)
+    controlnets = [check_controlnet(info, source) for source, _ in request.controlnets]
+    adapters = [check_adapter(info, source) for source, _ in request.adapters]
     embeddings = check_embeddings(info, refiner_info, request.embeddings, settings)
     opened = with_output_size(opened, info.config)
     settings = replace(settings, width=opened.width, height=opened.height)
+    check_control(opened, len(controlnets), len(adapters))
     check_steps(info, refiner_info, opened)
     check_fits(info, opened, args.dtype, device, refiner_info, args.offload)
     check_instruments(info, request.interventions, args.tap, args.tap_out, opened)
     try:
-        pipe, refiner_pipe = load_pipelines(args, info, refiner_info, vae, loras, embeddings, device)
+        pipe, refiner_pipe = load_pipelines(args, info, refiner_info, vae, loras, embeddings, device, controlnets,
+                                            adapters)
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
@@ -185,18 +199,19 @@ def prepare(args):
                          if name in used]
     parameters = lambda seed: format_parameters(
         settings, seed, model, model_hash=model_file_hash, vae=vae, refiner=refiner, refiner_hash=refiner_hash,
-        loras=lora_records, interventions=request.interventions, embeddings=embedding_records)
+        loras=lora_records, interventions=request.interventions, embeddings=embedding_records,
+        controlnets=request.controlnets, adapters=request.adapters)
     return Job(settings, opened, pipe, refiner_pipe, device, attention_dir, request.interventions, parameters, model,
                model_file_hash, request.recorded_hash)
 
 
-def load_pipelines(args, info, refiner_info, vae, loras, embeddings, device):
+def load_pipelines(args, info, refiner_info, vae, loras, embeddings, device, controlnets=(), adapters=()):
     """The model's Pipeline and the refiner's (or None), set to run as the flags ask."""
     from sampling.pipeline import Pipeline
 
     home = "cpu" if args.offload else device  # with --offload the weights stay on the CPU between uses
     pipe = Pipeline.load(info.path, dtype=args.dtype, device=home, vae=vae, loras=loras, config=args.config,
-                         embeddings=embeddings)
+                         embeddings=embeddings, controlnets=controlnets, adapters=adapters)
     # --vae replaces both stages' VAE: the refiner decodes, and the PNG records one VAE.
     refiner_pipe = (Pipeline.load(refiner_info.path, dtype=args.dtype, device=home, vae=vae, config=args.refiner_config,
                                   embeddings=embeddings) if refiner_info else None)

@@ -10,7 +10,8 @@ Reproduces diffusers' StableDiffusionXLPipeline image for image on the same weig
       .__call__ / .images   settings -> PIL images, each yielded once decoded
       .latents              every stage: text-to-image / img2img / inpainting, refiner, hi-res pass
       .stage                one sampler run over the stage's window of the sampling schedule
-      .inpainting, .hires_pass, .encode, .decode
+      .hires_pass, .encode, .decode
+    inpainting              the inpainting stage's start, net and per-step blend (sampling/inpainting.py)
     NonFiniteError          a NaN or inf, caught before any image is made
 
 What a generation's settings are and what is decided from them (sizes, windows, checks) is
@@ -33,11 +34,13 @@ from models.files import DTYPES
 from models.loading import load, pipeline_options, read_folder_config, resolve
 from models.lora import merge_lora
 from models.sdxl import scheduler_config as models_scheduler_config
+from models.t2i_adapter import load_adapter
 from models.tokenizer import load_tokenizers
 from sampling.conditioning import check_micro_conditioning, check_tokenizers, edited_conditioning, encode_conditioning
 from sampling.control import Control, check_control
 from sampling.guidance import guided, output_from_x0, pag_modules, x0_from_output
-from sampling.images import as_image, latent_mask, mask_pixels, pixels, upscale_images, upscale_latents
+from sampling.images import as_image, pixels, upscale_images, upscale_latents
+from sampling.inpainting import inpainting
 from sampling.names import canonical_sampler
 from sampling.noise import brownian_noise, generator_noise, noise_like
 from sampling.prompt_editing import at_call
@@ -84,14 +87,16 @@ class Pipeline:
     kept on the CPU visits only while it runs (see on_device())."""
 
     def __init__(self, model, scheduler_config=None, force_zeros_for_empty_prompt=None, requires_aesthetics_score=None,
-                 tokenizers=None, embeddings=(), controlnets=()):
+                 tokenizers=None, embeddings=(), controlnets=(), adapters=()):
         """force_zeros_for_empty_prompt and requires_aesthetics_score are model_index.json's (None: the official
         folders' choice: zeros without a negative prompt for a base; an aesthetic score where the UNet's vector
         condition has room for one, a refiner's); tokenizers:
         the model's own (None: the bundled ones); embeddings: textual-inversion files (models/embeddings.py);
-        controlnets: models.controlnet.ControlNet modules, each given a control image by Settings.control_images."""
+        controlnets, adapters: ControlNet and T2I-Adapter modules (models/controlnet.py, models/t2i_adapter.py),
+        each given its image by Settings.control_images / .adapter_images."""
         self.model = model.eval()
-        self.controlnets = [c.to(next(model.unet.parameters()).device).eval() for c in controlnets]
+        self.controlnets, self.adapters = ([c.to(next(model.unet.parameters()).device).eval() for c in modules]
+                                           for modules in (controlnets, adapters))
         zeros, aesthetic = force_zeros_for_empty_prompt, requires_aesthetics_score
         self.force_zeros = (model.text_encoder_1 is not None) if zeros is None else zeros
         self.requires_aesthetics_score = model.config.takes_aesthetic_score if aesthetic is None else aesthetic
@@ -108,12 +113,13 @@ class Pipeline:
         self.scheduler_config = scheduler_config or models_scheduler_config(model.config)
 
     @classmethod
-    def load(cls, source, dtype="fp32", device="cpu", vae=None, loras=(), config=None, embeddings=(), controlnets=()):
+    def load(cls, source, dtype="fp32", device="cpu", vae=None, loras=(), config=None, embeddings=(), controlnets=(),
+             adapters=()):
         """A single file, a diffusers folder (its scheduler config, model_index.json settings and tokenizers are
         used) or a Hugging Face repo id; `vae` optionally replaces the model's VAE (a VAE file or diffusers vae/
         folder); `loras`, a list of (file, scale), are merged into the weights in order (models.lora: no cost per
         step); `config`, the architecture of a single file that lacks it (models.loading.load); `embeddings`,
-        textual-inversion files; `controlnets`, ControlNet files, folders or repo ids (models/controlnet.py)."""
+        textual-inversion files; `controlnets`, `adapters`: ControlNets and T2I-Adapters (files, folders or repo ids)."""
         path = resolve(source)
         scheduler_config = read_folder_config(path)[1] if path.is_dir() else None
         options = pipeline_options(path) if path.is_dir() else {}
@@ -121,8 +127,9 @@ class Pipeline:
         for lora, scale in loras:
             merge_lora(model, resolve(lora), scale)
         controlnets = [load_controlnet(c, model.config.unet, DTYPES.get(dtype, dtype)) for c in controlnets]
+        adapters = [load_adapter(a, model.config.unet, DTYPES.get(dtype, dtype)) for a in adapters]
         return cls(model, scheduler_config, tokenizers=load_tokenizers(path) if path.is_dir() else None,
-                   embeddings=embeddings, controlnets=controlnets, **options)
+                   embeddings=embeddings, controlnets=controlnets, adapters=adapters, **options)
 
     @property
     def device(self):
@@ -202,8 +209,8 @@ class Pipeline:
             s = replace(s, mask=as_image(s.mask))
         check(s, self.model.config, refiner.model.config if refiner is not None else None)
         s = with_output_size(s, self.model.config)
-        if self.controlnets or s.control_images:
-            check_control(s, len(self.controlnets))
+        if self.controlnets or self.adapters or s.control_images or s.adapter_images:
+            check_control(s, len(self.controlnets), len(self.adapters))
         # Image i draws everything from its own CPU generator seeded seed + i, so it does not depend on the
         # batch size (AUTOMATIC1111's convention; diffusers with a list of generators).
         generators = [torch.Generator().manual_seed(s.seed + i) for i in range(s.num_images)]
@@ -237,8 +244,9 @@ class Pipeline:
         f = self.model.config.vae.pixels_per_latent  # image pixels per latent pixel, along each side
         shape = (channels, s.height // f, s.width // f)
 
-        control = Control(self.controlnets, s, len(schedule.timesteps) - start, B,
-                          [u[0] for _, _, u in edits if u is not None], self.device) if self.controlnets else None
+        control = Control(self.controlnets, self.adapters, self.model.config.unet, s, len(schedule.timesteps) - start,
+                          end - start, B, [u[0] for _, _, u in edits if u is not None],
+                          self.device) if self.controlnets or self.adapters else None
 
         def net(x_in, t, context, y):
             x_in, extra = x_in.to(self.dtype), {} if w is None else {"timestep_cond": w.expand(len(x_in), -1)}
@@ -249,7 +257,7 @@ class Pipeline:
             noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
             x = noise.to(self.device) * schedule.init_noise_sigma
         elif s.mask is not None:
-            x, net, after_step = self.inpainting(s, self.pixel_batch(s), generators, schedule, sigmas, net)
+            x, net, after_step = inpainting(self, s, self.pixel_batch(s), generators, schedule, sigmas, net)
         else:  # img2img: an image's latents (or latents given), noised to the first level of the window
             if is_latents(s.init_image):
                 latents = s.init_image.to(self.device, torch.float32).expand(B, *shape)
@@ -297,42 +305,6 @@ class Pipeline:
         """s.init_image (one image for all outputs, or a list of one per output) -> (1 or B, 3, H, W) on the device."""
         images = s.init_image if isinstance(s.init_image, list) else [s.init_image]
         return torch.cat([pixels(image, s.width, s.height) for image in images]).to(self.device)
-
-    def inpainting(self, s, pixel_batch, generators, schedule, sigmas, net):
-        """Inpainting as diffusers' StableDiffusionXLInpaintPipeline -> (initial x, net, after_step).
-
-        Each image's generator draws the image's posterior sample (not for a 9-channel UNet at strength 1),
-        then the noise, then the masked image's posterior sample; diffusers draws both posterior samples
-        from the first generator for the whole batch, so image i here equals diffusers' single-image run
-        with seed + i. A 4-channel UNet's latents are blended with the noised image latents outside the
-        mask after every step; a 9-channel UNet sees the mask and the masked image's latents instead."""
-        mask = mask_pixels(s.mask, s.width, s.height).to(self.device)  # (1, 1, H, W): 1 = repaint
-        keep_image = not self.is_inpainting or s.strength < 1
-        image_latents = self.encode(pixel_batch, generators) if keep_image else None
-        f = self.model.config.vae.pixels_per_latent
-        noise = noise_like(torch.empty(len(generators), self.model.config.vae.z_channels, s.height // f,
-                                       s.width // f, device=self.device), generators)
-        if s.strength == 1:  # pure noise, as diffusers' is_strength_max, where img2img would noise the image
-            x = noise * schedule.init_noise_sigma
-        else:
-            x = image_latents + noise * sigmas[0].to(self.device)
-        masked_latents = self.encode(pixel_batch * (mask < 0.5), generators)  # drawn by a 4-channel run too
-        small_mask = latent_mask(mask, x.shape[-2:])  # (1, 1, h, w)
-
-        if self.is_inpainting:
-            def net_9(x_in, t, context, y):
-                n = x_in.shape[0] // len(generators)  # 2 under classifier-free guidance
-                extra = [small_mask.expand(len(x_in), -1, -1, -1), masked_latents.repeat(n, 1, 1, 1)]
-                return net(torch.cat([x_in, *(e.to(x_in) for e in extra)], dim=1), t, context, y)
-            return x, net_9, None
-
-        last = len(sigmas) - 2
-
-        def keep_known(i, x):  # outside the mask, the image's latents noised to the level just reached
-            level = sigmas[i + 1].to(x.device)
-            known = image_latents * (level**2 + 1) ** 0.5 if i == last else image_latents + noise * level
-            return (1 - small_mask) * known + small_mask * x
-        return x, net, keep_known
 
     def hires_pass(self, s: Settings, latents, progress=True, callback=None):
         """AUTOMATIC1111's hi-res fix: upscale the first pass (its latents bilinearly, or its decoded images

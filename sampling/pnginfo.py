@@ -75,11 +75,14 @@ def _guidance_fields(s):
 
 
 def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, refiner=None, refiner_hash=None,
-                      loras=(), interventions=(), embeddings=()):
+                      loras=(), interventions=(), embeddings=(), controlnets=(), adapters=()):
     """`loras`: (path, scale, A1111 hash) of each LoRA merged into the model, written as A1111's `Lora hashes`
     (name: hash) and our `Loras` (the paths and scales, JSON, for --from-png); `interventions`: the names
     sampling.generate --intervention took, as our `Interventions` (JSON); `embeddings`: (name, path, A1111
-    hash) of each embedding the prompts use, as A1111's `TI hashes` and our `Embeddings` (paths, JSON)."""
+    hash) of each embedding the prompts use, as A1111's `TI hashes` and our `Embeddings` (paths, JSON);
+    `controlnets`: (source, scale) of each ControlNet, as A1111's `ControlNet N` (its extension's fields) and our
+    `ControlNets` ([source, scale, control image] JSON, with `Control start`, `Control end`, `Guess mode`);
+    `adapters`: (source, scale) of each T2I-Adapter, as our `T2I-Adapters` (the same JSON) and `Adapter factor`."""
     lines = [s.prompt]
     if s.negative_prompt is not None:  # absent line = no negative prompt (zero conditioning)
         lines.append(f"{NEGATIVE} {s.negative_prompt}")
@@ -101,6 +104,18 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, 
         fields["Embeddings"] = json.dumps([str(path) for _, path, _ in embeddings])
     if interventions:
         fields["Interventions"] = json.dumps(list(interventions))
+    for i, (source, scale) in enumerate(controlnets):
+        mode = "My prompt is more important" if s.guess_mode else "Balanced"
+        fields[f"ControlNet {i}"] = (f"Model: {Path(str(source)).stem}, Weight: {scale}, Guidance Start: "
+                                     f"{s.control_start}, Guidance End: {s.control_end}, Control Mode: {mode}")
+    if controlnets:
+        fields["ControlNets"] = json.dumps([[str(c), scale, str(image)] for (c, scale), image
+                                            in zip(controlnets, s.control_images)])
+        fields |= {"Control start": s.control_start, "Control end": s.control_end, "Guess mode": str(s.guess_mode)}
+    if adapters:
+        fields["T2I-Adapters"] = json.dumps([[str(a), scale, str(image)] for (a, scale), image
+                                             in zip(adapters, s.adapter_images)])
+        fields["Adapter factor"] = s.adapter_factor
     for key, name in [("prompt_2", "Prompt 2"), ("negative_prompt_2", "Negative prompt 2")]:  # ours: diffusers'
         if getattr(s, key) is not None:
             fields[name] = getattr(s, key)
@@ -270,6 +285,24 @@ def parse_parameters(text):
             recorded["Interventions"] = [str(name) for name in json.loads(fields["Interventions"])]
         except (ValueError, TypeError):
             raise ValueError("its 'Interventions:' value is not a list of names") from None
+    if "ControlNets" in fields:
+        try:
+            recorded["ControlNets"] = [(str(c), float(scale)) for c, scale, _ in json.loads(fields["ControlNets"])]
+            images = tuple(str(image) for _, _, image in json.loads(fields["ControlNets"]))
+        except (ValueError, TypeError):
+            raise ValueError("its 'ControlNets:' value is not a list of [model, scale, control image]") from None
+        settings = replace(settings, control_images=images, control_scales=tuple(s for _, s in recorded["ControlNets"]),
+                           control_start=_numbers(fields, "Control start", 1, None, float, 0.0),
+                           control_end=_numbers(fields, "Control end", 1, None, float, 1.0),
+                           guess_mode=fields.get("Guess mode") == "True")
+    if "T2I-Adapters" in fields:
+        try:
+            recorded["T2I-Adapters"] = [(str(a), float(scale)) for a, scale, _ in json.loads(fields["T2I-Adapters"])]
+            images = tuple(str(image) for _, _, image in json.loads(fields["T2I-Adapters"]))
+        except (ValueError, TypeError):
+            raise ValueError("its 'T2I-Adapters:' value is not a list of [model, scale, image]") from None
+        settings = replace(settings, adapter_images=images, adapter_scales=tuple(s for _, s in recorded["T2I-Adapters"]),
+                           adapter_factor=_numbers(fields, "Adapter factor", 1, None, float, 1.0))
     if "Refiner" in fields:  # "name [hash]", as A1111 writes it; the name alone without a hash
         recorded["Refiner"] = re.sub(r" \[[0-9a-f]{10}\]$", "", str(fields["Refiner"]))
     return settings, recorded

@@ -55,6 +55,21 @@ def check_loras(info, loras):
         merge_lora(shell, path, scale, apply=False)
 
 
+def check_controlnet(info, source):
+    """A --controlnet's header against the model (an SDXL ControlNet for this UNet), before any weight loads ->
+    its local path."""
+    from models.controlnet import inspect_controlnet
+
+    return inspect_controlnet(source, info.config.unet)[0]
+
+
+def check_adapter(info, source):
+    """A --adapter's header against the model (an SDXL T2I-Adapter whose maps fit this UNet) -> its local path."""
+    from models.t2i_adapter import inspect_adapter
+
+    return inspect_adapter(source, info.config.unet)[0]
+
+
 def check_instruments(info, interventions, taps, tap_out, settings):
     """--intervention's, --tap's and --pag-layers' patterns against the model's module names (built on the meta
     device, no weights), and --tap-out, before the load: ValueError naming what to fix."""

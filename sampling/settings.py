@@ -106,6 +106,11 @@ class Settings:
     control_start: float = 0.0
     control_end: float = 1.0
     guess_mode: bool = False
+    # T2I-Adapters (models/t2i_adapter.py): one image per adapter the pipeline holds, its scale (() : 1 each), and
+    # the share of the stage's first steps they act on (diffusers' adapter_conditioning_factor).
+    adapter_images: tuple = ()
+    adapter_scales: tuple = ()
+    adapter_factor: float = 1.0
 
 
 def size_multiple(config):
@@ -116,11 +121,12 @@ def size_multiple(config):
 
 def with_output_size(s: Settings, config):
     """s with a width and height left at None set: the init image's size (rounded down to size_multiple), or
-    the latents' where it is latents, else the first control image's (as diffusers), else the model's native
-    size (UNet sample_size x pixels per latent)."""
+    the latents' where it is latents, else the first control image's (as diffusers: a T2I-Adapter's rounded down
+    to multiples of 16), else the model's native size (UNet sample_size x pixels per latent)."""
     f = config.vae.pixels_per_latent
-    if s.init_image is None and s.control_images:
-        size = default_size(read_control_image(s.control_images[0]), size_multiple(config))
+    if s.init_image is None and (s.control_images or s.adapter_images):
+        first, multiple = (s.control_images or s.adapter_images)[0], 8 if s.control_images else 16
+        size = default_size(read_control_image(first), math.lcm(multiple, size_multiple(config)))
     elif s.init_image is None:
         size = (config.unet.sample_size * f,) * 2
     elif is_latents(s.init_image):
