@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from models.diffusers_layout import read_json, unet_config_to_diffusers, weight_files
-from models.files import LoadError, open_safetensors, read_tensors
+from models.diffusers_layout import stored_shapes, unet_config_to_diffusers
+from models.files import LoadError, read_tensors
 from models.keys import encoder_name_from_diffusers, unet_name_to_diffusers
 from models.loading import resolve
 from models.single_file import assign, check_tensors, encoder_shape
@@ -162,16 +162,6 @@ def hint_shape(s):
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def stored_shapes(path):
-    """A ControlNet .safetensors file or diffusers folder -> ({file: {stored name: shape}}, its config.json or {})."""
-    config = read_json(path / "config.json") if path.is_dir() and (path / "config.json").exists() else {}
-    shapes = {}
-    for file in weight_files(path) if path.is_dir() else [path]:
-        with open_safetensors(file) as f:
-            shapes[file] = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
-    return shapes, config
 
 
 def controlnet_config(shapes, unet: UNetConfig, where, folder_config=None):

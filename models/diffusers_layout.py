@@ -285,6 +285,17 @@ MODEL_FOLDER_ENTRIES = {"model_index.json", "unet", "vae", "text_encoder", "text
                         "tokenizer_2", "scheduler", "README.md", ".gitattributes"}
 
 
+def stored_shapes(path):
+    """The header of one component (a ControlNet, an adapter, an image encoder) given as a .safetensors file or a
+    diffusers folder -> ({file: {stored name: shape}}, the folder's config.json or {}), no tensor read."""
+    config = read_json(path / "config.json") if path.is_dir() and (path / "config.json").exists() else {}
+    shapes = {}
+    for file in weight_files(path) if path.is_dir() else [path]:
+        with open_safetensors(file) as f:
+            shapes[file] = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+    return shapes, config
+
+
 def is_model_folder(path):
     """A folder save_diffusers could have written, and nothing else (so --overwrite may replace it): a
     training output_dir with checkpoints and logs beside its model_index.json is not one."""

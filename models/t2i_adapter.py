@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.controlnet import stored_shapes
+from models.diffusers_layout import stored_shapes
 from models.files import LoadError, read_tensors
 from models.loading import resolve
 from models.single_file import assign, check_tensors

@@ -82,11 +82,12 @@ def check_tokens(tokens, cfg):
 
 
 class CLIPAttention(nn.Module):
-    """Causal self-attention with separate q/k/v projections (transformers' CLIPAttention names)."""
+    """Self-attention with separate q/k/v projections (transformers' CLIPAttention names); causal in the text
+    towers, not in the vision tower (models/clip_vision.py)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.causal = cfg.heads, causal
         self.q_proj = nn.Linear(cfg.width, cfg.width)
         self.k_proj = nn.Linear(cfg.width, cfg.width)
         self.v_proj = nn.Linear(cfg.width, cfg.width)
@@ -95,7 +96,7 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x):
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        return self.out_proj(self.attend(q, k, v, self.heads, causal=True))
+        return self.out_proj(self.attend(q, k, v, self.heads, causal=self.causal))
 
 
 class CLIPMLP(nn.Module):
@@ -112,9 +113,9 @@ class CLIPMLP(nn.Module):
 class CLIPLayer(nn.Module):
     """Pre-LN transformer block: x + attn(LN(x)), then x + mlp(LN(x))."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg)
+        self.self_attn = CLIPAttention(cfg, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.mlp = CLIPMLP(cfg)
         self.layer_norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)

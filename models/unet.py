@@ -136,10 +136,20 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, channels, bias=False)
         self.to_out = nn.Sequential(nn.Linear(channels, channels), nn.Dropout(0.0))  # .1: dropout slot
         self.attend = attention  # swappable: see models.layers.attention
+        # IP-Adapters' (models/ip_adapter.py, while attached): (keys and values, scale, n) for each adapter whose
+        # n image tokens ride at the end of the context, in order. A list, so the UNet's weights stay its own.
+        self.image_prompts = []
 
     def forward(self, x, context=None):
         context = x if context is None else context
-        return self.to_out(self.attend(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
+        q = self.to_q(x)
+        end = context.shape[1] - sum(n for _, _, n in self.image_prompts)  # the text tokens: context[:, :end]
+        out = self.attend(q, self.to_k(context[:, :end]), self.to_v(context[:, :end]), self.heads)
+        for image, scale, n in self.image_prompts:
+            tokens = context[:, end:end + n]
+            out = out + scale * image.attend(q, image.to_k_ip(tokens), image.to_v_ip(tokens), self.heads)
+            end += n
+        return self.to_out(out)
 
 
 class GEGLU(nn.Module):

@@ -1,8 +1,11 @@
-"""Control images at generation time: what the ControlNets (models/controlnet.py) add to the UNet at each step.
+"""Conditioning adapters at generation time: what ControlNets (models/controlnet.py), T2I-Adapters
+(models/t2i_adapter.py) and IP-Adapters (models/ip_adapter.py) add to the UNet.
 
     control_pixels      a control image -> (1, C, H, W) in [0, 1] at the output size, as diffusers prepares it
     check_control       control settings that cannot run, refused in one sentence before the weights load
-    Control             one stage's ControlNets and their images: Control.unet_kwargs(x, t, context, y) at each step
+    Control             one stage's ControlNets and adapters: Control.unet_kwargs(x, t, context, y) at each step
+    with_image_tokens   the IP-Adapters' image tokens appended to each prompt's context (the negative's: the
+                        unconditional image's)
 
 diffusers' StableDiffusionXLControlNetPipeline is the reference (tests/test_controlnet.py): several ControlNets
 add up; each acts on the steps i of the stage with start <= i / n and (i + 1) / n <= end (n: the stage's steps up
@@ -16,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from models.clip_vision import clip_pixels
 from models.t2i_adapter import positions
 from sampling.images import resized
 
@@ -46,12 +50,13 @@ def control_pixels(image, width, height, grey=False):
     return torch.from_numpy(array[..., None] if grey else array).permute(2, 0, 1)[None]
 
 
-def check_control(s, num_controlnets, num_adapters=0):
+def check_control(s, num_controlnets, num_adapters=0, num_ip_adapters=0):
     """ValueError, one sentence with the fix, for control settings that cannot run with `num_controlnets`
-    ControlNets and `num_adapters` T2I-Adapters."""
+    ControlNets, `num_adapters` T2I-Adapters and `num_ip_adapters` IP-Adapters."""
     for what, images, scales, count, flag in [
         ("ControlNet", s.control_images, s.control_scales, num_controlnets, "--control-image per --controlnet"),
         ("T2I-Adapter", s.adapter_images, s.adapter_scales, num_adapters, "--adapter-image per --adapter"),
+        ("IP-Adapter", s.ip_images, s.ip_scales, num_ip_adapters, "--ip-image per --ip-adapter"),
     ]:
         if len(images) != count:
             raise ValueError(f"{count} {what}(s) and {len(images)} image(s) for them: give one {flag}, in the same "
@@ -68,6 +73,8 @@ def check_control(s, num_controlnets, num_adapters=0):
     if not (0 <= s.control_start < s.control_end <= 1):
         raise ValueError(f"--control-start {s.control_start} / --control-end {s.control_end} are not fractions of "
                          "the schedule with 0 <= start < end <= 1; e.g. 0 and 0.6")
+    for image in s.ip_images:
+        read_control_image(image)
     for image in (*s.control_images, *s.adapter_images):
         image = read_control_image(image)
         if s.width and s.height:
@@ -86,8 +93,9 @@ class Control:
     pipeline counts adapter_factor in); uncond_contexts: the negative prompts' context tensors, which mark a pass
     as unconditional under guess mode when CFG runs as two passes (cfg_mode "split")."""
 
-    def __init__(self, controlnets, adapters, unet_config, s, total, stage_steps, num_images, uncond_contexts, device):
-        self.controlnets = controlnets
+    def __init__(self, controlnets, adapters, unet_config, s, total, stage_steps, num_images, uncond_contexts, device,
+                 image_tokens=0):
+        self.controlnets, self.image_tokens = controlnets, image_tokens
         self.hints = [control_pixels(image, s.width, s.height).to(device) for image in s.control_images]
         self.scales = list(s.control_scales) or [1.0] * len(controlnets)
         self.start, self.end, self.total = s.control_start, s.control_end, total
@@ -120,8 +128,8 @@ class Control:
         total = None
         for controlnet, hint, scale in zip(self.controlnets, self.hints, self.scales):
             xr = x[rows, :controlnet.config.in_channels]  # an inpainting UNet's x also holds the mask and image
-            residuals = controlnet(xr, t[rows], context[rows], y[rows], hint.expand(len(xr), -1, -1, -1), scale,
-                                   self.guess_mode)
+            text = context[rows, :context.shape[1] - self.image_tokens]
+            residuals = controlnet(xr, t[rows], text, y[rows], hint.expand(len(xr), -1, -1, -1), scale, self.guess_mode)
             total = residuals if total is None else [a + b for a, b in zip(total, residuals)]
         if rows.start is not None:  # zeros for the unconditional half, as diffusers
             total = [torch.cat([torch.zeros_like(r), r]) for r in total]
@@ -139,3 +147,14 @@ def adapter_features(adapters, names, s, device):
         for name, f in zip(names, maps, strict=True):
             total[name] = total[name] + f * scale if name in total else f * scale
     return total
+
+
+def with_image_tokens(edits, ip_adapters, s, device):
+    """edits (sampling.conditioning.edited_conditioning's (last call, cond, uncond)) with the IP-Adapters' tokens
+    appended to each context: the image's to the prompt's, the unconditional image's to the negative's. ip_adapters:
+    (IPAdapter, its CLIP vision encoder) pairs, one per image of s.ip_images."""
+    tokens = [adapter.tokens(encoder, clip_pixels(read_control_image(image)).to(device))
+              for (adapter, encoder), image in zip(ip_adapters, s.ip_images)]
+    image, uncond_image = (torch.cat([t[i] for t in tokens], dim=1) for i in (0, 1))  # (1, sum of tokens, 2048)
+    append = lambda c, t: (torch.cat([c[0], t.to(c[0]).expand(len(c[0]), -1, -1)], dim=1), c[1])
+    return [(last, append(cond, image), uncond and append(uncond, uncond_image)) for last, cond, uncond in edits]

@@ -31,13 +31,14 @@ from models.conditioning import guidance_embedding
 from models.controlnet import load_controlnet
 from models.embeddings import load_embeddings
 from models.files import DTYPES
+from models.ip_adapter import attached, load_image_prompt
 from models.loading import load, pipeline_options, read_folder_config, resolve
 from models.lora import merge_lora
 from models.sdxl import scheduler_config as models_scheduler_config
 from models.t2i_adapter import load_adapter
 from models.tokenizer import load_tokenizers
 from sampling.conditioning import check_micro_conditioning, check_tokenizers, edited_conditioning, encode_conditioning
-from sampling.control import Control, check_control
+from sampling.control import Control, check_control, with_image_tokens
 from sampling.guidance import guided, output_from_x0, pag_modules, x0_from_output
 from sampling.images import as_image, pixels, upscale_images, upscale_latents
 from sampling.inpainting import inpainting
@@ -87,16 +88,19 @@ class Pipeline:
     kept on the CPU visits only while it runs (see on_device())."""
 
     def __init__(self, model, scheduler_config=None, force_zeros_for_empty_prompt=None, requires_aesthetics_score=None,
-                 tokenizers=None, embeddings=(), controlnets=(), adapters=()):
+                 tokenizers=None, embeddings=(), controlnets=(), adapters=(), ip_adapters=()):
         """force_zeros_for_empty_prompt and requires_aesthetics_score are model_index.json's (None: the official
         folders' choice: zeros without a negative prompt for a base; an aesthetic score where the UNet's vector
         condition has room for one, a refiner's); tokenizers:
         the model's own (None: the bundled ones); embeddings: textual-inversion files (models/embeddings.py);
         controlnets, adapters: ControlNet and T2I-Adapter modules (models/controlnet.py, models/t2i_adapter.py),
-        each given its image by Settings.control_images / .adapter_images."""
+        each given its image by Settings.control_images / .adapter_images; ip_adapters: (IPAdapter, its CLIP vision
+        encoder) pairs (models/ip_adapter.py), each given its image by Settings.ip_images."""
         self.model = model.eval()
         self.controlnets, self.adapters = ([c.to(next(model.unet.parameters()).device).eval() for c in modules]
                                            for modules in (controlnets, adapters))
+        device = next(model.unet.parameters()).device
+        self.ip_adapters = [(adapter.to(device).eval(), encoder.to(device).eval()) for adapter, encoder in ip_adapters]
         zeros, aesthetic = force_zeros_for_empty_prompt, requires_aesthetics_score
         self.force_zeros = (model.text_encoder_1 is not None) if zeros is None else zeros
         self.requires_aesthetics_score = model.config.takes_aesthetic_score if aesthetic is None else aesthetic
@@ -114,12 +118,13 @@ class Pipeline:
 
     @classmethod
     def load(cls, source, dtype="fp32", device="cpu", vae=None, loras=(), config=None, embeddings=(), controlnets=(),
-             adapters=()):
+             adapters=(), ip_adapters=()):
         """A single file, a diffusers folder (its scheduler config, model_index.json settings and tokenizers are
         used) or a Hugging Face repo id; `vae` optionally replaces the model's VAE (a VAE file or diffusers vae/
         folder); `loras`, a list of (file, scale), are merged into the weights in order (models.lora: no cost per
         step); `config`, the architecture of a single file that lacks it (models.loading.load); `embeddings`,
-        textual-inversion files; `controlnets`, `adapters`: ControlNets and T2I-Adapters (files, folders or repo ids)."""
+        textual-inversion files; `controlnets`, `adapters`: ControlNets and T2I-Adapters (files, folders or repo ids);
+        `ip_adapters`: IP-Adapter files, or (file, its image encoder) pairs (None: the one beside it)."""
         path = resolve(source)
         scheduler_config = read_folder_config(path)[1] if path.is_dir() else None
         options = pipeline_options(path) if path.is_dir() else {}
@@ -128,8 +133,9 @@ class Pipeline:
             merge_lora(model, resolve(lora), scale)
         controlnets = [load_controlnet(c, model.config.unet, DTYPES.get(dtype, dtype)) for c in controlnets]
         adapters = [load_adapter(a, model.config.unet, DTYPES.get(dtype, dtype)) for a in adapters]
+        ip_adapters = [load_image_prompt(a, model.unet, DTYPES.get(dtype, dtype)) for a in ip_adapters]
         return cls(model, scheduler_config, tokenizers=load_tokenizers(path) if path.is_dir() else None,
-                   embeddings=embeddings, controlnets=controlnets, adapters=adapters, **options)
+                   embeddings=embeddings, controlnets=controlnets, adapters=adapters, ip_adapters=ip_adapters, **options)
 
     @property
     def device(self):
@@ -209,8 +215,8 @@ class Pipeline:
             s = replace(s, mask=as_image(s.mask))
         check(s, self.model.config, refiner.model.config if refiner is not None else None)
         s = with_output_size(s, self.model.config)
-        if self.controlnets or self.adapters or s.control_images or s.adapter_images:
-            check_control(s, len(self.controlnets), len(self.adapters))
+        if self.controlnets or self.adapters or self.ip_adapters or s.control_images or s.adapter_images or s.ip_images:
+            check_control(s, len(self.controlnets), len(self.adapters), len(self.ip_adapters))
         # Image i draws everything from its own CPU generator seeded seed + i, so it does not depend on the
         # batch size (AUTOMATIC1111's convention; diffusers with a list of generators).
         generators = [torch.Generator().manual_seed(s.seed + i) for i in range(s.num_images)]
@@ -240,13 +246,16 @@ class Pipeline:
         sigmas = schedule.sigmas[start:end + 1]  # (n + 1,) the levels this stage runs through
         calls_per_step = 2 if name in SECOND_ORDER else 1  # prompt editing counts denoiser calls, as A1111
         edits = edited_conditioning(self, s, s.steps * calls_per_step, first_pass_steps and first_pass_steps * calls_per_step)
+        if self.ip_adapters:
+            edits = with_image_tokens(edits, self.ip_adapters, s, self.device)
         B, channels = s.num_images, self.model.config.vae.z_channels
         f = self.model.config.vae.pixels_per_latent  # image pixels per latent pixel, along each side
         shape = (channels, s.height // f, s.width // f)
 
         control = Control(self.controlnets, self.adapters, self.model.config.unet, s, len(schedule.timesteps) - start,
                           end - start, B, [u[0] for _, _, u in edits if u is not None],
-                          self.device) if self.controlnets or self.adapters else None
+                          self.device, sum(a.config.tokens for a, _ in self.ip_adapters)) if self.controlnets or self.adapters \
+            else None
 
         def net(x_in, t, context, y):
             x_in, extra = x_in.to(self.dtype), {} if w is None else {"timestep_cond": w.expand(len(x_in), -1)}
@@ -291,7 +300,9 @@ class Pipeline:
         if name == "lcm" and s.schedule == "default":  # diffusers' LCMScheduler: the consistency boundary condition
             denoise = consistency_boundary(denoise, schedule.timestep)
         # The bar is cleared when done and also on an error or Ctrl-C, so the error line starts a line.
-        with self.on_device("unet"), tqdm(total=end - start, disable=not progress, desc=name, leave=False) as bar:
+        with self.on_device("unet"), attached(self.model.unet, [a for a, _ in self.ip_adapters], s.ip_scales or
+                                              [1.0] * len(self.ip_adapters)), \
+                tqdm(total=end - start, disable=not progress, desc=name, leave=False) as bar:
             kwargs["callback"] = lambda info: (bar.update(1), control and control.after_step(info["i"]),
                                                callback and callback(info))
             x = SAMPLERS[name](denoise, x, sigmas, **kwargs)

@@ -111,6 +111,10 @@ class Settings:
     adapter_images: tuple = ()
     adapter_scales: tuple = ()
     adapter_factor: float = 1.0
+    # IP-Adapters (models/ip_adapter.py): one image (path or PIL image) per IP-Adapter the pipeline holds, read as a
+    # prompt, and its scale (() : 1 each).
+    ip_images: tuple = ()
+    ip_scales: tuple = ()
 
 
 def size_multiple(config):
