@@ -134,6 +134,13 @@ def parse_args(argv):
     p.add_argument("--adapter-image", action="append", metavar="FILE", help="the image of each --adapter, in order")
     p.add_argument("--adapter-factor", type=float,
                    help="the share of the first steps the T2I-Adapters act on (diffusers' adapter_conditioning_factor)")
+    p.add_argument("--ip-adapter", action="append", type=lora_arg, metavar="MODEL[:SCALE]",
+                   help="an SDXL IP-Adapter (h94's .safetensors, base or plus): the --ip-image of the same position "
+                        "as a prompt; repeatable; scale 1.0 by default")
+    p.add_argument("--ip-image", action="append", metavar="FILE", help="the image of each --ip-adapter, in order")
+    p.add_argument("--ip-encoder", metavar="FOLDER_OR_FILE",
+                   help="the CLIP vision encoder of the IP-Adapters (default: the image_encoder h94/IP-Adapter keeps "
+                        "beside the file: ViT-H for _vit-h and plus files, ViT-bigG for ip-adapter_sdxl)")
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt", help="omit for zero negative conditioning; '' encodes the empty prompt")
     p.add_argument("--prompt-2", help="what the second text encoder (bigG) reads (diffusers' prompt_2); default: --prompt")
@@ -207,6 +214,7 @@ class Request:
     loras: list  # (path, scale) pairs
     controlnets: list  # (source, scale) pairs
     adapters: list  # (source, scale) pairs
+    ip_adapters: list  # (source, scale) pairs
     embeddings: list  # --embeddings' files and folders
     interventions: list  # names, as --intervention takes them
     recorded_hash: str | None  # the PNG's Model hash, when the model is the PNG's (to say if it differs)
@@ -242,6 +250,8 @@ def request_from(args):
             args.controlnet = recorded["ControlNets"]
         if not args.adapter and recorded.get("T2I-Adapters"):
             args.adapter = recorded["T2I-Adapters"]
+        if not args.ip_adapter and recorded.get("IP-Adapters"):
+            args.ip_adapter = recorded["IP-Adapters"]
         embeddings = embeddings or recorded.get("Embeddings")
         try:
             for name in interventions or []:
@@ -273,13 +283,14 @@ def request_from(args):
                  control_start=args.control_start, control_end=args.control_end, guess_mode=args.guess_mode,
                  adapter_images=tuple(args.adapter_image) if args.adapter_image else None,
                  adapter_scales=tuple(scale for _, scale in args.adapter) if args.adapter else None,
-                 adapter_factor=args.adapter_factor)
+                 adapter_factor=args.adapter_factor, ip_images=tuple(args.ip_image) if args.ip_image else None,
+                 ip_scales=tuple(scale for _, scale in args.ip_adapter) if args.ip_adapter else None)
     settings = replace(settings, **{k: v for k, v in flags.items() if v is not None})
     if settings.seed == -1:
         settings = replace(settings, seed=secrets.randbelow(2**32))  # A1111's -1; the PNG records the seed drawn
     recorded_hash = recorded.get("Model hash") if model == recorded.get("Model") else None
     return Request(settings, model or DEFAULT_MODEL, vae, refiner, loras or [], args.controlnet or [], args.adapter or [],
-                   embeddings or [], interventions or [],
+                   args.ip_adapter or [], embeddings or [], interventions or [],
                    recorded_hash)
 
 
@@ -335,10 +346,12 @@ def check_settings(s):
         w, h = images["--init-image"].size
         if (s.width is None and w < 8) or (s.height is None and h < 8):
             raise ValueError(f"--init-image is {w}x{h}; give an image of at least 8x8 pixels, or --width and --height")
-    for flag, paths in [("--control-image", s.control_images), ("--adapter-image", s.adapter_images)]:
+    for flag, paths in [("--control-image", s.control_images), ("--adapter-image", s.adapter_images),
+                        ("--ip-image", s.ip_images)]:
         for path in paths:
             if not Path(path).is_file():
                 raise ValueError(f"{flag} {path} does not exist; give the path of an image file")
     return replace(s, init_image=images.get("--init-image", s.init_image), mask=images.get("--mask", s.mask),
                    control_images=tuple(read_control_image(path) for path in s.control_images),
-                   adapter_images=tuple(read_control_image(path) for path in s.adapter_images))
+                   adapter_images=tuple(read_control_image(path) for path in s.adapter_images),
+                   ip_images=tuple(read_control_image(path) for path in s.ip_images))

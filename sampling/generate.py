@@ -6,6 +6,7 @@
         [--refiner-config FOLDER_OR_CONFIG_JSON]
         [--lora FILE[:SCALE] ...] [--controlnet MODEL[:SCALE] --control-image IMG ... [--control-start F]
         [--control-end F] [--guess-mode]] [--adapter MODEL[:SCALE] --adapter-image IMG ... [--adapter-factor F]]
+        [--ip-adapter MODEL[:SCALE] --ip-image IMG ... [--ip-encoder FOLDER_OR_FILE]]
         [--no-prompt-weights] [--save-attention DIR] [--intervention NAME ...] [--tap PATTERN ... --tap-out FILE]
         --out DIR
       [--refiner R --refiner-start F [--aesthetic-score A] [--negative-aesthetic-score NA]]
@@ -42,6 +43,7 @@ from sampling.preflight import (
     check_embeddings,
     check_fits,
     check_instruments,
+    check_ip_adapter,
     check_loras,
     check_steps,
 )
@@ -175,16 +177,17 @@ def prepare(args):
     check_loras(info, loras)
     controlnets = [check_controlnet(info, source) for source, _ in request.controlnets]
     adapters = [check_adapter(info, source) for source, _ in request.adapters]
+    ip_adapters = [check_ip_adapter(info, source, args.ip_encoder) for source, _ in request.ip_adapters]
     embeddings = check_embeddings(info, refiner_info, request.embeddings, settings)
     opened = with_output_size(opened, info.config)
     settings = replace(settings, width=opened.width, height=opened.height)
-    check_control(opened, len(controlnets), len(adapters))
+    check_control(opened, len(controlnets), len(adapters), len(ip_adapters))
     check_steps(info, refiner_info, opened)
     check_fits(info, opened, args.dtype, device, refiner_info, args.offload)
     check_instruments(info, request.interventions, args.tap, args.tap_out, opened)
     try:
         pipe, refiner_pipe = load_pipelines(args, info, refiner_info, vae, loras, embeddings, device, controlnets,
-                                            adapters)
+                                            adapters, ip_adapters)
     except (MemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
@@ -200,18 +203,19 @@ def prepare(args):
     parameters = lambda seed: format_parameters(
         settings, seed, model, model_hash=model_file_hash, vae=vae, refiner=refiner, refiner_hash=refiner_hash,
         loras=lora_records, interventions=request.interventions, embeddings=embedding_records,
-        controlnets=request.controlnets, adapters=request.adapters)
+        controlnets=request.controlnets, adapters=request.adapters, ip_adapters=request.ip_adapters)
     return Job(settings, opened, pipe, refiner_pipe, device, attention_dir, request.interventions, parameters, model,
                model_file_hash, request.recorded_hash)
 
 
-def load_pipelines(args, info, refiner_info, vae, loras, embeddings, device, controlnets=(), adapters=()):
+def load_pipelines(args, info, refiner_info, vae, loras, embeddings, device, controlnets=(), adapters=(),
+                   ip_adapters=()):
     """The model's Pipeline and the refiner's (or None), set to run as the flags ask."""
     from sampling.pipeline import Pipeline
 
     home = "cpu" if args.offload else device  # with --offload the weights stay on the CPU between uses
     pipe = Pipeline.load(info.path, dtype=args.dtype, device=home, vae=vae, loras=loras, config=args.config,
-                         embeddings=embeddings, controlnets=controlnets, adapters=adapters)
+                         embeddings=embeddings, controlnets=controlnets, adapters=adapters, ip_adapters=ip_adapters)
     # --vae replaces both stages' VAE: the refiner decodes, and the PNG records one VAE.
     refiner_pipe = (Pipeline.load(refiner_info.path, dtype=args.dtype, device=home, vae=vae, config=args.refiner_config,
                                   embeddings=embeddings) if refiner_info else None)

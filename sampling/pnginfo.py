@@ -75,14 +75,15 @@ def _guidance_fields(s):
 
 
 def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, refiner=None, refiner_hash=None,
-                      loras=(), interventions=(), embeddings=(), controlnets=(), adapters=()):
+                      loras=(), interventions=(), embeddings=(), controlnets=(), adapters=(), ip_adapters=()):
     """`loras`: (path, scale, A1111 hash) of each LoRA merged into the model, written as A1111's `Lora hashes`
     (name: hash) and our `Loras` (the paths and scales, JSON, for --from-png); `interventions`: the names
     sampling.generate --intervention took, as our `Interventions` (JSON); `embeddings`: (name, path, A1111
     hash) of each embedding the prompts use, as A1111's `TI hashes` and our `Embeddings` (paths, JSON);
     `controlnets`: (source, scale) of each ControlNet, as A1111's `ControlNet N` (its extension's fields) and our
     `ControlNets` ([source, scale, control image] JSON, with `Control start`, `Control end`, `Guess mode`);
-    `adapters`: (source, scale) of each T2I-Adapter, as our `T2I-Adapters` (the same JSON) and `Adapter factor`."""
+    `adapters`, `ip_adapters`: (source, scale) of each T2I-Adapter and IP-Adapter, as our `T2I-Adapters` (the same
+    JSON) with `Adapter factor`, and `IP-Adapters`."""
     lines = [s.prompt]
     if s.negative_prompt is not None:  # absent line = no negative prompt (zero conditioning)
         lines.append(f"{NEGATIVE} {s.negative_prompt}")
@@ -116,6 +117,9 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, 
         fields["T2I-Adapters"] = json.dumps([[str(a), scale, str(image)] for (a, scale), image
                                              in zip(adapters, s.adapter_images)])
         fields["Adapter factor"] = s.adapter_factor
+    if ip_adapters:
+        fields["IP-Adapters"] = json.dumps([[str(a), scale, str(image)] for (a, scale), image
+                                            in zip(ip_adapters, s.ip_images)])
     for key, name in [("prompt_2", "Prompt 2"), ("negative_prompt_2", "Negative prompt 2")]:  # ours: diffusers'
         if getattr(s, key) is not None:
             fields[name] = getattr(s, key)
@@ -303,6 +307,13 @@ def parse_parameters(text):
             raise ValueError("its 'T2I-Adapters:' value is not a list of [model, scale, image]") from None
         settings = replace(settings, adapter_images=images, adapter_scales=tuple(s for _, s in recorded["T2I-Adapters"]),
                            adapter_factor=_numbers(fields, "Adapter factor", 1, None, float, 1.0))
+    if "IP-Adapters" in fields:
+        try:
+            recorded["IP-Adapters"] = [(str(a), float(scale)) for a, scale, _ in json.loads(fields["IP-Adapters"])]
+            images = tuple(str(image) for _, _, image in json.loads(fields["IP-Adapters"]))
+        except (ValueError, TypeError):
+            raise ValueError("its 'IP-Adapters:' value is not a list of [model, scale, image]") from None
+        settings = replace(settings, ip_images=images, ip_scales=tuple(s for _, s in recorded["IP-Adapters"]))
     if "Refiner" in fields:  # "name [hash]", as A1111 writes it; the name alone without a hash
         recorded["Refiner"] = re.sub(r" \[[0-9a-f]{10}\]$", "", str(fields["Refiner"]))
     return settings, recorded

@@ -70,6 +70,20 @@ def check_adapter(info, source):
     return inspect_adapter(source, info.config.unet)[0]
 
 
+def check_ip_adapter(info, source, encoder=None):
+    """A --ip-adapter's header against the model's cross-attentions (built on the meta device), and its image
+    encoder's (--ip-encoder, or the one beside it) -> (the adapter's path, the encoder's path)."""
+    import torch
+
+    from models.ip_adapter import image_encoder_for, inspect_ip_adapter
+    from models.unet import UNet
+
+    with torch.device("meta"):
+        unet = UNet(info.config.unet)
+    path, cfg = inspect_ip_adapter(source, unet)
+    return path, image_encoder_for(source, cfg, encoder)
+
+
 def check_instruments(info, interventions, taps, tap_out, settings):
     """--intervention's, --tap's and --pag-layers' patterns against the model's module names (built on the meta
     device, no weights), and --tap-out, before the load: ValueError naming what to fix."""
