@@ -33,6 +33,7 @@ class Example:
     crop_top_left: tuple  # (top, left) of the crop in the resized (and flipped) image
     target_size: tuple  # (H, W): the bucket
     mask: torch.Tensor | None = None  # (1, H, W) in [0, 1], cropped and flipped with the pixels (masked_loss)
+    control: torch.Tensor | None = None  # (3, H, W) in [0, 1]: the control map, likewise (task="controlnet")
 
 
 class ImageFolder:
@@ -83,12 +84,14 @@ class ImageFolder:
         part.placements = None
         return part
 
-    def example(self, index, center_crop, random_flip, generator, masks=False):
+    def example(self, index, center_crop, random_flip, generator, masks=False, controls=None):
         """Resize to the image's placement (covering its bucket), flip (p = 0.5), crop the bucket (centred, or at
         random); SDXL's size conditions as its paper defines them: the file's size, the crop's top-left in the
-        resized image, the bucket. masks: False for none, else the image's mask (mask_of; a folder or None),
-        resized, flipped and cropped as the pixels are."""
+        resized image, the bucket. masks: False for none, else the image's mask (mask_of; a folder or None);
+        controls: None, or the folder of the images' control maps (control_of); each resized, flipped and cropped
+        as the pixels are."""
         layers = [open_rgb(self.paths[index])] + ([self.mask_of(index, masks)] if masks is not False else [])
+        layers += [self.control_of(index, controls)] if controls is not None else []
         original_size = (layers[0].height, layers[0].width)
         (width, height), resized = self.placements[index].bucket, self.placements[index].resized
         layers = [layer.resize(resized, Image.BICUBIC) for layer in layers]  # covering the bucket (a copy if same size)
@@ -103,8 +106,9 @@ class ImageFolder:
             left = int(left_u * (resized[0] - width + 1))
         layers = [np.asarray(layer.crop((left, top, left + width, top + height)), dtype=np.float32) for layer in layers]
         pixels = torch.from_numpy(layers[0]).permute(2, 0, 1) / 127.5 - 1  # (3, H, W)
-        mask = torch.from_numpy(layers[1])[None] / 255 if len(layers) > 1 else None  # (1, H, W)
-        return Example(pixels, self.prompts[index], original_size, (top, left), (height, width), mask)
+        mask = torch.from_numpy(layers[1])[None] / 255 if masks is not False else None  # (1, H, W)
+        control = torch.from_numpy(layers[-1]).permute(2, 0, 1) / 255 if controls is not None else None  # (3, H, W)
+        return Example(pixels, self.prompts[index], original_size, (top, left), (height, width), mask, control)
 
     def mask_of(self, index, folder=None):
         """An image's loss mask as a grayscale image of its size (white = full weight): the image of the same name
@@ -122,6 +126,21 @@ class ImageFolder:
             if "A" in image.getbands() or "transparency" in image.info:
                 return image.convert("RGBA").getchannel("A")
             return Image.new("L", image.size, 255)
+
+    def control_of(self, index, folder):
+        """An image's control map (task="controlnet"): the RGB image of the same name in `folder` (any image
+        suffix), of the image's size; DataError if there is none."""
+        path = self.paths[index]
+        for candidate in (Path(folder) / (path.stem + suffix) for suffix in IMAGE_SUFFIXES):
+            if candidate.is_file():
+                control = open_rgb(candidate)
+                if control.size != self.sizes[index]:
+                    raise DataError(f"control map {candidate} is {control.width}x{control.height} but {path} is "
+                                    f"{self.sizes[index][0]}x{self.sizes[index][1]}; give control maps of their "
+                                    "images' sizes")
+                return control
+        raise DataError(f"{path} has no control map in {folder} (an image named {path.stem}.png or .jpg ...); make "
+                        "one, e.g. python -m sampling.preprocess canny")
 
 
 def image_paths(folder):

@@ -57,6 +57,7 @@ class Batch:
     text_kept: torch.Tensor  # (n,) 0 where caption dropout drops the caption, else 1
     huber_c: torch.Tensor | None = None  # (n,) the pseudo-Huber c of each sample (loss_type huber, smooth_l1)
     mask: torch.Tensor | None = None  # (n, 1, H/8, W/8) the loss's weights (masked_loss)
+    control: torch.Tensor | None = None  # (n, 3, H, W) in [0, 1]: the control maps (task="controlnet")
 
 
 def instance_images(config):
@@ -77,7 +78,7 @@ def training_data(config, model, process):
     data = {"instance": instance_images(config)}
     data["instance"], held = held_out(config, data["instance"])  # the validation loss's images, never trained on
     set_placements(config, [data["instance"]])
-    if config.dataset_config and config.prior_loss_weight > 0:  # dataset_config's regularisation subsets, never made
+    if config.dataset_config and config.prior_loss_weight > 0 and config.task == "dreambooth":  # its is_reg subsets
         data["class"] = ImageFolder.from_subsets([s for s in config.subsets() if s.is_reg])
     elif config.prior_loss_weight > 0 and config.task == "dreambooth":
         todo = missing_class_images(config.class_data_dir, config.num_class_images)  # same list on every rank
@@ -179,8 +180,8 @@ def make_batch(config, data, model, tokenizers, alpha_bars, step, first, device,
             mean, logvar = (torch.stack([getattr(folder, a)[i] for folder, i in chosen]) for a in ("mean", "logvar"))
             numbers = torch.stack([folder.numbers[i] for folder, i in chosen])
         else:
-            examples = [folder.example(i, rule.center_crop, rule.flip, g, config.mask_dir if config.masked_loss else False)
-                        for (folder, i), rule, g in zip(chosen, rules, gens(0))]
+            examples = [folder.example(i, rule.center_crop, rule.flip, g, config.mask_dir if config.masked_loss else False,
+                                       config.control_dir) for (folder, i), rule, g in zip(chosen, rules, gens(0))]
             mean, logvar = model.vae.encode(torch.stack([e.pixels for e in examples]).to(device))  # (n, z, h, w)
             numbers = torch.tensor([[*e.original_size, *e.crop_top_left, *e.target_size] for e in examples],
                                    dtype=torch.float32, device=device)
@@ -209,7 +210,8 @@ def make_batch(config, data, model, tokenizers, alpha_bars, step, first, device,
         text = tuple(torch.stack(part).to(device) for part in zip(*(texts[p] for p in prompts)))  # context, pooled
     else:
         text = tokenize(tokenizers[0], prompts).to(device), tokenize(tokenizers[1], prompts).to(device)
-    return Batch(text, numbers, noisy, t.float(), target, weight, text_kept, huber_c, mask)
+    control = torch.stack([e.control for e in examples]).to(device) if config.control_dir else None
+    return Batch(text, numbers, noisy, t.float(), target, weight, text_kept, huber_c, mask, control)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from train.config import save_config
 from train.optim import gathered, sharded_like
 
 RUN_FILES = ("config.json", "log.jsonl", "checkpoints", "model.safetensors", "lora.safetensors", "model-ema.safetensors",
-             "lora-ema.safetensors", "tensorboard", "validation")
+             "lora-ema.safetensors", "controlnet", "controlnet-ema", "tensorboard", "validation")
 
 
 def _rng_state(device):

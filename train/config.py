@@ -15,6 +15,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from data.buckets import BUCKET_FIELDS, bucket_problem
 from models.adapters import KOHYA_TARGETS, LORA_TYPES
 from models.files import atomic_file, read_config_file
+from train.controlnet import controlnet_problem
 from train.optim import optimizer_problem
 
 
@@ -135,6 +136,10 @@ class TrainConfig:
     device: str | None = None  # None: cuda if available, else cpu
     task: str = "dreambooth"  # "vae": train the VAE alone on the instance images (reconstruction + kl_weight * KL)
     kl_weight: float = 1e-6  # task="vae": weight of the KL term
+    # task="controlnet" (train/controlnet.py): a ControlNet learns to follow control_dir's control maps (each the
+    # image of an instance image's name) beside the frozen model; it starts from the UNet's encoder, or `controlnet`.
+    control_dir: str | None = None
+    controlnet: str | None = None
 
     # ---- LoRA
     # 0 trains the chosen weights themselves; more adds LoRA adapters of this rank to them instead (the base
@@ -176,7 +181,7 @@ class TrainConfig:
     def __post_init__(self):
         subsets = self.apply_dataset_config()
         choices = {"lr_schedule": ("constant", "linear", "cosine"), "mixed_precision": ("no", "fp16", "bf16"),
-                   "task": ("dreambooth", "vae"), "lora_type": LORA_TYPES, "loss_type": ("l2", "huber", "smooth_l1"),
+                   "task": ("dreambooth", "vae", "controlnet"), "lora_type": LORA_TYPES, "loss_type": ("l2", "huber", "smooth_l1"),
                    "huber_schedule": ("constant", "exponential", "snr"), "ema_export": ("beside", "model"),
                    "export_dtype": ("fp16", "bf16", "fp32"), "base_dtype": ("fp32", "bf16", "fp16"),
                    "optimizer": ("adamw", "adafactor"), "master_dtype": ("fp32", "bf16"), "parallel": ("ddp", "zero", "fsdp")}
@@ -217,7 +222,7 @@ class TrainConfig:
         rules = subsets or [self]  # what decides flips, crops and caption changes: the subsets, or these fields
         flips = any(r.flip_aug if subsets else r.random_flip for r in rules)
         random_crops = any(r.random_crop if subsets else not r.center_crop for r in rules)
-        if self.cache_latents and (flips or random_crops or self.task == "vae"):
+        if self.cache_latents and (flips or random_crops or self.task != "dreambooth"):
             raise ConfigError("cache_latents needs center_crop=True and random_flip=False (in a dataset_config: no "
                               "flip_aug or random_crop), so that the pixels never change between steps, and the "
                               "dreambooth task")
@@ -239,12 +244,15 @@ class TrainConfig:
             raise ConfigError("mask_dir needs masked_loss=True, and masked_loss works without cache_latents here")
         if self.loraplus_lr_ratio is not None and not (self.lora_rank and self.loraplus_lr_ratio > 0):
             raise ConfigError("loraplus_lr_ratio is for LoRA runs (lora_rank), a number more than 0 (e.g. 16)")
-        if (self.validation_split or self.validation_dir) and (self.task == "vae" or
+        if (self.validation_split or self.validation_dir) and (self.task != "dreambooth" or
                                                                (self.validation_split and self.validation_dir)):
             raise ConfigError("give validation_split or validation_dir, not both, and only for the dreambooth task")
         self.check_lora()
-        if problem := optimizer_problem(self):  # (train/optim.py's fields, checked beside them)
-            raise ConfigError(problem)
+        if self.task == "controlnet" and self.train == default("train"):
+            self.train = ["controlnet"]  # the task's default: the whole ControlNet
+        for problem in (optimizer_problem(self), controlnet_problem(self)):  # checked beside their fields' use
+            if problem:
+                raise ConfigError(problem)
 
     def dataset(self):
         """dataset_config, read (data.kohya_config.DatasetConfig), or None without one."""

@@ -46,6 +46,7 @@ from sampling.schedule import alphas_cumprod
 from train.batches import encode_captions, encode_images, make_batch, make_vae_batch, training_data
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.config import ConfigError, load_config
+from train.controlnet import attach_controlnet
 from train.ema import make_ema
 from train.export import export
 from train.log import divergence, log_step, start_run
@@ -154,6 +155,8 @@ def load_frozen(config, process):
         for part in filter(None, (model.unet, model.text_encoder_1, model.text_encoder_2)):
             part.to(DTYPES[weights_dtype])  # the VAE stays float32: SDXL's overflows in fp16
         model.to(process.device)
+    if config.task == "controlnet":
+        attach_controlnet(model, config)  # (train/controlnet.py)
     model.requires_grad_(False)
     data = training_data(config, model, process)
     if config.v_parameterization:  # after the class images, which the model makes as it is
@@ -190,7 +193,8 @@ def make_trainable(config, model, process, fsdp):
         named = trainable_parameters(model, config.train, config.task)
     model.unet.gradient_checkpointing = config.gradient_checkpointing
     step_module = (VAEStep(model.vae, config.kl_weight) if config.task == "vae"
-                   else TrainStep(model, adapters, config.cache_text_embeddings, config.loss_type)).train()
+                   else TrainStep(model, adapters, config.cache_text_embeddings, config.loss_type,
+                                  getattr(model, "controlnet", None))).train()
     # Every parameter that requires grad is used in forward (trainable_parameters sees to it, and add_adapters
     # only hooks modules whose weights it picks), so DDP needs no find_unused_parameters and all-reduces
     # exactly the trainable gradients. gradient_as_bucket_view: gradients live in DDP's all-reduce buckets

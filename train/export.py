@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from data.dreambooth import sample_generator
 from models.adapters import kohya_metadata, save_adapters
@@ -22,6 +23,7 @@ from models.loading import load, save_single_file
 from models.lora import merge_lora
 from sampling.pipeline import NonFiniteError, Pipeline, Settings
 from train.batches import LATENT, encode_images
+from train.controlnet import export_controlnet, validation_pair
 
 
 def validate(model, config, step, out, writer, device):
@@ -29,12 +31,15 @@ def validate(model, config, step, out, writer, device):
     another process of an FSDP run, which takes part in the generation and writes nothing). Parts parked on the
     CPU (cache_latents, cache_text_embeddings) visit the device while they run, as with --offload."""
     model.eval()
-    pipe = Pipeline(model)
+    controlnet = getattr(model, "controlnet", None)  # task="controlnet": its image follows the first control map
+    pipe = Pipeline(model, controlnets=[controlnet] if controlnet is not None else ())
     pipe.offload = device
+    pair = validation_pair(config) if controlnet is not None else None
     try:
         image = pipe(Settings(prompt=config.validation_prompt, width=config.size[0],
                                          height=config.size[1], steps=config.class_steps, cfg=config.class_cfg,
-                                         sampler=config.class_sampler, seed=config.seed), progress=False)[0]
+                                         sampler=config.class_sampler, seed=config.seed,
+                                         control_images=pair[:1] if pair else ()), progress=False)[0]
     except NonFiniteError as e:  # training goes on; the loss check stops it if the weights themselves diverged
         print(f"note: no validation image at step {step}: {e}", file=sys.stderr)
         return
@@ -42,6 +47,8 @@ def validate(model, config, step, out, writer, device):
         model.train()
     if writer is None:
         return
+    if pair is not None:  # control map | its image | the output
+        image = Image.fromarray(np.concatenate([np.asarray(pair[0]), np.asarray(pair[1]), np.asarray(image)], axis=1))
     (out / "validation").mkdir(exist_ok=True)
     image.save(out / "validation" / f"step-{step:06d}.png")
     writer.add_image("validation", np.asarray(image), step, dataformats="HWC")
@@ -55,7 +62,9 @@ def export(model, adapters, config, out, data, device, ema=None):
     kinds = [("", False)] if ema is None else [("", True)] if config.ema_export == "model" else [("", False), ("-ema", True)]
     for suffix, averaged in kinds:
         with ema.swapped() if averaged else nullcontext():
-            if adapters is None:
+            if config.task == "controlnet":
+                export_controlnet(model, config, out, suffix)
+            elif adapters is None:
                 save_single_file(model, out / f"model{suffix}.safetensors", dtype=config.export_dtype, overwrite=True)
                 print(f"wrote {out / f'model{suffix}.safetensors'}" + (" (the EMA weights)" if averaged else ""))
             else:

@@ -19,20 +19,24 @@ class TrainStep(nn.Module):
     inside the modules they change. With cached_text (cache_text_embeddings) the encoders ran once before
     training and are not part of the step."""
 
-    def __init__(self, model, adapters=None, cached_text=False, loss_type="l2"):
+    def __init__(self, model, adapters=None, cached_text=False, loss_type="l2", controlnet=None):
         super().__init__()
         self.unet, self.lora, self.cached_text, self.loss_type = model.unet, adapters, cached_text, loss_type
+        self.controlnet = controlnet  # task="controlnet": the trainee, whose residuals the frozen UNet adds
         if not cached_text:
             self.text_encoder_1, self.text_encoder_2 = model.text_encoder_1, model.text_encoder_2
         self.micro_cond_dim = model.config.unet.micro_cond_dim
 
-    def forward(self, text, numbers, noisy, t, target, weight, text_kept, huber_c=None, mask=None):
+    def forward(self, text, numbers, noisy, t, target, weight, text_kept, huber_c=None, mask=None, control=None):
         """text: token ids (N, 77) from each tokenizer; with cached_text, the encoders' outputs for them; huber_c
-        (N,) for the pseudo-Huber losses; mask (N, 1, h, w) weights the loss per latent pixel (masked_loss)."""
+        (N,) for the pseudo-Huber losses; mask (N, 1, h, w) weights the loss per latent pixel (masked_loss);
+        control (N, 3, H, W) the ControlNet's control maps."""
         context, pooled = text if self.cached_text else encode_text(self.text_encoder_1, self.text_encoder_2, *text)
         # Caption dropout zeroes the text conditioning, as the pipeline's zero negative does at inference.
         context, pooled = context * text_kept[:, None, None], pooled * text_kept[:, None]
-        prediction = self.unet(noisy, t, context, vector_condition(pooled, numbers, self.micro_cond_dim))
+        y = vector_condition(pooled, numbers, self.micro_cond_dim)
+        residuals = self.controlnet(noisy, t, context, y, control) if self.controlnet is not None else None
+        prediction = self.unet(noisy, t, context, y, control=residuals)
         loss = elementwise_loss(prediction.float() - target.float(), self.loss_type, huber_c)  # (N, C, h, w)
         if mask is not None:  # not divided by the mask's area, as kohya's apply_masked_loss
             loss = loss * mask

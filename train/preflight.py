@@ -22,12 +22,13 @@ from sampling.settings import size_multiple
 from train.batches import instance_images, set_placements
 from train.checkpoint import RUN_FILES, find_checkpoint, read_meta
 from train.config import ConfigError, default
+from train.controlnet import check_control_maps, meta_controlnet
 
 
 def trainable_parameters(model, patterns, task="dreambooth"):
     """(name, parameter) pairs that train: names matching a pattern ("unet" = everything under unet.;
     wildcards as in fnmatch, e.g. "unet.*attn2*"). The VAE trains only in the "vae" task (and then
-    alone). CLIP-L's last layer and final LayerNorm never do: SDXL reads CLIP-L's penultimate layer,
+    alone), the ControlNet in the "controlnet" task (and then alone). CLIP-L's last layer and final LayerNorm never do: SDXL reads CLIP-L's penultimate layer,
     so they get no gradient (and DDP would wait for one forever)."""
     te1 = model.text_encoder_1
     unused = set()
@@ -35,9 +36,10 @@ def trainable_parameters(model, patterns, task="dreambooth"):
         last = len(te1.text_model.encoder.layers) - 1
         unused = {n for n, _ in model.named_parameters()
                   if n.startswith((f"text_encoder_1.text_model.encoder.layers.{last}.", "text_encoder_1.text_model.final"))}
+    group = {"vae": "vae.", "controlnet": "controlnet."}  # tasks that train one part alone
     chosen = [(n, p) for n, p in model.named_parameters()
-              if any(matches(n, pat) for pat in patterns) and n.startswith("vae.") == (task == "vae")
-              and n not in unused]
+              if any(matches(n, pat) for pat in patterns) and n not in unused
+              and all(n.startswith(prefix) == (task == t) for t, prefix in group.items())]
     if not chosen:
         where = "vae." if task == "vae" else "unet., text_encoder_1., text_encoder_2. (e.g. ['unet'] or ['unet.*attn2*'])"
         raise ConfigError(f"train={patterns} matches no parameter of the {task} task; use names under {where}")
@@ -68,6 +70,8 @@ def preflight(config):
     check_folder(out, "output_dir")  # FILE/run too: nothing is written before every output path is known good
     check_folder(config.class_data_dir, "class_data_dir")
     images = instance_images(config)  # every image decoded
+    if config.task == "controlnet":
+        check_control_maps(images, config)  # and each one's control map
     set_placements(config, [images])  # with buckets: each image placeable
     if config.enable_bucket and config.prior_loss_weight > 0 and config.task == "dreambooth" and not config.dataset_config:
         try:  # enough class images for every bucket
@@ -97,6 +101,8 @@ def preflight(config):
             raise ConfigError(f"class_sampler={config.class_sampler!r}, class_steps={config.class_steps}: {e}") from None
     with torch.device("meta"):  # weightless: train= and lora_targets are checked before anything loads
         meta = SDXL(info.config)
+        if config.task == "controlnet":
+            meta.controlnet = meta_controlnet(config, info.config.unet)  # (config.controlnet's header checked)
         trained = [name for name, _ in trainable_parameters(meta, config.train, config.task)]
         if config.cache_text_embeddings and any(name.startswith("text_encoder") for name in trained):
             raise ConfigError(f"cache_text_embeddings needs frozen text encoders, but train={config.train} trains "
@@ -123,7 +129,7 @@ def preflight(config):
                           + "; pass --resume=latest to continue it, --overwrite=True to replace it, or another --output_dir")
     if config.overwrite and previous:  # what overwrite would remove must not be what this run reads
         inputs = [info.path, Path(config.instance_data_dir), Path(config.class_data_dir)] + \
-            ([Path(config.model_config)] if config.model_config else [])
+            [Path(p) for p in (config.model_config, config.control_dir, config.controlnet) if p]
         for name in previous:
             for used in inputs:
                 if used.resolve().is_relative_to((out / name).resolve()):
