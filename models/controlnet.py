@@ -95,10 +95,10 @@ class ControlNet(Encoder):
         return [r.mean(dim=(2, 3), keepdim=True) for r in residuals] if global_pool else residuals
 
 
-def controlnet_from_unet(unet, hint_channels=3):
+def controlnet_from_unet(unet, hint_channels=3, embedding_channels=(16, 32, 96, 256)):
     """A new ControlNet for `unet` (models.unet.UNet): its encoder copied, the hint encoder freshly initialised,
     every zero conv at zero, so that at first it adds nothing (the start of ControlNet training)."""
-    cfg = ControlNetConfig(replace(unet.config, time_cond_proj_dim=None), hint_channels=hint_channels)
+    cfg = ControlNetConfig(replace(unet.config, time_cond_proj_dim=None), hint_channels, tuple(embedding_channels))
     controlnet = ControlNet(cfg).to(next(unet.parameters()).dtype)
     encoder = {n: t for n, t in unet.state_dict().items() if n.startswith(("time_embed.", "label_emb.", "input_blocks.",
                                                                           "middle_block."))}
@@ -197,22 +197,69 @@ def inspect_controlnet(source, unet: UNetConfig):
     stored, folder_config = stored_shapes(path)
     names = {file: official_names(list(shapes)) for file, shapes in stored.items()}
     shapes = {official: stored[file][name] for file in stored for official, name in names[file].items()}
+    if CONTROL_LORA in shapes:
+        return path, control_lora_config(shapes, unet, path), names
     return path, controlnet_config(shapes, unet, path, folder_config), names
 
 
-def load_controlnet(source, unet: UNetConfig, dtype=None):
-    """inspect_controlnet's ControlNet with its weights (cast to dtype), on the CPU."""
-    path, cfg, names = inspect_controlnet(source, unet)
-    with torch.device("meta"):
-        model = ControlNet(cfg)
+def load_controlnet(source, unet, dtype=None):
+    """inspect_controlnet's ControlNet with its weights (cast to dtype), on the CPU. unet: the UNet it steers
+    (models.unet.UNet), or its UNetConfig; a control-LoRA needs the UNet itself, whose weights it changes."""
+    path, cfg, names = inspect_controlnet(source, unet if isinstance(unet, UNetConfig) else unet.config)
     tensors = {}
     for file, official in names.items():
         stored = {name: t for name, t in read_tensors(file, list(official.values()), dtype)}
         tensors |= {o: stored[name] for o, name in official.items()}
+    if CONTROL_LORA in tensors:
+        if isinstance(unet, UNetConfig):
+            raise LoadError(f"{path} is a control-LoRA, which changes the base UNet's weights; load it with the model "
+                            "(--controlnet, or Pipeline.load(controlnets=...)).")
+        return merged_control_lora(unet, cfg, tensors, path).to(dtype or next(unet.parameters()).dtype).eval()
+    with torch.device("meta"):
+        model = ControlNet(cfg)
     check_tensors({n: t.shape for n, t in tensors.items()}, {n: t.shape for n, t in model.state_dict().items()},
                   f"{path} (a ControlNet)")
     assign(model, tensors, path)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- control-LoRA
+
+CONTROL_LORA = "lora_controlnet"  # the marker tensor of Stability's control-LoRA files
+
+
+def control_lora_config(shapes, unet: UNetConfig, where):
+    """A control-LoRA (stabilityai/control-lora) stores a ControlNet as its difference from the base UNet: rank-r
+    factors `X.up` (out, r[, 1, 1]) and `X.down` (r, in[, kh, kw]) for the base's weights, whole tensors for the
+    biases, norms and the ControlNet's own layers. Its architecture is the base UNet's encoder."""
+    cfg = ControlNetConfig(replace(unet, time_cond_proj_dim=None), *hint_shape(shapes))
+    with torch.device("meta"):
+        expected = {n: tuple(t.shape) for n, t in ControlNet(cfg).state_dict().items()}
+    for name, shape in shapes.items():
+        base, _, factor = name.rpartition(".")
+        weight = expected.get(base + ".weight") if factor in ("up", "down") else expected.get(name, shape)
+        if name != CONTROL_LORA and (weight is None or (factor == "up" and shape[0] != weight[0]) or
+                                     (factor == "down" and tuple(shape[1:]) != tuple(weight[1:])) or
+                                     (factor not in ("up", "down") and tuple(shape) != weight)):
+            raise LoadError(f"{where} is a control-LoRA for another UNet ({name} {list(shape)} does not fit this "
+                            "model's); use the control-LoRA made for this model family (SDXL base).")
+    return cfg
+
+
+def merged_control_lora(unet, cfg, tensors, where):
+    """The ControlNet a control-LoRA describes on `unet`: its encoder copied, W + up @ down for each factored
+    weight (in float32), the whole tensors as they are."""
+    model = controlnet_from_unet(unet, cfg.hint_channels, cfg.embedding_channels).float()
+    weights = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            base, _, factor = name.rpartition(".")
+            if factor == "up":
+                w = weights[base + ".weight"]
+                w += (t.float().flatten(1) @ tensors[base + ".down"].float().flatten(1)).reshape(w.shape)
+            elif factor != "down" and name != CONTROL_LORA:
+                weights[name].copy_(t.float())
+    return model
 
 
 def controlnet_to_diffusers(model: ControlNet):

@@ -184,7 +184,7 @@ def prepare(args):
     check_control(opened, len(controlnets), len(adapters), len(ip_adapters))
     check_steps(info, refiner_info, opened)
     check_fits(info, opened, args.dtype, device, refiner_info, args.offload)
-    check_instruments(info, request.interventions, args.tap, args.tap_out, opened)
+    check_instruments(info, request.interventions, args.tap, args.tap_out, opened, controlnets, adapters, ip_adapters)
     try:
         pipe, refiner_pipe = load_pipelines(args, info, refiner_info, vae, loras, embeddings, device, controlnets,
                                             adapters, ip_adapters)

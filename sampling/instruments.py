@@ -2,7 +2,9 @@
 
 Modules are picked by fnmatch patterns over their official names (the checkpoint's, as the trainer's train=):
 "unet.middle_block", "unet.output_blocks.*.1" (the output blocks' transformers), "unet.*attn2" (every
-cross-attention), "text_encoder_2.*". Each instrument is a context manager; leaving it puts the model back as
+cross-attention), "text_encoder_2.*"; a pipeline's ControlNets, T2I-Adapters and IP-Adapters are registered on the
+model as "controlnets.0.middle_block_out", "adapters.0.adapter.body.2", "ip_adapters.0.ip_adapter.1" (the image
+keys and values of the first cross-attention: its attention maps are over the image tokens). Each instrument is a context manager; leaving it puts the model back as
 it was, and with none active nothing in the forward pass is different.
 
     with tap(pipe.model, "unet.middle_block") as features:   # features[name][step]: the output, on the CPU
@@ -42,11 +44,13 @@ def matching(model, patterns, having=None):
 
 
 class StepCounter:
-    """The denoising step the UNet is at (see the module docstring), kept by a forward pre-hook on it."""
+    """The denoising step the UNet is at (see the module docstring), kept by a forward pre-hook on it and on the
+    ControlNets a pipeline registered on the model (model.controlnets), which run before it in each step."""
 
     def __init__(self, model):
         self.step, self.timestep = 0, None
-        self.handle = getattr(model, "unet", model).register_forward_pre_hook(self.before_unet)
+        nets = [getattr(model, "unet", model), *getattr(model, "controlnets", ())]
+        self.handles = [net.register_forward_pre_hook(self.before_unet) for net in nets]
 
     def before_unet(self, unet, args):
         t = float(args[1].flatten()[0])  # (B,) timesteps, the same for every row of one step
@@ -67,7 +71,8 @@ def counting_steps(model):
     try:
         yield counter
     finally:
-        counter.handle.remove()
+        for handle in counter.handles:
+            handle.remove()
 
 
 @contextmanager

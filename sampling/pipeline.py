@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
 
@@ -101,6 +102,9 @@ class Pipeline:
                                            for modules in (controlnets, adapters))
         device = next(model.unet.parameters()).device
         self.ip_adapters = [(adapter.to(device).eval(), encoder.to(device).eval()) for adapter, encoder in ip_adapters]
+        # Registered on the model too, so that the instruments find them by name (controlnets.0.middle_block_out).
+        model.controlnets, model.adapters = nn.ModuleList(self.controlnets), nn.ModuleList(self.adapters)
+        model.ip_adapters = nn.ModuleList(adapter for adapter, _ in self.ip_adapters)
         zeros, aesthetic = force_zeros_for_empty_prompt, requires_aesthetics_score
         self.force_zeros = (model.text_encoder_1 is not None) if zeros is None else zeros
         self.requires_aesthetics_score = model.config.takes_aesthetic_score if aesthetic is None else aesthetic
@@ -131,7 +135,7 @@ class Pipeline:
         model = load(path, dtype=dtype, device=device, vae=vae, config=config)
         for lora, scale in loras:
             merge_lora(model, resolve(lora), scale)
-        controlnets = [load_controlnet(c, model.config.unet, DTYPES.get(dtype, dtype)) for c in controlnets]
+        controlnets = [load_controlnet(c, model.unet, DTYPES.get(dtype, dtype)) for c in controlnets]
         adapters = [load_adapter(a, model.config.unet, DTYPES.get(dtype, dtype)) for a in adapters]
         ip_adapters = [load_image_prompt(a, model.unet, DTYPES.get(dtype, dtype)) for a in ip_adapters]
         return cls(model, scheduler_config, tokenizers=load_tokenizers(path) if path.is_dir() else None,

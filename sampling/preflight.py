@@ -84,13 +84,18 @@ def check_ip_adapter(info, source, encoder=None):
     return path, image_encoder_for(source, cfg, encoder)
 
 
-def check_instruments(info, interventions, taps, tap_out, settings):
+def check_instruments(info, interventions, taps, tap_out, settings, controlnets=(), adapters=(), ip_adapters=()):
     """--intervention's, --tap's and --pag-layers' patterns against the model's module names (built on the meta
-    device, no weights), and --tap-out, before the load: ValueError naming what to fix."""
+    device, no weights, with the ControlNets', T2I-Adapters' and IP-Adapters' headers: their local paths, as the
+    pipeline registers them), and --tap-out, before the load: ValueError naming what to fix."""
     import torch
+    import torch.nn as nn
 
+    from models.controlnet import ControlNet, inspect_controlnet
     from models.files import check_output
+    from models.ip_adapter import IPAdapter, inspect_ip_adapter
     from models.sdxl import SDXL
+    from models.t2i_adapter import T2IAdapter, inspect_adapter
     from sampling.guidance import pag_modules
     from sampling.instruments import matching
 
@@ -104,6 +109,10 @@ def check_instruments(info, interventions, taps, tap_out, settings):
     if patterns or settings.pag_scale:
         with torch.device("meta"):
             model = SDXL(info.config)
+            unet = info.config.unet
+            model.controlnets = nn.ModuleList(ControlNet(inspect_controlnet(c, unet)[1]) for c in controlnets)
+            model.adapters = nn.ModuleList(T2IAdapter(inspect_adapter(a, unet)[1]) for a in adapters)
+            model.ip_adapters = nn.ModuleList(IPAdapter(inspect_ip_adapter(a, model.unet)[1]) for a, _ in ip_adapters)
         for pattern in patterns:
             matching(model, pattern)
         if settings.pag_scale:

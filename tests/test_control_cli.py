@@ -3,6 +3,7 @@ whose PNG re-runs to the same pixels; each bad input is one line, exit 2, nothin
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from test_controlnet import control_image, controlnets  # noqa: F401 (a fixture)
 from test_ip_adapter import ip_files, reference_image  # noqa: F401 (a fixture)
@@ -85,3 +86,30 @@ def test_a_controlnet_is_refused_for_the_refiner_shape(files, controlnets):
 
     with pytest.raises(LoadError, match="made for this model family"):
         load_controlnet(files / "controlnet1", TINY_REFINER)
+
+
+def test_instruments_reach_the_controlnet_and_the_image_prompt_attention(files, controlnets, ip_files, images):
+    from sampling.instruments import attention_maps, tap
+    from sampling.pipeline import Pipeline, Settings
+
+    pipe = Pipeline.load(files / "tiny.safetensors", controlnets=[files / "controlnet1"],
+                         ip_adapters=[ip_files / "base.safetensors"])
+    s = Settings(prompt="1girl", steps=3, sampler="euler", width=64, height=64, control_images=[images / "edges.png"],
+                 ip_images=[images / "reference.png"])
+    with tap(pipe.model, "controlnets.0.middle_block_out") as taps, \
+            attention_maps(pipe.model, "ip_adapters.0.ip_adapter.1") as maps:
+        pipe(s, progress=False)
+    by_step = taps["controlnets.0.middle_block_out"]
+    assert sorted(by_step) == [0, 1, 2] and all(t.shape[0] == 2 for t in by_step.values())  # [uncond, cond] per step
+    probs = maps["ip_adapters.0.ip_adapter.1"]
+    assert sorted(probs) == [0, 1, 2] and probs[0].shape[-1] == 4  # the base adapter's four image tokens
+    assert torch.allclose(probs[0].float().sum(-1), torch.ones(1), atol=1e-2)
+
+
+def test_a_tap_on_a_controlnet_is_checked_before_the_load(files, controlnets, images, tmp_path, capsys):
+    common = ["--model", files / "tiny.safetensors", "--prompt", "1girl", "--steps", 2, "--out", tmp_path / "out",
+              "--controlnet", files / "controlnet1", "--control-image", images / "edges.png"]
+    code, err = generate(capsys, *common, "--tap", "controlnets.0.middle_block_out", "--tap-out", tmp_path / "a.st")
+    assert code == 0, err
+    code, err = generate(capsys, *common, "--tap", "controlnets.1.*", "--tap-out", tmp_path / "b.st")
+    one_line_error(err, code, "matches no module")

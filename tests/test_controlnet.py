@@ -152,3 +152,42 @@ def test_refused_controlnets(files, tmp_path):
     save_file({"foo.weight": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(LoadError, match="is not a ControlNet"):
         load_controlnet(tmp_path / "other.safetensors", TINY)
+
+
+def control_lora_file(trained, base_unet, path):
+    """Stability's control-LoRA format of `trained` (control_lora_create.py's rule): each weight of 2+ dimensions
+    the base UNet has as the factors of its difference (full rank here: up = U S, down = Vh), the rest whole."""
+    base = base_unet.state_dict()
+    tensors = {"lora_controlnet": torch.zeros(0)}
+    for name, t in trained.state_dict().items():
+        if name in base and t.ndim >= 2:
+            U, S, Vh = torch.linalg.svd((t - base[name]).double().flatten(1), full_matrices=False)
+            stem, rank = name.removesuffix(".weight"), len(S)
+            tensors[stem + ".up"] = (U * S).float().reshape(t.shape[0], rank, *[1] * (t.ndim - 2)).contiguous()
+            tensors[stem + ".down"] = Vh.float().reshape(rank, *t.shape[1:]).contiguous()
+        else:
+            tensors[name] = t.contiguous()
+    save_file(tensors, path)
+
+
+def test_control_lora_equals_the_controlnet_it_describes(files, tmp_path):
+    from models.controlnet import controlnet_from_unet
+    from models.loading import load
+
+    unet = load(files / "tiny.safetensors").unet
+    torch.manual_seed(5)
+    trained = controlnet_from_unet(unet)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    control_lora_file(trained, unet, tmp_path / "control-lora-rank32.safetensors")
+    ours = load_controlnet(tmp_path / "control-lora-rank32.safetensors", unet)
+    want = trained.state_dict()
+    for name, t in ours.state_dict().items():
+        assert (t - want[name]).abs().max() <= 1e-5 * max(1.0, want[name].abs().max()), f"{name} differs"
+    with pytest.raises(LoadError, match="changes the base UNet's weights"):
+        load_controlnet(tmp_path / "control-lora-rank32.safetensors", TINY)
+    from models.unet import TINY_REFINER
+
+    with pytest.raises(LoadError, match="control-LoRA for another UNet"):
+        load_controlnet(tmp_path / "control-lora-rank32.safetensors", TINY_REFINER)
