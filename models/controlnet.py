@@ -19,15 +19,19 @@ single-file converter drops it for SDXL, ComfyUI maps it).
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from models.diffusers_layout import stored_shapes, unet_config_to_diffusers
 from models.files import LoadError, read_tensors
 from models.keys import encoder_name_from_diffusers, unet_name_to_diffusers
+from models.layers import timestep_embedding
 from models.loading import resolve
 from models.single_file import assign, check_tensors, encoder_shape
+from models.text import ResidualAttentionBlock
 from models.unet import Encoder, UNetConfig
 
 PREFIX = "control_model."  # the original files' prefix (lllyasviel's cldm); many SDXL files have none
@@ -39,6 +43,12 @@ class ControlNetConfig:
     hint_channels: int = 3  # channels of the control image
     embedding_channels: tuple = (16, 32, 96, 256)  # the hint encoder's widths, 2x down between them
     global_pool: bool = False  # residuals averaged over space (shuffle ControlNets; diffusers' global_pool_conditions)
+    control_types: int = 0  # ControlNet-Union's number of condition types (xinsir's: 6, ProMax: 8); 0: a plain one
+
+
+# ControlNet-Union's condition types (xinsir's numbering, as ComfyUI and diffusers' control_mode take it).
+CONTROL_TYPES = {"openpose": 0, "depth": 1, "hed": 2, "pidi": 2, "scribble": 2, "ted": 2, "canny": 3, "lineart": 3,
+                 "anime_lineart": 3, "mlsd": 3, "normal": 4, "segment": 5, "tile": 6, "repaint": 7}
 
 
 def hint_encoder(cfg: ControlNetConfig):
@@ -66,23 +76,46 @@ class ControlNet(Encoder):
         self.zero_convs = nn.ModuleList(nn.Sequential(zero(nn.Conv2d(c, c, 1))) for c in self.skip_channels)
         middle = self.skip_channels[-1]
         self.middle_block_out = nn.Sequential(zero(nn.Conv2d(middle, middle, 1)))
+        if cfg.control_types:
+            self.add_union_layers(cfg)
+
+    def add_union_layers(self, cfg):
+        """ControlNet-Union (xinsir): which kind of condition the image is, as a learned token and as an embedding
+        added to the timestep's (the sinusoids of its one-hot vector, diffusers' names)."""
+        width, micro = cfg.unet.model_channels, cfg.unet.micro_cond_dim
+        self.task_embedding = nn.Parameter(torch.randn(cfg.control_types, width).mul_(width**0.5))
+        # One pre-LN block over the tokens, 8 heads, quick GELU (OpenCLIP's block and names: attn.in_proj_weight ...).
+        block = SimpleNamespace(width=width, heads=8, mlp_dim=4 * width, act="quick_gelu", eps=1e-5)
+        self.transformer_layes = nn.ModuleList([ResidualAttentionBlock(block, causal=False)])  # sic: xinsir's spelling
+        self.spatial_ch_projs = nn.Linear(width, width)
+        self.control_add_embedding = nn.Module()
+        self.control_add_embedding.linear_1 = nn.Linear(micro * cfg.control_types, 4 * width)
+        self.control_add_embedding.linear_2 = nn.Linear(4 * width, 4 * width)
 
     @property
     def pixels_per_latent(self):
         return 2 ** (len(self.controlnet_config.embedding_channels) - 1)
 
-    def forward(self, x, t, context, y, hint, scale=1.0, guess_mode=False):
+    def forward(self, x, t, context, y, hint, scale=1.0, guess_mode=False, control_type=None):
         """-> the UNet's `control`: one residual per input block, then the middle block's, times `scale`.
-        x, t, context, y as the UNet's (models/unet.py); hint (B, 3, H, W) the control image in [0, 1].
+        x, t, context, y as the UNet's (models/unet.py); hint (B, 3, H, W) the control image in [0, 1];
+        control_type: a ControlNet-Union's kind of condition (an index of CONTROL_TYPES' numbering).
 
         guess_mode (ControlNet's "guess mode", diffusers' scaling of it): the residuals scaled from 0.1 at the
         first skip up to 1 at the middle block, log-spaced, so the control image steers the coarse levels most."""
         emb = self.embedding(t, y, x.dtype)
+        union = self.controlnet_config.control_types
+        if union:
+            one_hot = F.one_hot(torch.full((len(x),), control_type, device=x.device), union).float()
+            sinusoids = timestep_embedding(one_hot.flatten(), self.config.micro_cond_dim).reshape(len(x), -1)
+            e = self.control_add_embedding
+            emb = emb + e.linear_2(F.silu(e.linear_1(sinusoids.to(x.dtype))))
         h, residuals = x, []
         for i, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
             h = self.run(block, h, emb, context)
             if i == 0:
-                h = h + self.input_hint_block(hint.to(x.dtype))
+                condition = self.input_hint_block(hint.to(x.dtype))
+                h = h + (self.union_condition(condition, h, control_type) if union else condition)
             residuals.append(zero_conv(h))
         h = self.run(self.middle_block, h, emb, context)
         residuals.append(self.middle_block_out(h))
@@ -94,12 +127,23 @@ class ControlNet(Encoder):
         residuals = [r * s for r, s in zip(residuals, scales)]
         return [r.mean(dim=(2, 3), keepdim=True) for r in residuals] if global_pool else residuals
 
+    def union_condition(self, condition, h, control_type):
+        """ControlNet-Union's hint: the condition's mean feature plus its type's token, and the latents' mean feature,
+        through the block; the condition's token, projected, is added to the condition everywhere.
+        As in xinsir's model (and diffusers'), the block's attention runs across the batch for each token, not across
+        the tokens: nn.MultiheadAttention, not batch_first, given (B, tokens, C). Reproduced, so the residuals equal
+        theirs; the CFG batch's rows repeat one latent and one condition, which makes that attention a no-op there."""
+        tokens = torch.stack([condition.mean(dim=(2, 3)) + self.task_embedding[control_type], h.mean(dim=(2, 3))], dim=1)
+        tokens = self.transformer_layes[0](tokens.transpose(0, 1)).transpose(0, 1)  # (B, 2, C), attention over B
+        return condition + self.spatial_ch_projs(tokens[:, 0])[:, :, None, None]
+
 
 def controlnet_from_unet(unet, hint_channels=3, embedding_channels=(16, 32, 96, 256)):
     """A new ControlNet for `unet` (models.unet.UNet): its encoder copied, the hint encoder freshly initialised,
     every zero conv at zero, so that at first it adds nothing (the start of ControlNet training)."""
     cfg = ControlNetConfig(replace(unet.config, time_cond_proj_dim=None), hint_channels, tuple(embedding_channels))
-    controlnet = ControlNet(cfg).to(next(unet.parameters()).dtype)
+    weight = next(unet.parameters())
+    controlnet = ControlNet(cfg).to(weight.device, weight.dtype)  # beside the UNet
     encoder = {n: t for n, t in unet.state_dict().items() if n.startswith(("time_embed.", "label_emb.", "input_blocks.",
                                                                           "middle_block."))}
     missing, unexpected = controlnet.load_state_dict(encoder, strict=False)
@@ -186,6 +230,7 @@ def controlnet_config(shapes, unet: UNetConfig, where, folder_config=None):
                      time_cond_proj_dim=None),
         hint_channels=hint_channels, embedding_channels=widths,
         global_pool=bool((folder_config or {}).get("global_pool_conditions", False)),
+        control_types=shapes["task_embedding"][0] if "task_embedding" in shapes else 0,
     )
 
 
@@ -237,7 +282,10 @@ def control_lora_config(shapes, unet: UNetConfig, where):
         expected = {n: tuple(t.shape) for n, t in ControlNet(cfg).state_dict().items()}
     for name, shape in shapes.items():
         base, _, factor = name.rpartition(".")
-        weight = expected.get(base + ".weight") if factor in ("up", "down") else expected.get(name, shape)
+        weight = expected.get(base + ".weight") if factor in ("up", "down") else expected.get(name)
+        partner = {"up": ".down", "down": ".up"}.get(factor)
+        if partner and base + partner not in shapes:
+            weight = None  # half of a factor pair
         if name != CONTROL_LORA and (weight is None or (factor == "up" and shape[0] != weight[0]) or
                                      (factor == "down" and tuple(shape[1:]) != tuple(weight[1:])) or
                                      (factor not in ("up", "down") and tuple(shape) != weight)):

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from models.clip_vision import load_image_encoder, vision_config
 from models.diffusers_layout import stored_shapes
 from models.files import LoadError, read_tensors
 from models.layers import attention
@@ -192,8 +193,6 @@ def image_encoder_for(source, cfg: IPAdapterConfig, given=None):
     """The CLIP vision encoder an IP-Adapter reads with -> its local path (file or folder): `given`, else where
     h94/IP-Adapter keeps it beside the adapter file (sdxl_models/image_encoder for ViT-bigG, models/image_encoder
     for ViT-H), locally or on the hub. LoadError naming the encoder when none is found or it does not fit."""
-    from models.clip_vision import vision_config
-
     vit_h = cfg.plus or cfg.image_dim == 1024  # the plus adapters read ViT-H's 1280-wide states; base: its 1024
     kind = "ViT-H/14 (h94/IP-Adapter/models/image_encoder)" if vit_h else "ViT-bigG/14 (h94/IP-Adapter/sdxl_models/image_encoder)"
     path = Path(resolve(source))
@@ -233,8 +232,6 @@ def load_ip_adapter(source, unet, dtype=None):
 def load_image_prompt(source, unet, dtype=None):
     """An IP-Adapter file (or (file, image encoder) pair; encoder None: image_encoder_for's) -> (IPAdapter, its
     models.clip_vision.CLIPVisionEncoder), both on the CPU."""
-    from models.clip_vision import load_image_encoder
-
     adapter_source, encoder_source = source if isinstance(source, (tuple, list)) else (source, None)
     adapter = load_ip_adapter(adapter_source, unet, dtype)
     return adapter, load_image_encoder(image_encoder_for(adapter_source, adapter.config, encoder_source), dtype)

@@ -173,11 +173,12 @@ class Projection(nn.Module):
 
 
 class OpenCLIPAttention(nn.Module):
-    """Causal self-attention with nn.MultiheadAttention's parameters: one fused in_proj, rows [q; k; v]."""
+    """Self-attention with nn.MultiheadAttention's parameters: one fused in_proj, rows [q; k; v]; causal in the
+    text tower, not in ControlNet-Union's condition transformer (models/controlnet.py)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
-        self.heads = cfg.heads
+        self.heads, self.causal = cfg.heads, causal
         self.in_proj_weight = nn.Parameter(torch.empty(3 * cfg.width, cfg.width))  # (3W, W)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * cfg.width))
         self.in_proj = Projection()
@@ -187,7 +188,7 @@ class OpenCLIPAttention(nn.Module):
 
     def forward(self, x):
         q, k, v = self.in_proj(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)  # 3 x (B, T, W)
-        return self.out_proj(self.attend(q, k, v, self.heads, causal=True))
+        return self.out_proj(self.attend(q, k, v, self.heads, causal=self.causal))
 
 
 class OpenCLIPMLP(nn.Module):
@@ -204,10 +205,10 @@ class OpenCLIPMLP(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block (open_clip's ResidualAttentionBlock): same math as CLIPLayer."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, causal=True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.attn = OpenCLIPAttention(cfg)
+        self.attn = OpenCLIPAttention(cfg, causal)
         self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.mlp = OpenCLIPMLP(cfg)
 

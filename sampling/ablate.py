@@ -1,4 +1,5 @@
-"""An ablation grid: sampler x steps x cfg x intervention x seed, every prompt in every cell.
+"""An ablation grid: sampler x steps x cfg x intervention [x control scale x start x end] x seed, every prompt in
+every cell.
 
     python -m sampling.ablate --config configs/ablation_<name>.py [--model M] [--out DIR] [--device D] [--dtype T]
 
@@ -10,6 +11,8 @@ A config file defines `config = dict(...)`:
                     "none" runs the plain model), seed
     interventions   dict name -> function(model) giving a context manager (sampling/interventions.py's, or yours)
     score           optional function(images, prompts) -> {metric: number}, e.g. data.evaluate.caption_fidelity
+    controlnets     optional ControlNets (files, folders or repo ids), with control_images (one each): then the grid
+                    may also sweep control_scale, control_start and control_end (default [1.0], [0.0], [1.0])
     width, height, negative_prompt, out (default runs/<config file name>, e.g. runs/ablation_freeu)
 
 Writes out/cells/<sampler>-<steps>-cfg<cfg>-<intervention>-seed<seed>.png (the cell's images side by side, its
@@ -29,19 +32,22 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from models.controlnet import inspect_controlnet
 from models.files import atomic_file, check_output, read_config_file
 from models.loading import LoadError, check_device, inspect
 from sampling.arguments import check_settings
+from sampling.control import check_control
 from sampling.outputs import save_png
 from sampling.pipeline import Pipeline
 from sampling.schedule import make_schedule
 from sampling.settings import Settings, check
 
 AXES = ("sampler", "steps", "cfg", "intervention", "seed")
+CONTROL_AXES = {"control_scale": [1.0], "control_start": [0.0], "control_end": [1.0]}  # with controlnets: their defaults
 FIELDS = {"model", "model_config", "prompts", "grid", "interventions", "score", "width", "height", "negative_prompt",
-          "out"}
+          "out", "controlnets", "control_images"}
 DEFAULTS = {"model": "plainxl-tiny", "model_config": None, "width": 64, "height": 64, "negative_prompt": None,
-            "score": None, "out": None}
+            "score": None, "out": None, "controlnets": [], "control_images": []}
 SHARED = ("model", "prompts", "negative_prompt", "width", "height")  # what every cell of one grid has in common
 
 
@@ -60,15 +66,22 @@ def read_config(path):
     unknown = sorted(set(config) - FIELDS)
     if unknown:
         raise AblationError(f"{path}: unknown field {unknown[0]!r}; the fields are {', '.join(sorted(FIELDS))}")
-    grid = {"intervention": ["none"], "seed": [0], **config.get("grid", {})}
-    if set(grid) - set(AXES) or any(not isinstance(v, list) or not v for v in grid.values()) or set(AXES) - set(grid):
+    controls = CONTROL_AXES if config.get("controlnets") else {}
+    grid = {"intervention": ["none"], "seed": [0], **controls, **config.get("grid", {})}
+    if set(grid) & set(CONTROL_AXES) and not controls:
+        raise AblationError(f"{path}: the control axes sweep ControlNets; give controlnets and control_images too")
+    if len(config.get("control_images", [])) != len(config.get("controlnets", [])):
+        raise AblationError(f"{path}: give one control image per ControlNet (control_images, controlnets)")
+    if set(grid) - set(AXES) - set(controls) or any(not isinstance(v, list) or not v for v in grid.values()) \
+            or set(AXES) - set(grid):
         raise AblationError(f"{path}: grid needs the axes {', '.join(AXES)}, each a non-empty list "
                             f"(intervention and seed may be left out), got {sorted(grid)}")
     if not config.get("prompts") or not all(isinstance(p, str) for p in config["prompts"]):
         raise AblationError(f"{path}: prompts must be a non-empty list of strings")
     for axis, ok, what in [("steps", lambda n: isinstance(n, int) and n > 0, "positive whole numbers"),
                            ("seed", lambda n: isinstance(n, int) and 0 <= n < 2**64, "whole numbers from 0"),
-                           ("cfg", lambda n: isinstance(n, (int, float)) and n == n, "numbers")]:
+                           ("cfg", lambda n: isinstance(n, (int, float)) and n == n, "numbers")] + \
+            [(axis, lambda n: isinstance(n, (int, float)) and n == n, "numbers") for axis in controls]:
         if not all(ok(value) for value in grid[axis]):
             raise AblationError(f"{path}: grid {axis} must be {what} (got {grid[axis]})")
     named = {"none": None, **config.get("interventions", {})}
@@ -78,32 +91,50 @@ def read_config(path):
     return {**DEFAULTS, **config, "grid": grid, "interventions": named}
 
 
+def axes(grid):
+    """The grid's axes in order: AXES, with the control axes (where it has them) before the seed."""
+    return AXES[:-1] + tuple(a for a in CONTROL_AXES if a in grid) + AXES[-1:]
+
+
 def cells(grid):
     """Every combination of the axes, in the grid's order: dicts with one value per axis."""
-    return [dict(zip(AXES, values)) for values in itertools.product(*(grid[axis] for axis in AXES))]
+    return [dict(zip(axes(grid), values)) for values in itertools.product(*(grid[axis] for axis in axes(grid)))]
 
 
 def settings(config, cell, prompt):
+    control = dict(control_images=tuple(config["control_images"]), control_start=cell["control_start"],
+                   control_end=cell["control_end"], control_scales=(cell["control_scale"],) * len(config["controlnets"])
+                   ) if config["controlnets"] else {}
     return Settings(prompt=prompt, negative_prompt=config["negative_prompt"], width=config["width"],
                     height=config["height"], steps=cell["steps"], cfg=cell["cfg"], sampler=cell["sampler"],
-                    seed=cell["seed"])
+                    seed=cell["seed"], **control)
 
 
 def check_cells(config, info):
     """Every cell's settings against the model's headers (ModelInfo), before its weights load: ValueError."""
+    for controlnet in config["controlnets"]:
+        if inspect_controlnet(controlnet, info.config.unet)[1].control_types:
+            raise AblationError(f"{controlnet} is a ControlNet-Union, which needs a control type per image; ablation "
+                                "configs take plain ControlNets")
     for cell in cells(config["grid"]):
         make_schedule(cell["sampler"], cell["steps"], config=info.scheduler_config)
         for prompt in config["prompts"]:
-            check(check_settings(settings(config, cell, prompt)), info.config)
+            opened = check_settings(settings(config, cell, prompt))
+            check(opened, info.config)
+            check_control(opened, len(config["controlnets"]))
 
 
 def cell_name(cell):
-    return f"{cell['sampler']}-{cell['steps']}-cfg{cell['cfg']:g}-{cell['intervention']}-seed{cell['seed']}.png"
+    control = f"-control{cell['control_scale']:g}-{cell['control_start']:g}-{cell['control_end']:g}" \
+        if "control_scale" in cell else ""
+    return f"{cell['sampler']}-{cell['steps']}-cfg{cell['cfg']:g}-{cell['intervention']}{control}-seed{cell['seed']}.png"
 
 
 def what_is_shared(config):
     """What every cell of a grid shares, beside its own settings: a folder's cells are of one such grid."""
-    return {key: str(config[key]) if key == "model" else config[key] for key in SHARED}
+    shared = {key: str(config[key]) if key == "model" else config[key] for key in SHARED}
+    return shared | ({key: list(map(str, config[key])) for key in ("controlnets", "control_images")}
+                     if config["controlnets"] else {})
 
 
 def check_folder(out, config):
@@ -117,7 +148,8 @@ def check_folder(out, config):
 
 def run(config, out, device="cpu", dtype="fp32", progress=True):
     """Generate the cells not yet on disk, then write the contact sheet and the score table."""
-    pipe = Pipeline.load(config["model"], dtype=dtype, device=device, config=config["model_config"])
+    pipe = Pipeline.load(config["model"], dtype=dtype, device=device, config=config["model_config"],
+                         controlnets=config["controlnets"])
     width, height = config["width"], config["height"]
     every = cells(config["grid"])
     todo = [c for c in every if not (out / "cells" / cell_name(c)).exists()]
@@ -152,6 +184,8 @@ def summarize(config, out, width):
         sheet.paste(image, (label, i * H))
         text = (f"{cell['sampler']} {cell['steps']} steps cfg {cell['cfg']:g}\n"
                 f"{cell['intervention']}, seed {cell['seed']}")
+        if "control_scale" in cell:
+            text += f"\ncontrol {cell['control_scale']:g} from {cell['control_start']:g} to {cell['control_end']:g}"
         draw.multiline_text((4, i * H + 4), text, fill="black")
     with atomic_file(out / "contact_sheet.png", overwrite=True) as tmp:  # ours: redrawn from the cells every run
         sheet.save(tmp, format="PNG")
@@ -159,7 +193,7 @@ def summarize(config, out, width):
         return None
     pooled = {}  # (sampler, steps, cfg, intervention) -> the images of all its seeds, and their prompts
     for cell, image in rows:
-        key = tuple(cell[a] for a in AXES[:-1])
+        key = tuple(cell[a] for a in axes(config["grid"])[:-1])
         images = [image.crop((i * width, 0, (i + 1) * width, H)) for i in range(W // width)]
         pooled_images, pooled_prompts = pooled.setdefault(key, ([], []))
         pooled_images.extend(images)
@@ -171,8 +205,8 @@ def summarize(config, out, width):
         except ValueError as e:  # e.g. a prompt the classifier's caption reader does not know
             raise ScoreError(f"the config's score failed on {key}: {e}; the cells are written and kept") from None
         if table is None:
-            table = [f"| {' | '.join(AXES[:-1])} | {' | '.join(scores)} |",
-                     "|---" * (len(AXES) - 1 + len(scores)) + "|"]
+            names = axes(config["grid"])[:-1]
+            table = [f"| {' | '.join(names)} | {' | '.join(scores)} |", "|---" * (len(names) + len(scores)) + "|"]
         table.append(f"| {' | '.join(map(str, key))} | {' | '.join(f'{v:.3f}' for v in scores.values())} |")
     text = "\n".join(table) + "\n"
     with atomic_file(out / "scores.md", overwrite=True) as tmp:  # ours: recomputed from the cells every run

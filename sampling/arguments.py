@@ -106,24 +106,17 @@ def add_sampling_flags(p):
                    help="guidance only for sigma in (LOW, HIGH] (Kynkaanniemi et al. 2024; 0.28,5.42 for SDXL)")
 
 
-def parse_args(argv):
-    p = OneLineParser(prog="python -m sampling.generate", description="SDXL text-to-image.")
-    p.add_argument("--model", help=f"single file, diffusers folder or Hugging Face repo id (default {DEFAULT_MODEL})")
-    p.add_argument("--config", metavar="FOLDER_OR_CONFIG_JSON",
-                   help="the architecture of a --model single file that does not store it: its diffusers folder or "
-                        "config JSON (as diffusers' from_single_file(config=...))")
-    p.add_argument("--vae", help="a VAE to use instead of the model's: a VAE .safetensors or a diffusers vae/ folder")
-    p.add_argument("--lora", action="append", type=lora_arg, metavar="FILE[:SCALE]",
-                   help="merge a LoRA file into the model (kohya, diffusers/PEFT, LoCon); repeatable; scale 1.0 by default")
-    p.add_argument("--embeddings", action="append", metavar="FILE_OR_FOLDER",
-                   help="textual-inversion embeddings (SDXL safetensors: clip_l and clip_g), written in prompts as "
-                        "embedding:name or name; repeatable")
+def add_control_flags(p):
+    """ControlNets, T2I-Adapters and IP-Adapters (docs/control.md)."""
     p.add_argument("--controlnet", action="append", type=lora_arg, metavar="MODEL[:SCALE]",
                    help="a ControlNet (SDXL; file, diffusers folder or repo id) steered by the --control-image of the "
                         "same position; repeatable: several add up; scale 1.0 by default (docs/control.md)")
     p.add_argument("--control-image", action="append", metavar="FILE",
                    help="the control image of each --controlnet, in order (python -m sampling.preprocess makes canny, "
                         "scribble and tile maps); resized to the output as diffusers does")
+    p.add_argument("--control-type", action="append", metavar="TYPE",
+                   help="what each --controlnet's image is, for a ControlNet-Union (openpose, depth, scribble, canny, "
+                        "lineart, normal, segment, tile, repaint; none for a plain ControlNet), in order")
     p.add_argument("--control-start", type=float, help="where the ControlNets start acting, a fraction of the schedule")
     p.add_argument("--control-end", type=float, help="where they stop (default 1: to the end)")
     p.add_argument("--guess-mode", action="store_true", default=None,
@@ -141,6 +134,21 @@ def parse_args(argv):
     p.add_argument("--ip-encoder", metavar="FOLDER_OR_FILE",
                    help="the CLIP vision encoder of the IP-Adapters (default: the image_encoder h94/IP-Adapter keeps "
                         "beside the file: ViT-H for _vit-h and plus files, ViT-bigG for ip-adapter_sdxl)")
+
+
+def parse_args(argv):
+    p = OneLineParser(prog="python -m sampling.generate", description="SDXL text-to-image.")
+    p.add_argument("--model", help=f"single file, diffusers folder or Hugging Face repo id (default {DEFAULT_MODEL})")
+    p.add_argument("--config", metavar="FOLDER_OR_CONFIG_JSON",
+                   help="the architecture of a --model single file that does not store it: its diffusers folder or "
+                        "config JSON (as diffusers' from_single_file(config=...))")
+    p.add_argument("--vae", help="a VAE to use instead of the model's: a VAE .safetensors or a diffusers vae/ folder")
+    p.add_argument("--lora", action="append", type=lora_arg, metavar="FILE[:SCALE]",
+                   help="merge a LoRA file into the model (kohya, diffusers/PEFT, LoCon); repeatable; scale 1.0 by default")
+    p.add_argument("--embeddings", action="append", metavar="FILE_OR_FOLDER",
+                   help="textual-inversion embeddings (SDXL safetensors: clip_l and clip_g), written in prompts as "
+                        "embedding:name or name; repeatable")
+    add_control_flags(p)
     p.add_argument("--prompt")
     p.add_argument("--negative-prompt", help="omit for zero negative conditioning; '' encodes the empty prompt")
     p.add_argument("--prompt-2", help="what the second text encoder (bigG) reads (diffusers' prompt_2); default: --prompt")
@@ -281,6 +289,7 @@ def request_from(args):
                  control_images=tuple(args.control_image) if args.control_image else None,
                  control_scales=tuple(scale for _, scale in args.controlnet) if args.controlnet else None,
                  control_start=args.control_start, control_end=args.control_end, guess_mode=args.guess_mode,
+                 control_types=tuple(args.control_type) if args.control_type else None,
                  adapter_images=tuple(args.adapter_image) if args.adapter_image else None,
                  adapter_scales=tuple(scale for _, scale in args.adapter) if args.adapter else None,
                  adapter_factor=args.adapter_factor, ip_images=tuple(args.ip_image) if args.ip_image else None,

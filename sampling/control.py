@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from models.clip_vision import clip_pixels
+from models.controlnet import CONTROL_TYPES
 from models.t2i_adapter import positions
 from sampling.images import resized
 
@@ -65,11 +66,20 @@ def check_control(s, num_controlnets, num_adapters=0, num_ip_adapters=0):
             raise ValueError(f"{len(scales)} scales for {count} {what}(s); give one per {what}")
         if not all(math.isfinite(v) for v in scales):
             raise ValueError(f"{what} scales {list(scales)} must be finite numbers, e.g. 0.8")
+    if (num_controlnets or num_adapters) and (s.width < 8 or s.height < 8):
+        raise ValueError(f"the output would be {s.width}x{s.height}: give a control image of at least 16x16, or "
+                         "--width and --height")
+    if num_adapters and s.hires_scale:
+        raise ValueError("T2I-Adapters with the hi-res fix are not supported (its second pass's size need not be a "
+                         "multiple of 16); drop --hires-scale, or run the adapter at the larger size")
     if num_adapters and (s.width % 16 or s.height % 16):
         raise ValueError(f"a T2I-Adapter works on sizes that are multiples of 16; {s.width}x{s.height} is not: use "
                          f"{s.width // 16 * 16 or 16}x{s.height // 16 * 16 or 16}")
     if not (math.isfinite(s.adapter_factor) and 0 <= s.adapter_factor <= 1):
         raise ValueError(f"--adapter-factor {s.adapter_factor} is not a fraction of the steps in [0, 1]; e.g. 0.8")
+    if s.control_types and len(s.control_types) != num_controlnets:
+        raise ValueError(f"{len(s.control_types)} --control-type for {num_controlnets} ControlNet(s): give one per "
+                         "--controlnet, in order (none for a plain ControlNet)")
     if not (0 <= s.control_start < s.control_end <= 1):
         raise ValueError(f"--control-start {s.control_start} / --control-end {s.control_end} are not fractions of "
                          "the schedule with 0 <= start < end <= 1; e.g. 0 and 0.6")
@@ -104,6 +114,8 @@ class Control:
         self.adapter_steps = int(stage_steps * s.adapter_factor)  # diffusers' adapter_conditioning_factor
         self.features = adapter_features(adapters, positions(unet_config), s, device) if adapters else None
         self.step = 0  # the stage's step now running (advanced by after_step)
+        types = list(s.control_types) or [None] * len(controlnets)
+        self.types = [control_type_index(c.controlnet_config, kind) for c, kind in zip(controlnets, types)]
 
     def after_step(self, i):
         self.step = i + 1
@@ -126,14 +138,27 @@ class Control:
             elif any(context is u for u in self.uncond_contexts):  # an unconditional pass of its own
                 return None
         total = None
-        for controlnet, hint, scale in zip(self.controlnets, self.hints, self.scales):
+        for controlnet, hint, scale, kind in zip(self.controlnets, self.hints, self.scales, self.types):
             xr = x[rows, :controlnet.config.in_channels]  # an inpainting UNet's x also holds the mask and image
             text = context[rows, :context.shape[1] - self.image_tokens]
-            residuals = controlnet(xr, t[rows], text, y[rows], hint.expand(len(xr), -1, -1, -1), scale, self.guess_mode)
+            residuals = controlnet(xr, t[rows], text, y[rows], hint.expand(len(xr), -1, -1, -1), scale, self.guess_mode,
+                                   kind)
             total = residuals if total is None else [a + b for a, b in zip(total, residuals)]
         if rows.start is not None:  # zeros for the unconditional half, as diffusers
             total = [torch.cat([torch.zeros_like(r), r]) for r in total]
         return total
+
+
+def control_type_index(cfg, kind):
+    """A --control-type (a name of CONTROL_TYPES, an index, or none) for a ControlNet of config `cfg` -> the index
+    a ControlNet-Union takes, or None for a plain ControlNet; ValueError where they do not fit."""
+    kind = None if kind in (None, "none") else CONTROL_TYPES.get(kind, kind)
+    names = ", ".join(n for n, i in CONTROL_TYPES.items() if i < cfg.control_types)
+    if cfg.control_types and not (isinstance(kind, int) and 0 <= kind < cfg.control_types):
+        raise ValueError(f"a ControlNet-Union needs to be told what its control image is: --control-type one of {names}")
+    if not cfg.control_types and kind is not None:
+        raise ValueError(f"--control-type {kind} is for a ControlNet-Union; give none for a plain ControlNet")
+    return kind
 
 
 def adapter_features(adapters, names, s, device):

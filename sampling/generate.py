@@ -175,7 +175,13 @@ def prepare(args):
         resolve(vae)  # it exists (or is downloaded) before the big load
     loras = [(resolve(path), scale) for path, scale in request.loras]
     check_loras(info, loras)
-    controlnets = [check_controlnet(info, source) for source, _ in request.controlnets]
+    if settings.control_types and len(settings.control_types) != len(request.controlnets):
+        raise ValueError(f"{len(settings.control_types)} --control-type for {len(request.controlnets)} ControlNet(s): "
+                         "give one per --controlnet, in order (none for a plain ControlNet)")
+    if args.offload and (request.controlnets or request.adapters or request.ip_adapters):
+        raise ValueError("--offload with ControlNets or adapters is not supported yet; drop --offload")
+    types = settings.control_types or (None,) * len(request.controlnets)
+    controlnets = [check_controlnet(info, source, kind) for (source, _), kind in zip(request.controlnets, types)]
     adapters = [check_adapter(info, source) for source, _ in request.adapters]
     ip_adapters = [check_ip_adapter(info, source, args.ip_encoder) for source, _ in request.ip_adapters]
     embeddings = check_embeddings(info, refiner_info, request.embeddings, settings)

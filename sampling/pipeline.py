@@ -135,7 +135,11 @@ class Pipeline:
         model = load(path, dtype=dtype, device=device, vae=vae, config=config)
         for lora, scale in loras:
             merge_lora(model, resolve(lora), scale)
-        controlnets = [load_controlnet(c, model.unet, DTYPES.get(dtype, dtype)) for c in controlnets]
+        loaded = {}  # one module per file: a ControlNet-Union given twice (two kinds of image) is loaded once
+        for c in controlnets:
+            key = str(resolve(c))
+            loaded[key] = loaded.get(key) or load_controlnet(c, model.unet, DTYPES.get(dtype, dtype))
+        controlnets = [loaded[str(resolve(c))] for c in controlnets]
         adapters = [load_adapter(a, model.config.unet, DTYPES.get(dtype, dtype)) for a in adapters]
         ip_adapters = [load_image_prompt(a, model.unet, DTYPES.get(dtype, dtype)) for a in ip_adapters]
         return cls(model, scheduler_config, tokenizers=load_tokenizers(path) if path.is_dir() else None,
@@ -220,6 +224,8 @@ class Pipeline:
         check(s, self.model.config, refiner.model.config if refiner is not None else None)
         s = with_output_size(s, self.model.config)
         if self.controlnets or self.adapters or self.ip_adapters or s.control_images or s.adapter_images or s.ip_images:
+            if self.offload is not None:
+                raise ValueError("offload with ControlNets or adapters is not supported yet; drop --offload")
             check_control(s, len(self.controlnets), len(self.adapters), len(self.ip_adapters))
         # Image i draws everything from its own CPU generator seeded seed + i, so it does not depend on the
         # batch size (AUTOMATIC1111's convention; diffusers with a list of generators).

@@ -105,21 +105,7 @@ def format_parameters(s: Settings, seed, model_name, model_hash=None, vae=None, 
         fields["Embeddings"] = json.dumps([str(path) for _, path, _ in embeddings])
     if interventions:
         fields["Interventions"] = json.dumps(list(interventions))
-    for i, (source, scale) in enumerate(controlnets):
-        mode = "My prompt is more important" if s.guess_mode else "Balanced"
-        fields[f"ControlNet {i}"] = (f"Model: {Path(str(source)).stem}, Weight: {scale}, Guidance Start: "
-                                     f"{s.control_start}, Guidance End: {s.control_end}, Control Mode: {mode}")
-    if controlnets:
-        fields["ControlNets"] = json.dumps([[str(c), scale, str(image)] for (c, scale), image
-                                            in zip(controlnets, s.control_images)])
-        fields |= {"Control start": s.control_start, "Control end": s.control_end, "Guess mode": str(s.guess_mode)}
-    if adapters:
-        fields["T2I-Adapters"] = json.dumps([[str(a), scale, str(image)] for (a, scale), image
-                                             in zip(adapters, s.adapter_images)])
-        fields["Adapter factor"] = s.adapter_factor
-    if ip_adapters:
-        fields["IP-Adapters"] = json.dumps([[str(a), scale, str(image)] for (a, scale), image
-                                            in zip(ip_adapters, s.ip_images)])
+    fields |= _control_fields(s, controlnets, adapters, ip_adapters)
     for key, name in [("prompt_2", "Prompt 2"), ("negative_prompt_2", "Negative prompt 2")]:  # ours: diffusers'
         if getattr(s, key) is not None:
             fields[name] = getattr(s, key)
@@ -215,6 +201,28 @@ def _sampling_settings(fields):
                 cfg_interval=_numbers(fields, "CFG interval", 2, ",", float) if "CFG interval" in fields else None)
 
 
+def _control_fields(s, controlnets, adapters, ip_adapters):
+    """format_parameters' ControlNet, T2I-Adapter and IP-Adapter fields (see there)."""
+    fields = {}
+    for i, (source, scale) in enumerate(controlnets):
+        mode = "My prompt is more important" if s.guess_mode else "Balanced"
+        fields[f"ControlNet {i}"] = (f"Model: {Path(str(source)).stem}, Weight: {scale}, Guidance Start: "
+                                     f"{s.control_start}, Guidance End: {s.control_end}, Control Mode: {mode}")
+    if controlnets:
+        types = s.control_types or (None,) * len(controlnets)
+        fields["ControlNets"] = json.dumps([[str(c), scale, str(image), kind] for (c, scale), image, kind
+                                            in zip(controlnets, s.control_images, types)])
+        fields |= {"Control start": s.control_start, "Control end": s.control_end, "Guess mode": str(s.guess_mode)}
+    if adapters:
+        fields["T2I-Adapters"] = json.dumps([[str(a), scale, str(image)] for (a, scale), image
+                                             in zip(adapters, s.adapter_images)])
+        fields["Adapter factor"] = s.adapter_factor
+    if ip_adapters:
+        fields["IP-Adapters"] = json.dumps([[str(a), scale, str(image)] for (a, scale), image
+                                            in zip(ip_adapters, s.ip_images)])
+    return fields
+
+
 def parse_parameters(text):
     """The inverse of format_parameters -> (Settings with num_images 1, {recorded key: value}).
 
@@ -289,31 +297,37 @@ def parse_parameters(text):
             recorded["Interventions"] = [str(name) for name in json.loads(fields["Interventions"])]
         except (ValueError, TypeError):
             raise ValueError("its 'Interventions:' value is not a list of names") from None
+    settings = _control_settings(fields, settings, recorded)
+    if "Refiner" in fields:  # "name [hash]", as A1111 writes it; the name alone without a hash
+        recorded["Refiner"] = re.sub(r" \[[0-9a-f]{10}\]$", "", str(fields["Refiner"]))
+    return settings, recorded
+
+
+def _control_settings(fields, settings, recorded):
+    """parse_parameters' ControlNet, T2I-Adapter and IP-Adapter fields -> settings with their images, scales and
+    windows; the models' sources and scales go into `recorded`."""
     if "ControlNets" in fields:
-        try:
-            recorded["ControlNets"] = [(str(c), float(scale)) for c, scale, _ in json.loads(fields["ControlNets"])]
-            images = tuple(str(image) for _, _, image in json.loads(fields["ControlNets"]))
-        except (ValueError, TypeError):
-            raise ValueError("its 'ControlNets:' value is not a list of [model, scale, control image]") from None
+        recorded["ControlNets"], images, types = _models_with_images(fields, "ControlNets")
         settings = replace(settings, control_images=images, control_scales=tuple(s for _, s in recorded["ControlNets"]),
+                           control_types=types if any(t is not None for t in types) else (),
                            control_start=_numbers(fields, "Control start", 1, None, float, 0.0),
                            control_end=_numbers(fields, "Control end", 1, None, float, 1.0),
                            guess_mode=fields.get("Guess mode") == "True")
     if "T2I-Adapters" in fields:
-        try:
-            recorded["T2I-Adapters"] = [(str(a), float(scale)) for a, scale, _ in json.loads(fields["T2I-Adapters"])]
-            images = tuple(str(image) for _, _, image in json.loads(fields["T2I-Adapters"]))
-        except (ValueError, TypeError):
-            raise ValueError("its 'T2I-Adapters:' value is not a list of [model, scale, image]") from None
+        recorded["T2I-Adapters"], images, _ = _models_with_images(fields, "T2I-Adapters")
         settings = replace(settings, adapter_images=images, adapter_scales=tuple(s for _, s in recorded["T2I-Adapters"]),
                            adapter_factor=_numbers(fields, "Adapter factor", 1, None, float, 1.0))
     if "IP-Adapters" in fields:
-        try:
-            recorded["IP-Adapters"] = [(str(a), float(scale)) for a, scale, _ in json.loads(fields["IP-Adapters"])]
-            images = tuple(str(image) for _, _, image in json.loads(fields["IP-Adapters"]))
-        except (ValueError, TypeError):
-            raise ValueError("its 'IP-Adapters:' value is not a list of [model, scale, image]") from None
+        recorded["IP-Adapters"], images, _ = _models_with_images(fields, "IP-Adapters")
         settings = replace(settings, ip_images=images, ip_scales=tuple(s for _, s in recorded["IP-Adapters"]))
-    if "Refiner" in fields:  # "name [hash]", as A1111 writes it; the name alone without a hash
-        recorded["Refiner"] = re.sub(r" \[[0-9a-f]{10}\]$", "", str(fields["Refiner"]))
-    return settings, recorded
+    return settings
+
+
+def _models_with_images(fields, key):
+    """A recorded list of [model, scale, image(, ControlNet-Union's kind)] -> ([(model, scale)], images, kinds)."""
+    try:
+        entries = [list(entry) for entry in json.loads(fields[key])]
+        models, images = [(str(e[0]), float(e[1])) for e in entries], tuple(str(e[2]) for e in entries)
+    except (ValueError, TypeError, IndexError):
+        raise ValueError(f"its '{key}:' value is not a list of [model, scale, image]") from None
+    return models, images, tuple(e[3] if len(e) > 3 else None for e in entries)

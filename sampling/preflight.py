@@ -55,12 +55,15 @@ def check_loras(info, loras):
         merge_lora(shell, path, scale, apply=False)
 
 
-def check_controlnet(info, source):
-    """A --controlnet's header against the model (an SDXL ControlNet for this UNet), before any weight loads ->
-    its local path."""
+def check_controlnet(info, source, control_type=None):
+    """A --controlnet's header against the model (an SDXL ControlNet for this UNet) and its --control-type, before
+    any weight loads -> its local path."""
     from models.controlnet import inspect_controlnet
+    from sampling.control import control_type_index
 
-    return inspect_controlnet(source, info.config.unet)[0]
+    path, cfg, _ = inspect_controlnet(source, info.config.unet)
+    control_type_index(cfg, control_type)
+    return path
 
 
 def check_adapter(info, source):

@@ -37,13 +37,13 @@ def as_image(x):
 
 
 def gaussian_blur(x, sigma):
-    """(C, H, W) blurred with a separable Gaussian of `sigma` (radius 3 sigma, reflected at the borders)."""
+    """(C, H, W) blurred with a separable Gaussian of `sigma` (radius 3 sigma, the border pixels repeated)."""
     radius = max(1, math.ceil(3 * sigma))
     kernel = torch.exp(-torch.arange(-radius, radius + 1.0) ** 2 / (2 * sigma**2))
     kernel = (kernel / kernel.sum())[None, None]  # (1, 1, K)
     x = x[:, None]  # (C, 1, H, W): each channel on its own
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel[..., None, :])
-    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel[..., :, None])
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), kernel[..., None, :])
+    x = F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), kernel[..., :, None])
     return x[:, 0]
 
 

@@ -106,6 +106,7 @@ class Settings:
     control_start: float = 0.0
     control_end: float = 1.0
     guess_mode: bool = False
+    control_types: tuple = ()  # ControlNet-Union: each image's kind (canny, depth, openpose ...), "none" for a plain one
     # T2I-Adapters (models/t2i_adapter.py): one image per adapter the pipeline holds, its scale (() : 1 each), and
     # the share of the stage's first steps they act on (diffusers' adapter_conditioning_factor).
     adapter_images: tuple = ()

@@ -116,7 +116,40 @@ def test_shipped_ablation_configs_are_valid():
     from sampling.ablate import check_cells, read_config
 
     paths = sorted(Path(__file__).parents[1].glob("configs/ablation_*.py"))
-    assert [p.name for p in paths] == ["ablation_freeu.py", "ablation_samplers.py"]
+    assert [p.name for p in paths] == ["ablation_controlnet.py", "ablation_freeu.py", "ablation_samplers.py"]
     for path in paths:
         config = read_config(path)
-        check_cells(config, inspect(config["model"]))
+        if not config["controlnets"]:  # (ablation_controlnet's ControlNet is what train.demo_controlnet writes)
+            check_cells(config, inspect(config["model"]))
+
+
+@pytest.mark.slow
+def test_a_grid_sweeps_control_scale_and_window(tmp_path, capsys):
+    """Scale 0 is the model without the ControlNet, pixel for pixel; each other cell is the pipeline's run."""
+    from test_controlnet import control_image, diffusers_controlnet
+
+    from models.diffusers_layout import save_diffusers
+    from models.loading import load, save_single_file
+
+    model = load("plainxl-tiny")
+    save_single_file(model, tmp_path / "tiny.safetensors")
+    save_diffusers(model, tmp_path / "tiny")  # diffusers_controlnet copies its UNet
+    diffusers_controlnet(tmp_path, 1).save_pretrained(tmp_path / "controlnet")
+    control_image(1).save(tmp_path / "edges.png")
+    grid = ("dict(sampler=['euler'], steps=[3], cfg=[5.0], control_scale=[0.0, 1.0], control_start=[0.0], "
+            "control_end=[0.5, 1.0])")
+    config = write_config(tmp_path / "ablation_control.py", grid=grid, score="None",
+                          model=repr(str(tmp_path / "tiny.safetensors")), controlnets=repr([str(tmp_path / "controlnet")]),
+                          control_images=repr([str(tmp_path / "edges.png")]))
+    out = tmp_path / "out"
+    assert main(["--config", str(config), "--out", str(out)]) == 0, capsys.readouterr().err
+    names = sorted(p.name for p in (out / "cells").glob("*.png"))
+    assert names == [f"euler-3-cfg5-none-control{s}-0-{e}-seed0.png" for s in (0, 1) for e in (0.5, 1)]
+    plain = Pipeline.load(tmp_path / "tiny.safetensors")
+    controlled = Pipeline.load(tmp_path / "tiny.safetensors", controlnets=[tmp_path / "controlnet"])
+    for scale, end, pipe in [(0, 1, plain), (1, 0.5, controlled)]:
+        with Image.open(out / "cells" / f"euler-3-cfg5-none-control{scale}-0-{end}-seed0.png") as cell:
+            want = pipe(Settings(prompt=PROMPTS[0], width=64, height=64, steps=3, cfg=5.0, sampler="euler", seed=0,
+                                 **({"control_images": [tmp_path / "edges.png"], "control_end": end}
+                                    if pipe is controlled else {})), progress=False)[0]
+            assert np.array_equal(np.asarray(cell.convert("RGB"))[:, :64], np.asarray(want)), (scale, end)

@@ -20,6 +20,7 @@ def images(tmp_path_factory):
     reference_image().save(root / "reference.png")
     Image.fromarray(np.zeros((64, 64), np.uint16)).save(root / "depth16.png")  # a 16-bit grey PNG (I;16)
     control_image(1, 96).crop((0, 0, 96, 48)).save(root / "wide.png")
+    control_image(1, 4).save(root / "tiny.png")
     return root
 
 
@@ -71,6 +72,12 @@ def test_bad_inputs_are_one_line_and_write_nothing(files, controlnets, adapters,
         (["--adapter", files / "adapter1", "--adapter-image", images / "edges.png", "--width", 72], "multiples of 16"),
         (["--ip-adapter", lone, "--ip-image", images / "reference.png"], "needs its CLIP vision encoder"),
         (["--ip-adapter", ip_files / "base.safetensors"], "1 IP-Adapter(s) and 0 image(s)"),
+        (cn + ["--control-image", images / "tiny.png"], "at least 16x16"),
+        (cn + ["--control-image", images / "edges.png", "--control-type", "canny", "--control-type", "depth"],
+         "2 --control-type for 1 ControlNet"),
+        (cn + ["--control-image", images / "edges.png", "--control-type", "canny"], "is for a ControlNet-Union"),
+        (["--adapter", files / "adapter1", "--adapter-image", images / "edges.png", "--hires-scale", 1.5],
+         "with the hi-res fix are not supported"),
     ]
     for flags, fragment in cases:
         code, err = generate(capsys, *base, *flags)
@@ -113,3 +120,12 @@ def test_a_tap_on_a_controlnet_is_checked_before_the_load(files, controlnets, im
     assert code == 0, err
     code, err = generate(capsys, *common, "--tap", "controlnets.1.*", "--tap-out", tmp_path / "b.st")
     one_line_error(err, code, "matches no module")
+
+
+def test_offload_with_a_controlnet_is_refused_from_python(files, controlnets, images):
+    from sampling.pipeline import Pipeline, Settings
+
+    pipe = Pipeline.load(files / "tiny.safetensors", controlnets=[files / "controlnet1"])
+    pipe.offload = "cpu"
+    with pytest.raises(ValueError, match="offload with ControlNets or adapters is not supported yet"):
+        pipe(Settings(prompt="1girl", steps=2, control_images=[images / "edges.png"]), progress=False)

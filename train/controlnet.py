@@ -29,7 +29,7 @@ from models.controlnet import (
     inspect_controlnet,
     load_controlnet,
 )
-from models.files import DTYPES, atomic_folder, cast
+from models.files import DTYPES, LoadError, atomic_folder, cast
 from models.single_file import check_finite
 
 
@@ -52,20 +52,25 @@ def controlnet_problem(config):
 def attach_controlnet(model, config):
     """model.controlnet: config.controlnet loaded, or the UNet's encoder copied with a fresh hint encoder drawn
     from the run's seed (every process draws the same)."""
-    dtype = next(model.unet.parameters()).dtype
-    if config.controlnet is not None:
-        model.controlnet = load_controlnet(config.controlnet, model.config.unet, dtype).to(next(model.unet.parameters()).device)
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model.controlnet = controlnet_from_unet(model.unet)
+    weight = next(model.unet.parameters())
+    if config.controlnet is not None:  # (the UNet itself: a control-LoRA adds to its weights)
+        model.controlnet = load_controlnet(config.controlnet, model.unet, weight.dtype).to(weight.device)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model.controlnet = controlnet_from_unet(model.unet)
+    model.controlnet.gradient_checkpointing = config.gradient_checkpointing
 
 
 def meta_controlnet(config, unet_config):
     """The trainee's shape for the checks before the load (built where torch builds now: the meta device):
     config.controlnet's header (an SDXL ControlNet for this UNet), else the UNet's encoder."""
     if config.controlnet is not None:
-        return ControlNet(inspect_controlnet(config.controlnet, unet_config)[1])
+        cfg = inspect_controlnet(config.controlnet, unet_config)[1]
+        if cfg.control_types:
+            raise LoadError(f"controlnet={config.controlnet} is a ControlNet-Union, which this task does not train "
+                            "(its images would need a kind each); continue a plain ControlNet")
+        return ControlNet(cfg)
     return ControlNet(ControlNetConfig(replace(unet_config, time_cond_proj_dim=None)))
 
 
