@@ -144,7 +144,8 @@ class CrossAttention(nn.Module):
         context = x if context is None else context
         q = self.to_q(x)
         end = context.shape[1] - sum(n for _, _, n in self.image_prompts)  # the text tokens: context[:, :end]
-        out = self.attend(q, self.to_k(context[:, :end]), self.to_v(context[:, :end]), self.heads)
+        text = context[:, :end] if self.image_prompts else context  # (no slice in the graph without IP-Adapters)
+        out = self.attend(q, self.to_k(text), self.to_v(text), self.heads)
         for image, scale, n in self.image_prompts:
             tokens = context[:, end:end + n]
             out = out + scale * image.attend(q, image.to_k_ip(tokens), image.to_v_ip(tokens), self.heads)

@@ -224,7 +224,8 @@ class Pipeline:
         check(s, self.model.config, refiner.model.config if refiner is not None else None)
         s = with_output_size(s, self.model.config)
         if self.controlnets or self.adapters or self.ip_adapters or s.control_images or s.adapter_images or s.ip_images:
-            if self.offload is not None:
+            parts = [*self.controlnets, *self.adapters, *(m for pair in self.ip_adapters for m in pair)]
+            if any(next(m.parameters()).device.type != self.device.type for m in parts):  # (offload moves the UNet)
                 raise ValueError("offload with ControlNets or adapters is not supported yet; drop --offload")
             check_control(s, len(self.controlnets), len(self.adapters), len(self.ip_adapters))
         # Image i draws everything from its own CPU generator seeded seed + i, so it does not depend on the
