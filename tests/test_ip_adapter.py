@@ -116,3 +116,21 @@ def test_refused(files, ip_files, tmp_path):
     save_file(sd15, tmp_path / "sd15.safetensors")
     with pytest.raises(LoadError, match="for SD 1.x"):
         load_image_prompt(tmp_path / "sd15.safetensors", unet)
+
+
+@pytest.mark.parametrize("kind", ["base", "plus"])
+def test_image_projection_equals_diffusers(files, ip_files, kind):
+    """The projection alone (ImageProjection, or the plus Resampler) against diffusers' loaded one, <= 1e-5."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(files / "tiny", add_watermarker=False)
+    pipe.load_ip_adapter(str(ip_files), subfolder="", weight_name=f"{kind}.safetensors", image_encoder_folder=None,
+                         low_cpu_mem_usage=False)
+    theirs = pipe.unet.encoder_hid_proj.image_projection_layers[0].eval()
+    adapter, _ = load_image_prompt((ip_files / f"{kind}.safetensors", ip_files / "image_encoder"), load(
+        files / "tiny.safetensors").unet)
+    torch.manual_seed(2)
+    features = torch.randn(2, 257, ENCODER["hidden_size"]) if kind == "plus" else torch.randn(2, ENCODER["projection_dim"])
+    with torch.no_grad():
+        want, got = theirs(features), adapter.image_proj(features)
+    assert want.shape == got.shape and (want - got).abs().max() <= 1e-5 * max(1.0, want.abs().max())
