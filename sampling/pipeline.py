@@ -71,12 +71,12 @@ def denoiser(net, schedule):
     def denoise(x, sigma, with_uncond=False):
         # sigma is a float32 scalar tensor from schedule.sigmas: float32 arithmetic, as diffusers does it.
         t = torch.full((x.shape[0],), float(schedule.timestep(sigma)), device=x.device)
-        sigma = sigma.to(x.device)
+        host, sigma = sigma, sigma.to(x.device)  # the net gets the host's: it reads the value (no device sync)
         x_in = x / (sigma**2 + 1) ** 0.5
         if with_uncond:
             return tuple(x0_from_output(out.float(), x, sigma, schedule.prediction_type)
-                         for out in net(x_in, t, sigma, with_uncond=True))
-        return x0_from_output(net(x_in, t, sigma).float(), x, sigma, schedule.prediction_type)
+                         for out in net(x_in, t, host, with_uncond=True))
+        return x0_from_output(net(x_in, t, host).float(), x, sigma, schedule.prediction_type)
 
     return denoise
 
