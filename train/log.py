@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from train.checkpoint import intact_checkpoint, start_run_folder
@@ -42,10 +43,13 @@ def log_step(config, writer, out, step, sums, scheduler, grad_norm, seconds, dat
         writer.add_scalar(name, value, step)
     if validation is not None:
         writer.add_scalar("loss/validation", validation, step)
+    # On a GPU, the device's peak allocation so far (GiB): what tests/benchmarks/gpu.py reports.
+    peak = {"peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3)} if torch.cuda.is_initialized() else {}
+    record = {"step": step, "loss": total_loss, "instance": inst_loss, "prior": prior_loss, "lr": scheduler.get_last_lr()[0],
+              "grad_norm": finite_or_none(float(grad_norm)), "seconds": round(seconds, 4)}
+    record |= ({"validation": validation} if validation is not None else {}) | peak
     with open(out / "log.jsonl", "a") as log:  # the tests read it
-        log.write(json.dumps({"step": step, "loss": total_loss, "instance": inst_loss, "prior": prior_loss,
-                              "lr": scheduler.get_last_lr()[0], "grad_norm": finite_or_none(float(grad_norm)),
-                              "seconds": round(seconds, 4)} | ({"validation": validation} if validation is not None else {})) + "\n")
+        log.write(json.dumps(record) + "\n")
     return total_loss
 
 
