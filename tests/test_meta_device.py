@@ -1,5 +1,5 @@
-"""Device bugs without a GPU: generation runs with every model on PyTorch's meta device, which, like CUDA, refuses to
-mix with CPU tensors, so a tensor made on the wrong device fails here with its line. The same runs count
+"""Device bugs without a GPU: generation and training steps run with every model on PyTorch's meta device, which,
+like CUDA, refuses to mix with CPU tensors, so a tensor made on the wrong device fails here with its line. The same runs count
 device-to-host syncs: Tensor.item, bool, float, int and tolist of a meta tensor (what would stall a GPU's queue)
 are recorded instead of failing, and none may happen inside a sampler's step loop.
 
@@ -120,3 +120,53 @@ def test_adapters_run_on_meta(tiny, controlnets, adapters, ip_files, images):
         pipe = on_meta(pipe)
         pipe.cfg_mode = cfg_mode
         generate(pipe, replace(s, guess_mode=guess_mode))
+
+
+@pytest.mark.parametrize("kind", ["full", "lora", "controlnet", "cached"])
+def test_training_steps_run_on_meta(tmp_path, kind):
+    """A step's inputs (train/batches.py), its losses and backward (train/losses.py) and the optimizer's step
+    (train/optim.py), with the model on the meta device: full fine-tuning, LoRA, a ControlNet, cached latents."""
+    import numpy as np
+    from PIL import Image
+
+    from models.loading import load
+    from models.tokenizer import load_tokenizers
+    from sampling.schedule import alphas_cumprod
+    from train.batches import encode_images, make_batch, training_data
+    from train.config import load_config
+    from train.controlnet import attach_controlnet
+    from train.dreambooth import Process
+    from train.losses import TrainStep
+    from train.optim import make_optimization
+    from train.preflight import lora_adapters, trainable_parameters
+
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    fields = {"full": [], "lora": ["--lora_rank=4"], "cached": ["--cache_latents=True", "--center_crop=True",
+                                                               "--random_flip=False"],
+              "controlnet": ["--task=controlnet", f"--control_dir={tmp_path / 'images'}"]}[kind]
+    config = load_config(["--model=plainxl-tiny", f"--instance_data_dir={tmp_path / 'images'}", "--prior_loss_weight=0",
+                          "--resolution=64", "--batch_size=2", f"--output_dir={tmp_path / 'out'}", *fields])
+    model, meta = load("plainxl-tiny", dtype="fp32"), torch.device("meta")
+    process = Process(False, 0, 0, 1, meta)
+    data = training_data(config, model, process)
+    model.to(meta)
+    if kind == "controlnet":
+        attach_controlnet(model, config)  # made beside the UNet: on meta too
+    if kind == "cached":
+        data = {name: encode_images(model, images, config, meta) for name, images in data.items()}
+    adapters = lora_adapters(model, config) if kind == "lora" else None
+    named = [(n, p) for n, p in adapters.named_parameters()] if adapters else trainable_parameters(model, config.train,
+                                                                                                  config.task)
+    for _, p in named:
+        p.requires_grad_(True)
+    optimizer, _, _ = make_optimization(config, named, process)
+    step = TrainStep(model, adapters, controlnet=getattr(model, "controlnet", None))
+    batch = make_batch(config, data, model, load_tokenizers(), alphas_cumprod(), 0, 0, meta)
+    with meta_reads() as records:
+        step(**vars(batch)).mean().backward()
+        optimizer.step()
+    assert all(p.device == meta and p.grad is not None for _, p in named), "every trained tensor stays on the device"
+    assert not records, f"device-to-host reads in a training step: {records}"
