@@ -113,16 +113,10 @@ class ImageFolder:
     def mask_of(self, index, folder=None):
         """An image's loss mask as a grayscale image of its size (white = full weight): the image of the same name
         in `folder` (any image suffix), else the image's own alpha channel, else all white (kohya's order)."""
-        path = self.paths[index]
-        if folder is not None:
-            for candidate in (Path(folder) / (path.stem + suffix) for suffix in IMAGE_SUFFIXES):
-                if candidate.is_file():
-                    mask = open_rgb(candidate).convert("L")
-                    if mask.size != self.sizes[index]:
-                        raise DataError(f"mask {candidate} is {mask.width}x{mask.height} but {path} is not; give masks "
-                                        "of their images' sizes")
-                    return mask
-        with Image.open(path) as image:
+        mask = self.companion(index, folder, "mask") if folder is not None else None
+        if mask is not None:
+            return mask.convert("L")
+        with Image.open(self.paths[index]) as image:
             if "A" in image.getbands() or "transparency" in image.info:
                 return image.convert("RGBA").getchannel("A")
             return Image.new("L", image.size, 255)
@@ -130,17 +124,26 @@ class ImageFolder:
     def control_of(self, index, folder):
         """An image's control map (task="controlnet"): the RGB image of the same name in `folder` (any image
         suffix), of the image's size; DataError if there is none."""
+        control = self.companion(index, folder, "control map")
+        if control is None:
+            path = self.paths[index]
+            raise DataError(f"{path} has no control map in {folder} (an image named {path.stem}.png or .jpg ...); "
+                            "make one, e.g. python -m sampling.preprocess canny")
+        return control
+
+    def companion(self, index, folder, what):
+        """The RGB image of image `index`'s name in `folder` (any image suffix), or None; DataError if its size is
+        not the image's (`what` it is, for the message: a mask, a control map)."""
         path = self.paths[index]
         for candidate in (Path(folder) / (path.stem + suffix) for suffix in IMAGE_SUFFIXES):
             if candidate.is_file():
-                control = open_rgb(candidate)
-                if control.size != self.sizes[index]:
-                    raise DataError(f"control map {candidate} is {control.width}x{control.height} but {path} is "
-                                    f"{self.sizes[index][0]}x{self.sizes[index][1]}; give control maps of their "
+                image = open_rgb(candidate)
+                if image.size != self.sizes[index]:
+                    (w, h), (W, H) = image.size, self.sizes[index]
+                    raise DataError(f"{what} {candidate} is {w}x{h} but {path} is {W}x{H}; give {what}s of their "
                                     "images' sizes")
-                return control
-        raise DataError(f"{path} has no control map in {folder} (an image named {path.stem}.png or .jpg ...); make "
-                        "one, e.g. python -m sampling.preprocess canny")
+                return image
+        return None
 
 
 def image_paths(folder):

@@ -20,9 +20,9 @@ import torch.nn as nn
 from PIL import Image
 
 from models.diffusers_layout import read_json, stored_shapes
-from models.files import LoadError, read_tensors
+from models.files import LoadError
 from models.loading import resolve
-from models.single_file import assign, check_tensors
+from models.single_file import built, read_renamed
 from models.text import CLIPLayer, embedding
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalisation, which OpenCLIP kept
@@ -133,12 +133,5 @@ def load_image_encoder(source, dtype=None):
         folder_config = read_json(path.parent / "config.json")
     shapes = {n: s for file_shapes in stored.values() for n, s in file_shapes.items() if not n.endswith("position_ids")}
     cfg = vision_config(shapes, folder_config, path)
-    with torch.device("meta"):
-        model = CLIPVisionEncoder(cfg)
-    tensors = {}
-    for file, file_shapes in stored.items():
-        tensors |= dict(read_tensors(file, [n for n in file_shapes if n in shapes], dtype))
-    check_tensors({n: t.shape for n, t in tensors.items()}, {n: t.shape for n, t in model.state_dict().items()},
-                  f"{path} (a CLIP vision encoder)")
-    assign(model, tensors, path)
-    return model.eval()
+    names = {file: {n: n for n in file_shapes if n in shapes} for file, file_shapes in stored.items()}
+    return built(lambda: CLIPVisionEncoder(cfg), read_renamed(names, dtype), f"{path} (a CLIP vision encoder)")

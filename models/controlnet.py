@@ -26,11 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.diffusers_layout import stored_shapes, unet_config_to_diffusers
-from models.files import LoadError, read_tensors
+from models.files import LoadError
 from models.keys import encoder_name_from_diffusers, unet_name_to_diffusers
 from models.layers import timestep_embedding
 from models.loading import resolve
-from models.single_file import assign, check_tensors, encoder_shape
+from models.single_file import built, encoder_shape, read_renamed
 from models.text import ResidualAttentionBlock
 from models.unet import Encoder, UNetConfig
 
@@ -91,10 +91,6 @@ class ControlNet(Encoder):
         self.control_add_embedding = nn.Module()
         self.control_add_embedding.linear_1 = nn.Linear(micro * cfg.control_types, 4 * width)
         self.control_add_embedding.linear_2 = nn.Linear(4 * width, 4 * width)
-
-    @property
-    def pixels_per_latent(self):
-        return 2 ** (len(self.controlnet_config.embedding_channels) - 1)
 
     def forward(self, x, t, context, y, hint, scale=1.0, guess_mode=False, control_type=None):
         """-> the UNet's `control`: one residual per input block, then the middle block's, times `scale`.
@@ -251,21 +247,13 @@ def load_controlnet(source, unet, dtype=None):
     """inspect_controlnet's ControlNet with its weights (cast to dtype), on the CPU. unet: the UNet it steers
     (models.unet.UNet), or its UNetConfig; a control-LoRA needs the UNet itself, whose weights it changes."""
     path, cfg, names = inspect_controlnet(source, unet if isinstance(unet, UNetConfig) else unet.config)
-    tensors = {}
-    for file, official in names.items():
-        stored = {name: t for name, t in read_tensors(file, list(official.values()), dtype)}
-        tensors |= {o: stored[name] for o, name in official.items()}
+    tensors = read_renamed(names, dtype)
     if CONTROL_LORA in tensors:
         if isinstance(unet, UNetConfig):
             raise LoadError(f"{path} is a control-LoRA, which changes the base UNet's weights; load it with the model "
                             "(--controlnet, or Pipeline.load(controlnets=...)).")
         return merged_control_lora(unet, cfg, tensors, path).to(dtype or next(unet.parameters()).dtype).eval()
-    with torch.device("meta"):
-        model = ControlNet(cfg)
-    check_tensors({n: t.shape for n, t in tensors.items()}, {n: t.shape for n, t in model.state_dict().items()},
-                  f"{path} (a ControlNet)")
-    assign(model, tensors, path)
-    return model.eval()
+    return built(lambda: ControlNet(cfg), tensors, f"{path} (a ControlNet)")
 
 
 # ----------------------------------------------------------------------------- control-LoRA

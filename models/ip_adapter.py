@@ -24,10 +24,10 @@ import torch.nn as nn
 
 from models.clip_vision import load_image_encoder, vision_config
 from models.diffusers_layout import stored_shapes
-from models.files import LoadError, read_tensors
+from models.files import LoadError
 from models.layers import attention
 from models.loading import resolve
-from models.single_file import assign, check_tensors
+from models.single_file import built, read_renamed
 
 
 @dataclass(frozen=True)
@@ -221,12 +221,8 @@ def image_encoder_for(source, cfg: IPAdapterConfig, given=None):
 def load_ip_adapter(source, unet, dtype=None):
     """inspect_ip_adapter's IP-Adapter with its weights (cast to dtype), on the CPU."""
     path, cfg = inspect_ip_adapter(source, unet)
-    with torch.device("meta"):
-        model = IPAdapter(cfg)
-    expected = {n: t.shape for n, t in model.state_dict().items()}
-    check_tensors(stored_shapes(path)[0][path], expected, f"{path} (an IP-Adapter)")
-    assign(model, dict(read_tensors(path, list(expected), dtype)), path)
-    return model.eval()
+    names = {path: {n: n for n in stored_shapes(path)[0][path]}}
+    return built(lambda: IPAdapter(cfg), read_renamed(names, dtype), f"{path} (an IP-Adapter)")
 
 
 def load_image_prompt(source, unet, dtype=None):

@@ -84,6 +84,25 @@ def assign(module, state, where):
     module.load_state_dict(state, strict=True, assign=True)
 
 
+def read_renamed(names, dtype=None):
+    """{file: {our name: stored name}} -> {our name: tensor}: each file read once, every tensor cast to dtype."""
+    tensors = {}
+    for file, mapping in names.items():
+        stored = dict(read_tensors(file, list(mapping.values()), dtype))
+        tensors |= {ours: stored[name] for ours, name in mapping.items()}
+    return tensors
+
+
+def built(make, tensors, where):
+    """make() on the meta device, then `tensors` ({name: tensor}) assigned to it once check_tensors finds every
+    name and shape it has and no other -> the module, in eval mode. LoadError naming what does not fit."""
+    with torch.device("meta"):
+        module = make()
+    check_tensors({n: t.shape for n, t in tensors.items()}, {n: t.shape for n, t in module.state_dict().items()}, where)
+    assign(module, tensors, where)
+    return module.eval()
+
+
 # ----------------------------------------------------------------------------- the architecture
 
 

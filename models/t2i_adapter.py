@@ -18,14 +18,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models.diffusers_layout import stored_shapes
-from models.files import LoadError, read_tensors
+from models.files import LoadError
 from models.loading import resolve
-from models.single_file import assign, check_tensors
+from models.single_file import built, read_renamed
 
 
 @dataclass(frozen=True)
@@ -151,13 +150,4 @@ def inspect_adapter(source, unet_config):
 def load_adapter(source, unet_config, dtype=None):
     """inspect_adapter's T2I-Adapter with its weights (cast to dtype), on the CPU."""
     path, cfg, names = inspect_adapter(source, unet_config)
-    with torch.device("meta"):
-        model = T2IAdapter(cfg)
-    tensors = {}
-    for file, mapping in names.items():
-        stored_tensors = dict(read_tensors(file, list(mapping.values()), dtype))
-        tensors |= {d: stored_tensors[n] for d, n in mapping.items()}
-    check_tensors({n: t.shape for n, t in tensors.items()}, {n: t.shape for n, t in model.state_dict().items()},
-                  f"{path} (a T2I-Adapter)")
-    assign(model, tensors, path)
-    return model.eval()
+    return built(lambda: T2IAdapter(cfg), read_renamed(names, dtype), f"{path} (a T2I-Adapter)")

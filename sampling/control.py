@@ -1,6 +1,7 @@
 """Conditioning adapters at generation time: what ControlNets (models/controlnet.py), T2I-Adapters
 (models/t2i_adapter.py) and IP-Adapters (models/ip_adapter.py) add to the UNet.
 
+    with_opened_images  a generation's control, adapter and IP-Adapter images read once
     control_pixels      a control image -> (1, C, H, W) in [0, 1] at the output size, as diffusers prepares it
     check_control       control settings that cannot run, refused in one sentence before the weights load
     Control             one stage's ControlNets and adapters: Control.unet_kwargs(x, t, context, y) at each step
@@ -13,6 +14,7 @@ to the schedule's end); guess mode runs them on the conditional half only, the u
 """
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,12 @@ def read_control_image(image):
         raise ValueError(f"the control image is a {image.mode} image (16-bit or float pixels); save it as 8-bit RGB "
                          "(e.g. a depth map scaled to 0-255)")
     return image
+
+
+def with_opened_images(s):
+    """Settings s with its control, T2I-Adapter and IP-Adapter images read (paths become PIL images, checked)."""
+    return replace(s, **{name: tuple(read_control_image(image) for image in getattr(s, name))
+                         for name in ("control_images", "adapter_images", "ip_images")})
 
 
 def control_pixels(image, width, height, grey=False):

@@ -39,7 +39,7 @@ from models.sdxl import scheduler_config as models_scheduler_config
 from models.t2i_adapter import load_adapter
 from models.tokenizer import load_tokenizers
 from sampling.conditioning import check_micro_conditioning, check_tokenizers, edited_conditioning, encode_conditioning
-from sampling.control import Control, check_control, with_image_tokens
+from sampling.control import Control, check_control, with_image_tokens, with_opened_images
 from sampling.guidance import guided, output_from_x0, pag_modules, x0_from_output
 from sampling.images import as_image, pixels, upscale_images, upscale_latents
 from sampling.inpainting import inpainting
@@ -135,11 +135,10 @@ class Pipeline:
         model = load(path, dtype=dtype, device=device, vae=vae, config=config)
         for lora, scale in loras:
             merge_lora(model, resolve(lora), scale)
-        loaded = {}  # one module per file: a ControlNet-Union given twice (two kinds of image) is loaded once
-        for c in controlnets:
-            key = str(resolve(c))
-            loaded[key] = loaded.get(key) or load_controlnet(c, model.unet, DTYPES.get(dtype, dtype))
-        controlnets = [loaded[str(resolve(c))] for c in controlnets]
+        paths, loaded = [resolve(c) for c in controlnets], {}  # one module per file: a ControlNet-Union given
+        for p in paths:                                         # twice (two kinds of image) is loaded once
+            loaded[p] = loaded.get(p) or load_controlnet(p, model.unet, DTYPES.get(dtype, dtype))
+        controlnets = [loaded[p] for p in paths]
         adapters = [load_adapter(a, model.config.unet, DTYPES.get(dtype, dtype)) for a in adapters]
         ip_adapters = [load_image_prompt(a, model.unet, DTYPES.get(dtype, dtype)) for a in ip_adapters]
         return cls(model, scheduler_config, tokenizers=load_tokenizers(path) if path.is_dir() else None,
@@ -221,6 +220,7 @@ class Pipeline:
                         else as_image(s.init_image))
         if isinstance(s.mask, (str, Path)):
             s = replace(s, mask=as_image(s.mask))
+        s = with_opened_images(s)  # the control, adapter and IP-Adapter images, each read once
         check(s, self.model.config, refiner.model.config if refiner is not None else None)
         s = with_output_size(s, self.model.config)
         if self.controlnets or self.adapters or self.ip_adapters or s.control_images or s.adapter_images or s.ip_images:

@@ -209,17 +209,13 @@ def _control_fields(s, controlnets, adapters, ip_adapters):
         fields[f"ControlNet {i}"] = (f"Model: {Path(str(source)).stem}, Weight: {scale}, Guidance Start: "
                                      f"{s.control_start}, Guidance End: {s.control_end}, Control Mode: {mode}")
     if controlnets:
-        types = s.control_types or (None,) * len(controlnets)
-        fields["ControlNets"] = json.dumps([[str(c), scale, str(image), kind] for (c, scale), image, kind
-                                            in zip(controlnets, s.control_images, types)])
+        fields["ControlNets"] = _models_json(controlnets, s.control_images, s.control_types or (None,) * len(controlnets))
         fields |= {"Control start": s.control_start, "Control end": s.control_end, "Guess mode": str(s.guess_mode)}
     if adapters:
-        fields["T2I-Adapters"] = json.dumps([[str(a), scale, str(image)] for (a, scale), image
-                                             in zip(adapters, s.adapter_images)])
+        fields["T2I-Adapters"] = _models_json(adapters, s.adapter_images)
         fields["Adapter factor"] = s.adapter_factor
     if ip_adapters:
-        fields["IP-Adapters"] = json.dumps([[str(a), scale, str(image)] for (a, scale), image
-                                            in zip(ip_adapters, s.ip_images)])
+        fields["IP-Adapters"] = _models_json(ip_adapters, s.ip_images)
     return fields
 
 
@@ -321,6 +317,12 @@ def _control_settings(fields, settings, recorded):
         recorded["IP-Adapters"], images, _ = _models_with_images(fields, "IP-Adapters")
         settings = replace(settings, ip_images=images, ip_scales=tuple(s for _, s in recorded["IP-Adapters"]))
     return settings
+
+
+def _models_json(models, images, kinds=None):
+    """[[model, scale, image(, ControlNet-Union's kind)]] as JSON: what _models_with_images reads."""
+    kinds = [(kind,) for kind in kinds] if kinds is not None else [()] * len(models)
+    return json.dumps([[str(m), scale, str(image), *kind] for (m, scale), image, kind in zip(models, images, kinds)])
 
 
 def _models_with_images(fields, key):
