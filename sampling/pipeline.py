@@ -33,6 +33,7 @@ from models.controlnet import load_controlnet
 from models.embeddings import load_embeddings
 from models.files import DTYPES
 from models.ip_adapter import attached, load_image_prompt
+from models.layers import channels_last
 from models.loading import load, pipeline_options, read_folder_config, resolve
 from models.lora import merge_lora
 from models.sdxl import scheduler_config as models_scheduler_config
@@ -141,6 +142,8 @@ class Pipeline:
         controlnets = [loaded[p] for p in paths]
         adapters = [load_adapter(a, model.config.unet, DTYPES.get(dtype, dtype)) for a in adapters]
         ip_adapters = [load_image_prompt(a, model.unet, DTYPES.get(dtype, dtype)) for a in ip_adapters]
+        if torch.device(device).type == "cpu":
+            channels_last(model.unet, model.vae, *controlnets)
         return cls(model, scheduler_config, tokenizers=load_tokenizers(path) if path.is_dir() else None,
                    embeddings=embeddings, controlnets=controlnets, adapters=adapters, ip_adapters=ip_adapters, **options)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from models.layers import channels_last
 from models.text import TextEncoderConfig
 from models.unet import UNetConfig
 from models.vae import VAEConfig
@@ -195,6 +196,7 @@ def build_unet(spec, dtype):
     time_ids = size_ids(spec["resolution"], n)
     if spec["impl"] == "ours":
         net = assign(ours, cache / "unet_ours.safetensors", dtype) if state is None else ours.to(dtype).eval()
+        channels_last(net)  # as Pipeline.load does on the CPU
         if spec.get("compile"):
             net.compile()  # the warm-up call compiles
         y = vector_condition(pooled, time_ids, cfg.micro_cond_dim).to(dtype)
@@ -228,6 +230,7 @@ def build_vae(spec, dtype):
         with torch.device("meta"):
             vae = AutoencoderKL(SDXL_VAE)
         vae = assign(vae, cache / "vae_ours.safetensors", dtype)
+        channels_last(vae)  # as Pipeline.load does on the CPU
         return lambda: vae.decode(z)
     from diffusers import AutoencoderKL as DiffusersVAE
 
