@@ -1,6 +1,6 @@
 """plainxl against diffusers on identical random weights, one command: time, peak memory, full-size parity.
 
-    python tests/benchmarks/run.py [--quick] [--rounds N] [--json FILE] [--dir CACHE]
+    python tests/benchmarks/run.py [--quick] [--rounds N] [--only TEXT ...] [--json FILE] [--dir CACHE]
 
 Every measurement runs in a fresh process (`--worker SPEC`), plainxl and diffusers alternating, so each
 peak resident memory (VmHWM) is its own; a process does one warm-up call, then `repeats` timed ones (more
@@ -11,7 +11,8 @@ Benchmarks are measurements, never asserts. Writes tests/benchmarks/RESULTS.md (
 
 Workloads (tests/benchmarks/workers.py builds each): the UNet forward with a classifier-free-guidance batch of
 2 (the tiny config; full SDXL at 512², bf16 and, without --quick, fp32); the full-size VAE decode to 512²; both
-full-size text encoders; the whole text-to-image call (20 steps) on a mid-size model; one DreamBooth step
+full-size text encoders; the whole text-to-image call (20 steps) on a mid-size model, in fp32 and bf16, and (4
+steps, bf16) on the full-size single file; one DreamBooth step
 (tiny and mid-size UNet, with and without gradient checkpointing); loading a full-size fp16 single file (as
 fp16, and as fp32 without --quick); the full-size UNet's outputs compared in fp32 (256² with --quick, 512²
 without); this machine's matmul peak with each full-size forward's FLOPs (torch.utils.flop_counter) as a
@@ -170,6 +171,10 @@ def workloads(quick, bf16):
         ("UNet, full SDXL, 256², batch 2, fp32", unet | dict(dtype="fp32", resolution=256)),
         ("text encoders, full size, 2 prompts", dict(kind="text", dtype="fp32")),
         ("text to image, mid-size model, 256², 20 steps, CFG 5", dict(kind="pipeline", dtype="fp32", resolution=256)),
+        ("text to image, mid-size model, 256², 20 steps, CFG 5, bf16", dict(kind="pipeline", dtype="bf16",
+                                                                           resolution=256)),
+        ("text to image, full SDXL, 512², 4 steps, CFG 5, bf16", dict(kind="pipeline", size="full", dtype="bf16",
+                                                                     resolution=512, steps=4, repeats=1)),
         ("DreamBooth step, tiny config, 256², 1+1", dict(kind="train", size="tiny", dtype="fp32", resolution=256,
                                                        checkpointing=False)),
         ("DreamBooth step, mid-size UNet, 256², 1+1, checkpointing", dict(kind="train", size="mid", dtype="fp32",
@@ -219,6 +224,8 @@ def main():
     parser.add_argument("--rounds", type=int, help="rounds of fresh processes per workload (default 1 with --quick, 3 "
                                                  "without); issue 12's targets ask for medians over at least 5")
     parser.add_argument("--json", help="also write every number here")
+    parser.add_argument("--only", action="append", metavar="TEXT",
+                        help="run only the workloads whose name contains TEXT (repeatable; the table holds just those)")
     parser.add_argument("--dir", default=str(Path.home() / ".cache" / "plainxl-bench"), help="random weights (24 GB)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -235,9 +242,11 @@ def main():
     rounds = args.rounds or rounds
     peak = run_worker({"kind": "matmul", "dtype": "fp32"})
     rows, loads, results = [], [], {"matmul_gflops": peak}
-    for name, spec in workloads(args.quick, bf16=peak["bf16"] is not None):
+    chosen = [(name, spec) for name, spec in workloads(args.quick, bf16=peak["bf16"] is not None)
+              if not args.only or any(text in name for text in args.only)]
+    for name, spec in chosen:
         print(f"{name} ...", flush=True)
-        got = measure(spec | {"repeats": 1 if spec["kind"] == "load" else repeats, "cache": str(cache)}, rounds)
+        got = measure({"repeats": 1 if spec["kind"] == "load" else repeats, "cache": str(cache)} | spec, rounds)
         (ours_s, ours_peak, ours_bytes), (theirs_s, theirs_peak, theirs_bytes) = got["ours"], got["diffusers"]
         results[name] = {"ours_s": ours_s, "diffusers_s": theirs_s, "ours_peak": ours_peak, "diffusers_peak": theirs_peak}
         rows.append(f"| {name} | {ours_s:.3f} | {theirs_s:.3f} | **{ours_s / theirs_s:.2f}** | {ours_peak / GiB:.2f} | "
@@ -256,7 +265,7 @@ def main():
     max_diff, rel_l2, scale = parity(cache, resolution, tmp)
     results["parity"] = {"resolution": resolution, "max_abs_diff": max_diff, "relative_l2": rel_l2, "output_max": scale}
     fraction = []
-    for name, spec in workloads(args.quick, bf16=peak["bf16"] is not None):
+    for name, spec in chosen:
         if spec["kind"] == "unet" and spec["size"] == "full":
             r, dtype, flops = results[name], spec["dtype"], unet_flops(spec["resolution"])
             rate = {impl: flops / r[f"{impl}_s"] / 1e9 for impl in ("ours", "diffusers")}
@@ -275,7 +284,8 @@ def main():
     machine = f"{cpu}, {os.cpu_count()} cores"
     report = [
         "# Benchmark results", "",
-        f"`python tests/benchmarks/run.py{' --quick' if args.quick else ''}` on {date.today()}: {machine}, torch "
+        f"`python tests/benchmarks/run.py{' --quick' if args.quick else ''}"
+        f"{''.join(f' --only {text!r}' for text in args.only or ())}` on {date.today()}: {machine}, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads, diffusers {version('diffusers')}; "
         f"{rounds} round(s) of fresh processes, each one warm-up call, then {repeats} timed calls or as many as "
         f"fill 3 s (a load: one call); {(time.time() - started) / 60:.1f} minutes.", "",

@@ -274,21 +274,27 @@ PROMPT = dict(prompt="1girl, solo, looking at viewer, cherry blossoms", negative
 
 
 def build_pipeline(spec, dtype):
-    """The whole text-to-image call on the mid-size model: encode, 20 Euler steps at CFG 5, decode -> an image."""
-    folder = Path(spec["cache"]) / "mid"
+    """The whole text-to-image call: encode, spec["steps"] (default 20) Euler steps at CFG 5, decode -> an image;
+    on the mid-size model (a diffusers folder) or, with size "full", the full-size fp16 single file in spec's dtype."""
+    cache, steps = Path(spec["cache"]), spec.get("steps", 20)
+    full = spec.get("size") == "full"
     size = dict(width=spec["resolution"], height=spec["resolution"])
     if spec["impl"] == "ours":
         from sampling.pipeline import Pipeline, Settings
 
-        pipe = Pipeline.load(folder, dtype=spec["dtype"])
-        settings = Settings(**PROMPT, **size, steps=20, cfg=5.0, sampler="euler", seed=0)
+        pipe = Pipeline.load(cache / ("sdxl_fp16.safetensors" if full else "mid"), dtype=spec["dtype"])
+        settings = Settings(**PROMPT, **size, steps=steps, cfg=5.0, sampler="euler", seed=0)
         return lambda: pipe(settings, progress=False)
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(folder, add_watermarker=False, torch_dtype=dtype)
+    if full:
+        pipe = StableDiffusionXLPipeline.from_single_file(cache / "sdxl_fp16.safetensors", config=str(cache / "sdxl_config"),
+                                                          local_files_only=True, torch_dtype=dtype, add_watermarker=False)
+    else:
+        pipe = StableDiffusionXLPipeline.from_pretrained(cache / "mid", add_watermarker=False, torch_dtype=dtype)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return lambda: pipe(**PROMPT, **size, num_inference_steps=20, guidance_scale=5.0,
+    return lambda: pipe(**PROMPT, **size, num_inference_steps=steps, guidance_scale=5.0,
                         generator=torch.Generator().manual_seed(0)).images
 
 
