@@ -36,8 +36,8 @@ def blocked_attention(q, k, v, heads, block=2**21):
     q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, d)
     q = q * q.shape[-1] ** -0.5
     out = q.new_empty(B, N, heads, q.shape[-1])
-    n_heads = max(1, min(heads, block // (B * N * M)))
-    n_queries = N if n_heads > 1 else max(256, block // (B * M))
+    n_heads = max(1, min(heads, block // max(1, B * N * M)))
+    n_queries = N if n_heads > 1 else max(256, block // max(1, B * M))
     for h in range(0, heads, n_heads):
         keys, values = k[:, h:h + n_heads].transpose(-1, -2), v[:, h:h + n_heads]
         for start in range(0, N, n_queries):
@@ -73,11 +73,11 @@ def softmax_attention(q, k, v, heads, causal=False, record=None, chunk=1024):
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in (at least) float32 and cast back, as sgm does, so fp16/bf16 stay stable. On the CPU
-    torch's bf16 kernel already works that way (float32 statistics and affine, one rounding; tests/test_layers.py),
-    so bf16 goes straight to it there and skips two float32 copies of the activations."""
+    torch's bf16 kernel already works that way (float32 statistics and affine, one rounding; tests/test_cpu_paths.py),
+    so bf16 inference goes straight to it there and skips two float32 copies of the activations."""
 
     def forward(self, x):
-        if x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu":
+        if x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled():
             return super().forward(x)
         dtype = torch.promote_types(x.dtype, torch.float32)  # fp16/bf16 -> fp32; fp32/fp64 unchanged
         weight, bias = self.weight.to(dtype), self.bias.to(dtype)

@@ -6,11 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_unet_parity import make_pair
+from test_vae_parity import diffusers_vae, ours_from
 
 from models.conditioning import vector_condition
-from models.layers import GroupNorm32, attention, blocked_attention
+from models.layers import GroupNorm32, attention, blocked_attention, channels_last
 from models.unet import TINY
+from models.vae import VAEConfig
 from sampling.pipeline import Pipeline, Settings
+
+WIDE_VAE = VAEConfig(ch=64, ch_mult=(1, 2, 4, 8))  # SDXL's 512-wide mid-block at an eighth of its cost
 
 
 def sdpa(q, k, v, heads):
@@ -40,8 +44,8 @@ def test_blocked_attention_is_attention_in_float64(B, N, M, C, heads, block):
 
 @pytest.mark.parametrize("B, N, M, C, heads", [(2, 1024, 1024, 640, 10), (2, 256, 77, 1280, 20)])
 def test_bf16_attention_on_the_cpu_is_blocked_and_about_as_close_as_sdpa(B, N, M, C, heads):
-    """It rounds the scores to bf16 where SDPA keeps them in float32: on its own about 3.5x SDPA's error (both
-    far below bf16's own output rounding once the UNet is around them: the next test)."""
+    """It rounds the scores to bf16 where SDPA keeps them in float32: on its own about 2x SDPA's error (both far
+    below bf16's own rounding once a UNet or a VAE is around them: the tests below)."""
     q, k, v = qkv(B, N, M, C, torch.bfloat16)
     exact = sdpa(q.double(), k.double(), v.double(), heads)
     with torch.inference_mode():
@@ -52,9 +56,13 @@ def test_bf16_attention_on_the_cpu_is_blocked_and_about_as_close_as_sdpa(B, N, M
     assert error[0] <= 5 * error[1] and error[0] <= 2**-7
 
 
-def test_attention_with_gradients_stays_sdpa():
+def test_attention_with_gradients_or_causal_stays_sdpa():
     q, k, v = (t.requires_grad_() for t in qkv(2, 64, 64, 128, torch.bfloat16))
     assert torch.equal(attention(q, k, v, 2), sdpa(q, k, v, 2))
+    with torch.inference_mode():
+        split = [t.detach().unflatten(-1, (2, -1)).transpose(1, 2) for t in (q, k, v)]
+        causal = F.scaled_dot_product_attention(*split, is_causal=True).transpose(1, 2).reshape(2, 64, 128)
+        assert torch.equal(attention(q.detach(), k.detach(), v.detach(), 2, causal=True), causal)
 
 
 def test_the_bf16_unet_is_as_close_to_float32_as_diffusers_bf16():
@@ -72,6 +80,21 @@ def test_the_bf16_unet_is_as_close_to_float32_as_diffusers_bf16():
         added = {"text_embeds": pooled.bfloat16(), "time_ids": time_ids.bfloat16()}
         reference = theirs.bfloat16()(x.bfloat16(), t, encoder_hidden_states=context.bfloat16(),
                                       added_cond_kwargs=added).sample
+    error = [(out.double() - exact).norm() / exact.norm() for out in (bf16, reference)]
+    print(f"relative L2 to float32: plainxl bf16 {error[0]:.2e}, diffusers bf16 {error[1]:.2e}")
+    assert error[0] <= 1.25 * error[1]
+
+
+def test_the_bf16_vae_decode_is_as_close_to_float32_as_diffusers_bf16():
+    """The worst case for bf16 scores: the VAE's one 512-wide head (SDXL's mid-block width), decoding in bf16 with
+    blocked attention and channels-last weights, against diffusers' bf16 decode, each to our float32 decode."""
+    ref = diffusers_vae(WIDE_VAE)
+    ours = ours_from(ref, WIDE_VAE)
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        exact = ours.decode(z).double()
+        channels_last(ours)
+        bf16, reference = ours.bfloat16().decode(z.bfloat16()), ref.bfloat16().decode(z.bfloat16()).sample
     error = [(out.double() - exact).norm() / exact.norm() for out in (bf16, reference)]
     print(f"relative L2 to float32: plainxl bf16 {error[0]:.2e}, diffusers bf16 {error[1]:.2e}")
     assert error[0] <= 1.25 * error[1]

@@ -293,10 +293,15 @@ def main():
         "Ratios are plainxl / diffusers: below 1 is better.", "",
         "| workload | plainxl s | diffusers s | time ratio | plainxl peak GiB | diffusers peak GiB | memory ratio |",
         "|---|---|---|---|---|---|---|", *rows, "",
-        "**Loading** (the whole pipeline from one random full-size single file, every weight read once; the file "
-        "is in the page cache for both):", "",
-        "| load | file GiB | plainxl weights GiB | plainxl peak / file | plainxl peak / weights | diffusers peak / file "
-        "| diffusers peak / weights |", "|---|---|---|---|---|---|---|", *loads, "",
+    ]
+    if loads:
+        report += [
+            "**Loading** (the whole pipeline from one random full-size single file, every weight read once; the "
+            "file is in the page cache for both):", "",
+            "| load | file GiB | plainxl weights GiB | plainxl peak / file | plainxl peak / weights | diffusers peak / "
+            "file | diffusers peak / weights |", "|---|---|---|---|---|---|---|", *loads, "",
+        ]
+    report += [
         f"**Full-size UNet parity** (fp32, {resolution}², batch 2, identical random weights): max |diff| "
         f"{max_diff:.2e} on outputs up to {scale:.2f}, relative L2 {rel_l2:.2e}.", "",
         f"**Matmul peak** (best 4096² matmul): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 "
