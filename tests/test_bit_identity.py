@@ -17,7 +17,10 @@ from bit_identity import make_inputs
 # Moved from 2e29f5e (before issue 21's restructuring) to 1e6be8c by issue 22, on purpose: PNG parameters gained
 # A1111's sampler labels and 'Timesteps: diffusers', exports' plainxl.config the UNet field time_cond_proj_dim.
 # Against 845006e (issue 22's start) its decoded PNG pixels, exported tensors and losses were checked equal.
-BASELINE = "1e6be8c392061484895da2858f3472cd990790eb"
+# Moved to 7239872 by issue 26, on purpose: Pipeline.load puts convolution weights in channels-last on the CPU, which
+# rounds float32 convolutions differently (latents within 1e-5 of their range, tests/test_cpu_paths.py); the pixels
+# were not re-compared with 1e6be8c's.
+BASELINE = "72398724c52c260c4acb9b8f3d2ffd9f3a3ddcd0"
 ROOT = Path(__file__).parents[1]
 
 
