@@ -97,7 +97,7 @@ def test_offload_holds_one_part_on_the_device_at_a_time_and_leaves_the_images():
     events = []
     for name in ("text_encoder_1", "text_encoder_2", "unet", "vae"):
         part = getattr(model, name)
-        part.to = lambda device, name=name, move=part.to: (events.append((name, str(device))), move(device))[1]
+        part.to = lambda device, name=name, move=part.to, **kw: (events.append((name, str(device))), move(device, **kw))[1]
         part.register_forward_pre_hook(lambda module, args, name=name: events.append((name, "runs")))
     for method in ("encode", "decode"):  # the VAE runs through these, not forward
         setattr(model.vae, method, lambda *a, run=getattr(model.vae, method): (events.append(("vae", "runs")), run(*a))[1])
