@@ -173,7 +173,7 @@ class Pipeline:
                 if home is None or home == device:  # no such part, or there already (the trainer's UNet)
                     continue
                 undo.callback(part.to, home)  # first: a failed move is undone too
-                part.to(device, memory_format=torch.contiguous_format)  # channels-last is the CPU's (docs/speed.md)
+                part.to(device, memory_format=torch.contiguous_format)  # channels-last: the CPU's (speed.md)
             yield
 
     @property
